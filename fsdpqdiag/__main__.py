@@ -1,0 +1,3 @@
+from fsdpqdiag.cli import main
+
+main()

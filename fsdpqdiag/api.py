@@ -1,0 +1,393 @@
+"""The library behind the CLI: every command is a function returning a ``Report``.
+
+Input a user can get wrong is checked here first (``BadInput``), before any rank starts
+or any file is written; what the stack under test does becomes a ``ProbeResult``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RankTask, RunConfig
+from fsdpqdiag.report import SKIPPED, ProbeResult, Report
+
+
+class BadInput(ValueError):
+    """A mistake in what the user asked for: one line, exit 2, nothing run or written."""
+
+
+def require_stack() -> None:
+    """torch with distributed support and an importable bitsandbytes, or a one-line error."""
+    if importlib.util.find_spec("torch") is None:
+        raise BadInput("torch is not installed")
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        raise BadInput("this torch build has no distributed support (torch.distributed)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BadInput("bitsandbytes is not installed: pip install bitsandbytes")
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"bitsandbytes does not import: {type(exc).__name__}: {exc}") from exc
+    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    if mock is not None and isinstance(getattr(cextension, "lib", None), mock):
+        # bitsandbytes imports without its native library and fails only at the first kernel
+        # call; a diagnosis on such a stack would blame FSDP2 for a broken install.
+        first_line = (getattr(cextension.lib, "error_msg", "") or "").strip().splitlines()
+        detail = first_line[0] if first_line else "no native library could be loaded"
+        raise BadInput(f"bitsandbytes has no usable native library: {detail}")
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str) -> str:
+    if requested not in DEVICES:
+        raise BadInput(f"unknown device {requested!r} (known: {', '.join(DEVICES)})")
+    gpus = visible_gpus()
+    if requested == "auto":
+        return "cuda" if gpus else "cpu"
+    if requested == "cuda" and gpus == 0:
+        raise BadInput("--device cuda, but no CUDA GPU is visible")
+    return requested
+
+
+def default_world_size(device: str) -> int:
+    """2 where the devices allow, since FSDP2 shards for real only above world size 1."""
+    if device == "cuda":
+        return 2 if visible_gpus() >= 2 else 1
+    return 2
+
+
+def resolve_backend(requested: str, device: str) -> str:
+    if requested not in BACKENDS:
+        raise BadInput(f"unknown backend {requested!r} (known: {', '.join(BACKENDS)})")
+    if requested == "auto":
+        return "nccl" if device == "cuda" else "gloo"
+    if requested == "nccl" and device != "cuda":
+        raise BadInput("--backend nccl needs --device cuda")
+    return requested
+
+
+def check_world_size(world_size: int, device: str, backend: str | None = None) -> None:
+    if world_size < 1:
+        raise BadInput(f"--ws must be >= 1, got {world_size}")
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda" and backend == "nccl" and world_size > visible_gpus():
+        raise BadInput(
+            f"--ws {world_size} needs {world_size} GPUs with NCCL, but {visible_gpus()} are visible "
+            "(--backend gloo lets ranks share GPUs)"
+        )
+
+
+def check_inject(inject: str | None) -> None:
+    from fsdpqdiag import faults
+
+    if inject is not None and inject not in faults.FAULTS:
+        raise BadInput(f"unknown fault {inject!r} for --inject (known: {', '.join(faults.FAULTS)})")
+
+
+def check_probes(names: Sequence[str]) -> list[str]:
+    from fsdpqdiag.probes import PROBES
+
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise BadInput(f"unknown probe {unknown[0]!r} (known: {', '.join(PROBES)})")
+    return list(names) or list(PROBES)
+
+
+def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
+    """Launch one probe on ``run.world_size`` ranks and decide its verdict."""
+    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.probes import get_probe
+
+    probe = get_probe(name)
+    common = dict(
+        probe=name,
+        world_size=run.world_size,
+        device=run.device,
+        backend=run.backend,
+        config=probe_config,
+        injected=run.inject,
+    )
+    unmet = probe.needs.unmet(run)
+    if unmet is not None:
+        return ProbeResult(verdict=SKIPPED, summary=unmet, reason=unmet, **common)
+    started = time.monotonic()
+    outcomes = run_task(RankTask(probe=name, probe_config=probe_config, run=run))
+    decided = probe.verdict(outcomes)
+    return ProbeResult(
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        ranks=[o.to_dict() for o in outcomes],
+        reason=decided.summary if decided.verdict not in ("REPRODUCED", "NOT REPRODUCED") else None,
+        duration_s=round(time.monotonic() - started, 3),
+        **common,
+    )
+
+
+def _runs(
+    world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
+) -> list[RunConfig]:
+    """Validated run configurations, one per world size, or BadInput."""
+    check_inject(inject)
+    resolved = resolve_device(device)
+    resolved_backend = resolve_backend(backend, resolved)
+    sizes = list(world_sizes) or [default_world_size(resolved)]
+    for world_size in sizes:
+        check_world_size(world_size, resolved, resolved_backend)
+    if timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0, got {timeout_s}")
+    return [
+        RunConfig(
+            world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend
+        )
+        for ws in sizes
+    ]
+
+
+def _linear(linear: LinearConfig | None) -> LinearConfig:
+    linear = linear or LinearConfig()
+    try:
+        linear.validate()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    return linear
+
+
+def reproduce(
+    probes: Sequence[str] = (),
+    linear: LinearConfig | None = None,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Run the selected probes (all by default) at each world size; one launch per probe."""
+    from fsdpqdiag import env
+
+    require_stack()
+    linear = _linear(linear)
+    names = check_probes(probes)
+    results = []
+    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+        for name in names:
+            if on_progress:
+                on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
+            results.append(run_probe(name, dataclasses.asdict(linear), run))
+    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results)
+
+
+def localize(
+    linear: LinearConfig | None = None,
+    world_sizes: Sequence[int] = (1,),
+    device: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
+    from fsdpqdiag import env
+
+    require_stack()
+    linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    results = []
+    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+        if on_progress:
+            on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
+        results.append(run_probe("localize", dataclasses.asdict(linear), run))
+    return Report(command="localize", argv=list(argv), env=env.capture(), results=results)
+
+
+def fix(
+    workarounds: Sequence[str] = ("all",),
+    targets: Sequence[str] = ("linear",),
+    steps: int = 3,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Verify each workaround bit for bit next to the unfixed run, per target and world size."""
+    from fsdpqdiag import env, fixes
+    from fsdpqdiag.fixes.verify import TARGETS
+
+    require_stack()
+    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else list(workarounds)
+    for name in names:
+        if name not in fixes.FIXES:
+            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
+    for target in targets:
+        if target not in TARGETS:
+            raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
+    if steps < 1:
+        raise BadInput(f"--steps must be >= 1, got {steps}")
+    from fsdpqdiag.models import PRESETS, preset_dir
+
+    for target in targets:
+        if target in PRESETS:
+            preset_dir(target)  # built once here, not raced by the ranks
+    results = []
+    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+        for target in targets:
+            for name in ["none", *names]:
+                if on_progress:
+                    on_progress(f"{name} on {target} at world size {run.world_size}")
+                config = {"workaround": name, "target": target, "steps": steps}
+                results.append(run_probe("fix-verify", config, run))
+    return Report(command="fix", argv=list(argv), env=env.capture(), results=results)
+
+
+def matrix(
+    cells: Sequence[str] = (),
+    grid: Sequence[str] = (),
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    lora: bool = True,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    isolate_cells: bool = False,
+    out_dir: str | None = None,
+    resume: str | None = None,
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+    on_cell: Callable[[str, dict], None] | None = None,
+) -> Report:
+    """The configuration-invariance matrix at each world size, with the invariance analysis."""
+    from pathlib import Path
+
+    from fsdpqdiag import env
+    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    try:
+        selected = mx.select_cells(cells, grid)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    directory = resume or out_dir
+    if directory is not None:
+        path = Path(directory)
+        if resume is not None and not (path / "cells.jsonl").exists():
+            raise BadInput(f"--resume {directory}: no cells.jsonl there to resume from")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise BadInput(f"cannot create --out directory {directory}: {exc.strerror}") from exc
+        if not os.access(path, os.W_OK):
+            raise BadInput(f"--out directory {directory} is not writable")
+    try:
+        model_path = resolve_model(model, preset)  # builds the preset once, before any rank
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    done = mx.finished_cells(Path(directory)) if resume else {}
+    base_config = {"model": str(model_path), "lora": lora, "out_dir": directory}
+    rows_by_ws: dict[int, dict[str, dict]] = {}
+    results: list[ProbeResult] = []
+    for run in runs:
+        if on_progress:
+            on_progress(f"{len(selected)} cells at world size {run.world_size} on {run.device}/{run.backend}")
+        rows = mx.sweep(
+            selected, run, base_config, run_task, isolate=isolate_cells, done=done, on_cell=on_cell
+        )
+        rows_by_ws[run.world_size] = rows
+        for cell in selected:
+            row = rows[cell.name]
+            results.append(
+                ProbeResult(
+                    probe="matrix",
+                    verdict=mx.cell_verdict(row),
+                    world_size=run.world_size,
+                    device=run.device,
+                    backend=run.backend,
+                    config={"cell": dataclasses.asdict(cell), "lora": lora, "model": model or preset},
+                    injected=run.inject,
+                    summary=row.get("error") or cell.describe() or "defaults",
+                    evidence=row,
+                )
+            )
+    # Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
+    # verdict (does the bug show?), which a different baseline model does not move.
+    analysis: dict[str, Any] = {
+        str(ws): {
+            "exact": mx.invariance(mx.table_rows(selected, rows)),
+            "verdict": mx.invariance(mx.table_rows(selected, rows, by_verdict=True)),
+        }
+        for ws, rows in rows_by_ws.items()
+    }
+    analysis["isolate_cells"] = isolate_cells
+    report = Report(command="matrix", argv=list(argv), env=env.capture(), results=results, analysis=analysis)
+    return report
+
+
+def forensics(
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: str = "bfloat16",
+    lora: bool = False,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 900.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Per-module byte forensics of a real quantized causal LM under FSDP2."""
+    from fsdpqdiag import env
+    from fsdpqdiag.config import QUANT_TYPES
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    if bits not in (4, 8):
+        raise BadInput(f"--bits must be 4 or 8, got {bits}")
+    if quant_type not in QUANT_TYPES:
+        raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    config = {
+        "model": str(path),
+        "bits": bits,
+        "quant_type": quant_type,
+        "double_quant": double_quant,
+        "quant_storage": quant_storage,
+        "lora": lora,
+    }
+    results = []
+    for run in runs:
+        if on_progress:
+            on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
+        result = run_probe("forensics", config, run)
+        result.config["model"] = model or preset
+        results.append(result)
+    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results)

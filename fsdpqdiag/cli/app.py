@@ -1,0 +1,118 @@
+"""Shared wiring of every command: the typer app, one-line errors, output checks.
+
+torch is imported lazily (inside commands), so ``fsdpqdiag --help`` stays fast. Each
+command lives in its own module of this package and is registered in ``__init__``.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from fsdpqdiag.report import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
+
+app = typer.Typer(
+    name="fsdpqdiag",
+    help=(
+        "Diagnose byte-level bugs of PyTorch FSDP2 sharding bitsandbytes quantized weights "
+        "(bitsandbytes #1945 and relatives)."
+    ),
+    epilog=EXIT_CODES_HELP,
+    no_args_is_help=True,
+    invoke_without_command=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+stdout = Console()
+stderr = Console(stderr=True)
+
+
+def fail(message: str) -> typer.Exit:
+    """One line on stderr and exit 2: the answer to every mistake a user can make."""
+    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    return typer.Exit(EXIT_BAD_INPUT)
+
+
+def is_reporting_rank() -> bool:
+    """Under torchrun every rank runs the command; only global rank 0 writes and prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
+def check_outputs(*paths: Path | None) -> None:
+    for path in paths:
+        if path is not None:
+            try:
+                check_writable(path)
+            except ValueError as exc:
+                raise fail(f"cannot write {path}: {exc}") from None
+
+
+@app.callback()
+def root(
+    version: Annotated[bool, typer.Option("--version", help="Print the version and exit.")] = False,
+) -> None:
+    """Diagnose byte-level bugs of FSDP2 sharding bitsandbytes quantized weights."""
+    if version:
+        from fsdpqdiag import __version__
+
+        stdout.print(f"fsdpqdiag {__version__}")
+        raise typer.Exit(0)
+
+
+# Options shared by every command that launches ranks; one definition, one help text.
+WorldSizes = Annotated[
+    list[int] | None,
+    typer.Option("--ws", help="World size (repeatable). Default: 2 where the devices allow, else 1."),
+]
+Device = Annotated[str, typer.Option(help="auto | cpu | cuda (auto: cuda when a GPU is visible).")]
+Backend = Annotated[
+    str,
+    typer.Option(help="auto | gloo | nccl (auto: nccl on cuda, gloo on cpu; gloo lets ranks share a GPU)."),
+]
+Timeout = Annotated[float, typer.Option(help="Seconds per launch before every rank is killed.")]
+Inject = Annotated[
+    str | None,
+    typer.Option(
+        help="Positive control: replace a real step with a known-faulty one "
+        "(nan-canonicalize, segfault, abort, oom-kill, hang, raise)."
+    ),
+]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")]
+MarkdownPath = Annotated[
+    Path | None,
+    typer.Option("--markdown", help="Write the Markdown report here."),
+]
+Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")]
+
+
+def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
+    """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun)."""
+    from fsdpqdiag.render import markdown
+    from fsdpqdiag.report import atomic_write_text
+
+    if not is_reporting_rank():
+        return
+    if json_path is not None:
+        atomic_write_text(json_path, report.to_json())
+    if markdown_path is not None:
+        atomic_write_text(markdown_path, markdown.render(report))
+
+
+def run_library(call, status_text: str = "starting…"):
+    """Call the library with a progress line on stderr; map its failures to exit codes."""
+    from fsdpqdiag.api import BadInput
+    from fsdpqdiag.report import EXIT_INTERRUPTED
+
+    try:
+        with stderr.status(status_text) as status:
+            return call(lambda text: status.update(f"running {text}…"))
+    except BadInput as exc:
+        raise fail(str(exc)) from None
+    except KeyboardInterrupt:
+        # The launcher has already killed and reaped every rank; nothing was written.
+        stderr.print("interrupted: every rank was stopped, no report written")
+        raise typer.Exit(EXIT_INTERRUPTED) from None

@@ -1,0 +1,79 @@
+"""``fsdpqdiag fix``: verify workarounds bit for bit and show the unfixed run beside them."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from fsdpqdiag.cli.app import (
+    Backend,
+    Device,
+    Inject,
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Timeout,
+    WorldSizes,
+    app,
+    check_outputs,
+    is_reporting_rank,
+    run_library,
+    stdout,
+    write_report,
+)
+
+FIX_EXIT_CODES = (
+    "Exit codes: 0 every workaround VERIFIED; 1 a workaround NOT VERIFIED; 2 bad input (nothing run, "
+    "nothing written); 3 a workaround run ended in ERROR, TIMEOUT or CRASHED; 130 interrupted."
+)
+
+
+@app.command(epilog=FIX_EXIT_CODES)
+def fix(
+    workaround: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--workaround",
+            "-w",
+            help="cached-ref | fsdp2-bytes | uint8-storage | axolotl-int8 | all (repeatable).",
+        ),
+    ] = None,
+    target: Annotated[
+        list[str] | None,
+        typer.Option("--target", help="linear (one Linear4bit + LoRA) | tiny-llama (preset + PEFT LoRA)."),
+    ] = None,
+    steps: Annotated[int, typer.Option(help="Optimizer steps compared bit for bit.")] = 3,
+    ws: WorldSizes = None,
+    device: Device = "auto",
+    backend: Backend = "auto",
+    timeout: Timeout = 600.0,
+    inject: Inject = None,
+    json_path: JsonPath = None,
+    markdown_path: MarkdownPath = None,
+    quiet: Quiet = False,
+) -> None:
+    """Verify workarounds bit for bit against training without FSDP (loss, LoRA grads, K steps)."""
+    from fsdpqdiag import api
+    from fsdpqdiag.render.fix_table import fix_table
+
+    check_outputs(json_path, markdown_path)
+    report = run_library(
+        lambda progress: api.fix(
+            workarounds=workaround or ("all",),
+            targets=target or ("linear",),
+            steps=steps,
+            world_sizes=ws or (),
+            device=device,
+            timeout_s=timeout,
+            inject=inject,
+            backend=backend,
+            argv=["fix", *sys.argv[2:]],
+            on_progress=progress,
+        )
+    )
+    write_report(report, json_path, markdown_path)
+    if not quiet and is_reporting_rank():
+        stdout.print(fix_table(report))
+    raise typer.Exit(report.exit_code())

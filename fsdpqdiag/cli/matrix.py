@@ -1,0 +1,145 @@
+"""``fsdpqdiag matrix``: #1945's configuration-invariance sweep, with the conclusion computed."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fsdpqdiag.cli.app import (
+    Backend,
+    Device,
+    Inject,
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Timeout,
+    WorldSizes,
+    app,
+    check_outputs,
+    is_reporting_rank,
+    run_library,
+    stderr,
+    stdout,
+    write_report,
+)
+from fsdpqdiag.report import EXIT_CODES_HELP
+
+
+@app.command(epilog=EXIT_CODES_HELP)
+def matrix(
+    cells: Annotated[
+        list[str] | None, typer.Option("--cells", help="Cells to run (A–G; repeatable).")
+    ] = None,
+    grid: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--grid",
+            help="DIM=v1,v2 over cell A: quant_storage, quant_type, reshard_after_forward, "
+            "double_quant, mp, wrap (repeatable: the product).",
+        ),
+    ] = None,
+    model: Annotated[str | None, typer.Option(help="Local Hugging Face causal-LM directory.")] = None,
+    preset: Annotated[
+        str, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model).")
+    ] = "tiny-llama",
+    lora: Annotated[bool, typer.Option(help="Wrap with PEFT LoRA, as #1945's matrix did.")] = True,
+    ws: WorldSizes = None,
+    device: Device = "auto",
+    backend: Backend = "auto",
+    timeout: Timeout = 900.0,
+    inject: Inject = None,
+    isolate_cells: Annotated[bool, typer.Option(help="One launch per cell (the slow, naive way).")] = False,
+    out: Annotated[
+        Path | None, typer.Option(help="Directory: one JSON line per cell as it finishes.")
+    ] = None,
+    resume: Annotated[
+        Path | None, typer.Option(help="Continue the sweep recorded in this --out directory.")
+    ] = None,
+    json_path: JsonPath = None,
+    markdown_path: MarkdownPath = None,
+    csv: Annotated[Path | None, typer.Option(help="Write the cells as CSV (pandas).")] = None,
+    parquet: Annotated[Path | None, typer.Option(help="Write the cells as Parquet (needs pyarrow).")] = None,
+    plot: Annotated[
+        Path | None, typer.Option(help="Write a PNG heat map of |Δloss| and differing elements.")
+    ] = None,
+    quiet: Quiet = False,
+) -> None:
+    """Sweep #1945's cells A–G (or a --grid) and compute what the outcome is invariant in."""
+    from rich.progress import Progress
+
+    from fsdpqdiag import api
+    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.render.matrix_table import heat_map, matrix_table
+    from fsdpqdiag.report import atomic_write_text
+
+    check_outputs(json_path, markdown_path, csv, parquet, plot)
+    if parquet is not None:
+        import importlib.util
+
+        if importlib.util.find_spec("pyarrow") is None:
+            from fsdpqdiag.cli.app import fail
+
+            raise fail("--parquet needs pyarrow, which is not installed")
+    with Progress(console=stderr, transient=True) as progress:
+        bar = progress.add_task("matrix", total=None)
+
+        def on_cell(name: str, row: dict) -> None:
+            progress.update(bar, advance=1, description=f"cell {name}: {mx.cell_verdict(row)}")
+
+        report = run_library(
+            lambda status: api.matrix(
+                cells=cells or (),
+                grid=grid or (),
+                model=model,
+                preset=preset,
+                lora=lora,
+                world_sizes=ws or (),
+                device=device,
+                timeout_s=timeout,
+                inject=inject,
+                backend=backend,
+                isolate_cells=isolate_cells,
+                out_dir=str(out) if out else None,
+                resume=str(resume) if resume else None,
+                argv=["matrix", *sys.argv[2:]],
+                on_progress=status,
+                on_cell=on_cell,
+            )
+        )
+    write_report(report, json_path, markdown_path)
+    if is_reporting_rank():
+        cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
+        rows = {
+            ws_: {r.config["cell"]["name"]: r.evidence for r in report.results if r.world_size == ws_}
+            for ws_ in report.world_sizes
+        }
+        frame = mx.dataframe(cells_used, rows)
+        if csv is not None:
+            atomic_write_text(csv, frame.to_csv(index=False))
+        if parquet is not None:
+            frame.to_parquet(parquet)
+        if plot is not None:
+            heat_map(report, plot)
+        if not quiet:
+            stdout.print(matrix_table(report))
+    _wait_for_reporting_rank()
+    # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
+    # first would make torchrun SIGTERM rank 0 mid-exit.
+    raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
+
+
+def _wait_for_reporting_rank() -> None:
+    """Under torchrun, the first rank to exit non-zero (exit 3 when a cell is an ERROR row,
+    as #1945's cell B) makes torchrun SIGTERM its peers: without this barrier rank 0 could
+    be killed before it has written the report (seen on CPU/gloo with cells A-G)."""
+    from fsdpqdiag.launch import in_launched_job
+
+    if not in_launched_job():
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()

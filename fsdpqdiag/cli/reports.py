@@ -1,0 +1,163 @@
+"""``env``, ``report`` and ``compare``: reports made for upstream issues."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fsdpqdiag.cli.app import app, check_outputs, fail, stdout
+
+COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
+
+
+def _load(path: Path):
+    from fsdpqdiag.report import Report, ReportError
+
+    try:
+        return Report.load(path)
+    except ReportError as exc:
+        raise fail(str(exc)) from None
+
+
+def _table(report):
+    from fsdpqdiag.render.fix_table import fix_table
+    from fsdpqdiag.render.forensics_table import forensics_table
+    from fsdpqdiag.render.localize_table import localize_table
+    from fsdpqdiag.render.matrix_table import matrix_table
+    from fsdpqdiag.render.table import reproduce_table
+
+    views = {
+        "matrix": matrix_table,
+        "fix": fix_table,
+        "localize": localize_table,
+        "forensics": forensics_table,
+    }
+    return views.get(report.command, reproduce_table)(report)
+
+
+@app.command()
+def env(
+    json_out: Annotated[bool, typer.Option("--json", help="Print the environment as JSON.")] = False,
+    markdown: Annotated[bool, typer.Option("--markdown", help="Print it as a Markdown block.")] = False,
+) -> None:
+    """The stack under test: torch/CUDA/NCCL, bitsandbytes and its native library, GPUs, driver."""
+    from rich.table import Table
+
+    from fsdpqdiag import env as environment
+
+    captured = environment.capture()
+    if json_out:
+        stdout.print_json(json.dumps(captured))
+        return
+    flat = _flatten(captured)
+    if markdown:
+        print("| item | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in flat))
+        return
+    table = Table(title="fsdpqdiag env", title_justify="left")
+    table.add_column("item")
+    table.add_column("value", overflow="fold")
+    for key, value in flat:
+        table.add_row(key, str(value))
+    stdout.print(table)
+
+
+def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
+    items: list[tuple[str, object]] = []
+    if isinstance(data, dict):
+        for key, value in data.items():
+            items += _flatten(value, f"{prefix}{key}.")
+    elif isinstance(data, list):
+        for index, value in enumerate(data):
+            items += _flatten(value, f"{prefix}{index}.")
+    else:
+        items.append((prefix.rstrip("."), data))
+    return items
+
+
+@app.command()
+def report(
+    path: Annotated[Path, typer.Argument(help="A JSON report written by any fsdpqdiag command.")],
+    format: Annotated[str, typer.Option("--format", "-f", help="md | table | json")] = "md",
+    output: Annotated[
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+    ] = None,
+    plot: Annotated[Path | None, typer.Option(help="Write a PNG byte map of the altered elements.")] = None,
+) -> None:
+    """Render any report: Markdown for an upstream issue, a table, or JSON."""
+    from fsdpqdiag.report import atomic_write_text
+
+    if format not in ("md", "table", "json"):
+        raise fail(f"unknown format {format!r} (known: md, table, json)")
+    check_outputs(output, plot)
+    loaded = _load(path)
+    if plot is not None:
+        from fsdpqdiag.render.plot import byte_map
+
+        if byte_map(loaded, plot) == 0:
+            raise fail(f"{path} holds no element positions to map")
+    if format == "table":
+        if output is not None:
+            from rich.console import Console
+
+            console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
+            console.print(_table(loaded))
+            atomic_write_text(output, console.export_text())
+        else:
+            stdout.print(_table(loaded))
+        return
+    if format == "md":
+        from fsdpqdiag.render.markdown import render
+
+        text = render(loaded)
+    else:
+        text = loaded.to_json()
+    if output is not None:
+        atomic_write_text(output, text)
+    else:
+        print(text, end="" if text.endswith("\n") else "\n")
+
+
+@app.command(epilog=COMPARE_EXIT_CODES)
+def compare(
+    a: Annotated[Path, typer.Argument(help="First report.")],
+    b: Annotated[Path, typer.Argument(help="Second report.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+) -> None:
+    """Compare two reports to the last bit: verdicts, element positions, bit patterns, losses."""
+    from dataclasses import asdict
+
+    from rich.table import Table
+
+    from fsdpqdiag.compare import Incomparable, compare
+
+    left, right = _load(a), _load(b)
+    try:
+        result = compare(left, right)
+    except Incomparable as exc:
+        raise fail(str(exc)) from None
+    if json_out:
+        stdout.print_json(json.dumps(asdict(result), default=str))
+    else:
+        verdict = "IDENTICAL" if result.identical else "DIFFERENT"
+        stdout.print(
+            f"[bold]{verdict}[/]: {result.matched} results matched, {len(result.differences)} differences"
+        )
+        for label, keys in (("only in A", result.only_in_a), ("only in B", result.only_in_b)):
+            if keys:
+                stdout.print(f"{label}: {', '.join(keys)}")
+        if result.differences:
+            table = Table(title_justify="left")
+            for column in ("result", "path", "A", "B"):
+                table.add_column(column, overflow="fold")
+            for item in result.differences[:200]:
+                table.add_row(item["result"], item["path"], str(item["a"])[:80], str(item["b"])[:80])
+            stdout.print(table)
+        if result.environment:
+            stdout.print(
+                f"[dim]environments differ in {len(result.environment)} fields "
+                f"(e.g. {', '.join(e['path'] for e in result.environment[:4])})[/]"
+            )
+    raise typer.Exit(0 if result.identical else 1)

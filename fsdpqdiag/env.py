@@ -1,0 +1,118 @@
+"""The stack under test, captured into every report.
+
+Narrowed from ``python -m torch.utils.collect_env`` and ``python -m bitsandbytes`` to what
+decides these bugs: versions of torch/CUDA/NCCL/bitsandbytes/transformers/peft, the
+native library bitsandbytes loaded, the GPUs and their driver. Never raises: a missing
+piece is recorded as missing.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Any
+
+
+def _version(package: str) -> str | None:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def _torch_info() -> dict[str, Any]:
+    try:
+        import torch
+    except ImportError as exc:
+        return {"version": None, "error": str(exc)}
+    info: dict[str, Any] = {
+        "version": torch.__version__,
+        "git_version": getattr(torch.version, "git_version", None),
+        "cuda": torch.version.cuda,
+        "cuda_available": torch.cuda.is_available(),
+        "distributed_available": torch.distributed.is_available(),
+        "gloo_available": torch.distributed.is_available() and torch.distributed.is_gloo_available(),
+        "nccl_available": torch.distributed.is_available() and torch.distributed.is_nccl_available(),
+        "nccl": None,
+        "cudnn": None,
+    }
+    if info["nccl_available"] and torch.cuda.is_available():
+        try:
+            info["nccl"] = ".".join(str(v) for v in torch.cuda.nccl.version())
+        except Exception as exc:  # noqa: BLE001
+            info["nccl"] = f"unknown ({exc})"
+    if torch.backends.cudnn.is_available():
+        info["cudnn"] = torch.backends.cudnn.version()
+    return info
+
+
+def _gpus() -> list[dict[str, Any]]:
+    try:
+        import torch
+    except ImportError:
+        return []
+    if not torch.cuda.is_available():
+        return []
+    gpus = []
+    for index in range(torch.cuda.device_count()):
+        props = torch.cuda.get_device_properties(index)
+        gpus.append(
+            {
+                "index": index,
+                "name": props.name,
+                "compute_capability": f"{props.major}.{props.minor}",
+                "memory_gib": round(props.total_memory / 2**30, 1),
+            }
+        )
+    return gpus
+
+
+def _driver() -> str | None:
+    if shutil.which("nvidia-smi") is None:
+        return None
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.splitlines()[0] if out else None
+
+
+def _bitsandbytes_info() -> dict[str, Any]:
+    info: dict[str, Any] = {"version": _version("bitsandbytes")}
+    if info["version"] is None:
+        return info
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
+    except Exception as exc:  # noqa: BLE001 - a broken install is itself a finding
+        info["import_error"] = f"{type(exc).__name__}: {exc}"
+        return info
+    info["backend"] = getattr(cextension, "BNB_BACKEND", None)
+    library = getattr(cextension, "lib", None)
+    native = getattr(library, "_lib", None)
+    info["native_library"] = getattr(native, "_name", None) or type(library).__name__
+    return info
+
+
+def capture() -> dict[str, Any]:
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "machine": platform.machine(),
+        "torch": _torch_info(),
+        "bitsandbytes": _bitsandbytes_info(),
+        "transformers": _version("transformers"),
+        "peft": _version("peft"),
+        "accelerate": _version("accelerate"),
+        "gpus": _gpus(),
+        "driver": _driver(),
+    }

@@ -1,0 +1,232 @@
+"""Injected faults: the positive controls that prove each detector is able to fail.
+
+Each fault is a named, reversible patch of a *real* function of torch, applied inside a
+rank before the probe runs. Probes never branch on whether a fault is active: a detector
+that reports REPRODUCED under ``nan-canonicalize`` has seen real FSDP2 hand a real
+``Linear4bit`` corrupted bytes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+import signal
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+# The bit pattern CUDA's float->bfloat16 conversion gives every NaN (#1945's 0x7FFF).
+CANONICAL_BF16_NAN = 0x7FFF
+
+
+@dataclass(frozen=True)
+class Fault:
+    name: str
+    description: str
+    # apply(rank, world_size) patches and returns the function that undoes the patch.
+    apply: Callable[[int, int], Callable[[], None]]
+
+    @contextlib.contextmanager
+    def active(self, rank: int, world_size: int) -> Iterator[None]:
+        undo = self.apply(rank, world_size)
+        try:
+            yield
+        finally:
+            undo()
+
+
+def canonicalize_nans_(tensor) -> None:
+    """Rewrite every NaN of a bf16 tensor to 0x7FFF in place, as a CUDA float round trip does."""
+    import torch
+
+    from fsdpqdiag.bytes import classify, plain
+
+    storage = plain(tensor)
+    if storage.dtype != torch.bfloat16:
+        return
+    nan = classify(storage) >= 2
+    if not bool(nan.any()):
+        return
+    # FSDP2 writes unsharded parameters without bumping autograd's version counter; so
+    # must a fault that stands in for one of its copies, or backward would refuse to run.
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tensor):
+        storage.view(-1).view(torch.int16)[nan] = CANONICAL_BF16_NAN
+
+
+def _patch_attr(owner, name: str, replacement) -> Callable[[], None]:
+    original = owner.__dict__[name]
+    setattr(owner, name, replacement)
+
+    def undo() -> None:
+        setattr(owner, name, original)
+
+    return undo
+
+
+def _nan_canonicalize(rank: int, world_size: int) -> Callable[[], None]:
+    # FSDPParam.init_unsharded_param builds the parameter that forward sees from the
+    # all-gather output, on every unshard and at every world size: the exact place where
+    # a float-aware copy would corrupt the packed storage.
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam.init_unsharded_param
+
+    def init_unsharded_param_canonicalizing(self):
+        original(self)
+        # Float-aware like the real culprit: only a copy that handles the bytes as a float
+        # dtype canonicalizes; bytes all-gathered as integers pass untouched.
+        buffers = getattr(self, "all_gather_outputs", None) or []
+        if not buffers or buffers[0].dtype.is_floating_point:
+            canonicalize_nans_(self._unsharded_param)
+
+    return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_canonicalizing)
+
+
+def _cast_integer_params(rank: int, world_size: int) -> Callable[[], None]:
+    # What FSDP2 does to a uint8/int8 parameter when nothing guards it (axolotl's
+    # init_dtype_attrs patch is that guard): the unsharded parameter comes out in the
+    # mixed-precision dtype, so forward sees bf16 values instead of the integer bytes.
+    import torch
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam.init_unsharded_param
+
+    def init_unsharded_param_casting(self):
+        original(self)
+        param = self._unsharded_param
+        if not param.dtype.is_floating_point:
+            self._unsharded_param = torch.nn.Parameter(param.detach().to(torch.bfloat16), requires_grad=False)
+
+    return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_casting)
+
+
+def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], bool]):
+    """Run ``action`` instead of DTensor's gather-to-replicate calls (Mechanism B's entry)."""
+
+    def apply(rank: int, world_size: int) -> Callable[[], None]:
+        from torch.distributed.tensor import DTensor
+
+        if not ranks(rank, world_size):
+            return lambda: None
+        original_full, original_redistribute = DTensor.full_tensor, DTensor.redistribute
+
+        def full_tensor(self, *args, **kwargs):
+            action()
+            return original_full(self, *args, **kwargs)
+
+        def redistribute(self, *args, **kwargs):
+            action()
+            return original_redistribute(self, *args, **kwargs)
+
+        undo_full = _patch_attr(DTensor, "full_tensor", full_tensor)
+        undo_redistribute = _patch_attr(DTensor, "redistribute", redistribute)
+
+        def undo() -> None:
+            undo_full()
+            undo_redistribute()
+
+        return undo
+
+    return apply
+
+
+def _segfault_when_wrapping_linear(rank: int, world_size: int) -> Callable[[], None]:
+    # A crash confined to one configuration (per-Linear4bit wrapping, the matrix's cell D),
+    # so a sweep must lose that cell only.
+    import torch.distributed.fsdp as fsdp
+
+    original = fsdp.fully_shard
+
+    def fully_shard(module, *args, **kwargs):
+        if type(module).__name__ == "Linear4bit":
+            _segfault()
+        return original(module, *args, **kwargs)
+
+    return _patch_attr(fsdp, "fully_shard", fully_shard)
+
+
+def _segfault() -> None:
+    # A genuine invalid read, so the signal comes from the kernel as it would from a bad
+    # native kernel, not from a Python-level kill.
+    ctypes.string_at(0)
+
+
+def _abort() -> None:
+    os.abort()
+
+
+def _oom_kill() -> None:
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _hang() -> None:
+    while True:
+        time.sleep(3600)
+
+
+def _raise() -> None:
+    raise RuntimeError("injected fault: exception raised on this rank only")
+
+
+def _every_rank(rank: int, world_size: int) -> bool:
+    return True
+
+
+def _last_rank(rank: int, world_size: int) -> bool:
+    return rank == world_size - 1
+
+
+FAULTS: dict[str, Fault] = {
+    fault.name: fault
+    for fault in (
+        Fault(
+            "nan-canonicalize",
+            "the copy that builds FSDP2's unsharded parameter from a float all-gather buffer turns "
+            "every bf16 NaN into 0x7FFF",
+            _nan_canonicalize,
+        ),
+        Fault(
+            "cast-integer-params",
+            "FSDP2's unsharded uint8/int8 parameters come out in bf16, as without axolotl's "
+            "init_dtype_attrs guard",
+            _cast_integer_params,
+        ),
+        Fault(
+            "segfault",
+            "every rank dies by SIGSEGV inside full_tensor()/redistribute() (Mechanism B)",
+            _patch_gather_calls(_segfault, _every_rank),
+        ),
+        Fault(
+            "abort",
+            "every rank dies by SIGABRT inside full_tensor()/redistribute()",
+            _patch_gather_calls(_abort, _every_rank),
+        ),
+        Fault(
+            "oom-kill",
+            "the last rank is SIGKILLed inside full_tensor(), as the OOM killer would",
+            _patch_gather_calls(_oom_kill, _last_rank),
+        ),
+        Fault(
+            "segfault-linear-wrap",
+            "a rank dies by SIGSEGV when fully_shard is applied to a single Linear4bit (matrix cell D)",
+            _segfault_when_wrapping_linear,
+        ),
+        Fault(
+            "hang",
+            "the last rank never enters the full_tensor() collective; its peers wait in it",
+            _patch_gather_calls(_hang, _last_rank),
+        ),
+        Fault(
+            "raise",
+            "the last rank raises inside full_tensor(); its peers wait in the collective",
+            _patch_gather_calls(_raise, _last_rank),
+        ),
+    )
+}
+
+
+def get(name: str) -> Fault:
+    if name not in FAULTS:
+        raise ValueError(f"unknown fault {name!r} (known: {', '.join(FAULTS)})")
+    return FAULTS[name]

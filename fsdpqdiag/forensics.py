@@ -1,0 +1,197 @@
+"""Whole-model forensics: which quantized weights of a real model FSDP2 alters, and how much.
+
+A real transformers causal LM is loaded through ``from_pretrained`` with bitsandbytes
+quantization (optionally with PEFT LoRA), sharded per decoder layer and at the root, and
+run on a fixed-seed input. For every quantized parameter the original bytes are compared
+with the rank's ``_local_tensor``, with the tensor the module's forward actually receives
+(captured by a pre-hook registered after ``fully_shard``) and with ``full_tensor()``; each
+module's output is compared with its output without FSDP.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
+from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+
+
+@dataclass(frozen=True)
+class ForensicsConfig:
+    model: str
+    bits: int = 4
+    quant_type: str = "nf4"
+    double_quant: bool = True
+    quant_storage: str = "bfloat16"
+    lora: bool = False
+    batch: int = 2
+    seq_len: int = 32
+    input_seed: int = 123
+
+
+def _hooks(model, targets: dict[str, Any], weights: dict, outputs: dict):
+    from fsdpqdiag.bytes import plain
+
+    handles = []
+    for name, module in targets.items():
+
+        def pre(mod, args, name=name) -> None:  # returning a value would replace the input
+            weights.setdefault(name, plain(mod.weight).clone())
+
+        def post(mod, args, out, name=name) -> None:
+            outputs.setdefault(name, out.detach().float().clone())
+
+        handles.append(module.register_forward_pre_hook(pre))
+        handles.append(module.register_forward_hook(post))
+    return handles
+
+
+def run(config: dict[str, Any], ctx) -> dict[str, Any]:
+    import torch
+
+    from fsdpqdiag import models
+    from fsdpqdiag.bytes import diff, nan_census, output_delta, plain
+    from fsdpqdiag.fingerprint import classify
+    from fsdpqdiag.probes.common import fsdp_api, local_shard_of
+
+    cfg = ForensicsConfig(**config)
+    quant = models.QuantConfig(
+        bits=cfg.bits,
+        quant_type=cfg.quant_type,
+        double_quant=cfg.double_quant,
+        quant_storage=cfg.quant_storage,
+    )
+    model = models.load_quantized(cfg.model, quant, ctx.device)
+    if cfg.lora:
+        model = models.apply_lora(model)
+    ids = models.fixed_input(model.config.vocab_size, cfg.batch, cfg.seq_len, cfg.input_seed).to(ctx.device)
+    found = [
+        (n.rsplit(".", 1)[0], m, k)
+        for n, m, _, k in models.quantized_parameters(model)
+        if n.endswith(".weight")
+    ]
+    targets = {name: module for name, module, _ in found}
+    kinds = {name: kind for name, _, kind in found}
+    original = {name: plain(module.weight).clone() for name, module in targets.items()}
+
+    baseline_model = copy.deepcopy(model)
+    base_weights: dict = {}
+    base_outputs: dict = {}
+    handles = _hooks(
+        baseline_model,
+        {n: m for n, m in baseline_model.named_modules() if n in targets},
+        base_weights,
+        base_outputs,
+    )
+    with torch.no_grad():
+        loss_before = float(baseline_model(input_ids=ids, labels=ids).loss.float())
+    for handle in handles:
+        handle.remove()
+    del baseline_model
+
+    evidence: dict[str, Any] = {"loss_before": loss_before, "modules": []}
+    ctx.checkpoint("fully_shard", evidence)
+    fully_shard, MixedPrecisionPolicy = fsdp_api()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    layers = models.decoder_layers(model)
+    for layer in layers:
+        fully_shard(layer, mesh=ctx.mesh(), mp_policy=policy)
+    fully_shard(model, mesh=ctx.mesh(), mp_policy=policy)
+    locals_ = {name: getattr(module.weight, "_local_tensor", None) for name, module in targets.items()}
+
+    weights: dict = {}
+    outputs: dict = {}
+    handles = _hooks(model, targets, weights, outputs)
+    ctx.checkpoint("forward after fully_shard", evidence)
+    with torch.no_grad():
+        loss_after = float(model(input_ids=ids, labels=ids).loss.float())
+    for handle in handles:
+        handle.remove()
+    evidence["loss_after"] = loss_after
+    evidence["loss_bit_equal"] = loss_before == loss_after
+
+    rows = []
+    for name, before in original.items():
+        local = locals_.get(name)
+        swap = (
+            diff(before, weights[name]) if name in weights else {"comparable": False, "reason": "not called"}
+        )
+        row = {
+            "module": name,
+            "kind": kinds[name],
+            "shape": list(before.shape),
+            "nan_elements": nan_census(before)["nan_elements"],
+            "swap_target": {
+                k: swap.get(k)
+                for k in (
+                    "comparable",
+                    "bytes_equal",
+                    "differing_bytes",
+                    "differing_elements",
+                    "original_classes",
+                    "post_bit_patterns",
+                    "samples",
+                )
+            },
+            "local_tensor": None
+            if local is None
+            else {
+                k: v
+                for k, v in diff(local_shard_of(before, ctx.rank, ctx.world_size), local).items()
+                if k in ("bytes_equal", "differing_elements", "differing_bytes")
+            },
+        }
+        if name in outputs and name in base_outputs:
+            delta = output_delta(base_outputs[name], outputs[name])
+            row.update({k: delta[k] for k in ("max_abs_delta", "mean_abs_delta", "output_bit_equal")})
+        rows.append(row)
+    evidence["modules"] = rows
+
+    model.reshard()
+    ctx.checkpoint("full_tensor()", evidence)
+    for row in rows:
+        weight = targets[row["module"]].weight
+        if hasattr(weight, "full_tensor"):
+            result = diff(original[row["module"]], weight.full_tensor())
+            row["full_tensor"] = {k: result.get(k) for k in ("bytes_equal", "differing_elements")}
+    altered = [r for r in rows if not (r["swap_target"].get("bytes_equal") or False)]
+    evidence["totals"] = {
+        "quantized_modules": len(rows),
+        "nan_elements": sum(r["nan_elements"] for r in rows),
+        "altered_modules": len(altered),
+        "differing_elements": sum(r["swap_target"].get("differing_elements") or 0 for r in rows),
+        "differing_bytes": sum(r["swap_target"].get("differing_bytes") or 0 for r in rows),
+    }
+    evidence["fingerprint"] = classify(altered[0]["swap_target"], ctx.device) if altered else None
+    return evidence
+
+
+def verdict(outcomes) -> Verdict:
+    failed = failure_verdict(outcomes)
+    if failed is not None:
+        failed.evidence.update(outcomes[0].evidence)
+        return failed
+    evidence = dict(outcomes[0].evidence)
+    totals = evidence["totals"]
+    evidence["ranks_agree"] = len({str(o.evidence.get("totals")) for o in outcomes}) == 1
+    loss = f"loss {evidence['loss_before']} -> {evidence['loss_after']}"
+    detail = (
+        f"{totals['altered_modules']} of {totals['quantized_modules']} quantized weights altered "
+        f"({totals['differing_elements']} elements, {totals['nan_elements']} NaN-class in all); {loss}"
+    )
+    if totals["altered_modules"] and not evidence["loss_bit_equal"]:
+        return Verdict(REPRODUCED, detail, evidence)
+    if not totals["altered_modules"] and evidence["loss_bit_equal"]:
+        return Verdict(NOT_REPRODUCED, detail, evidence)
+    return Verdict(INCONCLUSIVE, detail, evidence)
+
+
+PROBE = Probe(
+    name="forensics",
+    description="per-module byte forensics of a real quantized causal LM under FSDP2",
+    run=run,
+    verdict=verdict,
+    needs=Needs(packages=("bitsandbytes", "transformers")),
+)

@@ -1,0 +1,306 @@
+"""The one place that owns rank processes.
+
+``launch`` spawns N ranks of one host (a free port, gloo on CPU, NCCL on GPU), waits for
+them under a timeout, and turns every way a rank can end into data: a result, an
+exception (ERROR), a signal (CRASHED), a hang (TIMEOUT) or a kill because a peer died
+first (ABORTED). Every child runs in its own process session and is reaped on every path,
+Ctrl-C included, so the caller never dies with its ranks and nothing is left behind.
+
+When the current process already is a rank of a launched job (torchrun sets RANK,
+WORLD_SIZE and LOCAL_RANK), ``run_task`` runs the probe in-process on that job instead;
+ranks then cannot be isolated from a crash, which the README says.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from fsdpqdiag.config import RankTask
+
+# How long surviving ranks may finish after a peer died before they are killed: a peer's
+# death usually leaves them blocked in a collective that will never complete.
+PEER_GRACE_S = 5.0
+LOG_TAIL_CHARS = 4000
+PORT_RETRIES = 3
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    status: str  # ok | error | crashed | timeout | aborted
+    evidence: dict = field(default_factory=dict)
+    stage: str | None = None  # the last stage the rank reported before it ended
+    signal: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    log_tail: str = ""
+    duration_s: float = 0.0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RankOutcome:
+        return cls(**data)
+
+
+def in_launched_job() -> bool:
+    """True when this process is a rank started by torchrun (or a compatible launcher)."""
+    return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def signal_name(returncode: int) -> str:
+    try:
+        return signal.Signals(-returncode).name
+    except ValueError:
+        return f"signal {-returncode}"
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _tail(path: Path) -> str:
+    try:
+        return path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+    except OSError:
+        return ""
+
+
+def _die_with_parent() -> None:
+    """In the child: SIGKILL me when the launcher dies, even by SIGKILL (Linux prctl).
+
+    Ranks live in their own sessions so a Ctrl-C reaches only the launcher, which then
+    stops them; if the launcher itself is killed outright, this keeps them from running on.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
+def _kill_session(process: subprocess.Popen) -> None:
+    if process.poll() is not None:
+        return
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+
+
+def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    for key in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
+        env.pop(key, None)
+    package_root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [package_root, env.get("PYTHONPATH")]))
+    env.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world_size),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        PYTHONUNBUFFERED="1",
+        FSDPQDIAG_RESULT=str(result_path),
+    )
+    # N ranks share the host's cores; unbounded OpenMP threads per rank oversubscribe them.
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
+    return env
+
+
+def _outcome_for(
+    rank: int,
+    process: subprocess.Popen,
+    result_path: Path,
+    log_path: Path,
+    forced: str | None,
+    duration_s: float,
+) -> RankOutcome:
+    written = _read_json(result_path) or {}
+    stage = written.get("stage")
+    evidence = written.get("evidence", {})
+    log_tail = _tail(log_path)
+    code = process.returncode
+    if forced is not None:
+        return RankOutcome(
+            rank,
+            forced,
+            evidence,
+            stage,
+            exit_code=code,
+            log_tail=log_tail,
+            error=written.get("error"),
+            duration_s=duration_s,
+        )
+    if code is not None and code < 0:
+        return RankOutcome(
+            rank,
+            "crashed",
+            evidence,
+            stage,
+            signal=signal_name(code),
+            exit_code=code,
+            log_tail=log_tail,
+            duration_s=duration_s,
+        )
+    status = written.get("status")
+    if code == 0 and status == "ok":
+        return RankOutcome(rank, "ok", evidence, stage, exit_code=0, duration_s=duration_s)
+    error = written.get("error") or f"rank exited with code {code} without a result"
+    return RankOutcome(
+        rank,
+        "error",
+        evidence,
+        stage,
+        exit_code=code,
+        error=error,
+        log_tail=log_tail,
+        duration_s=duration_s,
+    )
+
+
+def _launch_once(
+    task: RankTask, port: int, workdir: Path, watch: Callable[[dict], None] | None = None
+) -> list[RankOutcome]:
+    world_size = task.run.world_size
+    task_path = workdir / "task.json"
+    task_path.write_text(json.dumps(task.to_dict()))
+    processes: list[subprocess.Popen] = []
+    results = [workdir / f"rank{rank}.json" for rank in range(world_size)]
+    logs = [workdir / f"rank{rank}.log" for rank in range(world_size)]
+    started = time.monotonic()
+    ended_at: dict[int, float] = {}
+    forced: dict[int, str] = {}
+    watched_mtime: int | None = None
+    try:
+        for rank in range(world_size):
+            with open(logs[rank], "wb") as log:
+                processes.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "fsdpqdiag.rank", str(task_path)],
+                        env=_child_env(rank, world_size, port, results[rank]),
+                        stdin=subprocess.DEVNULL,
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        start_new_session=True,
+                        preexec_fn=_die_with_parent,
+                    )
+                )
+        first_failure_at: float | None = None
+        while len(ended_at) < world_size:
+            now = time.monotonic()
+            for rank, process in enumerate(processes):
+                if rank not in ended_at and process.poll() is not None:
+                    ended_at[rank] = now - started
+                    if process.returncode != 0 and first_failure_at is None:
+                        first_failure_at = now
+            if watch is not None:
+                watched_mtime = _watch_rank0(results[0], watched_mtime, watch)
+            if len(ended_at) == world_size:
+                break
+            if now - started > task.run.timeout_s:
+                for rank, process in enumerate(processes):
+                    if rank not in ended_at:
+                        _kill_session(process)
+                        forced[rank] = "timeout"
+                        ended_at[rank] = now - started
+                break
+            if first_failure_at is not None and now - first_failure_at > PEER_GRACE_S:
+                for rank, process in enumerate(processes):
+                    if rank not in ended_at:
+                        _kill_session(process)
+                        forced[rank] = "aborted"
+                        ended_at[rank] = now - started
+                break
+            time.sleep(0.05)
+    finally:
+        # Reached normally, on timeout, and on Ctrl-C alike: no rank outlives its launch.
+        for process in processes:
+            _kill_session(process)
+    outcomes = [
+        _outcome_for(
+            rank, processes[rank], results[rank], logs[rank], forced.get(rank), ended_at.get(rank, 0.0)
+        )
+        for rank in range(world_size)
+    ]
+    for outcome in outcomes:
+        if outcome.status == "aborted":
+            outcome.error = outcome.error or "killed: a peer rank ended first and this rank was still waiting"
+        elif outcome.status == "timeout":
+            outcome.error = outcome.error or f"no result within {task.run.timeout_s:g} s"
+    return outcomes
+
+
+def _watch_rank0(path: Path, last_mtime: int | None, watch: Callable[[dict], None]) -> int | None:
+    """Hand rank 0's checkpoint to ``watch`` whenever the rank rewrote it."""
+    try:
+        mtime = path.stat().st_mtime_ns
+    except OSError:
+        return last_mtime
+    if mtime == last_mtime:
+        return last_mtime
+    written = _read_json(path)
+    if written is not None:
+        watch(written)
+    return mtime
+
+
+def _port_collision(outcomes: list[RankOutcome]) -> bool:
+    text = " ".join((o.error or "") + o.log_tail for o in outcomes)
+    return "EADDRINUSE" in text or "Address already in use" in text
+
+
+def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[RankOutcome]:
+    """Run ``task`` on ``task.run.world_size`` fresh local ranks and return one outcome each.
+
+    ``watch``, if given, receives rank 0's checkpoint (status, stage, evidence) each time
+    the rank rewrites it while the launch runs, so multi-step tasks can report steps live.
+    """
+    outcomes: list[RankOutcome] = []
+    for _ in range(PORT_RETRIES):
+        with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
+            outcomes = _launch_once(task, free_port(), Path(workdir), watch)
+        if not _port_collision(outcomes):
+            break
+    return outcomes
+
+
+def run_task(
+    task: RankTask,
+    execute: Callable[[RankTask], list[RankOutcome]] | None = None,
+    watch: Callable[[dict], None] | None = None,
+):
+    """Run a task on spawned ranks, or in-process when already inside a torchrun job.
+
+    ``watch`` (see ``launch``) applies to spawned ranks only: under torchrun this process
+    is itself a rank and learns its results when the task returns.
+    """
+    if in_launched_job():
+        from fsdpqdiag.rank import run_in_job
+
+        return run_in_job(task)
+    if execute is not None:
+        return execute(task)
+    return launch(task, watch=watch)

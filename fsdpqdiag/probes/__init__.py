@@ -1,0 +1,34 @@
+"""The probe registry: adding a probe is one module and one line here."""
+
+from __future__ import annotations
+
+from fsdpqdiag.probes import full_tensor_crash, localize_task, nan_canonicalization, non_float_params
+from fsdpqdiag.probes.base import Probe
+
+PROBES: dict[str, Probe] = {
+    probe.name: probe
+    for probe in (
+        nan_canonicalization.PROBE,
+        full_tensor_crash.PROBE,
+        non_float_params.PROBE,
+    )
+}
+
+
+def tasks() -> dict[str, Probe]:
+    """Rank tasks of other commands (not part of `reproduce`); imported lazily because
+    their modules import this registry's base in turn."""
+    from fsdpqdiag import forensics, matrix
+    from fsdpqdiag.fixes import verify
+
+    return {
+        probe.name: probe for probe in (localize_task.PROBE, verify.PROBE, matrix._probe(), forensics.PROBE)
+    }
+
+
+def get_probe(name: str) -> Probe:
+    if name in PROBES:
+        return PROBES[name]
+    if name in tasks():
+        return tasks()[name]
+    raise ValueError(f"unknown probe {name!r} (known: {', '.join(PROBES)})")

@@ -1,0 +1,97 @@
+"""What a probe is: a name, what it needs, a per-rank function and a verdict.
+
+``run(config, ctx)`` executes on every rank and returns that rank's evidence (plain
+JSON-able data); ``verdict(outcomes)`` reads every rank's outcome and decides. Neither
+prints. Probe modules import torch only inside ``run`` so that the registry, and with it
+``fsdpqdiag --help``, stays cheap.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsdpqdiag.config import RunConfig
+from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.report import CRASHED, ERROR, TIMEOUT
+
+
+@dataclass(frozen=True)
+class Needs:
+    packages: tuple[str, ...] = ("bitsandbytes",)
+    devices: tuple[str, ...] = ("cpu", "cuda")
+    min_world_size: int = 1
+
+    def unmet(self, run: RunConfig) -> str | None:
+        """Why this probe cannot run here, or None."""
+        for package in self.packages:
+            if importlib.util.find_spec(package) is None:
+                return f"needs the Python package {package!r}, which is not installed"
+        if run.device not in self.devices:
+            return f"runs on {', '.join(self.devices)} only, not {run.device}"
+        if run.world_size < self.min_world_size:
+            return f"needs world size >= {self.min_world_size}"
+        return None
+
+
+@dataclass
+class Verdict:
+    verdict: str
+    summary: str
+    evidence: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Probe:
+    name: str
+    description: str
+    run: Callable[[dict[str, Any], Any], dict[str, Any]]
+    verdict: Callable[[list[RankOutcome]], Verdict]
+    needs: Needs = Needs()
+    standalone: str | None = None  # the matching script in reproducers/
+
+
+def failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
+    """The verdict of a launch in which a rank did not finish, or None if all finished.
+
+    A signal outranks a timeout, which outranks an exception: the first is the bug a
+    probe hunts, the others may be its consequence on the peers.
+    """
+    crashed = [o for o in outcomes if o.status == "crashed"]
+    if crashed:
+        first = crashed[0]
+        ranks = ", ".join(str(o.rank) for o in crashed)
+        return Verdict(
+            CRASHED,
+            f"rank(s) {ranks} died by {first.signal} during {first.stage or 'setup'}",
+            {"signal": first.signal, "stage": first.stage},
+        )
+    timed_out = [o for o in outcomes if o.status == "timeout"]
+    if timed_out:
+        first = timed_out[0]
+        return Verdict(
+            TIMEOUT,
+            f"rank(s) {', '.join(str(o.rank) for o in timed_out)} did not finish "
+            f"(last stage: {first.stage or 'setup'}); every rank was killed and reaped",
+            {"stage": first.stage},
+        )
+    errored = [o for o in outcomes if o.status in ("error", "aborted")]
+    if errored:
+        # The rank that failed first is the cause; later ones usually report the broken
+        # collective it left behind.
+        raised = [o for o in errored if o.status == "error"] or errored
+        first = min(raised, key=lambda o: o.duration_s)
+        last_line = (first.error or "").strip().splitlines()[0] if first.error else first.status
+        return Verdict(
+            ERROR,
+            f"rank {first.rank} failed during {first.stage or 'setup'}: {last_line}",
+            {"stage": first.stage, "exception": last_line},
+        )
+    return None
+
+
+def ranks_agree(outcomes: list[RankOutcome], keys: Callable[[dict], Any]) -> bool:
+    values = [keys(o.evidence) for o in outcomes]
+    return all(v == values[0] for v in values)

@@ -1,0 +1,81 @@
+"""Mechanism B of bitsandbytes #1945: ``full_tensor()`` / ``redistribute([Replicate()])``.
+
+Both calls gather the sharded packed weight through DTensor rather than FSDP2. Each rank
+runs in its own process, so a SIGSEGV here is a CRASHED result naming the call, not the
+end of the run; a call that completes is checked for byte-true output.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fsdpqdiag.config import LinearConfig
+from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
+from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
+
+CALLS = ("full_tensor()", "redistribute([Replicate()])")
+
+
+def run(config: dict[str, Any], ctx) -> dict[str, Any]:
+    from fsdpqdiag.bytes import diff, plain
+    from fsdpqdiag.probes.common import build_linear4bit, shard
+
+    try:
+        from torch.distributed.tensor import Replicate
+    except ImportError:  # torch < 2.4
+        from torch.distributed._tensor import Replicate
+
+    cfg = LinearConfig(**config)
+    linear, x = build_linear4bit(cfg, ctx.device)
+    original = plain(linear.weight).clone()
+    evidence: dict[str, Any] = {"elements": original.numel(), "shape": list(original.shape)}
+    ctx.checkpoint("fully_shard", evidence)
+    shard(linear, ctx, cfg)
+    # #1945 calls these after a post-shard forward ("same setup, then"); reshard so the
+    # weight is the sharded DTensor again whatever this torch does with the root after it.
+    ctx.checkpoint("forward after fully_shard", evidence)
+    linear(x)
+    linear.reshard()
+    evidence["weight_type"] = type(linear.weight).__name__
+
+    ctx.checkpoint(CALLS[0], evidence)
+    evidence[CALLS[0]] = {"status": "completed", **diff(original, linear.weight.full_tensor())}
+    ctx.checkpoint(CALLS[1], evidence)
+    replicated = linear.weight.redistribute(placements=[Replicate()])
+    evidence[CALLS[1]] = {"status": "completed", **diff(original, replicated.to_local())}
+    return evidence
+
+
+def verdict(outcomes: list[RankOutcome]) -> Verdict:
+    failed = failure_verdict(outcomes)
+    if failed is not None:
+        failed.evidence.update(outcomes[0].evidence)
+        return failed
+    evidence = dict(outcomes[0].evidence)
+    wrong = [(o.rank, call) for o in outcomes for call in CALLS if not o.evidence[call].get("bytes_equal")]
+    evidence["ranks_with_wrong_bytes"] = sorted({rank for rank, _ in wrong})
+    if wrong:
+        rank, call = wrong[0]
+        found = outcomes[rank].evidence[call]
+        return Verdict(
+            REPRODUCED,
+            f"{call} completed but returned wrong bytes on rank {rank} "
+            f"({found.get('differing_elements', 'n/a')} elements differ)",
+            evidence,
+        )
+    return Verdict(
+        NOT_REPRODUCED,
+        "full_tensor() and redistribute([Replicate()]) completed on every rank, byte-true",
+        evidence,
+    )
+
+
+PROBE = Probe(
+    name="full-tensor-crash",
+    description="Mechanism B: do full_tensor()/redistribute() on the sharded packed weight crash?",
+    run=run,
+    verdict=verdict,
+    needs=Needs(),
+    standalone="reproducers/full_tensor_crash.py",
+)

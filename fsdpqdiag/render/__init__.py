@@ -1,0 +1,1 @@
+"""Views of a Report: rich tables, Markdown, JSON. Renderers never touch torch."""

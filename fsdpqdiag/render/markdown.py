@@ -1,0 +1,147 @@
+"""Markdown view of any report, to paste into an upstream issue as it is.
+
+A summary paragraph with each verdict, the commands that reproduce it (fsdpqdiag and the
+standalone script), one table, sample elements, the full evidence inside <details>, and
+the environment. GitHub refuses comments over 65,536 characters: the largest evidence
+blocks are folded first, with a note saying what was cut.
+"""
+
+from __future__ import annotations
+
+import json
+
+from fsdpqdiag.report import Report
+
+GITHUB_COMMENT_LIMIT = 65_536
+SECTIONS = ("swap_target", "local_tensor", "full_tensor", "full_tensor()", "redistribute([Replicate()])")
+
+
+def _bytes(section) -> str:
+    if not isinstance(section, dict):
+        return "–"
+    if section.get("status") not in (None, "completed"):
+        return f"{section['status']} {section.get('signal') or ''}".strip()
+    if not section.get("comparable", True):
+        return "changed form"
+    return f"{section.get('differing_elements', 0)} el / {section.get('differing_bytes', 0)} B"
+
+
+def _label(r) -> str:
+    config = r.config
+    for key in ("cell", "workaround", "target"):
+        if key in config:
+            value = config[key]["name"] if key == "cell" else config[key]
+            return f"{r.probe} {value}"
+    return r.probe
+
+
+def _key_numbers(r) -> str:
+    ev = r.evidence
+    if r.probe in ("nan-canonicalization", "full-tensor-crash"):
+        parts = [f"{name}: {_bytes(ev.get(name))}" for name in SECTIONS if name in ev]
+        if "max_abs_delta" in ev:
+            parts.append(f"max \\|Δy\\| {ev['max_abs_delta']}")
+        return "; ".join(parts)
+    if r.probe == "matrix":
+        loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
+        return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"
+    if r.probe == "fix-verify":
+        return f"first divergence: {ev.get('first_divergence') or 'none'}"
+    if r.probe == "localize":
+        stage = (ev.get("first_altering_stage") or {}).get("stage")
+        op = (ev.get("first_altering_op") or {}).get("stage")
+        return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
+    return ""
+
+
+def _reproduce_lines(report: Report) -> list[str]:
+    from fsdpqdiag.probes import PROBES
+
+    lines = [f"    fsdpqdiag {' '.join(report.argv) if report.argv else report.command}"]
+    scripts = sorted(
+        {
+            PROBES[r.probe].standalone
+            for r in report.results
+            if r.probe in PROBES and PROBES[r.probe].standalone
+        }
+    )
+    for ws in report.world_sizes:
+        lines += [f"    torchrun --nproc-per-node {ws} {script}" for script in scripts]
+    return lines
+
+
+def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
+    torch_info = report.env.get("torch", {})
+    bnb = report.env.get("bitsandbytes", {})
+    gpus = ", ".join(g["name"] for g in report.env.get("gpus", [])) or "no GPU"
+    env = report.env
+    stack = (
+        f"torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}), "
+        f"bitsandbytes {bnb.get('version')} ({bnb.get('backend')}), transformers {env.get('transformers')}, "
+        f"peft {env.get('peft')}, {gpus}, driver {env.get('driver')}, Python {env.get('python')}"
+    )
+    verdicts = "; ".join(f"**{r.verdict}** {_label(r)} (ws={r.world_size})" for r in report.results)
+    injected = {r.injected for r in report.results if r.injected}
+    head = [
+        f"## fsdpqdiag {report.command}",
+        "",
+        f"On {stack}: {verdicts}."
+        + (f" Positive control: the fault `{', '.join(sorted(injected))}` was injected." if injected else ""),
+        "",
+        "To reproduce:",
+        "",
+        *_reproduce_lines(report),
+        "",
+        "| run | ws | device | injected | verdict | key numbers |",
+        "| --- | --- | --- | --- | --- | --- |",
+    ]
+    head += [
+        f"| {_label(r)} | {r.world_size} | {r.device}/{r.backend} | {r.injected or '–'} | **{r.verdict}** | "
+        f"{_key_numbers(r)} |"
+        for r in report.results
+    ]
+    head.append("")
+    for r in report.results:
+        head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+        samples = (r.evidence.get("swap_target") or {}).get("samples") or []
+        if samples:
+            head += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]
+            head += [
+                f"  | {s['index']} | {s['original_bits']} | {s['original_class']} | {s['post_bits']} |"
+                for s in samples
+            ]
+    for world_size, analysis in report.analysis.items():
+        if isinstance(analysis, dict):
+            for reading, claims in analysis.items():
+                if isinstance(claims, dict) and "summary" in claims:
+                    head.append(f"- invariance at ws={world_size} ({reading}): {claims['summary']}")
+    details = [
+        (f"evidence: {_label(r)} ws={r.world_size}", json.dumps(r.evidence, indent=1)) for r in report.results
+    ]
+    details.append(("environment", json.dumps(report.env, indent=1)))
+    folded: list[str] = []
+
+    def assemble() -> str:
+        blocks = [
+            f"<details><summary>{title}</summary>\n\n```json\n{body}\n```\n</details>"
+            for title, body in details
+        ]
+        note = (
+            [
+                f"_Folded to fit GitHub's {limit:,}-character limit: {', '.join(folded)} "
+                "(the JSON report has them)._"
+            ]
+            if folded
+            else []
+        )
+        return "\n".join([*head, "", *blocks, *note, ""])
+
+    text = assemble()
+    while len(text) > limit and any(body != "(folded)" for _, body in details):
+        index = max(
+            range(len(details)), key=lambda i: len(details[i][1]) if details[i][1] != "(folded)" else -1
+        )
+        folded.append(details[index][0])
+        details[index] = (details[index][0], "(folded)")
+        text = assemble()
+    return text

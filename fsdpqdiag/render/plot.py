@@ -1,0 +1,56 @@
+"""PNG byte map: where in the packed weight the altered elements fall."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from fsdpqdiag.report import Report
+
+
+def byte_map_sources(report: Report) -> list[tuple[str, dict, int]]:
+    """(title, comparison, elements) for each comparison in the report that holds positions."""
+    found = []
+    for r in report.results:
+        for name, section in r.evidence.items():
+            if isinstance(section, dict) and "positions" in section and section.get("elements"):
+                found.append((f"{r.probe} ws={r.world_size} {name}", section, section["elements"]))
+    return found
+
+
+def byte_map(report: Report, path: Path, columns: int = 256) -> int:
+    """Draw each comparison's altered positions as a grid of blocks; returns maps drawn."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    sources = byte_map_sources(report)
+    if not sources:
+        return 0
+    altered = [source for source in sources if source[1].get("differing_elements")]
+    sources = altered or sources[:1]  # untouched maps are all alike: show one
+    fig, axes = plt.subplots(
+        len(sources), 1, figsize=(8, 2.6 * len(sources)), squeeze=False, constrained_layout=True
+    )
+    for axis, (title, section, elements) in zip(axes[:, 0], sources):
+        rows = -(-elements // columns)
+        grid = np.zeros(rows * columns)
+        grid[np.asarray(section["positions"], dtype=np.int64)] = 1
+        # One pixel per element would be invisible for 10^6 elements: count per block.
+        block = max(1, rows // 128)
+        counts = (
+            grid.reshape(rows, columns)[: (rows // block) * block].reshape(-1, block, columns).sum(axis=1)
+        )
+        image = axis.imshow(
+            counts, cmap="Reds", aspect="auto", interpolation="nearest", vmin=0, vmax=max(1, counts.max())
+        )
+        axis.set_title(
+            f"{title}: {section.get('differing_elements', 0)} of {elements} elements altered", fontsize=9
+        )
+        axis.set_xlabel(f"element % {columns}")
+        axis.set_ylabel(f"element // {columns * block}")
+        fig.colorbar(image, ax=axis, label="altered per block")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return len(sources)

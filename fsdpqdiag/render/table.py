@@ -1,0 +1,98 @@
+"""Rich tables of a report: one row per probe and world size, verdicts coloured."""
+
+from __future__ import annotations
+
+from rich.console import Group
+from rich.table import Table
+from rich.text import Text
+
+from fsdpqdiag.report import Report
+
+VERDICT_STYLE = {
+    "REPRODUCED": "bold red",
+    "CRASHED": "bold magenta",
+    "INCONCLUSIVE": "bold yellow",
+    "NOT REPRODUCED": "bold green",
+    "ERROR": "bold yellow",
+    "TIMEOUT": "bold yellow",
+    "SKIPPED": "dim",
+}
+
+
+def _cell(value) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+def _bytes_cell(section: dict | None) -> str:
+    if not section:
+        return "–"
+    if section.get("status") not in (None, "completed"):
+        signal = section.get("signal")
+        return f"{section['status']}{' ' + signal if signal else ''}"
+    if not section.get("comparable", True):
+        return "changed form"
+    return f"{section.get('differing_elements', 0)} el / {section.get('differing_bytes', 0)} B"
+
+
+def _agree(evidence: dict) -> str:
+    if "ranks_agree" not in evidence:
+        return "–"
+    return "yes" if evidence["ranks_agree"] else "NO"
+
+
+def reproduce_table(report: Report) -> Group:
+    table = Table(title=f"fsdpqdiag {report.command}", title_justify="left")
+    for column in (
+        "probe",
+        "ws",
+        "device",
+        "verdict",
+        "NaN-class el.",
+        "swap target",
+        "_local_tensor",
+        "full_tensor()",
+        "redistribute()",
+        "max |Δy|",
+        "ranks agree",
+    ):
+        table.add_column(column, overflow="fold")
+    for result in report.results:
+        ev = result.evidence
+        table.add_row(
+            result.probe + (f" [inject {result.injected}]" if result.injected else ""),
+            str(result.world_size),
+            f"{result.device}/{result.backend}",
+            Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
+            _cell(ev.get("nan_elements")),
+            _bytes_cell(ev.get("swap_target")),
+            _bytes_cell(ev.get("local_tensor")),
+            _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
+            _bytes_cell(ev.get("redistribute([Replicate()])")),
+            _cell(ev.get("max_abs_delta")),
+            _agree(ev),
+        )
+    lines = [table]
+    for result in report.results:
+        style = VERDICT_STYLE.get(result.verdict, "")
+        lines.append(
+            Text.assemble(
+                (f"{result.verdict:<15}", style),
+                f" {result.probe} (ws={result.world_size}): ",
+                result.summary,
+            )
+        )
+    torch_info = report.env.get("torch", {})
+    bnb = report.env.get("bitsandbytes", {})
+    gpus = ", ".join(g["name"] for g in report.env.get("gpus", [])) or "no GPU"
+    lines.append(
+        Text(
+            f"stack: torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
+            f"NCCL {torch_info.get('nccl')}), bitsandbytes {bnb.get('version')}, {gpus}",
+            style="dim",
+        )
+    )
+    return Group(*lines)

@@ -1,0 +1,120 @@
+"""Standalone reproducer of bitsandbytes #1945, Mechanism A (torch + bitsandbytes only).
+
+Does the weight that ``Linear4bit.forward`` receives after FSDP2 ``fully_shard`` keep
+every byte of the packed-NF4 bf16 storage? Prints one JSON line per rank.
+
+    torchrun --nproc-per-node 2 reproducers/nan_canonicalization.py            # CPU/gloo or GPU/NCCL
+    python reproducers/nan_canonicalization.py --device cpu                    # world size 1
+
+Mirrors fsdpqdiag's ``nan-canonicalization`` probe (same seeds, same defaults); a test
+checks both report the same evidence.
+"""
+
+import argparse
+import json
+import os
+
+import bitsandbytes as bnb
+import torch
+import torch.distributed as dist
+
+try:
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+except ImportError:
+    from torch.distributed._composable.fsdp import MixedPrecisionPolicy, fully_shard
+from torch.distributed.device_mesh import init_device_mesh
+
+
+def nan_mask(bits):  # bf16: exponent all ones, mantissa non-zero
+    return ((bits & 0x7F80) == 0x7F80) & ((bits & 0x007F) != 0)
+
+
+def compare(original, observed):
+    before = original.contiguous().view(-1).view(torch.int16)
+    after = observed.detach().contiguous().view(-1).view(torch.int16).to(before.device)
+    positions = torch.nonzero(before != after).view(-1)
+    patterns, counts = torch.unique(after[positions], return_counts=True)
+    return {
+        "differing_bytes": int((before.view(torch.uint8) != after.view(torch.uint8)).sum()),
+        "differing_elements": int(positions.numel()),
+        "differing_nan_class": int(nan_mask(before[positions]).sum()),
+        "post_bit_patterns": {f"0x{p & 0xFFFF:04x}": c for p, c in zip(patterns.tolist(), counts.tolist())},
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--in-features", type=int, default=1024)
+    parser.add_argument("--out-features", type=int, default=1024)
+    parser.add_argument(
+        "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
+    )
+    parser.add_argument("--weight-seed", type=int, default=42)
+    parser.add_argument("--input-seed", type=int, default=123)
+    args = parser.parse_args()
+    for key, value in {
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": "29531",
+    }.items():
+        os.environ.setdefault(key, value)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    device = (
+        torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.device == "cuda" else torch.device("cpu")
+    )
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+
+    torch.manual_seed(args.weight_seed)
+    linear = bnb.nn.Linear4bit(
+        args.in_features,
+        args.out_features,
+        bias=False,
+        quant_type="nf4",
+        compute_dtype=torch.bfloat16,
+        quant_storage=torch.bfloat16,
+        compress_statistics=True,
+    ).to(device)
+    x = torch.randn(2, args.in_features, generator=torch.Generator().manual_seed(args.input_seed))
+    x = x.to(torch.bfloat16).to(device)
+    y_pre = linear(x).detach().clone()
+    original = linear.weight.detach().as_subclass(torch.Tensor).clone()
+
+    fully_shard(
+        linear,
+        mesh=init_device_mesh(device.type, (world_size,)),
+        mp_policy=MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32),
+    )
+    local = linear.weight._local_tensor  # outside forward: inside it, self.weight is FSDP2's swap target
+    seen = {}
+    linear.register_forward_pre_hook(
+        lambda m, a: seen.update(w=m.weight.detach().as_subclass(torch.Tensor).clone())
+    )
+    y_post = linear(x).detach()
+    linear.reshard()
+    full = linear.weight.full_tensor()
+
+    delta = (y_post.float() - y_pre.float()).abs()
+    result = {
+        "rank": rank,
+        "world_size": world_size,
+        "torch": torch.__version__,
+        "bitsandbytes": bnb.__version__,
+        "elements": original.numel(),
+        "nan_elements": int(nan_mask(original.view(-1).view(torch.int16)).sum()),
+        "swap_target": compare(original, seen["w"]),
+        "local_tensor": compare(torch.chunk(original, world_size, dim=0)[rank], local),
+        "full_tensor": compare(original, full),
+        "max_abs_delta": float(delta.max()),
+        "mean_abs_delta": float(delta.mean()),
+        "output_bit_equal": bool(torch.equal(y_pre.view(torch.int16), y_post.view(torch.int16))),
+    }
+    print(json.dumps(result), flush=True)
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()

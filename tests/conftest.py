@@ -1,0 +1,66 @@
+"""Shared test fixtures.
+
+The repository root goes first on sys.path so the tests exercise this checkout (and the
+ranks the launcher spawns, which inherit the package's location) even where another copy
+of fsdpqdiag is installed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+# Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
+SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]
+
+
+def cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # Presets are built once per test session, never in the user's real cache.
+    monkeypatch.setenv("FSDPQDIAG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+
+
+class CliResult:
+    def __init__(self, completed: subprocess.CompletedProcess, json_path: Path | None):
+        self.returncode = completed.returncode
+        self.stdout = completed.stdout
+        self.stderr = completed.stderr
+        self.json_path = json_path
+
+    @property
+    def report(self) -> dict:
+        assert self.json_path is not None
+        return json.loads(self.json_path.read_text())
+
+
+@pytest.fixture
+def run_cli(tmp_path):
+    """Run ``python -m fsdpqdiag ARGS`` as a user would; ``json=True`` adds --json."""
+
+    def run(*args: str, json: bool = False, timeout: float = 600) -> CliResult:
+        json_path = tmp_path / "report.json" if json else None
+        argv = [sys.executable, "-m", "fsdpqdiag", *args]
+        if json_path is not None:
+            argv += ["--json", str(json_path)]
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+        completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
+        return CliResult(completed, json_path)
+
+    return run

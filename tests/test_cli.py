@@ -1,0 +1,100 @@
+"""CLI contract: fast help without torch, exit codes, one-line errors that write nothing."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import ROOT
+
+
+def test_help_does_not_import_torch():
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from fsdpqdiag.cli import app\n"
+        "result = CliRunner().invoke(app, ['--help'])\n"
+        "assert result.exit_code == 0, result.output\n"
+        "result = CliRunner().invoke(app, ['reproduce', '--help'])\n"
+        "assert 'Exit codes' in result.output\n"
+        "assert 'torch' not in sys.modules, 'torch was imported by --help'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
+def test_exit_codes_are_documented(run_cli):
+    result = run_cli("--help")
+    assert result.returncode == 0
+    for fragment in ("Exit codes", "0 nothing reproduced", "2 bad input", "3 a probe"):
+        assert fragment in " ".join(result.stdout.split())
+
+
+BAD_INPUTS = [
+    (["--ws", "0"], "--ws must be >= 1"),
+    (["--ws", "-3"], "--ws must be >= 1"),
+    (["--device", "cuda"], "no CUDA GPU"),
+    (["--device", "tpu"], "unknown device"),
+    (["--inject", "bitflip"], "unknown fault"),
+    (["--probe", "no-such-probe"], "unknown probe"),
+    (["--quant-storage", "bf17"], "unknown dtype"),
+    (["--quant-type", "nf5"], "unknown quant type"),
+    (["--timeout", "0"], "--timeout must be > 0"),
+    (["--in-features", "0"], "in_features must be >= 1"),
+    (["--backend", "mpi"], "unknown backend"),
+    (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs --device cuda"),
+]
+
+
+@pytest.mark.parametrize("args, message", BAD_INPUTS)
+def test_bad_input_is_one_line_exit_2_nothing_written(run_cli, tmp_path, args, message):
+    if "cuda" in args and __import__("torch").cuda.is_available():
+        pytest.skip("a GPU is visible: --device cuda is valid input here")
+    out = tmp_path / "never.json"
+    result = run_cli("reproduce", *args, "--json", str(out))
+    assert result.returncode == 2, result.stderr
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_ws_above_gpu_count_is_rejected(run_cli):
+    import torch
+
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if gpus == 0:
+        pytest.skip("needs a visible GPU to exceed; CPU ranks have no device limit")
+    result = run_cli("reproduce", "--device", "cuda", "--ws", str(gpus + 1))
+    assert result.returncode == 2 and "GPUs" in result.stderr
+
+
+@pytest.mark.parametrize("target", ["missing-dir/r.json", "readonly/r.json", ".", "a-file/r.json"])
+def test_unwritable_json_path_is_rejected_before_work(run_cli, tmp_path, target):
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    (tmp_path / "a-file").write_text("not a directory")
+    path = tmp_path / target
+    try:
+        if os.geteuid() == 0 and target.startswith("readonly"):
+            pytest.skip("root can write into a read-only directory")
+        result = run_cli("reproduce", "--json", str(path))
+        assert result.returncode == 2 and "cannot write" in result.stderr
+        assert not (readonly / "r.json").exists()
+    finally:
+        readonly.chmod(0o700)
+
+
+def test_missing_bitsandbytes_is_a_clear_error(tmp_path):
+    # A directory on the path that shadows bitsandbytes with a package that fails to import.
+    shadow = tmp_path / "bitsandbytes"
+    shadow.mkdir()
+    (shadow / "__init__.py").write_text("raise ImportError('no native library')\n")
+    done = subprocess.run(
+        [sys.executable, "-m", "fsdpqdiag", "reproduce", "--ws", "1"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"),
+    )
+    assert done.returncode == 2 and "bitsandbytes does not import" in done.stderr

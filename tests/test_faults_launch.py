@@ -1,0 +1,199 @@
+"""The launcher turns every way a rank can end into a result and leaves nothing behind."""
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from fsdpqdiag import api
+from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.launch import in_launched_job
+
+SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
+
+
+def _children_of(pid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                found.append(int(entry.name))
+    return found
+
+
+@pytest.mark.parametrize(
+    "fault, signal_name",
+    [("abort", "SIGABRT"), ("oom-kill", "SIGKILL")],
+)
+def test_rank_killed_by_signal_is_crashed(fault, signal_name):
+    run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject=fault)
+    result = api.run_probe("full-tensor-crash", SMALL, run)
+    assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
+    assert _children_of(os.getpid()) == []
+
+
+def test_hung_rank_times_out_and_every_rank_is_reaped():
+    run = RunConfig(world_size=2, device="cpu", timeout_s=20, inject="hang")
+    started = time.monotonic()
+    result = api.run_probe("full-tensor-crash", SMALL, run)
+    assert result.verdict == "TIMEOUT"
+    assert time.monotonic() - started < 60
+    assert {r["status"] for r in result.ranks} == {"timeout"}
+    assert result.evidence["stage"] == "full_tensor()"
+    assert _children_of(os.getpid()) == []
+
+
+def test_exception_on_one_rank_only_is_an_error():
+    run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="raise")
+    result = api.run_probe("full-tensor-crash", SMALL, run)
+    assert result.verdict == "ERROR"
+    statuses = {r["rank"]: r["status"] for r in result.ranks}
+    assert statuses[1] == "error" and statuses[0] in ("aborted", "error")
+    assert "injected fault" in result.summary
+    assert _children_of(os.getpid()) == []
+
+
+def test_torchrun_environment_is_detected(monkeypatch):
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+        monkeypatch.delenv(key, raising=False)
+    assert not in_launched_job()
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert in_launched_job()
+
+
+def test_reproduce_runs_under_torchrun(tmp_path):
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "r.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "fsdpqdiag",
+            "reproduce",
+            "--probe",
+            "nan-canonicalization",
+            "--device",
+            "cpu",
+            "--in-features",
+            "128",
+            "--out-features",
+            "128",
+            "--inject",
+            "nan-canonicalize",
+            "--json",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    import json
+
+    report = json.loads(out.read_text())
+    result = report["results"][0]
+    assert result["world_size"] == 2 and len(result["ranks"]) == 2, done.stderr[-2000:]
+    assert result["verdict"] == "REPRODUCED"
+
+
+def test_ctrl_c_stops_every_rank_and_writes_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path / "r.json"
+    cli = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fsdpqdiag",
+            "reproduce",
+            "--ws",
+            "2",
+            "--device",
+            "cpu",
+            "--inject",
+            "hang",
+            "--probe",
+            "full-tensor-crash",
+            "--json",
+            str(out),
+        ],
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and len(_children_of(cli.pid)) < 2:
+        time.sleep(0.2)
+    ranks = _children_of(cli.pid)
+    assert len(ranks) == 2
+    time.sleep(1.0)
+    cli.send_signal(signal.SIGINT)
+    _, stderr = cli.communicate(timeout=60)
+    assert cli.returncode == 130, stderr
+    assert "interrupted" in stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
+    for pid in ranks:
+        assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_two_runs_at_once_do_not_collide(tmp_path):
+    import json
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    runs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fsdpqdiag",
+                "reproduce",
+                "--ws",
+                "2",
+                "--device",
+                "cpu",
+                "--probe",
+                "full-tensor-crash",
+                "--in-features",
+                "128",
+                "--out-features",
+                "128",
+                "--json",
+                str(tmp_path / f"r{i}.json"),
+                "-q",
+            ],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for run in runs:
+        _, stderr = run.communicate(timeout=300)
+        assert run.returncode in (0, 1), stderr
+    for i in range(2):
+        result = json.loads((tmp_path / f"r{i}.json").read_text())["results"][0]
+        assert {r["status"] for r in result["ranks"]} == {"ok"}

@@ -1,0 +1,304 @@
+"""`fsdpqdiag matrix` on CPU/gloo: evidence, positive controls, crash isolation, resume."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jsonschema
+import pytest
+
+from fsdpqdiag import matrix as mx
+from fsdpqdiag.report import json_schema
+
+from .conftest import ROOT
+
+
+def _cells(report):
+    return {r["config"]["cell"]["name"]: r for r in report["results"]}
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_default_matrix_is_self_consistent(run_cli, tmp_path, ws):
+    csv = tmp_path / "m.csv"
+    result = run_cli("matrix", "--ws", str(ws), "--device", "cpu", "--csv", str(csv), "-q", json=True)
+    report = result.report
+    jsonschema.validate(report, json_schema())
+    cells = _cells(report)
+    assert set(cells) == {"A", "B", "C", "D", "E", "F", "G"}
+    for name, r in cells.items():
+        ev = r["evidence"]
+        if ev["status"] != "ok":
+            assert r["verdict"] == "ERROR" and ev["error"], name  # a cell that raises is a row
+            continue
+        assert ev["loss_bit_equal"] == (ev["delta"] == 0)
+        assert (r["verdict"] == "NOT REPRODUCED") == (ev["differing_elements"] == 0 and ev["loss_bit_equal"])
+        assert ev["weights_compared"] == 14
+    assert (
+        cells["D"]["evidence"].get("fsdp_units", 0) > cells["A"]["evidence"].get("fsdp_units", 0)
+        or cells["D"]["evidence"]["status"] != "ok"
+    )
+    analysis = report["analysis"][str(ws)]
+    assert analysis["exact"]["summary"].startswith("Invariant in:")
+    assert "Depends on:" in analysis["verdict"]["summary"]
+    assert len(csv.read_text().splitlines()) == 8
+
+
+def test_injected_canonicalization_shows_in_every_cell(run_cli):
+    result = run_cli(
+        "matrix",
+        "--ws",
+        "2",
+        "--device",
+        "cpu",
+        "--cells",
+        "A",
+        "--cells",
+        "E",
+        "--inject",
+        "nan-canonicalize",
+        "-q",
+        json=True,
+    )
+    for name, r in _cells(result.report).items():
+        ev = r["evidence"]
+        assert r["verdict"] == "REPRODUCED", name
+        assert ev["differing_elements"] > 0 and not ev["loss_bit_equal"]
+        assert set(ev["post_bit_patterns"]) == {"0x7fff"}
+        assert ev["differing_nan_class"] == ev["differing_elements"]
+    assert result.returncode == 1
+
+
+def test_crashing_cell_leaves_the_others_intact(run_cli, tmp_path):
+    out = tmp_path / "out"
+    result = run_cli(
+        "matrix",
+        "--ws",
+        "1",
+        "--device",
+        "cpu",
+        "--inject",
+        "segfault-linear-wrap",
+        "--out",
+        str(out),
+        "-q",
+        json=True,
+    )
+    cells = _cells(result.report)
+    assert cells["D"]["verdict"] == "CRASHED" and cells["D"]["evidence"]["signal"] == "SIGSEGV"
+    assert all(cells[n]["evidence"]["status"] == "ok" for n in "ACEFG")
+    lines = (out / "cells.jsonl").read_text().splitlines()
+    assert sorted(json.loads(line)["cell"]["name"] for line in lines) == list("ABCDEFG")
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGKILL])
+def test_resume_after_a_killed_sweep_loses_and_redoes_nothing(tmp_path, run_cli, how):
+    out = tmp_path / "out"
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    sweep = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "fsdpqdiag",
+            "matrix",
+            "--ws",
+            "1",
+            "--device",
+            "cpu",
+            "--isolate-cells",
+            "--out",
+            str(out),
+            "-q",
+        ],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    deadline = time.monotonic() + 300
+    jsonl = out / "cells.jsonl"
+    while time.monotonic() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 2):
+        time.sleep(0.2)
+    sweep.send_signal(how)
+    sweep.communicate(timeout=120)
+    if how == signal.SIGINT:
+        assert sweep.returncode == 130
+    before = jsonl.read_text().splitlines()
+    assert 2 <= len(before) < 7
+    time.sleep(1.0)  # no orphaned rank may append after its launcher is gone
+    assert jsonl.read_text().splitlines() == before
+    result = run_cli("matrix", "--ws", "1", "--device", "cpu", "--resume", str(out), "-q", json=True)
+    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    names = [line["cell"]["name"] for line in lines]
+    assert sorted(names) == list("ABCDEFG") and len(names) == len(set(names))
+    assert [json.loads(line) for line in before] == lines[: len(before)]
+    assert set(_cells(result.report)) == set("ABCDEFG")
+
+
+def test_invariance_on_synthetic_tables():
+    base = dict(
+        wrap="layer",
+        mp="bf16/fp32",
+        cast_forward_inputs=True,
+        double_quant=True,
+        quant_storage="bfloat16",
+        quant_type="nf4",
+        reshard_after_forward=True,
+    )
+    table = [
+        {**base, "name": "A", "outcome": 1},
+        {**base, "name": "D", "wrap": "linear", "outcome": 1},
+        {**base, "name": "E", "wrap": "root", "outcome": 1},
+        {**base, "name": "C", "mp": "bf16/bf16", "outcome": 2},
+        {**base, "name": "X", "wrap": "root", "mp": "bf16/bf16", "outcome": 3},
+    ]
+    result = mx.invariance(table)
+    assert result["wrap"]["status"] == "depends"  # C vs X differ in wrap only, outcomes 2 vs 3
+    assert ["A", "D"] in result["wrap"]["same_outcome"] and ["C", "X"] in result["wrap"]["different_outcome"]
+    assert result["mp"]["status"] == "depends"
+    assert result["cast_forward_inputs"]["status"] == "untested"
+    with_failure = [
+        *table[:3],
+        {**base, "name": "B", "mp": "none", "outcome": ("failed", "error"), "comparable": False},
+    ]
+    assert mx.invariance(with_failure)["mp"] == {
+        "status": "untested",
+        "same_outcome": [],
+        "different_outcome": [],
+        "not_comparable": ["B"],
+    }
+    only_wrap = [row for row in table if row["name"] in "ADE"]
+    assert mx.invariance(only_wrap)["wrap"]["status"] == "invariant"
+    assert mx.invariance(only_wrap)["summary"] == "Invariant in: wrap; Depends on: nothing"
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--cells", "Z"], "unknown cell"),
+        (["--grid", "colour=red"], "bad --grid"),
+        (["--grid", "quant_storage=bf17"], "unknown dtype"),
+        (["--model", "/nonexistent/model"], "does not exist"),
+        (["--resume", "/nonexistent/sweep"], "no cells.jsonl"),
+    ],
+)
+def test_matrix_bad_input(run_cli, args, message):
+    result = run_cli("matrix", "--device", "cpu", *args)
+    assert result.returncode == 2 and message in result.stderr, result.stderr
+
+
+def test_model_directory_that_is_not_a_model(run_cli, tmp_path):
+    (tmp_path / "notes.txt").write_text("no config here")
+    result = run_cli("matrix", "--device", "cpu", "--model", str(tmp_path))
+    assert result.returncode == 2 and "not a Hugging Face model directory" in result.stderr
+
+
+def test_matrix_runs_under_torchrun_and_rank0_writes_before_anyone_exits(tmp_path):
+    out, report_path = tmp_path / "sweep", tmp_path / "r.json"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            "-m",
+            "fsdpqdiag",
+            "matrix",
+            "--device",
+            "cpu",
+            "--cells",
+            "A",
+            "--cells",
+            "B",
+            "--inject",
+            "nan-canonicalize",
+            "--json",
+            str(report_path),
+            "--out",
+            str(out),
+            "-q",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    # no rank was killed by torchrun because a peer left early; rank 0 gives the exit code
+    assert "SIGTERM" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode != 0  # cell A REPRODUCED under the injected fault: exit 1
+    report = json.loads(report_path.read_text())
+    assert report["world_sizes"] == [2]
+    cells = _cells(report)
+    assert list(cells) == ["A", "B"]
+    assert cells["A"]["verdict"] == "REPRODUCED"
+    # rank 0 alone wrote the per-cell lines
+    assert len((out / "cells.jsonl").read_text().splitlines()) == 2
+
+
+def test_cells_are_reported_while_their_launch_still_runs():
+    """One launch runs every cell; each finished cell reaches the caller (progress bar)
+    before the launch ends, not all at once after it."""
+    from fsdpqdiag import models
+    from fsdpqdiag.config import RunConfig
+    from fsdpqdiag.launch import launch
+
+    seen: dict[str, float] = {}
+    returned: list[float] = []
+
+    def execute(task, watch):
+        outcomes = launch(task, watch=watch)
+        returned.append(time.monotonic())
+        return outcomes
+
+    cells = mx.select_cells(["A", "C", "E"])
+    base_config = {"model": str(models.preset_dir("tiny-llama")), "lora": False, "out_dir": None}
+    rows = mx.sweep(
+        cells,
+        RunConfig(world_size=1, device="cpu", timeout_s=300),
+        base_config,
+        execute,
+        on_cell=lambda name, row: seen.setdefault(name, time.monotonic()),
+    )
+    assert list(rows) == ["A", "C", "E"] and list(seen) == ["A", "C", "E"]
+    assert len(returned) == 1  # one launch for all cells
+    assert seen["A"] < returned[0] and seen["C"] < returned[0]
+
+
+def test_two_sweeps_at_once_both_complete(tmp_path):
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    sweeps = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "fsdpqdiag",
+                "matrix",
+                "--ws",
+                "2",
+                "--device",
+                "cpu",
+                "--cells",
+                "A",
+                "--out",
+                str(tmp_path / f"out{i}"),
+                "--json",
+                str(tmp_path / f"m{i}.json"),
+                "-q",
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(2)
+    ]
+    for sweep in sweeps:
+        _, stderr = sweep.communicate(timeout=600)
+        assert sweep.returncode in (0, 1), stderr
+    for i in range(2):
+        cells = _cells(json.loads((tmp_path / f"m{i}.json").read_text()))
+        assert cells["A"]["evidence"]["status"] == "ok"
+        assert len((tmp_path / f"out{i}" / "cells.jsonl").read_text().splitlines()) == 1

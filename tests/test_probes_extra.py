@@ -1,0 +1,49 @@
+"""issue 6 probes: every probe at WS=1 and WS=2 on gloo, evidence consistency, positive
+controls, and agreement with the standalone reproducers."""
+
+import pytest
+
+from fsdpqdiag import api
+from fsdpqdiag.config import LinearConfig, RunConfig
+
+from .test_reproducers import _standalone
+
+FEATURES = 256
+INTEGER_PARAMS = ("u8", "i8")
+
+
+def _probe(name: str, ws: int, inject: str | None = None):
+    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
+    return api.run_probe(
+        name, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
+    )
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_non_float_params_evidence_consistent_and_matches_standalone(ws):
+    result = _probe("non-float-params", ws)
+    assert len(result.ranks) == ws
+    script_ranks = _standalone("non_float_params.py", ws)
+    assert len(script_ranks) == ws
+    for line, rank in zip(script_ranks, result.ranks):
+        ev = rank["evidence"]
+        for name in INTEGER_PARAMS:
+            entry = ev[name]
+            # self-consistency: bytes can only be equal where the dtype survived
+            assert entry["dtype_preserved"] == (
+                entry["unsharded_dtype"] == f"torch.{'uint8' if name == 'u8' else 'int8'}"
+            )
+            if not entry["dtype_preserved"]:
+                assert entry["bytes_equal"] is False
+            for key in ("unsharded_dtype", "dtype_preserved", "bytes_equal"):
+                assert line[name][key] == entry[key], (name, key)
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_non_float_params_catches_cast_fault(ws):
+    result = _probe("non-float-params", ws, inject="cast-integer-params")
+    assert result.verdict == "REPRODUCED", result.summary
+    for rank in result.ranks:
+        for name in INTEGER_PARAMS:
+            assert rank["evidence"][name]["unsharded_dtype"] == "torch.bfloat16"
+            assert rank["evidence"][name]["bytes_equal"] is False

@@ -1,0 +1,155 @@
+"""`env`, `report`, `compare` and the schema, on real reports (CPU runs and committed GPU runs)."""
+
+import json
+from pathlib import Path
+
+import jsonschema
+import pytest
+
+from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
+from fsdpqdiag.report import Report, json_schema
+
+from .conftest import ROOT, SMALL_LINEAR
+
+GPU_REPORTS = sorted((ROOT / "reports").glob("*.json"))
+
+
+@pytest.fixture(scope="module")
+def cpu_reports(tmp_path_factory):
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("reports")
+    made = {}
+    for label, args in {
+        "ws1": ["--ws", "1"],
+        "ws1-again": ["--ws", "1"],
+        "ws2": ["--ws", "2"],
+        "ws1-seed7": ["--ws", "1", "--weight-seed", "7"],
+    }.items():
+        path = out / f"{label}.json"
+        subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "fsdpqdiag",
+                "reproduce",
+                "--device",
+                "cpu",
+                "--probe",
+                "nan-canonicalization",
+                *SMALL_LINEAR,
+                *args,
+                "--json",
+                str(path),
+                "-q",
+            ],
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            check=False,
+            timeout=300,
+        )
+        made[label] = path
+    return made
+
+
+@pytest.mark.parametrize("path", GPU_REPORTS, ids=[p.name for p in GPU_REPORTS])
+def test_committed_reports_validate_and_render(path):
+    data = json.loads(path.read_text())
+    jsonschema.validate(data, json_schema())
+    report = Report.from_dict(data)
+    text = render(report)
+    assert len(text) <= GITHUB_COMMENT_LIMIT
+    for result in report.results:
+        assert f"**{result.verdict}**" in text
+    assert f"fsdpqdiag {report.command}" in text and report.env["torch"]["version"] in text
+    if report.command == "reproduce":  # its probes have standalone scripts for maintainers
+        assert "torchrun --nproc-per-node" in text
+
+
+def test_compare_identical_and_different(run_cli, cpu_reports):
+    same = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-again"]))
+    assert same.returncode == 0 and "IDENTICAL" in same.stdout
+    other_ws = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws2"]), "--json")
+    assert other_ws.returncode == 1
+    listing = json.loads(other_ws.stdout)
+    assert listing["only_in_a"] and listing["only_in_b"]
+    other_seed = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-seed7"]), "--json")
+    assert other_seed.returncode == 1
+    paths = {d["path"] for d in json.loads(other_seed.stdout)["differences"]}
+    assert "config.weight_seed" in paths and "evidence.sha256" in paths
+
+
+def test_compare_refuses_foreign_and_corrupt_reports(run_cli, cpu_reports, tmp_path):
+    foreign = tmp_path / "foreign.json"
+    data = json.loads(cpu_reports["ws1"].read_text())
+    data["schema"] = "fsdpqdiag.report/99"
+    foreign.write_text(json.dumps(data))
+    refused = run_cli("compare", str(cpu_reports["ws1"]), str(foreign))
+    assert refused.returncode == 2 and "unsupported report schema" in refused.stderr
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text(cpu_reports["ws1"].read_text()[:100])
+    assert run_cli("report", str(corrupt)).returncode == 2
+    not_report = tmp_path / "list.json"
+    not_report.write_text("[1, 2]")
+    assert "not an fsdpqdiag report" in run_cli("compare", str(not_report), str(not_report)).stderr
+
+
+def test_report_formats_round_trip(run_cli, cpu_reports, tmp_path):
+    out = tmp_path / "again.json"
+    assert run_cli("report", str(cpu_reports["ws2"]), "--format", "json", "-o", str(out)).returncode == 0
+    assert json.loads(out.read_text()) == json.loads(cpu_reports["ws2"].read_text())
+    md = run_cli("report", str(cpu_reports["ws2"]))
+    assert md.returncode == 0 and "## fsdpqdiag reproduce" in md.stdout
+    assert "<details><summary>environment</summary>" in md.stdout
+    table = run_cli("report", str(cpu_reports["ws2"]), "--format", "table")
+    assert "nan-canonicalization" in table.stdout
+    assert run_cli("report", str(cpu_reports["ws2"]), "--format", "pdf").returncode == 2
+
+
+def test_byte_map_of_a_report_with_positions(run_cli, tmp_path):
+    reproduced = next(p for p in GPU_REPORTS if "nan-canonicalize" in p.name)
+    png = tmp_path / "map.png"
+    result = run_cli("report", str(reproduced), "--plot", str(png), "-o", str(tmp_path / "r.md"))
+    assert result.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_oversized_report_is_folded_under_the_github_limit(cpu_reports):
+    report = Report.load(cpu_reports["ws2"])
+    report.results = report.results * 60
+    text = render(report)
+    assert len(text) <= GITHUB_COMMENT_LIMIT
+    assert "Folded to fit GitHub" in text
+    assert text.count("**NOT REPRODUCED**") + text.count("**REPRODUCED**") >= 60
+
+
+def test_env_command(run_cli):
+    result = run_cli("env", "--json")
+    data = json.loads(result.stdout)
+    assert result.returncode == 0
+    for key in ("python", "torch", "bitsandbytes", "transformers", "peft", "gpus", "driver"):
+        assert key in data
+    assert "| torch.version |" in run_cli("env", "--markdown").stdout
+
+
+def test_every_command_output_validates(run_cli, tmp_path):
+    for args in (
+        ["localize", "--ws", "1", "--device", "cpu", "--in-features", "64", "--out-features", "64"],
+        ["fix", "--ws", "1", "--device", "cpu", "-w", "fsdp2-bytes", "--steps", "1"],
+        ["matrix", "--ws", "1", "--device", "cpu", "--cells", "A"],
+    ):
+        result = run_cli(*args, "-q", json=True)
+        jsonschema.validate(result.report, json_schema())
+        md = tmp_path / "x.md"
+        run_cli(*args, "-q", "--markdown", str(md))
+        assert md.read_text().startswith(f"## fsdpqdiag {args[0]}")
+
+
+def test_unknown_schema_version_is_refused_by_the_loader(tmp_path):
+    from fsdpqdiag.report import ReportError
+
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": "fsdpqdiag.report/2", "results": []}))
+    with pytest.raises(ReportError, match="unsupported report schema"):
+        Report.load(path)
+    assert Path(path).exists()

@@ -1,0 +1,155 @@
+"""`fsdpqdiag reproduce` end to end on CPU/gloo with real FSDP2 and real bitsandbytes.
+
+Verdicts of uninjected runs belong to the stack: the tests check that the evidence is
+self-consistent, and that injected faults are caught.
+"""
+
+import json
+
+import jsonschema
+import pytest
+
+from fsdpqdiag.report import json_schema
+
+from .conftest import SMALL_LINEAR
+
+
+@pytest.fixture(scope="module")
+def reports(tmp_path_factory):
+    """Each (world size, fault) run once for the module: every run starts real ranks."""
+    import os
+    import subprocess
+    import sys
+
+    from .conftest import ROOT
+
+    out = tmp_path_factory.mktemp("reproduce")
+    made = {}
+    for ws in (1, 2):
+        for inject in (None, "nan-canonicalize", "segfault"):
+            path = out / f"ws{ws}-{inject}.json"
+            argv = [
+                sys.executable,
+                "-m",
+                "fsdpqdiag",
+                "reproduce",
+                "--ws",
+                str(ws),
+                "--device",
+                "cpu",
+                *SMALL_LINEAR,
+                "--json",
+                str(path),
+                "-q",
+            ]
+            if inject:
+                argv += ["--inject", inject]
+            if inject == "segfault":
+                argv += ["--probe", "full-tensor-crash"]
+            done = subprocess.run(
+                argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT))
+            )
+            made[(ws, inject)] = (done.returncode, json.loads(path.read_text()), done.stderr)
+    return made
+
+
+def _result(report, probe):
+    return next(r for r in report["results"] if r["probe"] == probe)
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_uninjected_evidence_is_self_consistent(reports, ws):
+    code, report, stderr = reports[(ws, None)]
+    jsonschema.validate(report, json_schema())
+    assert report["world_sizes"] == [ws]
+    assert report["env"]["torch"]["version"] and report["env"]["bitsandbytes"]["version"]
+    nan = _result(report, "nan-canonicalization")
+    ev = nan["evidence"]
+    assert nan["injected"] is None and nan["backend"] == "gloo" and len(nan["ranks"]) == ws
+    swap = ev["swap_target"]
+    assert ev["ranks_agree"] is True
+    assert ev["nan_elements"] == ev["original_classes"]["qNaN"] + ev["original_classes"]["sNaN"]
+    assert ev["nan_elements"] > 0, "the payload must hold NaN-class containers to test anything"
+    if set(swap["original_classes"]) <= {"qNaN", "sNaN"} or not swap["differing_elements"]:
+        assert swap["differing_elements"] <= ev["nan_elements"]
+    # Δy = 0 iff no byte of the weight forward receives differs
+    assert (ev["max_abs_delta"] == 0) == swap["bytes_equal"] == ev["output_bit_equal"]
+    assert (nan["verdict"] == "REPRODUCED") == (not swap["bytes_equal"])
+    assert nan["verdict"] in ("REPRODUCED", "NOT REPRODUCED")
+    ft = _result(report, "full-tensor-crash")
+    assert ft["verdict"] in ("REPRODUCED", "NOT REPRODUCED", "CRASHED")
+    expected_code = 1 if {nan["verdict"], ft["verdict"]} & {"REPRODUCED", "CRASHED"} else 0
+    assert code == expected_code, stderr
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_injected_canonicalization_is_reproduced(reports, ws):
+    code, report, _ = reports[(ws, "nan-canonicalize")]
+    jsonschema.validate(report, json_schema())
+    nan = _result(report, "nan-canonicalization")
+    ev = nan["evidence"]
+    swap = ev["swap_target"]
+    assert nan["verdict"] == "REPRODUCED" and code == 1
+    assert nan["injected"] == "nan-canonicalize"
+    assert all(r["injected"] == "nan-canonicalize" for r in report["results"])
+    assert swap["differing_elements"] > 0
+    assert swap["original_classes"]["finite"] == 0 and swap["original_classes"]["inf"] == 0
+    assert swap["post_bit_patterns"] == {"0x7fff": swap["differing_elements"]}
+    assert all(s["post_bits"] == "0x7fff" for s in swap["samples"])
+    assert ev["max_abs_delta"] > 0 and not ev["output_bit_equal"]
+    # the fault acts where FSDP2 builds the unsharded parameter: the shard itself is intact
+    assert ev["local_tensor"]["bytes_equal"] and ev["ranks_agree"]
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_injected_segfault_is_a_crashed_result(reports, ws):
+    code, report, _ = reports[(ws, "segfault")]
+    jsonschema.validate(report, json_schema())
+    ft = _result(report, "full-tensor-crash")
+    assert code == 1
+    assert ft["verdict"] == "CRASHED" and ft["evidence"]["signal"] == "SIGSEGV"
+    assert ft["evidence"]["stage"] == "full_tensor()"
+    assert {r["status"] for r in ft["ranks"]} <= {"crashed", "aborted"}
+
+
+def test_segfault_in_mechanism_b_keeps_mechanism_a_evidence(run_cli):
+    result = run_cli(
+        "reproduce",
+        "--ws",
+        "1",
+        "--device",
+        "cpu",
+        *SMALL_LINEAR,
+        "--probe",
+        "nan-canonicalization",
+        "--inject",
+        "segfault",
+        "-q",
+        json=True,
+    )
+    nan = result.report["results"][0]
+    assert nan["evidence"]["full_tensor"]["status"] == "crashed"
+    assert nan["evidence"]["full_tensor"]["signal"] == "SIGSEGV"
+    assert "swap_target" in nan["evidence"] and nan["verdict"] in ("REPRODUCED", "NOT REPRODUCED")
+
+
+def test_markdown_and_table_outputs(run_cli, tmp_path):
+    md = tmp_path / "r.md"
+    result = run_cli(
+        "reproduce",
+        "--ws",
+        "1",
+        "--device",
+        "cpu",
+        *SMALL_LINEAR,
+        "--probe",
+        "nan-canonicalization",
+        "--inject",
+        "nan-canonicalize",
+        "--markdown",
+        str(md),
+    )
+    assert result.returncode == 1
+    assert "REPRODUCED" in result.stdout and "nan-canonicalization" in result.stdout
+    text = md.read_text()
+    assert "**REPRODUCED**" in text and "0x7fff" in text and "inject" in text.lower()

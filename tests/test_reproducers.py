@@ -1,0 +1,76 @@
+"""The standalone reproducers and the package's probes must not drift apart."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from fsdpqdiag import api
+from fsdpqdiag.config import LinearConfig, RunConfig
+
+from .conftest import ROOT
+
+FEATURES = 256
+
+
+def _json_objects(text: str) -> list[dict]:
+    """Every top-level JSON object in ``text``: ranks under torchrun may share a line."""
+    decoder, found, index = json.JSONDecoder(), [], text.find("{")
+    while index != -1:
+        obj, end = decoder.raw_decode(text, index)
+        found.append(obj)
+        index = text.find("{", end)
+    return found
+
+
+def _standalone(script: str, ws: int) -> list[dict]:
+    args = [
+        f"reproducers/{script}",
+        "--device",
+        "cpu",
+        "--in-features",
+        str(FEATURES),
+        "--out-features",
+        str(FEATURES),
+    ]
+    launcher = (
+        [sys.executable]
+        if ws == 1
+        else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
+    )
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+    done = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = _json_objects(done.stdout)
+    return sorted((line for line in lines if "calling" not in line), key=lambda line: line["rank"])
+
+
+def _probe(name: str, ws: int):
+    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
+    return api.run_probe(name, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300))
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_nan_canonicalization_reproducer_matches_probe(ws):
+    script_ranks = _standalone("nan_canonicalization.py", ws)
+    result = _probe("nan-canonicalization", ws)
+    assert len(script_ranks) == len(result.ranks) == ws
+    for line, rank in zip(script_ranks, result.ranks):
+        ev = rank["evidence"]
+        assert line["elements"] == ev["elements"] and line["nan_elements"] == ev["nan_elements"]
+        for section in ("swap_target", "local_tensor", "full_tensor"):
+            for key in ("differing_bytes", "differing_elements", "post_bit_patterns"):
+                assert line[section][key] == ev[section][key], (section, key)
+        for key in ("max_abs_delta", "mean_abs_delta", "output_bit_equal"):
+            assert line[key] == ev[key], key
+
+
+def test_full_tensor_reproducer_matches_probe():
+    script_ranks = _standalone("full_tensor_crash.py", 2)
+    result = _probe("full-tensor-crash", 2)
+    for line, rank in zip(script_ranks, result.ranks):
+        ev = rank["evidence"]
+        assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
+        assert line["redistribute_bytes_equal"] == ev["redistribute([Replicate()])"]["bytes_equal"]
