@@ -111,8 +111,50 @@ def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
     from fsdpqdiag.launch import run_task
     from fsdpqdiag.probes import get_probe
 
-    probe = get_probe(name)
-    common = dict(
+    unmet = get_probe(name).needs.unmet(run)
+    if unmet is not None:
+        return _skipped(name, probe_config, run, unmet)
+    started = time.monotonic()
+    outcomes = run_task(RankTask(probe=name, probe_config=probe_config, run=run))
+    return _decide(name, probe_config, run, outcomes, time.monotonic() - started)
+
+
+def run_probes(
+    names: Sequence[str],
+    probe_config: dict,
+    run: RunConfig,
+    on_start: Callable[[str], None] | None = None,
+) -> list[ProbeResult]:
+    """Several probes in as few launches as their failures allow (see ``probes.batch``):
+    one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
+    launch from the probe after it."""
+    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.probes import batch, get_probe
+
+    results: dict[str, ProbeResult] = {}
+    for name in names:
+        unmet = get_probe(name).needs.unmet(run)
+        if unmet is not None:
+            results[name] = _skipped(name, probe_config, run, unmet)
+    pending = [n for n in names if n not in results]
+    while pending:
+        task = RankTask(
+            probe=batch.NAME, probe_config={"probes": pending, "probe_config": probe_config}, run=run
+        )
+        started = time.monotonic()
+        watch = batch.watch_progress(on_start) if on_start else None
+        outcomes = run_task(task, watch=watch)
+        split_up, casualty = batch.split(pending, outcomes, time.monotonic() - started)
+        for part in split_up:
+            results[part.probe] = _decide(part.probe, probe_config, run, part.outcomes, part.duration_s)
+        pending = pending[len(split_up) :]
+        if casualty is None and pending:  # every rank finished, yet probes are missing
+            raise RuntimeError(f"probe batch ended without running {pending}")
+    return [results[name] for name in names]
+
+
+def _common(name: str, probe_config: dict, run: RunConfig) -> dict:
+    return dict(
         probe=name,
         world_size=run.world_size,
         device=run.device,
@@ -120,20 +162,24 @@ def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
         config=probe_config,
         injected=run.inject,
     )
-    unmet = probe.needs.unmet(run)
-    if unmet is not None:
-        return ProbeResult(verdict=SKIPPED, summary=unmet, reason=unmet, **common)
-    started = time.monotonic()
-    outcomes = run_task(RankTask(probe=name, probe_config=probe_config, run=run))
-    decided = probe.verdict(outcomes)
+
+
+def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> ProbeResult:
+    return ProbeResult(verdict=SKIPPED, summary=reason, reason=reason, **_common(name, probe_config, run))
+
+
+def _decide(name: str, probe_config: dict, run: RunConfig, outcomes: list, duration_s: float) -> ProbeResult:
+    from fsdpqdiag.probes import get_probe
+
+    decided = get_probe(name).verdict(outcomes)
     return ProbeResult(
         verdict=decided.verdict,
         summary=decided.summary,
         evidence=decided.evidence,
         ranks=[o.to_dict() for o in outcomes],
         reason=decided.summary if decided.verdict not in ("REPRODUCED", "NOT REPRODUCED") else None,
-        duration_s=round(time.monotonic() - started, 3),
-        **common,
+        duration_s=round(duration_s, 3),
+        **_common(name, probe_config, run),
     )
 
 
@@ -177,7 +223,8 @@ def reproduce(
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
 ) -> Report:
-    """Run the selected probes (all by default) at each world size; one launch per probe."""
+    """Run the selected probes (all by default) at each world size, all of one world size in
+    one launch (relaunching after a probe that kills it)."""
     from fsdpqdiag import env
 
     require_stack()
@@ -185,10 +232,12 @@ def reproduce(
     names = check_probes(probes)
     results = []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
-        for name in names:
+
+        def on_start(name: str, run: RunConfig = run) -> None:
             if on_progress:
                 on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
-            results.append(run_probe(name, dataclasses.asdict(linear), run))
+
+        results.extend(run_probes(names, dataclasses.asdict(linear), run, on_start))
     return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results)
 
 

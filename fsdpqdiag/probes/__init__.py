@@ -20,9 +20,11 @@ def tasks() -> dict[str, Probe]:
     their modules import this registry's base in turn."""
     from fsdpqdiag import forensics, matrix
     from fsdpqdiag.fixes import verify
+    from fsdpqdiag.probes import batch
 
     return {
-        probe.name: probe for probe in (localize_task.PROBE, verify.PROBE, matrix._probe(), forensics.PROBE)
+        probe.name: probe
+        for probe in (localize_task.PROBE, verify.PROBE, matrix._probe(), forensics.PROBE, batch.PROBE)
     }
 
 

@@ -1,0 +1,41 @@
+"""How one batch launch's outcomes are split among its probes (pure: no ranks started)."""
+
+from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.probes.batch import split
+
+
+def _done(*names):
+    return {n: {"evidence": {"probe": n}, "stage": "last", "duration_s": 1.0} for n in names}
+
+
+def test_a_finished_batch_gives_every_probe_its_ranks():
+    outcomes = [RankOutcome(r, "ok", {"finished": _done("a", "b")}) for r in range(2)]
+    parts, casualty = split(["a", "b"], outcomes, 5.0)
+    assert casualty is None and [p.probe for p in parts] == ["a", "b"]
+    assert all(o.status == "ok" and o.evidence == {"probe": p.probe} for p in parts for o in p.outcomes)
+
+
+def test_a_crash_is_charged_to_the_probe_it_happened_in_only():
+    running = {"probe": "b", "stage": "full_tensor()", "evidence": {"partial": True}}
+    outcomes = [
+        # rank 0 finished b and was killed by the launcher inside c after its peer died
+        RankOutcome(0, "aborted", {"finished": _done("a", "b"), "running": {"probe": "c", "stage": "x"}}),
+        RankOutcome(1, "crashed", {"finished": _done("a"), "running": running}, signal="SIGSEGV"),
+    ]
+    parts, casualty = split(["a", "b", "c"], outcomes, 9.0)
+    assert casualty == "b" and [p.probe for p in parts] == ["a", "b"]
+    rank0, rank1 = parts[1].outcomes
+    assert rank0.status == "ok" and rank0.evidence == {"probe": "b"}
+    assert rank1.status == "crashed" and rank1.signal == "SIGSEGV"
+    assert rank1.stage == "full_tensor()" and rank1.evidence == {"partial": True}
+
+
+def test_a_rank_that_never_reached_the_casualty_has_no_evidence_of_it():
+    outcomes = [
+        RankOutcome(0, "timeout", {"finished": {}, "running": {"probe": "a", "stage": "s", "evidence": {}}}),
+        RankOutcome(1, "error", {}, error="RuntimeError: boom"),
+    ]
+    parts, casualty = split(["a", "b"], outcomes, 3.0)
+    assert casualty == "a" and len(parts) == 1
+    assert [o.status for o in parts[0].outcomes] == ["timeout", "error"]
+    assert parts[0].outcomes[1].evidence == {} and parts[0].outcomes[1].error == "RuntimeError: boom"
