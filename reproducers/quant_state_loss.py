@@ -70,7 +70,8 @@ def build(args, device):
 
 def observed_forward(linear, x, fsdp_param):
     """Forward once; what FSDP2 handed in, and what forward computed with (post-recovery)."""
-    seen = {}
+    # Left as None if forward fails before the weight reaches the layer.
+    seen = {"handed": {"is_fsdp_unsharded_param": None, "type": None, "has_quant_state": None}}
 
     def before(module, args):
         weight = module.weight
@@ -173,7 +174,7 @@ def main():
     result["forward_weight"] = first["handed"]
     result["forward"] = {"status": "raised" if first["error"] else "completed", "error": first["error"]}
     result["recovery"] = {
-        "needed": not first["handed"]["has_quant_state"],
+        "needed": None if first["handed"]["type"] is None else not first["handed"]["has_quant_state"],
         "restored": used["has_quant_state"],
         "quant_state_is_module_copy": used["quant_state_is_module_copy"],
         "quant_state_is_original": first["used_quant_state"] is original_quant_state,

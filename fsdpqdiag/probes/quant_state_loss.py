@@ -106,6 +106,7 @@ def observe_forward(module, x, fsdp_param) -> ForwardObservation:
     finally:
         for handle in (capture_handle, pre_handle, post_handle):
             handle.remove()
+    seen.handed.setdefault("is_fsdp_unsharded_param", None)  # forward may fail before it
     seen.handed.update(captured.describe())
     seen.handed_bytes = captured.tensor
     return seen
@@ -172,7 +173,8 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     evidence["forward_weight"] = first.handed
     evidence["forward"] = {"status": "raised" if first.error else "completed", "error": first.error}
     evidence["recovery"] = {
-        "needed": not first.handed["has_quant_state"],
+        # None: forward failed before the weight reached it, so nothing is known of it.
+        "needed": None if first.handed["type"] is None else not first.handed["has_quant_state"],
         "restored": first.used["has_quant_state"],
         "quant_state_is_module_copy": first.used["quant_state_is_module_copy"],
         "quant_state_is_original": original_quant_state is not None
