@@ -101,6 +101,55 @@ def _cast_integer_params(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_casting)
 
 
+def _drop_module_quant_state(rank: int, world_size: int) -> Callable[[], None]:
+    # bitsandbytes as it was before its FSDP recovery had a source: quantization puts the
+    # QuantState on the Params4bit only. The plain parameter FSDP2 swaps in for forward has
+    # none, and fix_4bit_weight_quant_state_from_module finds no module copy to restore.
+    from bitsandbytes.nn.modules import Params4bit
+
+    original = Params4bit._quantize
+
+    def quantize_without_module_copy(self, device):
+        quantized = original(self, device)
+        if self.module is not None:
+            self.module.quant_state = None
+        return quantized
+
+    return _patch_attr(Params4bit, "_quantize", quantize_without_module_copy)
+
+
+RECOVERED_WEIGHT_ATTR = "_fsdpqdiag_recovered_weight"
+
+
+def _stale_recovered_weight(rank: int, world_size: int) -> Callable[[], None]:
+    # A recovery that restores quant_state on a *copy* of the unsharded weight and keeps
+    # that copy on the module: forward computes with a tensor FSDP2 neither frees on reshard
+    # nor refreshes on the next all-gather.
+    import torch
+    from bitsandbytes.nn import modules
+
+    original = modules.fix_4bit_weight_quant_state_from_module
+
+    def fix_keeping_a_copy(module) -> None:
+        cached = module.__dict__.get(RECOVERED_WEIGHT_ATTR)
+        if cached is None:
+            if getattr(module.weight, "quant_state", None) is not None:
+                return  # nothing was lost: leave the layer as bitsandbytes would
+            original(module)
+            weight = module.weight
+            cached = modules.Params4bit(
+                weight.detach().as_subclass(torch.Tensor).clone(),
+                requires_grad=False,
+                quant_state=weight.quant_state,
+                quant_storage=module.quant_storage,
+                bnb_quantized=True,
+            )
+            module.__dict__[RECOVERED_WEIGHT_ATTR] = cached
+        module.weight = cached
+
+    return _patch_attr(modules, "fix_4bit_weight_quant_state_from_module", fix_keeping_a_copy)
+
+
 def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], bool]):
     """Run ``action`` instead of DTensor's gather-to-replicate calls (Mechanism B's entry)."""
 
@@ -191,6 +240,18 @@ FAULTS: dict[str, Fault] = {
             "FSDP2's unsharded uint8/int8 parameters come out in bf16, as without axolotl's "
             "init_dtype_attrs guard",
             _cast_integer_params,
+        ),
+        Fault(
+            "drop-module-quant-state",
+            "Linear4bit keeps no module copy of its QuantState, so bitsandbytes' recovery cannot "
+            "restore the quant_state the weight loses under FSDP2",
+            _drop_module_quant_state,
+        ),
+        Fault(
+            "stale-recovered-weight",
+            "bitsandbytes' recovery swaps in a copy of the unsharded weight and reuses it in later "
+            "forwards: memory kept after reshard, updates to the shard never seen",
+            _stale_recovered_weight,
         ),
         Fault(
             "segfault",

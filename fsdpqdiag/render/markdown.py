@@ -42,6 +42,21 @@ def _key_numbers(r) -> str:
         if "max_abs_delta" in ev:
             parts.append(f"max \\|Δy\\| {ev['max_abs_delta']}")
         return "; ".join(parts)
+    if r.probe == "quant-state-loss":
+        handed, recovery = ev.get("forward_weight") or {}, ev.get("recovery") or {}
+        reshard, update = ev.get("after_reshard") or {}, ev.get("after_update") or {}
+        parts = [
+            f"forward gets {handed.get('type')} quant_state={handed.get('has_quant_state')}",
+            f"recovered={recovery.get('restored')} replaced weight={recovery.get('replaced_module_weight')} "
+            f"shares FSDP2 storage={recovery.get('uses_fsdp_storage')}",
+        ]
+        if (ev.get("forward") or {}).get("error"):
+            parts.append(f"forward raised {ev['forward']['error']}")
+        if reshard:
+            parts.append(f"freed on reshard={reshard.get('memory_freed')}")
+        if update:
+            parts.append(f"stale after update={update.get('stale')}")
+        return "; ".join(parts)
     if r.probe == "matrix":
         loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
         return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"

@@ -1,0 +1,178 @@
+"""quant-state-loss (issue 6, probe 1) on gloo with real fully_shard and real bitsandbytes:
+evidence consistency at WS=1 and WS=2, agreement with the standalone reproducer, both
+positive controls, and the CLI end to end (JSON schema, table, Markdown)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jsonschema
+import pytest
+
+from fsdpqdiag import api
+from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.report import json_schema
+
+from .conftest import ROOT, SMALL_LINEAR
+from .test_reproducers import FEATURES, _standalone
+
+PROBE = "quant-state-loss"
+# Everything the standalone script reports about the weight, key for key.
+SHARED_SECTIONS = (
+    "shape",
+    "elements",
+    "module_keeps_quant_state",
+    "sharded",
+    "forward_weight",
+    "forward",
+    "recovery",
+    "output_bit_equal",
+    "max_abs_delta",
+    "after_forward",
+    "after_reshard",
+    "after_update",
+)
+
+
+def _probe(ws: int, inject: str | None = None):
+    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
+    return api.run_probe(
+        PROBE, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
+    )
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+    return subprocess.run(
+        [sys.executable, "-m", "fsdpqdiag", *args], capture_output=True, text=True, timeout=600, env=env
+    )
+
+
+@pytest.fixture(scope="module")
+def cli_report(tmp_path_factory):
+    """`fsdpqdiag reproduce --probe quant-state-loss --ws 1` once: its ranks serve the WS=1 checks."""
+    path = tmp_path_factory.mktemp("qsl") / "report.json"
+    done = _cli(
+        "reproduce", "--probe", PROBE, "--ws", "1", "--device", "cpu", *SMALL_LINEAR, "--json", str(path)
+    )
+    return done, path
+
+
+def _check_rank_evidence(ev: dict) -> None:
+    """Relations that hold whatever the stack does."""
+    recovery = ev["recovery"]
+    if ev["forward_weight"]["type"] is not None:  # forward reached the layer
+        assert recovery["needed"] == (not ev["forward_weight"]["has_quant_state"])
+    if recovery["quant_state_is_module_copy"] or recovery["quant_state_is_original"]:
+        assert recovery["restored"]
+    if ev["forward"]["status"] == "raised":
+        assert ev["forward"]["error"] and "after_reshard" not in ev
+        return
+    assert ev["forward"]["error"] is None
+    assert recovery["replaced_module_weight"] == (
+        not ev["after_forward"]["module_weight_is_fsdp_unsharded_param"]
+    )
+    assert (ev["max_abs_delta"] == 0) == ev["output_bit_equal"]
+    reshard = ev["after_reshard"]
+    if not reshard["forward_weight_retained"]:
+        assert reshard["retained_storage_bytes"] == 0
+    assert reshard["memory_freed"] == (
+        reshard["fsdp_unsharded_storage_bytes"] == 0 and reshard["retained_storage_bytes"] == 0
+    )
+    update = ev["after_update"]
+    assert 0 < update["updated_elements"] <= ev["elements"], "the update must change the weight"
+    assert update["stale"] == (update["used_differs_from_handed"] > 0)
+    if update["uses_fsdp_storage"]:
+        assert update["used_differs_from_handed"] == 0  # one storage cannot hold two byte strings
+    if recovery["quant_state_is_original"] and update["used_differs_from_handed"] == 0:
+        # Same bytes and the same QuantState as the reference layer: the same output, bit for bit.
+        assert update["output_bit_equal_to_reference"] == (update["handed_differs_from_update"] == 0)
+
+
+def _check_verdict_matches_evidence(result) -> None:
+    assert result.verdict in ("REPRODUCED", "NOT REPRODUCED", "INCONCLUSIVE"), result.summary
+    problems = False
+    for rank in result.ranks:
+        ev = rank["evidence"]
+        recovery = ev["recovery"]
+        problems |= recovery["needed"] and not recovery["restored"]
+        if "after_reshard" in ev:
+            reshard, update = ev["after_reshard"], ev["after_update"]
+            problems |= not reshard["memory_freed"] or not reshard["module_weight_is_fsdp_sharded_param"]
+            problems |= bool(update["stale"])
+    assert (result.verdict == "REPRODUCED") == problems, result.summary
+
+
+def _check_matches_standalone(ranks: list[dict], ws: int) -> None:
+    script_ranks = _standalone("quant_state_loss.py", ws)
+    assert len(script_ranks) == len(ranks) == ws
+    for line, rank in zip(script_ranks, ranks):
+        assert line["rank"] == rank["rank"]
+        for key in SHARED_SECTIONS:
+            assert line[key] == rank["evidence"][key], key
+
+
+def test_ws1_evidence_consistent_and_matches_standalone(cli_report):
+    done, path = cli_report
+    report = json.loads(path.read_text())
+    result = report["results"][0]
+    assert result["probe"] == PROBE and result["world_size"] == 1 and len(result["ranks"]) == 1
+    for rank in result["ranks"]:
+        assert rank["status"] == "ok", rank.get("error")
+        _check_rank_evidence(rank["evidence"])
+    _check_matches_standalone(result["ranks"], 1)
+
+
+def test_ws2_evidence_consistent_and_matches_standalone():
+    result = _probe(2)
+    assert len(result.ranks) == 2
+    for rank in result.ranks:
+        assert rank["status"] == "ok", rank.get("error")
+        _check_rank_evidence(rank["evidence"])
+    _check_verdict_matches_evidence(result)
+    assert result.evidence["ranks_agree"] is True
+    _check_matches_standalone(result.ranks, 2)
+
+
+def test_cli_json_validates_and_renders(cli_report, tmp_path):
+    done, path = cli_report
+    report = json.loads(path.read_text())
+    jsonschema.validate(report, json_schema())
+    result = report["results"][0]
+    assert done.returncode == (1 if result["verdict"] == "REPRODUCED" else 0), done.stderr[-2000:]
+    assert PROBE in done.stdout and result["verdict"] in done.stdout
+    assert result["summary"].split(";")[0] in done.stdout.replace("\n", " ")
+    md = _cli("report", str(path), "--format", "md")
+    assert md.returncode == 0, md.stderr[-2000:]
+    handed = result["evidence"]["forward_weight"]
+    assert f"forward gets {handed['type']} quant_state={handed['has_quant_state']}" in md.stdout
+    assert "freed on reshard=" in md.stdout and "reproducers/quant_state_loss.py" in md.stdout
+
+
+def test_drop_module_quant_state_fault_is_caught():
+    result = _probe(1, inject="drop-module-quant-state")
+    assert result.verdict == "REPRODUCED", result.summary
+    for rank in result.ranks:
+        ev = rank["evidence"]
+        _check_rank_evidence(ev)
+        assert ev["module_keeps_quant_state"] is False
+        assert ev["recovery"]["needed"] and not ev["recovery"]["restored"]
+        assert ev["forward"]["status"] == "raised"
+    assert "did not restore" in result.summary
+
+
+def test_stale_recovered_weight_fault_is_caught():
+    result = _probe(2, inject="stale-recovered-weight")
+    assert result.verdict == "REPRODUCED", result.summary
+    _check_verdict_matches_evidence(result)
+    for rank in result.ranks:
+        ev = rank["evidence"]
+        _check_rank_evidence(ev)
+        assert ev["recovery"]["restored"] and ev["recovery"]["uses_fsdp_storage"] is False
+        assert ev["after_reshard"]["forward_weight_retained"] and not ev["after_reshard"]["memory_freed"]
+        # the module still computes with the first forward's copy: the update never arrives
+        update = ev["after_update"]
+        assert update["stale"] and update["used_differs_from_handed"] == update["updated_elements"]
+        assert update["output_bit_equal_to_first_forward"] and not update["output_bit_equal_to_reference"]
+    assert "stale" in result.summary and "after reshard" in result.summary
