@@ -106,6 +106,9 @@ def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evid
 
     cfg = dataclasses.replace(base, quant_storage=quant_storage, param_dtype=param_dtype)
     name = label(quant_storage, param_dtype)
+    # Building and the reference forward are not FSDP2: a failure there is unexpected and
+    # propagates (ERROR), but the checkpoint still names the combination.
+    ctx.checkpoint(f"{name}: build + forward without FSDP", evidence)
     linear, x = build_linear4bit(cfg, ctx.device)
     baseline = linear(x).detach().clone()
     original = plain(linear.weight).clone()
@@ -204,6 +207,7 @@ def _agreement_key(evidence: dict) -> tuple:
     return tuple(
         (
             row["combination"],
+            row["preserved"],
             row["sharded"],
             row.get("unsharded_dtype"),
             (row.get("failure") or {}).get("exception"),
