@@ -150,6 +150,23 @@ def _stale_recovered_weight(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(modules, "fix_4bit_weight_quant_state_from_module", fix_keeping_a_copy)
 
 
+def _cast_mismatched_storage(rank: int, world_size: int) -> Callable[[], None]:
+    # FSDPParam.init_dtype_attrs decides what mixed precision does to each parameter: it
+    # clears param_dtype (no cast) when the parameter already has it or is not floating
+    # point. Without that guard, packed uint8 storage whose dtype differs from the policy's
+    # param_dtype is all-gathered cast by value, like float storage already is.
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam.init_dtype_attrs
+
+    def init_dtype_attrs_unguarded(self, mp_policy):
+        original(self, mp_policy)
+        if mp_policy.param_dtype is not None and self.orig_dtype != mp_policy.param_dtype:
+            self.param_dtype = mp_policy.param_dtype
+
+    return _patch_attr(FSDPParam, "init_dtype_attrs", init_dtype_attrs_unguarded)
+
+
 def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], bool]):
     """Run ``action`` instead of DTensor's gather-to-replicate calls (Mechanism B's entry)."""
 
@@ -252,6 +269,13 @@ FAULTS: dict[str, Fault] = {
             "bitsandbytes' recovery swaps in a copy of the unsharded weight and reuses it in later "
             "forwards: memory kept after reshard, updates to the shard never seen",
             _stale_recovered_weight,
+        ),
+        Fault(
+            "cast-mismatched-storage",
+            "FSDP2's init_dtype_attrs loses its non-float guard: every parameter whose dtype differs "
+            "from MixedPrecisionPolicy.param_dtype (uint8 packed storage included) is all-gathered "
+            "cast by value to param_dtype",
+            _cast_mismatched_storage,
         ),
         Fault(
             "segfault",

@@ -8,6 +8,7 @@ from fsdpqdiag.probes import (
     nan_canonicalization,
     non_float_params,
     quant_state_loss,
+    storage_dtype_mismatch,
 )
 from fsdpqdiag.probes.base import Probe
 
@@ -18,6 +19,7 @@ PROBES: dict[str, Probe] = {
         full_tensor_crash.PROBE,
         non_float_params.PROBE,
         quant_state_loss.PROBE,
+        storage_dtype_mismatch.PROBE,
     )
 }
 

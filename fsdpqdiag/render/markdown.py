@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from fsdpqdiag.render.table import COMBINATION_COLUMNS, COMBINATION_PROBES, combination_cells
 from fsdpqdiag.report import Report
 
 GITHUB_COMMENT_LIMIT = 65_536
@@ -57,6 +58,12 @@ def _key_numbers(r) -> str:
         if update:
             parts.append(f"stale after update={update.get('stale')}")
         return "; ".join(parts)
+    if r.probe in COMBINATION_PROBES:
+        failing = ev.get("failing_combinations") or []
+        mismatched = sum(not row["matching"] for row in ev.get("rows", []))
+        return f"{len(failing)} of {mismatched} mismatched pairs break" + (
+            f": {', '.join(failing)}" if failing else ""
+        )
     if r.probe == "matrix":
         loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
         return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"
@@ -67,6 +74,10 @@ def _key_numbers(r) -> str:
         op = (ev.get("first_altering_op") or {}).get("stage")
         return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
     return ""
+
+
+def _md_row(cells) -> str:
+    return "  | " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
 def _reproduce_lines(report: Report) -> list[str]:
@@ -118,6 +129,9 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
     head.append("")
     for r in report.results:
         head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+        if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
+            head += ["", _md_row(COMBINATION_COLUMNS), "  |" + " --- |" * len(COMBINATION_COLUMNS)]
+            head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
         samples = (r.evidence.get("swap_target") or {}).get("samples") or []
         if samples:
             head += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]

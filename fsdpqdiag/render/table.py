@@ -44,6 +44,61 @@ def _agree(evidence: dict) -> str:
     return "yes" if evidence["ranks_agree"] else "NO"
 
 
+# Probes whose evidence is one row per (quant_storage, param_dtype) combination.
+COMBINATION_PROBES = ("storage-dtype-mismatch",)
+COMBINATION_COLUMNS = (
+    "storage/params",
+    "dtype sharded → forward",
+    "failure",
+    "forward weight bytes",
+    "max |Δy|",
+    "preserved",
+)
+
+
+def combination_cells(row: dict) -> list[str]:
+    """One combination row as display cells (the same for the table and Markdown)."""
+    failure = row.get("failure")
+    weight = row.get("forward_weight") or {}
+    if not weight:
+        weight_cell = "–"
+    elif weight.get("bytes_equal"):
+        weight_cell = "equal"
+    elif weight.get("cast_by_value"):
+        weight_cell = "cast by value"
+    elif weight.get("differing_bytes") is not None:
+        weight_cell = f"{weight['differing_bytes']} B differ"
+    else:
+        weight_cell = f"{weight.get('nbytes_original')} B → {weight.get('nbytes_observed')} B"
+    forward_dtype = weight.get("dtype") or row.get("unsharded_dtype")
+    return [
+        row["combination"] + (" (matching)" if row.get("matching") else ""),
+        f"{row.get('sharded_dtype') or '–'} → {forward_dtype or '–'}",
+        f"{failure['stage']}: {failure['exception']}" if failure else "–",
+        weight_cell,
+        _cell((row.get("output") or {}).get("max_abs_delta")),
+        "yes" if row.get("preserved") else "NO",
+    ]
+
+
+def combination_tables(report: Report) -> list[Table]:
+    tables = []
+    for result in report.results:
+        rows = result.evidence.get("rows")
+        if result.probe not in COMBINATION_PROBES or not rows:
+            continue
+        injected = f" [inject {result.injected}]" if result.injected else ""
+        title = Text(f"{result.probe}{injected} (ws={result.world_size})", style="italic")
+        table = Table(title=title, title_justify="left")
+        for column in COMBINATION_COLUMNS:
+            table.add_column(column, overflow="fold")
+        for row in rows:
+            cells = combination_cells(row)
+            table.add_row(*cells[:-1], Text(cells[-1], style="" if row.get("preserved") else "bold red"))
+        tables.append(table)
+    return tables
+
+
 def reproduce_table(report: Report) -> Group:
     table = Table(title=f"fsdpqdiag {report.command}", title_justify="left")
     for column in (
@@ -63,7 +118,8 @@ def reproduce_table(report: Report) -> Group:
     for result in report.results:
         ev = result.evidence
         table.add_row(
-            result.probe + (f" [inject {result.injected}]" if result.injected else ""),
+            # Text, not a str: rich would read "[inject NAME]" as markup and drop it.
+            Text(result.probe + (f" [inject {result.injected}]" if result.injected else "")),
             str(result.world_size),
             f"{result.device}/{result.backend}",
             Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
@@ -75,7 +131,7 @@ def reproduce_table(report: Report) -> Group:
             _cell(ev.get("max_abs_delta")),
             _agree(ev),
         )
-    lines = [table]
+    lines = [table, *combination_tables(report)]
     for result in report.results:
         style = VERDICT_STYLE.get(result.verdict, "")
         lines.append(
