@@ -101,6 +101,24 @@ def _cast_integer_params(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_casting)
 
 
+def _cast_int8_all_gather(rank: int, world_size: int) -> Callable[[], None]:
+    # FSDP2 decides each parameter's all-gather dtype in FSDPParam.init_dtype_attrs; recent
+    # torch clamps it to None for non-float parameters, older torch did not (axolotl's
+    # init_dtype_attrs patch exists for that). Undoing the clamp lets the real all-gather
+    # path cast an Int8Params shard to the policy's param_dtype: the unsharded weight that
+    # forward receives holds bf16 values instead of the int8 bytes.
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam.init_dtype_attrs
+
+    def init_dtype_attrs_unclamped(self, mp_policy):
+        original(self, mp_policy)
+        if not self.orig_dtype.is_floating_point and mp_policy.param_dtype is not None:
+            self.param_dtype = mp_policy.param_dtype
+
+    return _patch_attr(FSDPParam, "init_dtype_attrs", init_dtype_attrs_unclamped)
+
+
 def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], bool]):
     """Run ``action`` instead of DTensor's gather-to-replicate calls (Mechanism B's entry)."""
 
@@ -191,6 +209,12 @@ FAULTS: dict[str, Fault] = {
             "FSDP2's unsharded uint8/int8 parameters come out in bf16, as without axolotl's "
             "init_dtype_attrs guard",
             _cast_integer_params,
+        ),
+        Fault(
+            "cast-int8-all-gather",
+            "FSDP2's mixed-precision policy reaches int8 parameters (the non-float clamp in "
+            "FSDPParam.init_dtype_attrs undone): the all-gather casts Int8Params shards to bf16",
+            _cast_int8_all_gather,
         ),
         Fault(
             "segfault",
