@@ -2,10 +2,10 @@
 
 An 8-bit layer keeps its weight as ``Int8Params``: int8 row-quantized values plus a
 Python attribute ``SCB`` (one fp32 scale per output row) that ``forward`` and
-``_save_to_state_dict`` read from the weight. FSDP2 rebuilds parameters as
-``nn.Parameter(DTensor)`` (sharded) and ``nn.Parameter(Tensor)`` (unsharded); whether the
-subclass and its ``SCB`` survive that is the question axolotl's ``fsdp2_qlora`` patches
-answer. The probe walks one real peft LoRA model (``get_peft_model`` on a tiny wrapper of
+``_save_to_state_dict`` read from the weight. FSDP2 builds its own parameters from the
+data (torch 2.13: ``nn.Parameter(DTensor)`` sharded, ``nn.Parameter(Tensor)`` unsharded);
+whether the subclass and its ``SCB`` survive that is what axolotl's ``fsdp2_qlora``
+patches are about. The probe walks one real peft LoRA model (``get_peft_model`` on a tiny wrapper of
 one ``Linear8bitLt``) through every stage a training job does, and records per stage what
 happened, with the exact exception and the frame it came from where a stage fails:
 
@@ -108,7 +108,7 @@ def _error(exc: BaseException) -> dict[str, str]:
     if frames:
         frame = frames[-1]
         path = frame.filename.replace("\\", "/")
-        for marker in ("site-packages/", "dist-packages/", "/fsdpqdiag/"):
+        for marker in ("site-packages/", "dist-packages/"):
             if marker in path:
                 path = path.split(marker, 1)[1]
                 break
