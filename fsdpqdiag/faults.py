@@ -153,8 +153,8 @@ def _stale_recovered_weight(rank: int, world_size: int) -> Callable[[], None]:
 def _cast_mismatched_storage(rank: int, world_size: int) -> Callable[[], None]:
     # FSDPParam.init_dtype_attrs decides what mixed precision does to each parameter: it
     # clears param_dtype (no cast) when the parameter already has it or is not floating
-    # point. Without that guard, packed uint8 storage whose dtype differs from the policy's
-    # param_dtype is all-gathered cast by value, like float storage already is.
+    # point. Without that guard, packed uint8 storage and Int8Params whose dtype differs from
+    # the policy's param_dtype are all-gathered cast by value, as float storage already is.
     from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
 
     original = FSDPParam.init_dtype_attrs
@@ -272,9 +272,9 @@ FAULTS: dict[str, Fault] = {
         ),
         Fault(
             "cast-mismatched-storage",
-            "FSDP2's init_dtype_attrs loses its non-float guard: every parameter whose dtype differs "
-            "from MixedPrecisionPolicy.param_dtype (uint8 packed storage included) is all-gathered "
-            "cast by value to param_dtype",
+            "FSDP2's init_dtype_attrs loses its non-float guard (as in the torch versions axolotl "
+            "patches): every parameter whose dtype differs from MixedPrecisionPolicy.param_dtype, "
+            "uint8 packed 4-bit storage and Int8Params included, is all-gathered cast by value",
             _cast_mismatched_storage,
         ),
         Fault(

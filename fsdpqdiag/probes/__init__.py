@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fsdpqdiag.probes import (
     full_tensor_crash,
+    int8_params,
     localize_task,
     nan_canonicalization,
     non_float_params,
@@ -20,6 +21,7 @@ PROBES: dict[str, Probe] = {
         non_float_params.PROBE,
         quant_state_loss.PROBE,
         storage_dtype_mismatch.PROBE,
+        int8_params.PROBE,
     )
 }
 

@@ -36,6 +36,17 @@ def _label(r) -> str:
     return r.probe
 
 
+def _stage(entry) -> str:
+    """One stage of a staged probe (int8-params): ok, altered, raised <exception type>, not run."""
+    if not isinstance(entry, dict):
+        return "–"
+    if entry.get("status") == "raised":
+        return f"raised {(entry.get('error') or '').split(':', 1)[0]}".strip()
+    if entry.get("status") == "not run":
+        return "not run"
+    return "ok" if entry.get("ok") else "altered"
+
+
 def _key_numbers(r) -> str:
     ev = r.evidence
     if r.probe in ("nan-canonicalization", "full-tensor-crash"):
@@ -73,6 +84,8 @@ def _key_numbers(r) -> str:
         stage = (ev.get("first_altering_stage") or {}).get("stage")
         op = (ev.get("first_altering_op") or {}).get("stage")
         return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
+    if isinstance(ev.get("stages"), dict):
+        return "; ".join(f"{name}: {_stage(entry)}" for name, entry in ev["stages"].items())
     return ""
 
 
