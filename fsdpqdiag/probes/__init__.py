@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
-from fsdpqdiag.probes import full_tensor_crash, localize_task, nan_canonicalization, non_float_params
+from fsdpqdiag.probes import (
+    full_tensor_crash,
+    localize_task,
+    moe_expert_quant,
+    nan_canonicalization,
+    non_float_params,
+)
 from fsdpqdiag.probes.base import Probe
 
 PROBES: dict[str, Probe] = {
@@ -11,6 +17,7 @@ PROBES: dict[str, Probe] = {
         nan_canonicalization.PROBE,
         full_tensor_crash.PROBE,
         non_float_params.PROBE,
+        moe_expert_quant.PROBE,
     )
 }
 
