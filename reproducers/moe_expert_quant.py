@@ -200,6 +200,7 @@ def main():
             result["max_abs_delta"] = (loss.detach().float() - baseline_loss.detach().float()).abs().item()
             if stage("backward after fully_shard", loss.backward)[0]:
                 grads = {"trainable": len(trainable), "with_grad": 0, "nonfinite_elements": 0, "bit_equal": 0}
+                params = dict(model.named_parameters())  # fully_shard replaced them by DTensors
                 for name in trainable:
                     grad = params[name].grad
                     if grad is None:

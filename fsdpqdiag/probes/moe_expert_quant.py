@@ -440,27 +440,33 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
         ("local", "the ranks' expert shards"),
         ("unsharded", "the expert storage after unshard"),
     ):
-        sections = [e.get(f"expert_storage_{view}") for e in measured]
-        broken = [s for s in sections if s and not s["bytes_equal"]]
-        if broken:
-            forms = [s["changed_form"] for s in broken if not s["comparable"]]
-            if forms:
-                findings.append(f"{label} changed form ({forms[0]})")
-            else:
-                changed = sum(s["differing_elements"] for s in broken)
-                bytes_changed = sum(s["differing_bytes"] for s in broken)
-                findings.append(
-                    f"{label} differs from the quantized original in {changed} elements ({bytes_changed} B)"
-                )
+        sections = {o.rank: o.evidence.get(f"expert_storage_{view}") for o in outcomes}
+        broken = {rank: s for rank, s in sections.items() if s and not s["bytes_equal"]}
+        if not broken:
+            continue
+        forms = [s["changed_form"] for s in broken.values() if not s["comparable"]]
+        if forms:
+            findings.append(f"{label} changed form ({forms[0]})")
+        elif view == "local":  # disjoint shards: their differences add up
+            changed = sum(s["differing_elements"] for s in broken.values())
+            findings.append(f"{label} differ from the quantized original in {changed} elements in all")
+        else:  # every rank holds the whole tensor: say how much on the worst rank
+            rank, worst = max(broken.items(), key=lambda item: item[1]["differing_elements"])
+            findings.append(
+                f"{label} differs from the quantized original in {worst['differing_elements']} of "
+                f"{worst['elements']} elements ({worst['differing_bytes']} B) on rank {rank}"
+                + (f" and {len(broken) - 1} other rank(s)" if len(broken) > 1 else "")
+            )
     grads = [e["lora_grads"] for e in measured if "lora_grads" in e]
     if any(g["missing"] or g["nonfinite_elements"] or g["differing"] for g in grads):
+        shards = sum(g["trainable"] for g in grads)
         missing = sum(len(g["missing"]) for g in grads)
         nonfinite = sum(g["nonfinite_elements"] for g in grads)
         differing = sum(len(g["differing"]) for g in grads)
         delta = max(g["max_abs_delta"] for g in grads)
         findings.append(
-            f"LoRA grads vs baseline: {missing} missing, {nonfinite} non-finite elements, "
-            f"{differing} differing (max |Δ| {delta})"
+            f"LoRA grad shards vs baseline, over all ranks: {missing} of {shards} missing, {nonfinite} "
+            f"non-finite elements, {differing} of {shards} differ (max |Δ| {delta})"
         )
     unmeasured = sorted(
         {view for e in measured for view in STORAGE_VIEWS if e.get(f"expert_storage_{view}") is None}
