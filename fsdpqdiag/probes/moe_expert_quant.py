@@ -281,7 +281,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
                 fused_shape = list(getattr(experts, name).shape)
                 if bits == 4:
                     quantize(experts, name, compress_statistics=cfg.double_quant, quant_type=cfg.quant_type)
-                else:
+                else:  # an 8-bit API, once bitsandbytes has one: its defaults, as axolotl's
                     quantize(experts, name)
                 holder = getattr(experts.parametrizations, name)
                 storage = plain(holder.original)
