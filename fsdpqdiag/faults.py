@@ -167,6 +167,38 @@ def _cast_mismatched_storage(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(FSDPParam, "init_dtype_attrs", init_dtype_attrs_unguarded)
 
 
+def swap_nibbles_(tensor) -> None:
+    """Swap the two 4-bit codes of every byte of a uint8 tensor in place."""
+    import torch
+
+    from fsdpqdiag.bytes import plain
+
+    storage = plain(tensor)
+    if storage.dtype != torch.uint8:
+        return
+    # Like canonicalize_nans_, the write must not bump the version counter FSDP2 would not.
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(tensor):
+        storage.copy_((storage << 4) | (storage >> 4))
+
+
+def _swap_packed_nibbles(rank: int, world_size: int) -> Callable[[], None]:
+    # Packed 4-bit storage in uint8 (bitsandbytes' parametrize API, quant_storage=uint8)
+    # holds two codes per byte; an unshard path that repacks them in the other order hands
+    # dequantize a byte-plausible but wrong weight. Applied where FSDP2 builds the unsharded
+    # parameter, on every unshard (the storage is refilled by each all-gather).
+    import torch
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam.init_unsharded_param
+
+    def init_unsharded_param_swapping(self):
+        original(self)
+        if self._unsharded_param.dtype == torch.uint8:
+            swap_nibbles_(self._unsharded_param)
+
+    return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_swapping)
+
+
 def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], bool]):
     """Run ``action`` instead of DTensor's gather-to-replicate calls (Mechanism B's entry)."""
 
@@ -276,6 +308,12 @@ FAULTS: dict[str, Fault] = {
             "patches): every parameter whose dtype differs from MixedPrecisionPolicy.param_dtype, "
             "uint8 packed 4-bit storage and Int8Params included, is all-gathered cast by value",
             _cast_mismatched_storage,
+        ),
+        Fault(
+            "swap-packed-nibbles",
+            "the copy that builds FSDP2's unsharded parameter swaps the two 4-bit codes of every "
+            "byte of a uint8 parameter (packed NF4/FP4 storage repacked in the wrong order)",
+            _swap_packed_nibbles,
         ),
         Fault(
             "segfault",

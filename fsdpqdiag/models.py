@@ -43,6 +43,26 @@ PRESETS: dict[str, dict[str, Any]] = {
         rms_norm_eps=1e-5,
     ),
 }
+# A tiny Qwen3-MoE, built in memory (moe-expert-quant probe): its experts are stored as
+# fused 3-D parameters (gate_up_proj [experts, 2*moe_intermediate, hidden], down_proj
+# [experts, hidden, moe_intermediate]) in transformers v5, the layout axolotl #3439 quantizes
+# through torch.nn.utils.parametrize. The eager experts loop is pinned so that the kernel
+# choice cannot differ between devices, the probe and its standalone script.
+TINY_MOE: dict[str, Any] = dict(
+    vocab_size=128,
+    hidden_size=64,
+    intermediate_size=128,
+    moe_intermediate_size=32,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    num_experts=4,
+    num_experts_per_tok=2,
+    max_position_embeddings=64,
+    experts_implementation="eager",
+    attn_implementation="eager",
+)
 DEFAULT_PRESET = "tiny-llama"
 PRESET_SEED = 0
 
@@ -212,3 +232,16 @@ def quantized_parameters(model) -> Iterator[tuple[str, Any, Any, str]]:
 
 def describe(quant: QuantConfig) -> dict[str, Any]:
     return asdict(quant)
+
+
+def build_tiny_moe(seed: int, dtype: str = "bfloat16"):
+    """``TINY_MOE`` as a Qwen3-MoE causal LM with fixed-seed random weights, on the CPU.
+
+    Raises ImportError where the installed transformers has no Qwen3-MoE.
+    """
+    import torch
+    from transformers import Qwen3MoeConfig, Qwen3MoeForCausalLM
+
+    torch.manual_seed(seed)
+    model = Qwen3MoeForCausalLM(Qwen3MoeConfig(**TINY_MOE))
+    return model.to(torch_dtype(dtype))

@@ -6,6 +6,7 @@ from fsdpqdiag.probes import (
     full_tensor_crash,
     int8_params,
     localize_task,
+    moe_expert_quant,
     nan_canonicalization,
     non_float_params,
     quant_state_loss,
@@ -22,6 +23,7 @@ PROBES: dict[str, Probe] = {
         quant_state_loss.PROBE,
         storage_dtype_mismatch.PROBE,
         int8_params.PROBE,
+        moe_expert_quant.PROBE,
     )
 }
 

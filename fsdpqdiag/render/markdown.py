@@ -75,6 +75,18 @@ def _key_numbers(r) -> str:
         return f"{len(failing)} of {mismatched} mismatched pairs break" + (
             f": {', '.join(failing)}" if failing else ""
         )
+    if r.probe == "moe-expert-quant":
+        views = {"forward": "in forward", "local": "shard", "unsharded": "after unshard"}
+        loss = ev.get("loss", "– (no forward)")
+        parts = [f"loss {loss} vs baseline {ev.get('baseline_loss', '–')}"]
+        parts += [
+            f"experts {label}: {_bytes(ev.get(f'expert_storage_{view}'))}" for view, label in views.items()
+        ]
+        grads = ev.get("lora_grads")
+        if grads:
+            parts.append(f"LoRA grads bit-equal {grads['bit_equal']}/{grads['trainable']}")
+        parts += [f"{f['stage']} failed: {f['exception']}" for f in ev.get("failures", [])[:1]]
+        return "; ".join(parts).replace("|", "\\|")
     if r.probe == "matrix":
         loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
         return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"

@@ -124,8 +124,10 @@ def reproduce_table(report: Report) -> Group:
             f"{result.device}/{result.backend}",
             Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
             _cell(ev.get("nan_elements")),
-            _bytes_cell(ev.get("swap_target")),
-            _bytes_cell(ev.get("local_tensor")),
+            # moe-expert-quant's views of the expert storage: what dequantize receives in
+            # forward is its swap target, the rank's shard its _local_tensor.
+            _bytes_cell(ev.get("swap_target") or ev.get("expert_storage_forward")),
+            _bytes_cell(ev.get("local_tensor") or ev.get("expert_storage_local")),
             _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
             _bytes_cell(ev.get("redistribute([Replicate()])")),
             _cell(ev.get("max_abs_delta")),
