@@ -13,6 +13,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from fsdpqdiag.faults import FAULTS  # stdlib only: --help stays torch-free
 from fsdpqdiag.report import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
 
 app = typer.Typer(
@@ -77,8 +78,7 @@ Timeout = Annotated[float, typer.Option(help="Seconds per launch before every ra
 Inject = Annotated[
     str | None,
     typer.Option(
-        help="Positive control: replace a real step with a known-faulty one "
-        "(nan-canonicalize, segfault, abort, oom-kill, hang, raise)."
+        help=f"Positive control: replace a real step with a known-faulty one ({', '.join(FAULTS)})."
     ),
 ]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")]
