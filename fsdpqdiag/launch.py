@@ -13,6 +13,7 @@ ranks then cannot be isolated from a crash, which the README says.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -20,8 +21,9 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -52,6 +54,46 @@ class RankOutcome:
     @classmethod
     def from_dict(cls, data: dict) -> RankOutcome:
         return cls(**data)
+
+
+# Ctrl-C must never be lost. Python raises KeyboardInterrupt between bytecodes, and when that
+# happens inside one of the at-fork callbacks subprocess.Popen runs (logging's _releaseLock),
+# the exception is printed as "Exception ignored" and dropped: a sweep interrupted while
+# spawning a rank ran on to the end (seen about one run in three). The latch remembers the
+# signal, and the launch loop raises it again at its next step.
+_interrupt_pending = False
+
+
+def _latch_interrupt(signum, frame) -> None:
+    global _interrupt_pending
+    _interrupt_pending = True
+    raise KeyboardInterrupt
+
+
+def _raise_if_interrupted() -> None:
+    if _interrupt_pending:
+        raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def _interrupts_latched() -> Iterator[None]:
+    """Latch SIGINT while ranks run, where Python's own handler is the one in place (a
+    caller that ignores or handles SIGINT itself keeps its choice)."""
+    global _interrupt_pending
+    if (
+        threading.current_thread() is not threading.main_thread()
+        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
+    ):
+        yield
+        return
+    previous = signal.signal(signal.SIGINT, _latch_interrupt)
+    try:
+        yield
+    except KeyboardInterrupt:
+        _interrupt_pending = False
+        raise
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def in_launched_job() -> bool:
@@ -208,8 +250,10 @@ def _launch_once(
                         preexec_fn=_die_with_parent,
                     )
                 )
+                _raise_if_interrupted()
         first_failure_at: float | None = None
         while len(ended_at) < world_size:
+            _raise_if_interrupted()
             now = time.monotonic()
             for rank, process in enumerate(processes):
                 if rank not in ended_at and process.poll() is not None:
@@ -279,11 +323,13 @@ def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[
     the rank rewrites it while the launch runs, so multi-step tasks can report steps live.
     """
     outcomes: list[RankOutcome] = []
-    for _ in range(PORT_RETRIES):
-        with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
-            outcomes = _launch_once(task, free_port(), Path(workdir), watch)
-        if not _port_collision(outcomes):
-            break
+    with _interrupts_latched():
+        for _ in range(PORT_RETRIES):
+            with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
+                outcomes = _launch_once(task, free_port(), Path(workdir), watch)
+            _raise_if_interrupted()
+            if not _port_collision(outcomes):
+                break
     return outcomes
 
 

@@ -197,3 +197,23 @@ def test_two_runs_at_once_do_not_collide(tmp_path):
     for i in range(2):
         result = json.loads((tmp_path / f"r{i}.json").read_text())["results"][0]
         assert {r["status"] for r in result["ranks"]} == {"ok"}
+
+
+def test_ctrl_c_swallowed_by_an_at_fork_callback_is_raised_again():
+    # Python drops a KeyboardInterrupt raised inside an at-fork callback of subprocess.Popen
+    # ("Exception ignored in: <function _releaseLock>"): here the drop is done by hand, the
+    # signal is real. The launcher must still stop at its next step.
+    import signal
+
+    from fsdpqdiag import launch
+
+    with pytest.raises(KeyboardInterrupt):
+        with launch._interrupts_latched():
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                time.sleep(1.0)
+            except KeyboardInterrupt:
+                pass  # swallowed, as the at-fork hook does
+            launch._raise_if_interrupted()
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    launch._raise_if_interrupted()  # the latch is cleared once the interrupt got out
