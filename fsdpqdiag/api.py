@@ -144,12 +144,10 @@ def run_probes(
         started = time.monotonic()
         watch = batch.watch_progress(on_start) if on_start else None
         outcomes = run_task(task, watch=watch)
-        split_up, casualty = batch.split(pending, outcomes, time.monotonic() - started)
+        split_up, _ = batch.split(pending, outcomes, time.monotonic() - started)
         for part in split_up:
             results[part.probe] = _decide(part.probe, probe_config, run, part.outcomes, part.duration_s)
         pending = pending[len(split_up) :]
-        if casualty is None and pending:  # every rank finished, yet probes are missing
-            raise RuntimeError(f"probe batch ended without running {pending}")
     return [results[name] for name in names]
 
 

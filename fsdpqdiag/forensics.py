@@ -169,9 +169,8 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def verdict(outcomes) -> Verdict:
-    failed = failure_verdict(outcomes)
+    failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
-        failed.evidence.update(outcomes[0].evidence)
         return failed
     evidence = dict(outcomes[0].evidence)
     totals = evidence["totals"]

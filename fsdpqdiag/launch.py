@@ -26,6 +26,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import NoReturn
 
 from fsdpqdiag.config import RankTask
 
@@ -94,6 +95,16 @@ def _interrupts_latched() -> Iterator[None]:
         raise
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def exit_skipping_teardown(code: int) -> NoReturn:
+    """Exit a rank (or a torchrun CLI process) once its outputs are written, without
+    interpreter teardown: a gloo worker thread may still be freeing the last collective's
+    Python-owned tensors then, and taking the GIL during finalization makes it
+    std::terminate (SIGABRT), which would read as a crash of work that had finished."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def in_launched_job() -> bool:

@@ -292,9 +292,8 @@ def verdict(outcomes):
     from fsdpqdiag.probes.base import Verdict, failure_verdict
     from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
-    failed = failure_verdict(outcomes)
+    failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
-        failed.evidence.update(outcomes[0].evidence)
         return failed
     evidence = dict(outcomes[0].evidence)
     op, stage = evidence["first_altering_op"], evidence["first_altering_stage"]

@@ -131,10 +131,6 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
 
 
 if __name__ == "__main__":
-    exit_code = main(sys.argv[1:])
-    # The result file is complete; skip interpreter teardown. A gloo worker thread can still
-    # be freeing the last all-gather's Python-owned tensors then, and taking the GIL during
-    # finalization makes it std::terminate: a probe that finished would read as CRASHED.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(exit_code)
+    from fsdpqdiag.launch import exit_skipping_teardown
+
+    exit_skipping_teardown(main(sys.argv[1:]))

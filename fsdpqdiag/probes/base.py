@@ -53,12 +53,20 @@ class Probe:
     standalone: str | None = None  # the matching script in reproducers/
 
 
-def failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
+def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) -> Verdict | None:
     """The verdict of a launch in which a rank did not finish, or None if all finished.
 
     A signal outranks a timeout, which outranks an exception: the first is the bug a
-    probe hunts, the others may be its consequence on the peers.
+    probe hunts, the others may be its consequence on the peers. ``keep_evidence`` adds
+    what rank 0 measured before the launch ended to the verdict's evidence.
     """
+    failed = _failure_verdict(outcomes)
+    if failed is not None and keep_evidence:
+        failed.evidence.update(outcomes[0].evidence)
+    return failed
+
+
+def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
     crashed = [o for o in outcomes if o.status == "crashed"]
     if crashed:
         first = crashed[0]

@@ -48,9 +48,8 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
-    failed = failure_verdict(outcomes)
+    failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
-        failed.evidence.update(outcomes[0].evidence)
         return failed
     evidence = dict(outcomes[0].evidence)
     wrong = [(o.rank, call) for o in outcomes for call in CALLS if not o.evidence[call].get("bytes_equal")]

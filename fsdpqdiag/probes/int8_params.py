@@ -486,9 +486,8 @@ def _describe_failure(entry: dict, brief: bool = False) -> str:
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
-    failed = failure_verdict(outcomes)
+    failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
-        failed.evidence.update(outcomes[0].evidence)
         return failed
     evidence = dict(outcomes[0].evidence)
     evidence["ranks_agree"] = ranks_agree(outcomes, _stage_key)

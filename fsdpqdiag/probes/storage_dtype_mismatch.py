@@ -219,9 +219,8 @@ def _agreement_key(evidence: dict) -> tuple:
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
-    failed = failure_verdict(outcomes)
+    failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
-        failed.evidence.update(outcomes[0].evidence)
         return failed
     evidence = dict(outcomes[0].evidence)
     evidence["ranks_agree"] = ranks_agree(outcomes, _agreement_key)

@@ -44,6 +44,11 @@ def _agree(evidence: dict) -> str:
     return "yes" if evidence["ranks_agree"] else "NO"
 
 
+def _probe_label(result) -> str:
+    # Shown as Text, never as a str cell: rich would read "[inject NAME]" as markup and drop it.
+    return result.probe + (f" [inject {result.injected}]" if result.injected else "")
+
+
 # Probes whose evidence is one row per (quant_storage, param_dtype) combination.
 COMBINATION_PROBES = ("storage-dtype-mismatch",)
 COMBINATION_COLUMNS = (
@@ -87,8 +92,7 @@ def combination_tables(report: Report) -> list[Table]:
         rows = result.evidence.get("rows")
         if result.probe not in COMBINATION_PROBES or not rows:
             continue
-        injected = f" [inject {result.injected}]" if result.injected else ""
-        title = Text(f"{result.probe}{injected} (ws={result.world_size})", style="italic")
+        title = Text(f"{_probe_label(result)} (ws={result.world_size})", style="italic")
         table = Table(title=title, title_justify="left")
         for column in COMBINATION_COLUMNS:
             table.add_column(column, overflow="fold")
@@ -118,8 +122,7 @@ def reproduce_table(report: Report) -> Group:
     for result in report.results:
         ev = result.evidence
         table.add_row(
-            # Text, not a str: rich would read "[inject NAME]" as markup and drop it.
-            Text(result.probe + (f" [inject {result.injected}]" if result.injected else "")),
+            Text(_probe_label(result)),
             str(result.world_size),
             f"{result.device}/{result.backend}",
             Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
