@@ -7,6 +7,9 @@ For each size (1 MiB doubling up to --max-mib, capped by free memory) a bf16 ten
 packed-looking random bits is diffed against a copy with 0.1 % of its containers altered
 (as Mechanism A does); GB/s counts the bytes of both inputs read once. clone() of the same
 tensor, timed in the same run, counts bytes read and written. Medians of --repeats.
+
+A figure of a wrong diff is worthless: each size's result is checked against the count of
+containers altered, and on a GPU the smallest size's whole evidence against the CPU's.
 """
 
 from __future__ import annotations
@@ -58,7 +61,12 @@ def main() -> None:
         original = bits.view(torch.bfloat16).to(args.device)
         altered = original.clone()
         altered.view(torch.int16)[::1000] = 0x7FFF
-        diff(original, altered)  # warm-up
+        result = diff(original, altered)  # also the warm-up
+        expected = int((original.view(torch.int16)[::1000] != 0x7FFF).sum())
+        if result["differing_elements"] != expected:
+            sys.exit(f"{mib} MiB: diff found {result['differing_elements']} containers, {expected} altered")
+        if args.device != "cpu" and not rows and diff(original.cpu(), altered.cpu()) != result:
+            sys.exit(f"{mib} MiB: the {args.device} evidence differs from the CPU's")
         diff_s = timed(lambda a=original, b=altered: diff(a, b), args.device, args.repeats)
         clone_s = timed(lambda a=original: a.clone(), args.device, args.repeats)
         nbytes = original.numel() * 2
@@ -68,6 +76,7 @@ def main() -> None:
                 "diff_gb_s": round(2 * nbytes / diff_s / 1e9, 2),
                 "clone_gb_s": round(2 * nbytes / clone_s / 1e9, 2),
                 "diff_vs_clone_pct": round(100 * clone_s / diff_s, 1),
+                "differing_elements": expected,
             }
         )
         del original, altered

@@ -17,7 +17,7 @@ import torch
 
 MAX_SAMPLES = 16
 # Enough positions to compare two hosts element by element for any realistic corruption
-# (#1945 saw ~1000 per 1M-element weight); beyond this only the positions' hash is kept.
+# (#1945 saw ~1000 per 1M-element weight); beyond this only the positions' digest is kept.
 MAX_POSITIONS = 8192
 
 CLASS_NAMES = ("finite", "inf", "qNaN", "sNaN")
@@ -110,14 +110,90 @@ def nan_census(tensor: torch.Tensor) -> dict:
     }
 
 
+_MASK64 = (1 << 64) - 1
+_DIGEST_NAME = "mix64-sum"
+
+
+def _signed64(value: int) -> int:
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+# splitmix64's constants. The shifts are torch's arithmetic ones: a logical shift would
+# cost one more kernel each, and this is a fingerprint, not a cryptographic hash.
+_MIX = tuple(_signed64(c) for c in (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB))
+
+
+def mix64(x: torch.Tensor) -> torch.Tensor:
+    """A 64-bit integer mixer on int64 values, wrapping modulo 2**64."""
+    z = (x.to(torch.int64) + _MIX[0]) * _MIX[1]
+    z = (z ^ (z >> 32)) * _MIX[2]
+    return z ^ (z >> 29)
+
+
+def positions_digest(positions: torch.Tensor) -> str:
+    """A 64-bit digest of a set of element positions, computed where the positions live.
+
+    The sum of ``mix64`` of each position, modulo 2**64: the same on every device and in
+    every reduction order, so ranks, hosts and the standalone scripts can compare whole
+    position sets without copying millions of indices to the host to hash them there.
+    """
+    return _digest_text(int(mix64(positions.reshape(-1)).sum()))
+
+
+def _digest_text(total: int) -> str:
+    return f"{_DIGEST_NAME}:{total & _MASK64:016x}"
+
+
+def differing_positions(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
+    """Ascending indices where two flat integer tensors differ.
+
+    The one full pass compares 8-byte words and packs their flags eight to an int64, so
+    it reads both inputs once and the search for differences runs over 1/64 of their
+    bytes; only the few 64-byte groups that hold a difference are then looked at element
+    by element.
+    """
+    span = 64 // before.element_size()
+    aligned = before.numel() - before.numel() % span
+    try:
+        words_before = before[:aligned].view(torch.int64)
+        words_after = after[:aligned].view(torch.int64)
+    except RuntimeError:  # storage offset not word-aligned: compare element by element
+        return torch.nonzero(before != after).reshape(-1)
+    groups = torch.nonzero((words_before != words_after).view(torch.int64)).reshape(-1)
+    grouped_before = before[:aligned].view(-1, span)[groups]
+    grouped_after = after[:aligned].view(-1, span)[groups]
+    rows, lanes = torch.nonzero(grouped_before != grouped_after, as_tuple=True)
+    found = groups[rows] * span + lanes
+    if aligned == before.numel():
+        return found
+    tail = torch.nonzero(before[aligned:] != after[aligned:]).reshape(-1) + aligned
+    return torch.cat([found, tail])
+
+
+_CLASS_TABLES: dict[tuple[torch.dtype, str], torch.Tensor] = {}
+
+
+def _class_codes(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``classify_bits``; for 16-bit floats through a table of all 65536 containers (fewer kernels)."""
+    layout = FLOAT_LAYOUTS.get(dtype)
+    if layout is None or layout.bits != 16:
+        return classify_bits(bits, layout)
+    key = (dtype, str(bits.device))
+    if key not in _CLASS_TABLES:
+        every = torch.arange(1 << 16, dtype=torch.int32, device=bits.device).to(torch.int16)
+        _CLASS_TABLES[key] = classify_bits(every, layout)
+    return _CLASS_TABLES[key][bits.to(torch.int32) & 0xFFFF]
+
+
 def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = MAX_SAMPLES) -> dict:
     """Compare two tensors container by container.
 
     Returns the evidence contract of a byte comparison: ``differing_bytes``,
     ``differing_elements``, ``original_classes`` (class of each differing element before),
-    ``post_bit_patterns`` (histogram of the differing elements' new bits), ``samples`` and
-    the differing positions. A change of dtype or shape is itself a finding and is reported
-    as ``comparable: false`` with both descriptions.
+    ``post_bit_patterns`` (histogram of the differing elements' new bits), ``samples``, the
+    first ``MAX_POSITIONS`` differing positions and a digest of all of them. A change of
+    dtype or shape is itself a finding and is reported as ``comparable: false`` with both
+    descriptions.
     """
     original = plain(original)
     observed = plain(observed).to(original.device)
@@ -134,43 +210,79 @@ def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = M
     before = element_bits(original)
     after = element_bits(observed)
     # One full pass finds the differing elements; everything else looks at those only.
-    positions = torch.nonzero(before != after).reshape(-1)
+    positions = differing_positions(before, after)
     differing_elements = int(positions.numel())
-    changed_bits = before[positions] ^ after[positions]
-    differing_bytes = int((changed_bits.view(torch.uint8) != 0).sum())
-    codes = classify_bits(before[positions], FLOAT_LAYOUTS.get(original.dtype))
-    patterns, pattern_counts = torch.unique(after[positions], return_counts=True)
-    post_bit_patterns = {
-        hex_bits(int(p), width_bits): int(c)
-        for p, c in sorted(zip(patterns.tolist(), pattern_counts.tolist()), key=lambda pc: -pc[1])
-    }
-    sample_positions = positions[:max_samples].tolist()
-    sample_before = before[positions[:max_samples]].tolist()
-    sample_after = after[positions[:max_samples]].tolist()
-    sample_codes = codes[:max_samples].tolist()
-    samples = [
-        {
-            "index": int(index),
-            "original_bits": hex_bits(b, width_bits),
-            "original_class": CLASS_NAMES[c],
-            "post_bits": hex_bits(a, width_bits),
-        }
-        for index, b, c, a in zip(sample_positions, sample_before, sample_codes, sample_after)
-    ]
-    position_list = positions.to(torch.int64).cpu()
-    return {
+    evidence = {
         "comparable": True,
         "bytes_equal": differing_elements == 0,
         "elements": int(before.numel()),
-        "differing_bytes": differing_bytes,
+        "differing_bytes": 0,
         "differing_elements": differing_elements,
-        "original_classes": _class_counts(codes, skip_finite=False) if differing_elements else {},
-        "post_bit_patterns": post_bit_patterns,
-        "samples": samples,
-        "positions": position_list[:MAX_POSITIONS].tolist(),
-        "positions_truncated": differing_elements > MAX_POSITIONS,
-        "positions_sha256": hashlib.sha256(position_list.numpy().tobytes()).hexdigest(),
+        "original_classes": {},
+        "post_bit_patterns": {},
+        "samples": [],
+        "positions": [],
+        "positions_truncated": False,
+        "positions_digest": _digest_text(0),
     }
+    if not differing_elements:
+        return evidence
+    before_bits, after_bits = before[positions], after[positions]
+    codes = _class_codes(before_bits, original.dtype)
+    patterns, pattern_counts = torch.unique(after_bits, return_counts=True)
+    class_ids = torch.arange(len(CLASS_NAMES), dtype=codes.dtype, device=codes.device)
+    # Everything small goes to the host in one copy: on a GPU each separate .tolist() is
+    # a synchronisation, and with every extra kernel launch it costs more than the
+    # comparison of a tensor of a few MiB.
+    parts = [
+        ((before_bits ^ after_bits).view(torch.uint8) != 0).sum().reshape(1),
+        mix64(positions).sum().reshape(1),
+        (codes.unsqueeze(1) == class_ids).sum(0),
+        patterns,
+        pattern_counts,
+        positions[:max_samples],
+        before_bits[:max_samples],
+        after_bits[:max_samples],
+        codes[:max_samples],
+        positions[max_samples:MAX_POSITIONS],
+    ]
+    host = torch.cat(parts).tolist()
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + part.numel())
+    (
+        (differing_bytes,),
+        (digest,),
+        class_tallies,
+        pattern_values,
+        pattern_tallies,
+        sample_positions,
+        sample_before,
+        sample_after,
+        sample_codes,
+        further_positions,
+    ) = (host[bounds[i] : bounds[i + 1]] for i in range(len(parts)))
+    evidence.update(
+        differing_bytes=differing_bytes,
+        original_classes=dict(zip(CLASS_NAMES, class_tallies)),
+        post_bit_patterns={
+            hex_bits(p, width_bits): c
+            for p, c in sorted(zip(pattern_values, pattern_tallies), key=lambda pc: -pc[1])
+        },
+        samples=[
+            {
+                "index": index,
+                "original_bits": hex_bits(b, width_bits),
+                "original_class": CLASS_NAMES[c],
+                "post_bits": hex_bits(a, width_bits),
+            }
+            for index, b, c, a in zip(sample_positions, sample_before, sample_codes, sample_after)
+        ],
+        positions=(sample_positions + further_positions)[:MAX_POSITIONS],
+        positions_truncated=differing_elements > MAX_POSITIONS,
+        positions_digest=_digest_text(digest),
+    )
+    return evidence
 
 
 def output_delta(reference: torch.Tensor, observed: torch.Tensor) -> dict:

@@ -74,3 +74,55 @@ def test_subclasses_are_compared_by_storage():
     plain = fb.plain(weight)
     assert type(plain) is torch.Tensor and plain.dtype == torch.bfloat16
     assert fb.diff(weight, plain.clone())["bytes_equal"]
+
+
+def _mix64_reference(x: int) -> int:
+    """fsdpqdiag.bytes.mix64 in Python integers: two's-complement wrap, arithmetic shifts."""
+
+    def signed(v: int) -> int:
+        v &= (1 << 64) - 1
+        return v - (1 << 64) if v >> 63 else v
+
+    z = signed(signed(x + 0x9E3779B97F4A7C15) * 0xBF58476D1CE4E5B9)
+    z = signed(signed(z ^ (z >> 32)) * 0x94D049BB133111EB)
+    return signed(z ^ (z >> 29))
+
+
+def test_positions_digest_is_mix64_sum_modulo_2_64():
+    positions = torch.tensor([0, 1, 7, 1 << 40, (1 << 62) + 12345, 2**31 - 1])
+    expected = sum(_mix64_reference(int(p)) for p in positions) & ((1 << 64) - 1)
+    assert fb.positions_digest(positions) == f"mix64-sum:{expected:016x}"
+    # a set digest: order does not matter, one moved position does
+    assert fb.positions_digest(positions.flip(0)) == fb.positions_digest(positions)
+    moved = positions.clone()
+    moved[2] += 1
+    assert fb.positions_digest(moved) != fb.positions_digest(positions)
+
+
+def test_word_wide_search_finds_exactly_what_an_element_compare_finds():
+    generator = torch.Generator().manual_seed(0)
+    for dtype, count in (
+        (torch.bfloat16, 4099),
+        (torch.uint8, 8195),
+        (torch.float32, 1001),
+        (torch.int8, 64),
+    ):
+        original = torch.randint(
+            0,
+            256,
+            (count * torch.tensor([], dtype=dtype).element_size(),),
+            dtype=torch.uint8,
+            generator=generator,
+        ).view(dtype)
+        altered = original.clone()
+        flips = torch.randperm(count, generator=generator)[: count // 7]
+        flips = torch.cat([flips, torch.tensor([0, count - 1])])  # the first element and the odd tail
+        altered.view(torch.uint8).view(-1, original.element_size())[flips, 0] ^= 0x5A
+        # an odd storage offset cannot be read as 8-byte words: the fallback path
+        for a, b in ((original, altered), (original[1:], altered[1:])):
+            before, after = fb.element_bits(a), fb.element_bits(b)
+            expected = torch.nonzero(before != after).reshape(-1)
+            assert torch.equal(fb.differing_positions(before, after), expected), dtype
+            result = fb.diff(a, b)
+            assert result["differing_elements"] == expected.numel()
+            assert result["positions_digest"] == fb.positions_digest(expected)

@@ -188,7 +188,7 @@ def test_swap_packed_nibbles_fault_is_caught(injected, ws):
                 assert 0 < section["differing_elements"] < section["elements"]
                 assert section["samples"]
                 assert all(s["post_bits"] == _swapped(s["original_bits"]) for s in section["samples"])
-            assert expert["forward"]["positions_sha256"] == expert["unsharded"]["positions_sha256"]
+            assert expert["forward"]["positions_digest"] == expert["unsharded"]["positions_digest"]
         assert ev["lora_grads"]["differing"]
 
 

@@ -65,7 +65,7 @@ def _agreement_key(evidence: dict) -> tuple:
     swap = evidence.get("swap_target", {})
     return (
         swap.get("differing_elements"),
-        swap.get("positions_sha256"),
+        swap.get("positions_digest"),
         tuple(sorted(swap.get("post_bit_patterns", {}).items())),
         evidence.get("max_abs_delta"),
         evidence.get("output_bit_equal"),

@@ -163,7 +163,7 @@ def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evid
         row["failure"] is None and bool(row["bytes_preserved"]) and bool(row["output_preserved"])
     )
     # diff() keeps up to 8192 positions per comparison; the verdict needs none, and six
-    # rows of them would swamp the report (positions_sha256 still identifies them).
+    # rows of them would swamp the report (positions_digest still identifies them).
     row.get("forward_weight", {}).pop("positions", None)
     del linear, baseline, original, captured
     return row
