@@ -167,6 +167,23 @@ def _cast_mismatched_storage(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(FSDPParam, "init_dtype_attrs", init_dtype_attrs_unguarded)
 
 
+def _refuse_integer_params(rank: int, world_size: int) -> Callable[[], None]:
+    # torch up to 2.11 built each sharded parameter as nn.Parameter(dtensor), which requires
+    # grad by default, and set the real flag after (the line axolotl's patch replaces):
+    # a frozen uint8/int8 parameter is refused there, before anything is sharded.
+    import torch
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original = FSDPParam._init_sharded_param
+
+    def init_sharded_param_as_torch_2_11(self, param, *args, **kwargs):
+        if not (param.dtype.is_floating_point or param.dtype.is_complex):
+            torch.nn.Parameter(param.detach())  # RuntimeError, from torch/nn/parameter.py
+        return original(self, param, *args, **kwargs)
+
+    return _patch_attr(FSDPParam, "_init_sharded_param", init_sharded_param_as_torch_2_11)
+
+
 def swap_nibbles_(tensor) -> None:
     """Swap the two 4-bit codes of every byte of a uint8 tensor in place."""
     import torch
@@ -289,6 +306,12 @@ FAULTS: dict[str, Fault] = {
             "FSDP2's unsharded uint8/int8 parameters come out in bf16, as without axolotl's "
             "init_dtype_attrs guard",
             _cast_integer_params,
+        ),
+        Fault(
+            "refuse-integer-params",
+            "fully_shard refuses frozen uint8/int8 parameters, as torch up to 2.11 does: its "
+            "FSDPParam._init_sharded_param builds nn.Parameter(dtensor), which requires grad",
+            _refuse_integer_params,
         ),
         Fault(
             "drop-module-quant-state",

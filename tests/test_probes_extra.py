@@ -27,6 +27,11 @@ def test_non_float_params_evidence_consistent_and_matches_standalone(ws):
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
+        assert line["fully_shard"]["status"] == ev["fully_shard"]["status"]
+        if ev["fully_shard"]["status"] == "raised":  # torch <= 2.11: the refusal is the finding
+            assert result.verdict == "REPRODUCED", result.summary
+            assert line["fully_shard"]["error"].startswith(ev["fully_shard"]["error"])
+            continue
         for name in INTEGER_PARAMS:
             entry = ev[name]
             # self-consistency: bytes can only be equal where the dtype survived
@@ -47,3 +52,24 @@ def test_non_float_params_catches_cast_fault(ws):
         for name in INTEGER_PARAMS:
             assert rank["evidence"][name]["unsharded_dtype"] == "torch.bfloat16"
             assert rank["evidence"][name]["bytes_equal"] is False
+
+
+@pytest.mark.parametrize("ws", [1, 2])
+def test_non_float_params_names_a_refusing_fully_shard(ws):
+    result = _probe("non-float-params", ws, inject="refuse-integer-params")
+    assert result.verdict == "REPRODUCED", result.summary
+    assert len(result.ranks) == ws
+    for rank in result.ranks:
+        refusal = rank["evidence"]["fully_shard"]
+        assert refusal["status"] == "raised"
+        # torch 2.11 words it "only Tensors of floating point dtype can require gradients"
+        assert refusal["error"].startswith("RuntimeError: ")
+        assert (
+            "tensors of floating point" in refusal["error"].lower()
+            and "require gradients" in refusal["error"]
+        )
+        assert refusal["where"].startswith("torch/nn/parameter.py:")
+        # the FSDP2 line on the way, not the injected wrapper's: the wrapper lives in fsdpqdiag
+        assert "torch/distributed/fsdp/_fully_shard/_fsdp_param.py" in refusal["fsdp_frame"]
+        assert "u8" not in rank["evidence"] and "i8" not in rank["evidence"]
+    assert "fully_shard refused" in result.summary and "_fsdp_param.py" in result.summary

@@ -6,6 +6,7 @@ composition of them, torchtitan-style. The FSDP2 call lives in ``shard``.
 
 from __future__ import annotations
 
+import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -93,3 +94,27 @@ def capture_forward_weight(module: torch.nn.Module) -> tuple[ForwardWeight, Any]
         captured.has_quant_state = getattr(weight, "quant_state", None) is not None
 
     return captured, module.register_forward_pre_hook(hook)
+
+
+def _frame_text(frame: traceback.FrameSummary) -> str:
+    path = frame.filename.replace("\\", "/")
+    for marker in ("site-packages/", "dist-packages/"):
+        if marker in path:
+            path = path.split(marker, 1)[1]
+            break
+    return f"{path}:{frame.lineno} in {frame.name}"
+
+
+def raised(exc: BaseException) -> dict[str, Any]:
+    """A stage that raised: the exception's first line, the innermost frame it came from,
+    and the innermost FSDP2 frame on the way (the line of FSDP2 that made the failing call,
+    which the innermost frame, often in ``torch/nn/parameter.py``, does not name)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    fsdp_frames = [f for f in frames if "torch/distributed/fsdp/" in f.filename.replace("\\", "/")]
+    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    return {
+        "status": "raised",
+        "error": f"{type(exc).__name__}: {message}",
+        "where": _frame_text(frames[-1]) if frames else None,
+        "fsdp_frame": _frame_text(fsdp_frames[-1]) if fsdp_frames else None,
+    }

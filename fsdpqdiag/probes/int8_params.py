@@ -24,7 +24,6 @@ byte-true stack gives bit-equal outputs and gradients.
 
 from __future__ import annotations
 
-import traceback
 from typing import Any
 
 from fsdpqdiag.launch import RankOutcome
@@ -99,22 +98,6 @@ def base_layer(model):
 
 def loss_of(output):
     return output.float().pow(2).mean()
-
-
-def _error(exc: BaseException) -> dict[str, str]:
-    """The exception's first line and the innermost frame it came from (the layer)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    where = None
-    if frames:
-        frame = frames[-1]
-        path = frame.filename.replace("\\", "/")
-        for marker in ("site-packages/", "dist-packages/"):
-            if marker in path:
-                path = path.split(marker, 1)[1]
-                break
-        where = f"{path}:{frame.lineno} in {frame.name}"
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return {"status": "raised", "error": f"{type(exc).__name__}: {message}", "where": where}
 
 
 def _not_run(reason: str) -> dict[str, Any]:
@@ -213,7 +196,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
     from fsdpqdiag.bytes import sha256
     from fsdpqdiag.config import LinearConfig, torch_dtype
-    from fsdpqdiag.probes.common import local_shard_of, shard
+    from fsdpqdiag.probes.common import local_shard_of, raised, shard
 
     cfg = LinearConfig(**config)
     param_dtype = torch_dtype(cfg.param_dtype)
@@ -258,7 +241,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         shard(model, ctx, cfg)
     except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
-        stages["fully_shard"] = _close(_error(exc), [])
+        stages["fully_shard"] = _close(raised(exc), [])
         for name in STAGES[1:]:
             stages[name] = _close(_not_run("fully_shard raised"), [])
         return evidence
@@ -277,7 +260,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         entry["bytes"] = _bytes(original, _full(gathered))
         model.reshard()
     except Exception as exc:  # noqa: BLE001
-        stages["unshard"] = _close(_error(exc), [])
+        stages["unshard"] = _close(raised(exc), [])
     else:
         stages["unshard"] = _close(entry, _weight_findings(entry, "the unsharded weight"))
 
@@ -296,13 +279,13 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         output = model(x)
     except Exception as exc:  # noqa: BLE001
-        entry = _error(exc)
+        entry = raised(exc)
         # A forward that raised leaves FSDP2 mid-step; bring the module back to sharded so
         # that the later stages see what a job that caught the error would hold.
         try:
             model.reshard()
         except Exception as reshard_exc:  # noqa: BLE001
-            entry["reshard_after_error"] = _error(reshard_exc)["error"]
+            entry["reshard_after_error"] = raised(reshard_exc)["error"]
     else:
         entry = {}
     handle.remove()
@@ -330,7 +313,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
                 if p.requires_grad
             }
         except Exception as exc:  # noqa: BLE001
-            stages["backward"] = _close(_error(exc), [])
+            stages["backward"] = _close(raised(exc), [])
         else:
             entry, findings = {"grads": {}}, []
             for name, reference in baseline_grads.items():
@@ -354,7 +337,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         state = model.state_dict()
     except Exception as exc:  # noqa: BLE001
-        stages["state_dict"] = _close(_error(exc), [])
+        stages["state_dict"] = _close(raised(exc), [])
     else:
         entry = {
             "keys": sorted(state),
@@ -377,7 +360,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
             scb = state.get(prefix + "SCB")
             entry["scb_equal"] = _equal_or_none(_full(scb) if scb is not None else None, original_scb)
         except Exception as exc:  # noqa: BLE001
-            entry["gather_error"] = _error(exc)
+            entry["gather_error"] = raised(exc)
             findings.append(f"gathering the state dict raised {entry['gather_error']['error']}")
         else:
             if entry["weight_bytes"] is not None and not entry["weight_bytes"].get("bytes_equal"):
@@ -401,7 +384,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
                 file_bytes = path.stat().st_size
                 saved = torch.load(path, weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            stages["save"] = _close(_error(exc), [])
+            stages["save"] = _close(raised(exc), [])
         else:
             entry = {
                 "file_bytes": file_bytes,
@@ -437,7 +420,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         loaded_scb = _scb(fresh_layer.weight)
         reloaded_output = fresh(x).detach()
     except Exception as exc:  # noqa: BLE001
-        stages["load"] = _close({**entry, **_error(exc)}, [])
+        stages["load"] = _close({**entry, **raised(exc)}, [])
         return evidence
     entry["missing_keys"] = sorted(result.missing_keys)
     entry["unexpected_keys"] = sorted(result.unexpected_keys)

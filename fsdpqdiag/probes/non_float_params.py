@@ -3,7 +3,10 @@ parameters under ``fully_shard`` with a bf16 ``MixedPrecisionPolicy``.
 
 FSDP2 casts every parameter to ``param_dtype`` on all-gather unless guarded (axolotl's
 ``init_dtype_attrs`` patch skips non-float ones). The probe shards, unshards, and compares
-dtype and bytes of each integer parameter with the original.
+dtype and bytes of each integer parameter with the original. A ``fully_shard`` that refuses
+the integer parameters (torch up to 2.11 built every sharded parameter as
+``nn.Parameter(dtensor)``, which requires grad, before setting the real flag) is the
+finding too: the exception and the FSDP2 line that raised it.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
     from fsdpqdiag.bytes import diff
     from fsdpqdiag.config import LinearConfig
-    from fsdpqdiag.probes.common import shard
+    from fsdpqdiag.probes.common import raised, shard
 
     cfg = LinearConfig(**config)
     torch.manual_seed(cfg.weight_seed)
@@ -38,7 +41,12 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     originals = {name: getattr(module, name).detach().clone() for name in INTEGER_PARAMS}
     evidence: dict[str, Any] = {"param_dtype": cfg.param_dtype}
     ctx.checkpoint("fully_shard", evidence)
-    shard(module, ctx, cfg)
+    try:
+        shard(module, ctx, cfg)
+    except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
+        evidence["fully_shard"] = raised(exc)
+        return evidence
+    evidence["fully_shard"] = {"status": "completed"}
     evidence["sharded_dtypes"] = {n: str(getattr(module, n).dtype) for n in INTEGER_PARAMS}
     ctx.checkpoint("unshard", evidence)
     module.unshard()
@@ -66,6 +74,18 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     if failed is not None:
         return failed
     evidence = dict(outcomes[0].evidence)
+    refusals = [o for o in outcomes if o.evidence.get("fully_shard", {}).get("status") == "raised"]
+    if refusals:
+        evidence["ranks_agree"] = ranks_agree(outcomes, lambda e: e.get("fully_shard", {}).get("error"))
+        refusal = refusals[0].evidence["fully_shard"]
+        site = refusal.get("fsdp_frame") or refusal.get("where")
+        ranks = ", ".join(str(o.rank) for o in refusals)
+        return Verdict(
+            REPRODUCED,
+            f"fully_shard refused the frozen uint8/int8 parameters on rank(s) {ranks}: "
+            f"{refusal['error']} (raised at {refusal.get('where')}; FSDP2 call at {site})",
+            evidence,
+        )
     evidence["ranks_agree"] = ranks_agree(
         outcomes, lambda e: tuple((e[n]["unsharded_dtype"], e[n].get("bytes_equal")) for n in INTEGER_PARAMS)
     )
