@@ -147,23 +147,27 @@ def _digest_text(total: int) -> str:
 def differing_positions(before: torch.Tensor, after: torch.Tensor) -> torch.Tensor:
     """Ascending indices where two flat integer tensors differ.
 
-    The one full pass compares 8-byte words and packs their flags eight to an int64, so
-    it reads both inputs once and the search for differences runs over 1/64 of their
-    bytes; only the few 64-byte groups that hold a difference are then looked at element
-    by element.
+    The one full pass compares 8-byte words, so it reads both inputs once and writes a
+    flag per word. The search then narrows in three steps that each look only at what
+    the last one found: groups of eight words (the flags read as one int64), the words
+    in those groups, the elements in those words.
     """
-    span = 64 // before.element_size()
+    ratio = 8 // before.element_size()
+    span = 8 * ratio
     aligned = before.numel() - before.numel() % span
     try:
         words_before = before[:aligned].view(torch.int64)
         words_after = after[:aligned].view(torch.int64)
     except RuntimeError:  # storage offset not word-aligned: compare element by element
         return torch.nonzero(before != after).reshape(-1)
-    groups = torch.nonzero((words_before != words_after).view(torch.int64)).reshape(-1)
-    grouped_before = before[:aligned].view(-1, span)[groups]
-    grouped_after = after[:aligned].view(-1, span)[groups]
-    rows, lanes = torch.nonzero(grouped_before != grouped_after, as_tuple=True)
-    found = groups[rows] * span + lanes
+    word_flags = words_before != words_after
+    groups = torch.nonzero(word_flags.view(torch.int64)).reshape(-1)
+    rows, lanes = torch.nonzero(word_flags.view(-1, 8)[groups], as_tuple=True)
+    words = groups[rows] * 8 + lanes
+    elements_before = before[:aligned].view(-1, ratio)[words]
+    elements_after = after[:aligned].view(-1, ratio)[words]
+    rows, lanes = torch.nonzero(elements_before != elements_after, as_tuple=True)
+    found = words[rows] * ratio + lanes
     if aligned == before.numel():
         return found
     tail = torch.nonzero(before[aligned:] != after[aligned:]).reshape(-1) + aligned
