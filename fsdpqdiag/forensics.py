@@ -149,13 +149,8 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         rows.append(row)
     evidence["modules"] = rows
 
-    model.reshard()
-    ctx.checkpoint("full_tensor()", evidence)
-    for row in rows:
-        weight = targets[row["module"]].weight
-        if hasattr(weight, "full_tensor"):
-            result = diff(original[row["module"]], weight.full_tensor())
-            row["full_tensor"] = {k: result.get(k) for k in ("bytes_equal", "differing_elements")}
+    # Totals and fingerprint before full_tensor(): a rank that dies there (Mechanism B)
+    # must not take the forward's evidence with it.
     altered = [r for r in rows if not (r["swap_target"].get("bytes_equal") or False)]
     evidence["totals"] = {
         "quantized_modules": len(rows),
@@ -165,20 +160,48 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         "differing_bytes": sum(r["swap_target"].get("differing_bytes") or 0 for r in rows),
     }
     evidence["fingerprint"] = classify(altered[0]["swap_target"], ctx.device) if altered else None
+
+    model.reshard()
+    ctx.checkpoint("full_tensor()", evidence)
+    for row in rows:
+        weight = targets[row["module"]].weight
+        if hasattr(weight, "full_tensor"):
+            result = diff(original[row["module"]], weight.full_tensor())
+            row["full_tensor"] = {k: result.get(k) for k in ("bytes_equal", "differing_elements")}
+    evidence["full_tensor"] = {"status": "completed"}
     return evidence
 
 
 def verdict(outcomes) -> Verdict:
-    failed = failure_verdict(outcomes, keep_evidence=True)
-    if failed is not None:
-        return failed
-    evidence = dict(outcomes[0].evidence)
+    measured = [o for o in outcomes if "totals" in o.evidence]
+    if len(measured) < len(outcomes):
+        failed = failure_verdict(outcomes, keep_evidence=True)
+        if failed is not None:
+            return failed
+    evidence = dict(measured[0].evidence)
+    # A death inside full_tensor() is Mechanism B; the forward's evidence stands.
+    ended = "full_tensor() completed on every rank"
+    for outcome in outcomes:
+        if outcome.evidence.get("full_tensor", {}).get("status") != "completed":
+            evidence["full_tensor"] = {
+                "status": outcome.status,
+                "signal": outcome.signal,
+                "rank": outcome.rank,
+                "error": (outcome.error or "").strip().splitlines()[0] if outcome.error else None,
+            }
+            lost = [
+                o.rank for o in outcomes if o.evidence.get("full_tensor", {}).get("status") != "completed"
+            ]
+            how = outcome.signal or outcome.status
+            ended = f"full_tensor() did not complete: rank(s) {', '.join(map(str, lost))} {how}"
+            break
     totals = evidence["totals"]
-    evidence["ranks_agree"] = len({str(o.evidence.get("totals")) for o in outcomes}) == 1
+    evidence["ranks_agree"] = len({str(o.evidence.get("totals")) for o in measured}) == 1
     loss = f"loss {evidence['loss_before']} -> {evidence['loss_after']}"
     detail = (
         f"{totals['altered_modules']} of {totals['quantized_modules']} quantized weights altered "
-        f"({totals['differing_elements']} elements, {totals['nan_elements']} NaN-class in all); {loss}"
+        f"({totals['differing_elements']} elements, {totals['nan_elements']} NaN-class in all); {loss}; "
+        f"{ended}"
     )
     if totals["altered_modules"] and not evidence["loss_bit_equal"]:
         return Verdict(REPRODUCED, detail, evidence)

@@ -46,6 +46,18 @@ def test_injected_change_is_attributed_to_the_modules_it_went_through(run_cli, w
     assert ev["totals"]["differing_elements"] == ev["totals"]["nan_elements"]
 
 
+def test_a_death_in_full_tensor_keeps_the_forward_evidence(run_cli):
+    # Mechanism B under gloo on CUDA kills every rank in full_tensor(); the per-module
+    # evidence of the forward (Mechanism A) was complete by then and must be the verdict.
+    result, r = _forensics(run_cli, "--ws", "2", "--inject", "segfault")
+    ev = r["evidence"]
+    assert ev["full_tensor"]["status"] == "crashed" and ev["full_tensor"]["signal"] == "SIGSEGV"
+    assert r["verdict"] == ("NOT REPRODUCED" if ev["totals"]["altered_modules"] == 0 else "REPRODUCED")
+    assert len(ev["modules"]) == ev["totals"]["quantized_modules"] == 14
+    assert all("full_tensor" not in row for row in ev["modules"])
+    assert "full_tensor() did not complete: rank(s) 0, 1 SIGSEGV" in r["summary"]
+
+
 def test_model_paths_are_checked(run_cli, tmp_path):
     missing = run_cli("forensics", "--device", "cpu", "--model", str(tmp_path / "nope"))
     assert missing.returncode == 2 and "does not exist" in missing.stderr
