@@ -67,6 +67,23 @@ def test_committed_reports_validate_and_render(path):
         assert "torchrun --nproc-per-node" in text
 
 
+def test_key_numbers_of_forensics_and_a_refused_fully_shard():
+    # the H100 reports: forensics whose ranks died in full_tensor(), torch 2.11's refusal
+    forensics = Report.from_dict(
+        json.loads(
+            (
+                ROOT / "reports/forensics-tinyllama-1.1b-ws2-gloo-shared-h100-torch2.11-bnb0.50.2.json"
+            ).read_text()
+        )
+    )
+    assert "| 154 of 154 weights altered, 192791 elements;" in render(forensics)
+    assert "full_tensor(): SIGSEGV |" in render(forensics)
+    probes = Report.from_dict(
+        json.loads((ROOT / "reports/reproduce-ws1-h100-torch2.11-bnb0.50.2.json").read_text())
+    )
+    assert "| fully_shard raised RuntimeError: only Tensors of floating point dtype" in render(probes)
+
+
 def test_compare_identical_and_different(run_cli, cpu_reports):
     same = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-again"]))
     assert same.returncode == 0 and "IDENTICAL" in same.stdout

@@ -87,6 +87,25 @@ def _key_numbers(r) -> str:
             parts.append(f"LoRA grads bit-equal {grads['bit_equal']}/{grads['trainable']}")
         parts += [f"{f['stage']} failed: {f['exception']}" for f in ev.get("failures", [])[:1]]
         return "; ".join(parts).replace("|", "\\|")
+    if r.probe == "forensics" and "totals" in ev:
+        totals, ended = ev["totals"], (ev.get("full_tensor") or {})
+        return (
+            f"{totals['altered_modules']} of {totals['quantized_modules']} weights altered, "
+            f"{totals['differing_elements']} elements; "
+            f"loss {ev.get('loss_before')} → {ev.get('loss_after')}; "
+            f"full_tensor(): {ended.get('signal') or ended.get('status')}"
+        )
+    if r.probe == "non-float-params":
+        refusal = ev.get("fully_shard") or {}
+        if refusal.get("status") == "raised":
+            return (
+                f"fully_shard raised {refusal['error']} ({refusal.get('fsdp_frame') or refusal.get('where')})"
+            )
+        return "; ".join(
+            f"{name}: {ev[name]['unsharded_dtype']}, bytes equal {ev[name].get('bytes_equal')}"
+            for name in ("u8", "i8")
+            if name in ev
+        )
     if r.probe == "matrix":
         loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
         return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"
