@@ -180,21 +180,18 @@ def verdict(outcomes) -> Verdict:
             return failed
     evidence = dict(measured[0].evidence)
     # A death inside full_tensor() is Mechanism B; the forward's evidence stands.
+    unfinished = [o for o in outcomes if o.evidence.get("full_tensor", {}).get("status") != "completed"]
     ended = "full_tensor() completed on every rank"
-    for outcome in outcomes:
-        if outcome.evidence.get("full_tensor", {}).get("status") != "completed":
-            evidence["full_tensor"] = {
-                "status": outcome.status,
-                "signal": outcome.signal,
-                "rank": outcome.rank,
-                "error": (outcome.error or "").strip().splitlines()[0] if outcome.error else None,
-            }
-            lost = [
-                o.rank for o in outcomes if o.evidence.get("full_tensor", {}).get("status") != "completed"
-            ]
-            how = outcome.signal or outcome.status
-            ended = f"full_tensor() did not complete: rank(s) {', '.join(map(str, lost))} {how}"
-            break
+    if unfinished:
+        first = unfinished[0]
+        evidence["full_tensor"] = {
+            "status": first.status,
+            "signal": first.signal,
+            "rank": first.rank,
+            "error": (first.error or "").strip().splitlines()[0] if first.error else None,
+        }
+        ranks = ", ".join(str(o.rank) for o in unfinished)
+        ended = f"full_tensor() did not complete: rank(s) {ranks} {first.signal or first.status}"
     totals = evidence["totals"]
     evidence["ranks_agree"] = len({str(o.evidence.get("totals")) for o in measured}) == 1
     loss = f"loss {evidence['loss_before']} -> {evidence['loss_after']}"
