@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
+from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, unfinished_rank
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 
@@ -184,12 +184,7 @@ def verdict(outcomes) -> Verdict:
     ended = "full_tensor() completed on every rank"
     if unfinished:
         first = unfinished[0]
-        evidence["full_tensor"] = {
-            "status": first.status,
-            "signal": first.signal,
-            "rank": first.rank,
-            "error": (first.error or "").strip().splitlines()[0] if first.error else None,
-        }
+        evidence["full_tensor"] = unfinished_rank(first)
         ranks = ", ".join(str(o.rank) for o in unfinished)
         ended = f"full_tensor() did not complete: rank(s) {ranks} {first.signal or first.status}"
     totals = evidence["totals"]

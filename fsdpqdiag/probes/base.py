@@ -91,13 +91,29 @@ def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
         # collective it left behind.
         raised = [o for o in errored if o.status == "error"] or errored
         first = min(raised, key=lambda o: o.duration_s)
-        last_line = (first.error or "").strip().splitlines()[0] if first.error else first.status
+        last_line = first_line(first.error) or first.status
         return Verdict(
             ERROR,
             f"rank {first.rank} failed during {first.stage or 'setup'}: {last_line}",
             {"stage": first.stage, "exception": last_line},
         )
     return None
+
+
+def first_line(text: str | None) -> str | None:
+    """The first line of a rank's error text (the exception), or None where it has none."""
+    return text.strip().splitlines()[0] if text and text.strip() else None
+
+
+def unfinished_rank(outcome: RankOutcome) -> dict[str, Any]:
+    """A rank that did not finish a late stage, as evidence beside what it measured before
+    (Mechanism B's death in full_tensor() next to Mechanism A's forward evidence)."""
+    return {
+        "status": outcome.status,
+        "signal": outcome.signal,
+        "rank": outcome.rank,
+        "error": first_line(outcome.error),
+    }
 
 
 def ranks_agree(outcomes: list[RankOutcome], keys: Callable[[dict], Any]) -> bool:

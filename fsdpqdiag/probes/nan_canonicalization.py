@@ -13,7 +13,7 @@ from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.launch import RankOutcome
-from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
+from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree, unfinished_rank
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 FULL_TENSOR_STAGE = "full_tensor()"
@@ -82,12 +82,7 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     # A death inside full_tensor() is Mechanism B; Mechanism A's evidence stands.
     for outcome in outcomes:
         if "full_tensor" not in outcome.evidence:
-            evidence["full_tensor"] = {
-                "status": outcome.status,
-                "signal": outcome.signal,
-                "rank": outcome.rank,
-                "error": (outcome.error or "").strip().splitlines()[0] if outcome.error else None,
-            }
+            evidence["full_tensor"] = unfinished_rank(outcome)
             break
     evidence["ranks_agree"] = ranks_agree(measured, _agreement_key)
     evidence["local_tensor_differing_elements_all_ranks"] = sum(

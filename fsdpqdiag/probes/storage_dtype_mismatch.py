@@ -13,7 +13,6 @@ still runs on the same process group.
 from __future__ import annotations
 
 import dataclasses
-import traceback
 from typing import Any
 
 from fsdpqdiag.launch import RankOutcome
@@ -58,14 +57,10 @@ def _dtype_name(dtype) -> str:
 
 def _failure(stage: str, exc: BaseException) -> dict[str, Any]:
     """The exception as evidence: type, first line, and the frame that raised it."""
-    frame = traceback.extract_tb(exc.__traceback__)[-1] if exc.__traceback__ else None
-    where = None
-    if frame is not None:
-        path = frame.filename.replace("\\", "/")
-        path = path.split("site-packages/")[-1] if "site-packages/" in path else path.rsplit("/", 1)[-1]
-        where = f"{path}:{frame.lineno} ({frame.name})"
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return {"stage": stage, "exception": f"{type(exc).__name__}: {message}", "raised_in": where}
+    from fsdpqdiag.probes.common import raised
+
+    failure = raised(exc)
+    return {"stage": stage, "exception": failure["error"], "raised_in": failure["where"]}
 
 
 def compare_storage(original, observed) -> dict[str, Any]:
