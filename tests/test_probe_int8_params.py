@@ -14,14 +14,12 @@ import sys
 import jsonschema
 import pytest
 
-from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes import int8_params
 from fsdpqdiag.report import Report, json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
-from .test_reproducers import FEATURES, _standalone
+from .test_reproducers import FEATURES, _standalone, cpu_probe
 
 PREFIX = "base_model.model.proj.base_layer."
 
@@ -47,11 +45,8 @@ def ws2():
     return _probe(2)
 
 
-def _probe(ws: int, inject: str | None = None):
-    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
-    return api.run_probe(
-        "int8-params", dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
-    )
+def _probe(ws: int, inject: str | None = None, **config):
+    return cpu_probe("int8-params", ws, inject, **config)
 
 
 def _result(ws, cli_ws1, ws2) -> dict:

@@ -16,25 +16,20 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes import moe_expert_quant
 from fsdpqdiag.report import json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
-from .test_reproducers import _standalone
+from .test_reproducers import _standalone, cpu_probe
 
 PROBE = "moe-expert-quant"
 VIEWS = ("forward", "local", "unsharded")
 SHARD_STAGES = ("fully_shard", "forward after fully_shard", "backward after fully_shard", "unshard")
 
 
-def _probe(ws: int, inject: str | None = None):
-    config = LinearConfig(in_features=256, out_features=256).__dict__
-    return api.run_probe(
-        PROBE, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
-    )
+def _probe(ws: int, inject: str | None = None, **config):
+    return cpu_probe(PROBE, ws, inject, **config)
 
 
 @pytest.fixture(scope="module")

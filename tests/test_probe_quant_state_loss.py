@@ -10,12 +10,10 @@ import sys
 import jsonschema
 import pytest
 
-from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
 from fsdpqdiag.report import json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
-from .test_reproducers import FEATURES, _standalone
+from .test_reproducers import _standalone, cpu_probe
 
 PROBE = "quant-state-loss"
 # Everything the standalone script reports about the weight, key for key.
@@ -35,11 +33,8 @@ SHARED_SECTIONS = (
 )
 
 
-def _probe(ws: int, inject: str | None = None):
-    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
-    return api.run_probe(
-        PROBE, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
-    )
+def _probe(ws: int, inject: str | None = None, **config):
+    return cpu_probe(PROBE, ws, inject, **config)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

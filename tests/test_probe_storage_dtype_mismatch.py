@@ -11,24 +11,21 @@ import jsonschema
 import pytest
 import torch
 
-from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes import storage_dtype_mismatch as sdm
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, json_schema
 
 from .conftest import SMALL_LINEAR
-from .test_reproducers import _standalone
+from .test_reproducers import _standalone, cpu_probe
 
 PROBE = "storage-dtype-mismatch"
 FAULT = "cast-mismatched-storage"
-FEATURES = 256
 DEFAULT_LABELS = [sdm.label(*pair) for pair in sdm.DEFAULT_COMBINATIONS]
 
 
-def _probe(ws: int, inject: str | None = None, **extra):
-    config = dict(LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__, **extra)
-    return api.run_probe(PROBE, config, RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject))
+def _probe(ws: int, inject: str | None = None, **config):
+    return cpu_probe(PROBE, ws, inject, **config)
 
 
 @pytest.fixture(scope="module")

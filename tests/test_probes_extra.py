@@ -3,20 +3,10 @@ controls, and agreement with the standalone reproducers."""
 
 import pytest
 
-from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
-
 from .test_reproducers import _standalone
+from .test_reproducers import cpu_probe as _probe
 
-FEATURES = 256
 INTEGER_PARAMS = ("u8", "i8")
-
-
-def _probe(name: str, ws: int, inject: str | None = None):
-    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
-    return api.run_probe(
-        name, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
-    )
 
 
 @pytest.mark.parametrize("ws", [1, 2])

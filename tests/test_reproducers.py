@@ -47,15 +47,16 @@ def _standalone(script: str, ws: int) -> list[dict]:
     return sorted((line for line in lines if "calling" not in line), key=lambda line: line["rank"])
 
 
-def _probe(name: str, ws: int):
-    config = LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__
-    return api.run_probe(name, dict(config), RunConfig(world_size=ws, device="cpu", timeout_s=300))
+def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
+    """One probe through the real launcher on CPU/gloo, on the tests' small layer."""
+    config = dict(LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__, **config)
+    return api.run_probe(name, config, RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject))
 
 
 @pytest.mark.parametrize("ws", [1, 2])
 def test_nan_canonicalization_reproducer_matches_probe(ws):
     script_ranks = _standalone("nan_canonicalization.py", ws)
-    result = _probe("nan-canonicalization", ws)
+    result = cpu_probe("nan-canonicalization", ws)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
@@ -69,7 +70,7 @@ def test_nan_canonicalization_reproducer_matches_probe(ws):
 
 def test_full_tensor_reproducer_matches_probe():
     script_ranks = _standalone("full_tensor_crash.py", 2)
-    result = _probe("full-tensor-crash", 2)
+    result = cpu_probe("full-tensor-crash", 2)
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
