@@ -48,6 +48,10 @@ class RankOutcome:
     error: str | None = None
     log_tail: str = ""
     duration_s: float = 0.0
+    # Wall-clock time at which the rank caught its exception. The launcher sees ranks end
+    # only to its 50 ms poll, in which a rank and the peer its failure broke often both end;
+    # this orders them.
+    failed_at: float | None = None
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -206,6 +210,7 @@ def _outcome_for(
             log_tail=log_tail,
             error=written.get("error"),
             duration_s=duration_s,
+            failed_at=written.get("failed_at"),
         )
     if code is not None and code < 0:
         return RankOutcome(
@@ -231,6 +236,7 @@ def _outcome_for(
         error=error,
         log_tail=log_tail,
         duration_s=duration_s,
+        failed_at=written.get("failed_at"),
     )
 
 

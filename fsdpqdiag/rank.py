@@ -53,7 +53,16 @@ class RankContext:
 
     def finish(self, status: str, evidence: dict, error: str | None = None) -> None:
         self.evidence = evidence
-        self._write({"status": status, "stage": self.stage, "evidence": evidence, "error": error})
+        failed_at = time.time() if error is not None else None
+        self._write(
+            {
+                "status": status,
+                "stage": self.stage,
+                "evidence": evidence,
+                "error": error,
+                "failed_at": failed_at,
+            }
+        )
 
     def _write(self, payload: dict) -> None:
         if self.result_path is not None:
@@ -123,6 +132,7 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
             ctx.evidence,
             ctx.stage,
             error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",
+            failed_at=time.time(),
         )
     outcome.duration_s = time.monotonic() - started
     gathered: list = [None] * ctx.world_size

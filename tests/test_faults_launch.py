@@ -8,7 +8,8 @@ import pytest
 
 from fsdpqdiag import api
 from fsdpqdiag.config import LinearConfig, RunConfig
-from fsdpqdiag.launch import in_launched_job
+from fsdpqdiag.launch import RankOutcome, in_launched_job
+from fsdpqdiag.probes.base import failure_verdict
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
 
@@ -56,6 +57,27 @@ def test_exception_on_one_rank_only_is_an_error():
     assert statuses[1] == "error" and statuses[0] in ("aborted", "error")
     assert "injected fault" in result.summary
     assert _children_of(os.getpid()) == []
+
+
+def test_the_rank_that_raised_first_is_the_cause_even_when_both_ended_in_one_poll():
+    # Seen once in a full run: the faulty rank 1 and rank 0, whose all-gather it broke, ended
+    # within one 50 ms poll of the launcher, so their end times tied and rank 0's
+    # "Connection closed by peer" was named the cause. When each raised decides.
+    outcomes = [
+        RankOutcome(
+            0, "error", error="RuntimeError: Connection closed by peer", duration_s=2.0, failed_at=101.5
+        ),
+        RankOutcome(1, "error", error="RuntimeError: injected fault", duration_s=2.0, failed_at=101.2),
+    ]
+    verdict = failure_verdict(outcomes)
+    assert verdict.verdict == "ERROR" and verdict.summary.startswith("rank 1 failed")
+    assert "injected fault" in verdict.summary
+    # without the times, the launcher's end times still order them
+    untimed = [
+        RankOutcome(0, "error", error="b", duration_s=2.5),
+        RankOutcome(1, "error", error="a", duration_s=2.0),
+    ]
+    assert failure_verdict(untimed).summary.startswith("rank 1 failed")
 
 
 def test_torchrun_environment_is_detected(monkeypatch):

@@ -88,9 +88,10 @@ def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
     errored = [o for o in outcomes if o.status in ("error", "aborted")]
     if errored:
         # The rank that failed first is the cause; later ones usually report the broken
-        # collective it left behind.
+        # collective it left behind. Ranks that wrote when they failed are ordered by that,
+        # the rest by when the launcher saw them end.
         raised = [o for o in errored if o.status == "error"] or errored
-        first = min(raised, key=lambda o: o.duration_s)
+        first = min(raised, key=lambda o: (o.failed_at is None, o.failed_at or 0.0, o.duration_s))
         last_line = first_line(first.error) or first.status
         return Verdict(
             ERROR,

@@ -126,6 +126,7 @@ def _casualty_outcome(name: str, outcome: RankOutcome, done: dict | None) -> Ran
         error=outcome.error or (None if status != "error" else f"rank ended before finishing {name}"),
         log_tail=outcome.log_tail,
         duration_s=outcome.duration_s,
+        failed_at=outcome.failed_at,
     )
 
 
