@@ -15,6 +15,8 @@ import subprocess
 import sys
 from typing import Any
 
+from fsdpqdiag import stacklog
+
 
 def _version(package: str) -> str | None:
     try:
@@ -97,6 +99,7 @@ def _bitsandbytes_info() -> dict[str, Any]:
         info["import_error"] = f"{type(exc).__name__}: {exc}"
         return info
     info["backend"] = getattr(cextension, "BNB_BACKEND", None)
+    info["log"] = stacklog.captured()
     library = getattr(cextension, "lib", None)
     native = getattr(library, "_lib", None)
     info["native_library"] = getattr(native, "_name", None) or type(library).__name__

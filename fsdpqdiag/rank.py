@@ -141,6 +141,9 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
 
 
 if __name__ == "__main__":
+    from fsdpqdiag import stacklog
     from fsdpqdiag.launch import exit_skipping_teardown
+
+    stacklog.install()
 
     exit_skipping_teardown(main(sys.argv[1:]))

@@ -5,7 +5,10 @@ from fsdpqdiag.cli.app import app
 
 
 def main() -> None:
+    from fsdpqdiag import stacklog
     from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job
+
+    stacklog.install()
 
     if not in_launched_job():
         app()
