@@ -43,6 +43,12 @@ def require_stack() -> None:
         first_line = (getattr(cextension.lib, "error_msg", "") or "").strip().splitlines()
         detail = first_line[0] if first_line else "no native library could be loaded"
         raise BadInput(f"bitsandbytes has no usable native library: {detail}")
+    from fsdpqdiag import bnb_cpu_path
+
+    try:
+        bnb_cpu_path.override()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
 
 
 def visible_gpus() -> int:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 from typing import Any
 
-from fsdpqdiag import stacklog
+from fsdpqdiag import bnb_cpu_path, stacklog
 
 
 def _version(package: str) -> str | None:
@@ -99,6 +99,10 @@ def _bitsandbytes_info() -> dict[str, Any]:
         info["import_error"] = f"{type(exc).__name__}: {exc}"
         return info
     info["backend"] = getattr(cextension, "BNB_BACKEND", None)
+    try:
+        info["cpu_path"] = bnb_cpu_path.describe()
+    except ValueError as exc:
+        info["cpu_path"] = {"error": str(exc)}
     info["log"] = stacklog.captured()
     library = getattr(cextension, "lib", None)
     native = getattr(library, "_lib", None)

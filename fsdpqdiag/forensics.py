@@ -51,7 +51,7 @@ def _hooks(model, targets: dict[str, Any], weights: dict, outputs: dict):
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     import torch
 
-    from fsdpqdiag import models
+    from fsdpqdiag import bnb_cpu_path, models
     from fsdpqdiag.bytes import diff, nan_census, output_delta, plain
     from fsdpqdiag.fingerprint import classify
     from fsdpqdiag.probes.common import fsdp_api, local_shard_of
@@ -111,6 +111,10 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         handle.remove()
     evidence["loss_after"] = loss_after
     evidence["loss_bit_equal"] = loss_before == loss_after
+    # bitsandbytes' own in-place rewrite of the weight (AVX512-BF16 CPU path) happens inside
+    # forward, after the pre-hook captured what forward received: the byte comparisons below
+    # are like with like either way, and the report says which path was taken.
+    evidence["bnb_cpu_repacked_modules"] = len(bnb_cpu_path.repacked(model))
 
     rows = []
     for name, before in original.items():

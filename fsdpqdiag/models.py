@@ -18,15 +18,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag import bnb_cpu_path
 from fsdpqdiag.config import torch_dtype
 
 # Geometry of each preset (LlamaConfig fields). tinyllama-1.1b is TinyLlama-1.1B's, the
-# model of bitsandbytes #1945's forensic table and matrix.
+# model of bitsandbytes #1945's forensic table and matrix. Every quantized projection has
+# out_features divisible by 32 (REPACK_BLOCK_N): on a CPU with AVX512-BF16, bitsandbytes
+# repacks a Linear4bit's weight at its first inference forward and asserts that. tiny-llama
+# had intermediate_size 688 until 2026-11-29 (reports made before then used it).
+REPACK_BLOCK_N = 32
 PRESETS: dict[str, dict[str, Any]] = {
     "tiny-llama": dict(
         vocab_size=1024,
         hidden_size=256,
-        intermediate_size=688,
+        intermediate_size=704,
         num_hidden_layers=2,
         num_attention_heads=4,
         num_key_value_heads=2,
@@ -172,6 +177,7 @@ def load_quantized(path: Path, quant: QuantConfig, device):
         local_files_only=True,
     )
     model.eval()
+    bnb_cpu_path.apply(model)
     return model
 
 

@@ -46,6 +46,24 @@ def test_injected_change_is_attributed_to_the_modules_it_went_through(run_cli, w
     assert ev["totals"]["differing_elements"] == ev["totals"]["nan_elements"]
 
 
+@pytest.mark.parametrize("repack", ["on", "off"])
+def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, monkeypatch, repack):
+    # On a CPU with AVX512-BF16, bitsandbytes rewrites Linear4bit weights in place at the
+    # first inference forward; the switch takes either path on any CPU.
+    monkeypatch.setenv("FSDPQDIAG_BNB_CPU_REPACK", repack)
+    result, r = _forensics(run_cli, "--ws", "2")
+    report = result.report
+    assert report["env"]["bitsandbytes"]["cpu_path"]["inference_repacks_weight"] is (repack == "on")
+    assert r["verdict"] in ("NOT REPRODUCED", "REPRODUCED", "INCONCLUSIVE"), r["summary"]
+    ev = r["evidence"]
+    assert ev["bnb_cpu_repacked_modules"] == (14 if repack == "on" else 0)
+    assert len(ev["modules"]) == ev["totals"]["quantized_modules"] == 14
+    for row in ev["modules"]:
+        assert (row["swap_target"]["differing_elements"] == 0) == row["swap_target"]["bytes_equal"]
+        assert row["local_tensor"]["bytes_equal"]
+    assert ev["ranks_agree"]
+
+
 def test_a_death_in_full_tensor_keeps_the_forward_evidence(run_cli):
     # Mechanism B under gloo on CUDA kills every rank in full_tensor(); the per-module
     # evidence of the forward (Mechanism A) was complete by then and must be the verdict.

@@ -12,6 +12,7 @@ from typing import Any
 
 import torch
 
+from fsdpqdiag import bnb_cpu_path
 from fsdpqdiag.bytes import plain
 from fsdpqdiag.config import LinearConfig, torch_dtype
 
@@ -43,6 +44,7 @@ def build_linear4bit(cfg: LinearConfig, device: torch.device):
         quant_type=cfg.quant_type,
         quant_storage=torch_dtype(cfg.quant_storage),
     )
+    bnb_cpu_path.apply(linear)
     linear = linear.to(device)
     generator = torch.Generator().manual_seed(cfg.input_seed)
     x = torch.randn(cfg.batch, cfg.in_features, generator=generator)
