@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fsdpqdiag.probes import (
+    cpu_weight_repack,
     full_tensor_crash,
     int8_params,
     localize_task,
@@ -24,6 +25,7 @@ PROBES: dict[str, Probe] = {
         storage_dtype_mismatch.PROBE,
         int8_params.PROBE,
         moe_expert_quant.PROBE,
+        cpu_weight_repack.PROBE,
     )
 }
 

@@ -115,6 +115,12 @@ def _key_numbers(r) -> str:
         stage = (ev.get("first_altering_stage") or {}).get("stage")
         op = (ev.get("first_altering_op") or {}).get("stage")
         return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
+    if r.probe == "cpu-weight-repack" and "forwards" in ev:
+        path = "repack" if ev.get("repack_path") else "dequantize"
+        return f"{path} path; " + "; ".join(
+            f"forward {i + 1}: bytes equal {f['received']['bytes_equal']}, max \\|Δy\\| {f['max_abs_delta']}"
+            for i, f in enumerate(ev["forwards"])
+        )
     if isinstance(ev.get("stages"), dict):
         return "; ".join(f"{name}: {_stage(entry)}" for name, entry in ev["stages"].items())
     return ""
@@ -173,6 +179,14 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
     head.append("")
     for r in report.results:
         head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+        attribution = r.evidence.get("attribution")
+        if attribution:
+            target = attribution.get("report_to") or "nobody upstream"
+            known = ", ".join(attribution.get("known_issues") or []) or "no known upstream issue"
+            head.append(
+                f"  File against: {target} ({attribution['component']}); {known}; "
+                f"decided by: {'; '.join(attribution.get('decided_by') or [])}"
+            )
         if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
             head += ["", _md_row(COMBINATION_COLUMNS), "  |" + " --- |" * len(COMBINATION_COLUMNS)]
             head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
