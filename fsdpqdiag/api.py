@@ -13,6 +13,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fsdpqdiag import attribution
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RankTask, RunConfig
 from fsdpqdiag.report import SKIPPED, ProbeResult, Report
 
@@ -175,7 +176,26 @@ def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> Prob
 def _decide(name: str, probe_config: dict, run: RunConfig, outcomes: list, duration_s: float) -> ProbeResult:
     from fsdpqdiag.probes import get_probe
 
-    decided = get_probe(name).verdict(outcomes)
+    probe = get_probe(name)
+    decided = probe.verdict(outcomes)
+    if decided.verdict in attribution.ATTRIBUTED_VERDICTS:
+        component, decided_by = (
+            probe.attribute(decided.evidence)
+            if probe.attribute
+            else (attribution.UNDETERMINED, ["this task runs no control that separates the suspects"])
+        )
+        signal = next((o.signal for o in outcomes if o.signal), None)
+        decided.evidence["attribution"] = attribution.record(
+            component,
+            decided_by,
+            probe=name,
+            summary=decided.summary,
+            evidence=decided.evidence,
+            backend=run.backend,
+            device=run.device,
+            signal=signal,
+            injected=run.inject,
+        )
     return ProbeResult(
         verdict=decided.verdict,
         summary=decided.summary,

@@ -206,10 +206,31 @@ def verdict(outcomes) -> Verdict:
     return Verdict(INCONCLUSIVE, detail, evidence)
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    """Altered bytes with byte-true shards changed on the way into forward (FSDP2's unshard);
+    the fingerprint names the conversion, run on the same device, that leaves those bits."""
+    from fsdpqdiag import attribution
+
+    rows = evidence.get("modules") or []
+    altered = [r for r in rows if not r["swap_target"].get("bytes_equal")]
+    if not altered:
+        return attribution.UNDETERMINED, ["no weight altered; the loss moved elsewhere"]
+    shards_true = all((r.get("local_tensor") or {}).get("bytes_equal") for r in altered)
+    matches = (evidence.get("fingerprint") or {}).get("matches") or []
+    decided_by = [
+        f"_local_tensor byte-true in {'all' if shards_true else 'not all'} {len(altered)} altered weights",
+        "fingerprint: " + (", ".join(matches) or "no candidate conversion"),
+    ]
+    if shards_true and matches:
+        return attribution.TORCH_FSDP, decided_by
+    return attribution.UNDETERMINED, decided_by
+
+
 PROBE = Probe(
     name="forensics",
     description="per-module byte forensics of a real quantized causal LM under FSDP2",
     run=run,
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "transformers")),
+    attribute=attribute,
 )

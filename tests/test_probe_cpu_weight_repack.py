@@ -82,5 +82,6 @@ def test_positive_control_altered_unshard_is_caught_and_attributed_to_the_fault(
     first = result.evidence["forwards"][0]
     assert not first["received"]["bytes_equal"] and set(first["received"]["post_bit_patterns"]) == {"0x7fff"}
     assert result.evidence["attribution"]["component"] == "injected fault"
+    assert result.evidence["attribution"]["controls_point_to"] == "torch.distributed.fsdp"
     assert "forward received altered bytes" in result.summary
     assert json.dumps(result.evidence)  # JSON-able, as the report needs

@@ -182,6 +182,9 @@ def test_positive_control_cast_mismatched_storage_caught_at_unshard():
     assert result.verdict == "REPRODUCED", result.summary
     assert "unshard" in result.summary and "the unsharded weight is bfloat16, not int8" in result.summary
     assert "unshard" in result.evidence["failing_stages"]
+    # the fault casts every integer parameter: the plain-int8 control is altered too
+    assert result.evidence["controls"]["plain_integer_parameters"]["outcome"] == "altered"
+    assert result.evidence["attribution"]["controls_point_to"] == "torch.distributed.fsdp"
     for rank in result.ranks:
         stages = rank["evidence"]["stages"]
         # the fault acts in the all-gather: the shards keep their int8 bytes ...

@@ -155,6 +155,11 @@ def test_drop_module_quant_state_fault_is_caught():
         assert ev["recovery"]["needed"] and not ev["recovery"]["restored"]
         assert ev["forward"]["status"] == "raised"
     assert "did not restore" in result.summary
+    # a fault in bitsandbytes' QuantState recovery: the controls point to bitsandbytes
+    attribution = result.evidence["attribution"]
+    assert attribution["component"] == "injected fault" and attribution["report_to"] is None
+    assert attribution["controls_point_to"] == "bitsandbytes"
+    assert "--inject drop-module-quant-state" in attribution["decided_by"]
 
 
 def test_stale_recovered_weight_fault_is_caught():

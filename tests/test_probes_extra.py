@@ -38,6 +38,10 @@ def test_non_float_params_evidence_consistent_and_matches_standalone(ws):
 def test_non_float_params_catches_cast_fault(ws):
     result = _probe("non-float-params", ws, inject="cast-integer-params")
     assert result.verdict == "REPRODUCED", result.summary
+    # a fault in a path without bitsandbytes: the controls point to torch
+    attribution = result.evidence["attribution"]
+    assert attribution["component"] == "injected fault"
+    assert attribution["controls_point_to"] == "torch.distributed.fsdp"
     for rank in result.ranks:
         for name in INTEGER_PARAMS:
             assert rank["evidence"][name]["unsharded_dtype"] == "torch.bfloat16"

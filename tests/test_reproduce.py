@@ -110,6 +110,11 @@ def test_injected_canonicalization_is_reproduced(reports, ws):
     assert ev["max_abs_delta"] > 0 and not ev["output_bit_equal"]
     # the fault acts where FSDP2 builds the unsharded parameter: the shard itself is intact
     assert ev["local_tensor"]["bytes_equal"] and ev["ranks_agree"]
+    # the control without bitsandbytes is altered alike, so the controls point to FSDP2
+    control = ev["controls"]["plain_parameter_same_bits"]
+    assert control["outcome"] == "altered" and control["differing_elements"] == swap["differing_elements"]
+    assert ev["attribution"]["component"] == "injected fault"
+    assert ev["attribution"]["controls_point_to"] == "torch.distributed.fsdp"
 
 
 @pytest.mark.parametrize("ws", [1, 2])

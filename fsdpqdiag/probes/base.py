@@ -51,6 +51,9 @@ class Probe:
     verdict: Callable[[list[RankOutcome]], Verdict]
     needs: Needs = Needs()
     standalone: str | None = None  # the matching script in reproducers/
+    # evidence of a REPRODUCED/CRASHED/INCONCLUSIVE/UNSUPPORTED verdict -> (component, the
+    # controls that decided it); see fsdpqdiag.attribution. None: "undetermined".
+    attribute: Callable[[dict[str, Any]], tuple[str, list[str]]] | None = None
 
 
 def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) -> Verdict | None:

@@ -120,3 +120,104 @@ def raised(exc: BaseException) -> dict[str, Any]:
         "where": _frame_text(frames[-1]) if frames else None,
         "fsdp_frame": _frame_text(fsdp_frames[-1]) if fsdp_frames else None,
     }
+
+
+class _PlainCarrier(torch.nn.Module):
+    """A frozen parameter and nothing else: FSDP2's unshard with no bitsandbytes in the path."""
+
+    def __init__(self, data: torch.Tensor):
+        super().__init__()
+        self.weight = torch.nn.Parameter(data, requires_grad=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def plain_carrier_control(original: torch.Tensor, ctx, cfg: LinearConfig) -> dict[str, Any]:
+    """The same unshard of a plain parameter holding the very bits of ``original``.
+
+    Differs from the probe's run in one thing only, bitsandbytes: same shape, dtype, mesh and
+    mixed-precision policy. If it alters the same bytes, the culprit is FSDP2's unshard; if it
+    keeps them, the culprit is on bitsandbytes' side of the path."""
+    from fsdpqdiag.bytes import diff
+
+    carrier = _PlainCarrier(original.clone())
+    shard(carrier, ctx, cfg)
+    captured, handle = capture_forward_weight(carrier)
+    carrier(torch.zeros(1, device=original.device))
+    handle.remove()
+    found = diff(original, captured.tensor)
+    carrier.reshard()
+    return {
+        "outcome": "byte-true" if found.get("bytes_equal") else "altered",
+        **{k: found.get(k) for k in ("differing_bytes", "differing_elements", "post_bit_patterns")},
+    }
+
+
+def unshard_integer_params(cfg: LinearConfig, ctx, evidence: dict[str, Any], checkpoint) -> dict[str, Any]:
+    """Frozen uint8 and int8 ``nn.Parameter``s beside a float ``nn.Linear`` through
+    ``fully_shard`` and one unshard: a refusal (the exception and FSDP2's line), or each
+    one's dtype and bytes after unshard. No bitsandbytes anywhere. ``checkpoint(stage)``
+    records the stage about to run."""
+    from fsdpqdiag.bytes import diff
+    from fsdpqdiag.probes.non_float_params import INTEGER_PARAMS
+
+    torch.manual_seed(cfg.weight_seed)
+    module = torch.nn.Module()
+    module.linear = torch.nn.Linear(cfg.in_features, cfg.out_features, bias=False)
+    module.u8 = torch.nn.Parameter(
+        torch.randint(0, 256, (cfg.out_features, cfg.in_features), dtype=torch.uint8), requires_grad=False
+    )
+    module.i8 = torch.nn.Parameter(
+        torch.randint(-128, 128, (cfg.out_features, cfg.in_features), dtype=torch.int8), requires_grad=False
+    )
+    module = module.to(ctx.device)
+    originals = {name: getattr(module, name).detach().clone() for name in INTEGER_PARAMS}
+    checkpoint("fully_shard")
+    try:
+        shard(module, ctx, cfg)
+    except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
+        evidence["fully_shard"] = raised(exc)
+        return evidence
+    evidence["fully_shard"] = {"status": "completed"}
+    evidence["sharded_dtypes"] = {n: str(getattr(module, n).dtype) for n in INTEGER_PARAMS}
+    checkpoint("unshard")
+    module.unshard()
+    for name in INTEGER_PARAMS:
+        gathered = getattr(module, name)
+        gathered = gathered.full_tensor() if hasattr(gathered, "full_tensor") else gathered
+        entry = {
+            "unsharded_dtype": str(gathered.dtype),
+            "dtype_preserved": gathered.dtype == originals[name].dtype,
+        }
+        if entry["dtype_preserved"]:
+            entry.update(diff(originals[name], gathered.detach().cpu().to(originals[name].device)))
+        else:
+            entry["bytes_equal"] = False
+            entry["values_equal"] = bool(
+                torch.equal(gathered.detach().to(originals[name].dtype), originals[name])
+            )
+        evidence[name] = entry
+    module.reshard()
+    return evidence
+
+
+def plain_integer_control(cfg: LinearConfig, ctx, probe_evidence: dict[str, Any]) -> dict[str, Any]:
+    """``unshard_integer_params`` as a control: did FSDP2 keep plain frozen integer
+    parameters (``kept``), alter them (``altered``), or refuse them (``raised``)? A rank
+    that dies in it keeps ``probe_evidence`` and names the control's stage."""
+    from fsdpqdiag.probes.non_float_params import INTEGER_PARAMS
+
+    def checkpoint(stage: str) -> None:
+        ctx.checkpoint(f"control: plain integer parameters, {stage}", probe_evidence)
+
+    measured = unshard_integer_params(cfg, ctx, {}, checkpoint)
+    refusal = measured["fully_shard"]
+    if refusal.get("status") == "raised":
+        return {"outcome": "raised", "exception": refusal["error"], "fsdp_frame": refusal.get("fsdp_frame")}
+    altered = [name for name in INTEGER_PARAMS if not measured[name].get("bytes_equal")]
+    return {
+        "outcome": "altered" if altered else "kept",
+        "differing_bytes": sum(measured[name].get("differing_bytes") or 0 for name in INTEGER_PARAMS),
+        "unsharded_dtypes": {name: measured[name]["unsharded_dtype"] for name in INTEGER_PARAMS},
+    }

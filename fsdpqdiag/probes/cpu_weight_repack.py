@@ -92,7 +92,6 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         "shape": list(original.shape),
         "cpu_path": bnb_cpu_path.describe(),
         "repack_path": bool(getattr(linear, "support_avx512bf16_for_cpu", False)),
-        "injected": ctx.task.run.inject,
     }
 
     ctx.checkpoint("control: forward without fully_shard", evidence)
@@ -125,34 +124,28 @@ def _agreement_key(evidence: dict) -> tuple:
     )
 
 
-def _attribution(evidence: dict, bytes_altered: bool) -> dict[str, Any]:
-    controls = evidence["controls"]
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    """The layer without FSDP2 and FSDP2 with the repack off are each stable only if the
+    fault needs both: bitsandbytes' layout flag outliving FSDP2's per-unshard storage."""
+    from fsdpqdiag import attribution
+
+    controls = evidence.get("controls") or {}
+    outcomes = {name: controls.get(name, {}).get("outcome") for name in ("without_fsdp", "fsdp_repack_off")}
     decided_by = [
-        f"control without fully_shard, same kernel path: {controls['without_fsdp']['outcome']}",
-        f"control under fully_shard with the repack off: {controls['fsdp_repack_off']['outcome']}",
+        f"control without fully_shard, same kernel path: {outcomes['without_fsdp']}",
+        f"control under fully_shard with the repack off: {outcomes['fsdp_repack_off']}",
     ]
-    if evidence.get("injected"):
-        return {
-            "component": "injected fault",
-            "report_to": None,
-            "known_issues": [],
-            "decided_by": [*decided_by, f"--inject {evidence['injected']}"],
-        }
-    if bytes_altered:
+    forwards = evidence.get("forwards") or []
+    if not forwards:
+        return attribution.UNDETERMINED, [*decided_by, "no forward under fully_shard completed"]
+    if not all(f["received"]["bytes_equal"] for f in forwards):
         # Bytes changed on their way into forward: FSDP2's unshard, not bitsandbytes' layout.
-        return {
-            "component": "torch.distributed.fsdp",
-            "report_to": "pytorch/pytorch",
-            "known_issues": [],
-            "decided_by": [*decided_by, "forward received altered bytes"],
-        }
-    isolated = all(controls[name]["outcome"] == "stable" for name in ("without_fsdp", "fsdp_repack_off"))
-    return {
-        "component": "bitsandbytes" if isolated else "undetermined",
-        "report_to": "bitsandbytes-foundation/bitsandbytes" if isolated else None,
-        "known_issues": [],
-        "decided_by": [*decided_by, "forward received every original byte each time"],
-    }
+        return attribution.TORCH_FSDP, [*decided_by, "forward received altered bytes"]
+    isolated = all(
+        controls.get(name, {}).get("outcome") == "stable" for name in ("without_fsdp", "fsdp_repack_off")
+    )
+    component = attribution.BITSANDBYTES if isolated else attribution.UNDETERMINED
+    return component, [*decided_by, "forward received every original byte each time"]
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
@@ -178,7 +171,6 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     detail = f"{path}; {received}; {outputs}"
     if not wrong and not bytes_altered:
         return Verdict(NOT_REPRODUCED, f"{detail}; outputs bit-equal to the layer without FSDP2", evidence)
-    evidence["attribution"] = _attribution(evidence, bytes_altered)
     if evidence["controls"]["without_fsdp"]["outcome"] != "stable":
         return Verdict(INCONCLUSIVE, f"{detail}; the layer without FSDP2 is unstable too", evidence)
     first = wrong[0] + 1 if wrong else None
@@ -199,4 +191,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(devices=("cpu",)),
     standalone="reproducers/cpu_weight_repack.py",
+    attribute=attribute,
 )

@@ -196,7 +196,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
     from fsdpqdiag.bytes import sha256
     from fsdpqdiag.config import LinearConfig, torch_dtype
-    from fsdpqdiag.probes.common import local_shard_of, raised, shard
+    from fsdpqdiag.probes.common import local_shard_of, plain_integer_control, raised, shard
 
     cfg = LinearConfig(**config)
     param_dtype = torch_dtype(cfg.param_dtype)
@@ -235,6 +235,10 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     evidence["identical_build"] = bool(
         torch.equal(layer.weight.detach().cpu().as_subclass(torch.Tensor), original)
     ) and (_equal_or_none(_scb(layer.weight), original_scb) is True)
+
+    # The same fully_shard of plain frozen int8/uint8 parameters: what FSDP2 does without
+    # Int8Params, which decides whom a failure below belongs to.
+    evidence["controls"] = {"plain_integer_parameters": plain_integer_control(cfg, ctx, evidence)}
 
     # fully_shard: accepted? what the sharded weight is, its local int8 bytes, its SCB.
     ctx.checkpoint("fully_shard", evidence)
@@ -500,6 +504,24 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     return Verdict(REPRODUCED, summary, evidence)
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    from fsdpqdiag import attribution
+
+    control = (evidence.get("controls") or {}).get("plain_integer_parameters")
+    first = evidence.get("first_failing_stage")
+    if control is None or first is None:
+        return attribution.UNDETERMINED, [f"the run ended in {evidence.get('stage') or 'setup'}"]
+    said = f"control: plain frozen int8/uint8 parameters through the same fully_shard: {control['outcome']}"
+    if control["outcome"] != "kept":
+        # FSDP2 fails plain integer parameters the same way: not Int8Params' doing.
+        return attribution.TORCH_FSDP, [said, f"first failing stage: {first}"]
+    return attribution.BITSANDBYTES, [
+        said,
+        f"first failing stage: {first}: Int8Params keeps SCB/CB on the Parameter object, which "
+        "FSDP2 replaces, and defines no fsdp_pre_all_gather to carry them",
+    ]
+
+
 PROBE = Probe(
     name="int8-params",
     description="Linear8bitLt + LoRA under fully_shard: int8 bytes and SCB through shard, forward, "
@@ -508,4 +530,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "peft")),
     standalone="reproducers/int8_params.py",
+    attribute=attribute,
 )

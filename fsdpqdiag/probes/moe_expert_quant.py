@@ -191,7 +191,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
     from fsdpqdiag.bytes import diff, output_delta, plain, sha256
     from fsdpqdiag.models import TINY_MOE, build_tiny_moe, decoder_layers, fixed_input
-    from fsdpqdiag.probes.common import local_shard_of, shard
+    from fsdpqdiag.probes.common import local_shard_of, plain_integer_control, shard
 
     cfg, knobs = split_config(config)
     bits = knobs["expert_bits"]
@@ -224,6 +224,9 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         evidence["skipped"] = f"transformers {transformers.__version__} has no Qwen3MoeForCausalLM"
         return evidence
 
+    # The same fully_shard of plain frozen integer parameters, without bitsandbytes or
+    # parametrize: what FSDP2 does to integer storage by itself.
+    evidence["controls"] = {"plain_integer_parameters": plain_integer_control(cfg, ctx, evidence)}
     stages = Stages(ctx, evidence)
     with stages.run("build model"):
         model = build_tiny_moe(cfg.weight_seed, cfg.compute_dtype)
@@ -493,6 +496,22 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    from fsdpqdiag import attribution
+
+    control = (evidence.get("controls") or {}).get("plain_integer_parameters")
+    if control is None:
+        return attribution.UNDETERMINED, [f"the run ended in {evidence.get('stage') or 'setup'}"]
+    said = f"control: plain frozen int8/uint8 parameters through the same fully_shard: {control['outcome']}"
+    if control["outcome"] != "kept":
+        return attribution.TORCH_FSDP, [said]
+    failures = evidence.get("failures_all_ranks") or []
+    stage = failures[0]["stage"] if failures else None
+    if stage and any(word in stage for word in ("quantize", "dequantize", "parametriz")):
+        return attribution.BITSANDBYTES, [said, f"first failing stage: {stage}"]
+    return attribution.UNDETERMINED, [said] + ([f"first failing stage: {stage}"] if stage else [])
+
+
 PROBE = Probe(
     name="moe-expert-quant",
     description="Qwen3-MoE fused 3-D experts quantized via bnb parametrize + LoRA under fully_shard: "
@@ -501,4 +520,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "transformers", "peft")),
     standalone="reproducers/moe_expert_quant.py",
+    attribute=attribute,
 )

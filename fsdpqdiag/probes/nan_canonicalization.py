@@ -26,6 +26,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         build_linear4bit,
         capture_forward_weight,
         local_shard_of,
+        plain_carrier_control,
         shard,
     )
 
@@ -53,8 +54,11 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     # A root-cause hint: which conversion, run here on this device, leaves these bits?
     evidence["fingerprint"] = classify(evidence["swap_target"], ctx.device)
     evidence.update(output_delta(baseline, after))
-
     linear.reshard()
+
+    ctx.checkpoint("control: unshard of a plain parameter with the same bits", evidence)
+    evidence["controls"] = {"plain_parameter_same_bits": plain_carrier_control(original, ctx, cfg)}
+
     ctx.checkpoint(FULL_TENSOR_STAGE, evidence)
     evidence["full_tensor"] = diff(original, linear.weight.full_tensor())
     evidence["full_tensor"]["status"] = "completed"
@@ -116,6 +120,27 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    from fsdpqdiag import attribution
+
+    control = (evidence.get("controls") or {}).get("plain_parameter_same_bits")
+    swap = evidence.get("swap_target") or {}
+    if control is None or not swap:
+        stage = evidence.get("stage") or "setup"
+        return attribution.UNDETERMINED, [f"the run ended in {stage} before its control ran"]
+    altered = control["outcome"] == "altered"
+    result = f"altered {control['differing_elements']} elements" if altered else "kept every byte"
+    said = f"control: the same unshard of a plain parameter with the same bits (no bitsandbytes) {result}"
+    if swap.get("bytes_equal"):
+        return attribution.UNDETERMINED, [said, "forward received every byte; the output moved elsewhere"]
+    if control["outcome"] == "altered":
+        return attribution.TORCH_FSDP, [
+            said,
+            "fingerprint: " + ", ".join((evidence.get("fingerprint") or {}).get("matches") or ["none"]),
+        ]
+    return attribution.BITSANDBYTES, [said, "only the Params4bit path altered bytes"]
+
+
 PROBE = Probe(
     name="nan-canonicalization",
     description="Mechanism A: does the weight Linear4bit.forward sees after fully_shard keep every byte?",
@@ -123,4 +148,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(),
     standalone="reproducers/nan_canonicalization.py",
+    attribute=attribute,
 )

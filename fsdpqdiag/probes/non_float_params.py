@@ -21,52 +21,19 @@ INTEGER_PARAMS = ("u8", "i8")
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    import torch
-
-    from fsdpqdiag.bytes import diff
     from fsdpqdiag.config import LinearConfig
-    from fsdpqdiag.probes.common import raised, shard
+    from fsdpqdiag.probes.common import unshard_integer_params
 
     cfg = LinearConfig(**config)
-    torch.manual_seed(cfg.weight_seed)
-    module = torch.nn.Module()
-    module.linear = torch.nn.Linear(cfg.in_features, cfg.out_features, bias=False)
-    module.u8 = torch.nn.Parameter(
-        torch.randint(0, 256, (cfg.out_features, cfg.in_features), dtype=torch.uint8), requires_grad=False
-    )
-    module.i8 = torch.nn.Parameter(
-        torch.randint(-128, 128, (cfg.out_features, cfg.in_features), dtype=torch.int8), requires_grad=False
-    )
-    module = module.to(ctx.device)
-    originals = {name: getattr(module, name).detach().clone() for name in INTEGER_PARAMS}
     evidence: dict[str, Any] = {"param_dtype": cfg.param_dtype}
-    ctx.checkpoint("fully_shard", evidence)
-    try:
-        shard(module, ctx, cfg)
-    except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
-        evidence["fully_shard"] = raised(exc)
-        return evidence
-    evidence["fully_shard"] = {"status": "completed"}
-    evidence["sharded_dtypes"] = {n: str(getattr(module, n).dtype) for n in INTEGER_PARAMS}
-    ctx.checkpoint("unshard", evidence)
-    module.unshard()
-    for name in INTEGER_PARAMS:
-        gathered = getattr(module, name)
-        gathered = gathered.full_tensor() if hasattr(gathered, "full_tensor") else gathered
-        entry = {
-            "unsharded_dtype": str(gathered.dtype),
-            "dtype_preserved": gathered.dtype == originals[name].dtype,
-        }
-        if entry["dtype_preserved"]:
-            entry.update(diff(originals[name], gathered.detach().cpu().to(originals[name].device)))
-        else:
-            entry["bytes_equal"] = False
-            entry["values_equal"] = bool(
-                torch.equal(gathered.detach().to(originals[name].dtype), originals[name])
-            )
-        evidence[name] = entry
-    module.reshard()
-    return evidence
+    return unshard_integer_params(cfg, ctx, evidence, lambda stage: ctx.checkpoint(stage, evidence))
+
+
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    from fsdpqdiag import attribution
+
+    # The probe is its own control: plain frozen uint8/int8 nn.Parameters, no bitsandbytes.
+    return attribution.TORCH_FSDP, ["no bitsandbytes in the path: plain frozen uint8/int8 nn.Parameters"]
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
@@ -105,4 +72,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=()),
     standalone="reproducers/non_float_params.py",
+    attribute=attribute,
 )

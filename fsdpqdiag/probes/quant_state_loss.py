@@ -329,6 +329,25 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    """FSDP2 hands forward a plain Parameter by design (Params4bit defines no
+    fsdp_pre_all_gather); what must bring the QuantState back, and keep the weight FSDP2's,
+    is bitsandbytes' recovery, so findings past that point are bitsandbytes'."""
+    from fsdpqdiag import attribution
+
+    if "recovery" not in evidence:
+        return attribution.UNDETERMINED, [f"the run ended in {evidence.get('stage') or 'setup'}"]
+    lost, ownership = _problems(evidence)
+    handed = evidence.get("forward_weight") or {}
+    decided_by = [
+        f"forward received a {handed.get('type')} without the Params4bit subclass (FSDP2's documented swap)",
+        *(f"bitsandbytes' fix_4bit_weight_quant_state_from_module: {phrase}" for phrase in lost + ownership),
+    ]
+    if lost or ownership:
+        return attribution.BITSANDBYTES, decided_by
+    return attribution.UNDETERMINED, [*decided_by, "the recovery kept quant_state and FSDP2's storage"]
+
+
 PROBE = Probe(
     name="quant-state-loss",
     description="Linear4bit under fully_shard: quant_state kept or recovered, weight still FSDP2's?",
@@ -336,4 +355,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(),
     standalone="reproducers/quant_state_loss.py",
+    attribute=attribute,
 )

@@ -253,6 +253,31 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    """The matching-dtype rows are the controls: same layer, same FSDP2 call, only the
+    storage/param dtype pair differs."""
+    from fsdpqdiag import attribution
+
+    rows = evidence.get("rows") or []
+    references = [row for row in rows if row["matching"]]
+    failing = evidence.get("failing_combinations") or []
+    if not references or not failing:
+        return attribution.UNDETERMINED, [f"the run ended in {evidence.get('stage') or 'setup'}"]
+    kept = all(row["preserved"] for row in references)
+    said = [
+        f"control: matching pair {row['combination']} {'kept' if row['preserved'] else 'broke'}"
+        for row in references
+    ]
+    if not kept:
+        return attribution.UNDETERMINED, [*said, "the matching pair breaks too"]
+    return attribution.TORCH_FSDP, [
+        *said,
+        f"mismatched pairs break ({', '.join(failing)}): FSDP2's MixedPrecisionPolicy casts float packed "
+        "storage to param_dtype by value (init_dtype_attrs exempts only non-float parameters); "
+        "bitsandbytes documents quant_storage == model dtype for FSDP",
+    ]
+
+
 PROBE = Probe(
     name="storage-dtype-mismatch",
     description=(
@@ -263,4 +288,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(),
     standalone="reproducers/storage_dtype_mismatch.py",
+    attribute=attribute,
 )

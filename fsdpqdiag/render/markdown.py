@@ -178,15 +178,17 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
     ]
     head.append("")
     for r in report.results:
-        head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
         attribution = r.evidence.get("attribution")
         if attribution:
             target = attribution.get("report_to") or "nobody upstream"
             known = ", ".join(attribution.get("known_issues") or []) or "no known upstream issue"
             head.append(
-                f"  File against: {target} ({attribution['component']}); {known}; "
-                f"decided by: {'; '.join(attribution.get('decided_by') or [])}"
+                f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): File against: {target} "
+                f"({attribution['component']}); {known}. {r.summary}"
             )
+            head.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
+        else:
+            head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
         if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
             head += ["", _md_row(COMBINATION_COLUMNS), "  |" + " --- |" * len(COMBINATION_COLUMNS)]
             head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
