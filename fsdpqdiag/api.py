@@ -179,11 +179,16 @@ def _decide(name: str, probe_config: dict, run: RunConfig, outcomes: list, durat
     probe = get_probe(name)
     decided = probe.verdict(outcomes)
     if decided.verdict in attribution.ATTRIBUTED_VERDICTS:
-        component, decided_by = (
-            probe.attribute(decided.evidence)
-            if probe.attribute
-            else (attribution.UNDETERMINED, ["this task runs no control that separates the suspects"])
-        )
+        given = decided.evidence.get("attribution")
+        if given:  # a verdict decided by a control outside the probe (the stack preflight)
+            component, decided_by = given["component"], given.get("decided_by") or []
+        elif probe.attribute:
+            component, decided_by = probe.attribute(decided.evidence)
+        else:
+            component, decided_by = (
+                attribution.UNDETERMINED,
+                ["this task runs no control that separates the suspects"],
+            )
         signal = next((o.signal for o in outcomes if o.signal), None)
         decided.evidence["attribution"] = attribution.record(
             component,
