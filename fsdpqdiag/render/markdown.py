@@ -174,7 +174,8 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
     for r in report.results:
         head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
         if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
-            head += ["", _md_row(COMBINATION_COLUMNS), "  |" + " --- |" * len(COMBINATION_COLUMNS)]
+            headers = [column.header for column in COMBINATION_COLUMNS]
+            head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
             head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
         samples = (r.evidence.get("swap_target") or {}).get("samples") or []
         if samples:
