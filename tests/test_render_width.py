@@ -4,12 +4,17 @@ Rendered from the committed reports of every command, so no rank is launched.
 """
 
 import io
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
 
 from fsdpqdiag.render import report_tables
+from fsdpqdiag.render.compare_table import differences_table
+from fsdpqdiag.render.env_table import env_table
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.report import Report
 
@@ -93,3 +98,47 @@ def test_a_long_probe_label_keeps_the_probe_name_whole_and_drops_columns_not_wor
     # at a terminal wide enough, nothing is dropped and nothing wraps
     assert FittedTable(columns, [row]).hidden_headers(250) == []
     assert len([line for line in _render(table, width=250) if "nan-canonicalization" in line]) == 1
+
+
+def test_env_and_compare_tables_fit_80_columns():
+    captured = {
+        "bitsandbytes": {
+            "cpu_path": {"inference_repacks_weight": True},
+            "native_library": "/very/long/site-packages/bitsandbytes/libbitsandbytes_cpu_avx512bf16.so",
+        },
+        "log": ["WARNING bitsandbytes.backends.cpu.ops: Failed to load CPU gemm_4bit_forward " * 2],
+    }
+    lines = _render(env_table(captured))
+    assert max(map(len, lines)) <= WIDTH
+    assert any("bitsandbytes.cpu_path.inference_repacks_weight" in line for line in lines)
+    differences = [
+        {
+            "result": "nan-canonicalization/ws=2",
+            "path": "evidence.swap_target.post_bit_patterns.0x7fff",
+            "a": 1119,
+            "b": "<absent>",
+        }
+    ]
+    lines = _render(differences_table(differences))
+    assert max(map(len, lines)) <= WIDTH
+    assert any("nan-canonicalization/ws=2" in line for line in lines)
+
+
+def test_cli_wide_option_in_a_pipe():
+    report = ROOT / "reports" / "reproduce-ws2-cpu-2core-torch2.13-bnb0.50.2.json"
+
+    def table(*extra: str) -> str:
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS=str(WIDTH))
+        argv = [sys.executable, "-m", "fsdpqdiag", "report", str(report), "-f", "table", *extra]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=120, env=env)
+        assert done.returncode == 0, done.stderr
+        return done.stdout
+
+    compact, wide = table(), table("--wide")
+    assert max(len(line) for line in compact.splitlines()) <= WIDTH
+    assert "redistribute()" not in compact.split("not shown at")[0] and "redistribute()" in compact
+    header = next(line for line in wide.splitlines() if "probe" in line and "verdict" in line)
+    for column in ("device", "NaN-class el.", "_local_tensor", "redistribute()", "ranks agree"):
+        assert column in header
+    # the summary lines are unchanged by either layout
+    assert "NOT REPRODUCED  nan-canonicalization (ws=2): every byte survives" in " ".join(wide.split("\n"))
