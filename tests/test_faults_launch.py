@@ -62,9 +62,11 @@ def test_crashed_rank_carries_the_python_stack_of_the_signal(run_cli):
     assert " in full_tensor" in stack, stack
     assert crashed["ranks"][0]["python_stack"] == stack
     # the report still validates: the stack lives where the schema leaves room
+    from fsdpqdiag.render.markdown import render
     from fsdpqdiag.report import Report
 
-    Report.load(result.json_path)
+    markdown = render(Report.load(result.json_path))
+    assert "  Fatal Python error: Segmentation fault" in markdown  # readable, not only in the JSON
 
 
 def test_python_stack_keeps_the_signalled_thread_and_trims_the_rest():

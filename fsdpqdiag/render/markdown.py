@@ -184,6 +184,9 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
                 f"  | {s['index']} | {s['original_bits']} | {s['original_class']} | {s['post_bits']} |"
                 for s in samples
             ]
+        stack = r.evidence.get("python_stack")
+        if stack:  # where a rank died by a signal: readable here, not only inside the JSON
+            head += ["", "  ```", *(f"  {line}" for line in stack.splitlines()), "  ```"]
     for world_size, analysis in report.analysis.items():
         if isinstance(analysis, dict):
             for reading, claims in analysis.items():
