@@ -185,8 +185,9 @@ class FittedTable:
         width = options.max_width
         table = self.table(width)
         needed = sum(c.width or 0 for c in table.columns) + _chrome(len(table.columns))
-        # A wide table may need more than the console has: it is laid out at its own width
-        # (print it with crop=False to keep its right edge), never squeezed into shards.
+        # A wide table, or one whose always-shown columns hold words longer than the console
+        # is wide, needs more than the console has: it is laid out at its own width (print it
+        # with crop=False to keep its right edge), never squeezed into shards.
         yield table if needed <= width else _AtWidth(table, needed)
         hidden = self.hidden_headers(width)
         if hidden:
