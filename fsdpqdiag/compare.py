@@ -14,7 +14,16 @@ from typing import Any
 from fsdpqdiag.report import Report
 
 # Leaves that measure the run, not the stack: never part of "identical".
-VOLATILE = {"duration_s", "seconds", "step_seconds_fsdp", "log_tail", "created", "device"}
+# A crashed rank's python_stack names the files of one install (paths, line numbers).
+VOLATILE = {
+    "duration_s",
+    "seconds",
+    "step_seconds_fsdp",
+    "log_tail",
+    "python_stack",
+    "created",
+    "device",
+}
 
 
 class Incomparable(ValueError):

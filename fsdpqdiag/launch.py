@@ -35,6 +35,10 @@ from fsdpqdiag.config import RankTask
 PEER_GRACE_S = 5.0
 LOG_TAIL_CHARS = 4000
 PORT_RETRIES = 3
+# faulthandler (enabled first thing in every rank) opens its dump of a fatal signal with this
+# line; the frames kept in a result are those of the thread the signal hit, innermost first.
+FAULTHANDLER_HEADER = "Fatal Python error:"
+PYTHON_STACK_MAX_FRAMES = 30
 
 
 @dataclass
@@ -47,6 +51,8 @@ class RankOutcome:
     exit_code: int | None = None
     error: str | None = None
     log_tail: str = ""
+    # For a rank killed by a signal: the Python stack faulthandler wrote as it died, trimmed.
+    python_stack: str | None = None
     duration_s: float = 0.0
     # Wall-clock time at which the rank caught its exception. The launcher sees ranks end
     # only to its 50 ms poll, in which a rank and the peer its failure broke often both end;
@@ -136,11 +142,41 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _tail(path: Path) -> str:
+def _read_log(path: Path) -> str:
     try:
-        return path.read_text(errors="replace")[-LOG_TAIL_CHARS:]
+        return path.read_text(errors="replace")
     except OSError:
         return ""
+
+
+def python_stack(log_text: str) -> str | None:
+    """The Python stack faulthandler wrote into a rank's log when a signal killed it, or None.
+
+    Kept: the "Fatal Python error" line and the frames of the thread the signal hit (the
+    native crash site's Python callers, e.g. ``full_tensor``); dropped: other threads and the
+    list of extension modules, which can run to thousands of characters and would push the
+    frames out of the log tail. The whole dump stays in the rank's log.
+    """
+    start = log_text.rfind(FAULTHANDLER_HEADER)
+    if start < 0:
+        return None
+    lines = log_text[start:].splitlines()
+    # all_threads=True marks the signalled thread "Current thread …"; a single-thread dump
+    # says "Stack (most recent call first):".
+    thread = next(
+        (i for i, line in enumerate(lines) if line.startswith(("Current thread", "Stack (most recent"))), None
+    )
+    if thread is None:
+        return lines[0]
+    frames = []
+    for line in lines[thread + 1 :]:
+        if not line.startswith("  "):
+            break
+        frames.append(line)
+    hidden = len(frames) - PYTHON_STACK_MAX_FRAMES
+    if hidden > 0:
+        frames = frames[:PYTHON_STACK_MAX_FRAMES] + [f"  … {hidden} outer frames in the rank's log"]
+    return "\n".join([lines[0], lines[thread], *frames])
 
 
 def _die_with_parent() -> None:
@@ -198,7 +234,8 @@ def _outcome_for(
     written = _read_json(result_path) or {}
     stage = written.get("stage")
     evidence = written.get("evidence", {})
-    log_tail = _tail(log_path)
+    log_text = _read_log(log_path)
+    log_tail = log_text[-LOG_TAIL_CHARS:]
     code = process.returncode
     if forced is not None:
         return RankOutcome(
@@ -221,6 +258,7 @@ def _outcome_for(
             signal=signal_name(code),
             exit_code=code,
             log_tail=log_tail,
+            python_stack=python_stack(log_text),
             duration_s=duration_s,
         )
     status = written.get("status")

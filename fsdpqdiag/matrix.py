@@ -399,6 +399,8 @@ def sweep(
         }
         if isinstance(row["error"], list):
             row["error"] = row["error"][0] if row["error"] else None
+        if failed.python_stack:
+            row["python_stack"] = failed.python_stack
         rows[casualty.name] = row
         if base_config.get("out_dir"):
             append_line(Path(base_config["out_dir"]), casualty, row, run.world_size)

@@ -141,6 +141,13 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
 
 
 if __name__ == "__main__":
+    import faulthandler
+
+    # First, before torch loads: a rank killed by a signal (a native SIGSEGV inside
+    # full_tensor()) then writes its Python stack to stderr, which the launcher captures in
+    # the rank's log and carries into the CRASHED result.
+    faulthandler.enable()
+
     from fsdpqdiag import stacklog
     from fsdpqdiag.launch import exit_skipping_teardown
 

@@ -8,8 +8,10 @@ import pytest
 
 from fsdpqdiag import api
 from fsdpqdiag.config import LinearConfig, RunConfig
-from fsdpqdiag.launch import RankOutcome, in_launched_job
+from fsdpqdiag.launch import PYTHON_STACK_MAX_FRAMES, RankOutcome, in_launched_job, python_stack
 from fsdpqdiag.probes.base import failure_verdict
+
+from .conftest import SMALL_LINEAR
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
 
@@ -36,6 +38,60 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
     assert _children_of(os.getpid()) == []
+
+
+def test_crashed_rank_carries_the_python_stack_of_the_signal(run_cli):
+    result = run_cli(
+        "reproduce",
+        "--ws",
+        "1",
+        "--probe",
+        "full-tensor-crash",
+        "--inject",
+        "segfault",
+        "--device",
+        "cpu",
+        *SMALL_LINEAR,
+        "-q",
+        json=True,
+    )
+    crashed = result.report["results"][0]
+    assert crashed["verdict"] == "CRASHED" and crashed["evidence"]["signal"] == "SIGSEGV"
+    stack = crashed["evidence"]["python_stack"]
+    assert stack.startswith("Fatal Python error: Segmentation fault")
+    assert " in full_tensor" in stack, stack
+    assert crashed["ranks"][0]["python_stack"] == stack
+    # the report still validates: the stack lives where the schema leaves room
+    from fsdpqdiag.render.markdown import render
+    from fsdpqdiag.report import Report
+
+    markdown = render(Report.load(result.json_path))
+    assert "  Fatal Python error: Segmentation fault" in markdown  # readable, not only in the JSON
+
+
+def test_python_stack_keeps_the_signalled_thread_and_trims_the_rest():
+    frames = [f'  File "/x/f{i}.py", line {i} in f{i}' for i in range(PYTHON_STACK_MAX_FRAMES + 5)]
+    log = "\n".join(
+        [
+            "rank output before the crash",
+            "Fatal Python error: Segmentation fault",
+            "",
+            "Thread 0x0000000000000002 (most recent call first):",
+            '  File "/x/other.py", line 1 in watchdog',
+            "",
+            "Current thread 0x0000000000000001 (most recent call first):",
+            '  File "/x/faults.py", line 230 in full_tensor',
+            *frames,
+            "",
+            "Extension modules: numpy.core._multiarray_umath, torch._C (total: 2)",
+        ]
+    )
+    stack = python_stack(log).splitlines()
+    assert stack[0] == "Fatal Python error: Segmentation fault"
+    assert stack[1].startswith("Current thread") and "full_tensor" in stack[2]
+    assert not any("watchdog" in line or "Extension modules" in line for line in stack)
+    assert len(stack) == 2 + PYTHON_STACK_MAX_FRAMES + 1 and "6 outer frames" in stack[-1]
+    assert python_stack("no crash here\n") is None
 
 
 def test_hung_rank_times_out_and_every_rank_is_reaped():

@@ -8,6 +8,12 @@ def main() -> None:
     from fsdpqdiag import stacklog
     from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job
 
+    if in_launched_job():
+        import faulthandler
+
+        # Under torchrun this process is a rank that no launcher of ours watches: a native
+        # crash is then seen only in torchrun's log, which this makes carry the Python stack.
+        faulthandler.enable()
     stacklog.install()
 
     if not in_launched_job():

@@ -87,6 +87,19 @@ MarkdownPath = Annotated[
     typer.Option("--markdown", help="Write the Markdown report here."),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")]
+Wide = Annotated[
+    bool,
+    typer.Option(
+        "--wide",
+        help="Every column of every table, each value on one line, however long the lines get "
+        "(default: the columns that fit the terminal; 80 in a pipe or a CI log).",
+    ),
+]
+
+
+def print_tables(renderable, wide: bool) -> None:
+    """Print a command's tables; a --wide table keeps its right edge past the console width."""
+    stdout.print(renderable, crop=not wide)
 
 
 def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:

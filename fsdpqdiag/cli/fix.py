@@ -15,12 +15,13 @@ from fsdpqdiag.cli.app import (
     MarkdownPath,
     Quiet,
     Timeout,
+    Wide,
     WorldSizes,
     app,
     check_outputs,
     is_reporting_rank,
+    print_tables,
     run_library,
-    stdout,
     write_report,
 )
 
@@ -53,6 +54,7 @@ def fix(
     json_path: JsonPath = None,
     markdown_path: MarkdownPath = None,
     quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """Verify workarounds bit for bit against training without FSDP (loss, LoRA grads, K steps)."""
     from fsdpqdiag import api
@@ -75,5 +77,5 @@ def fix(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        stdout.print(fix_table(report))
+        print_tables(fix_table(report, wide), wide)
     raise typer.Exit(report.exit_code())

@@ -15,13 +15,14 @@ from fsdpqdiag.cli.app import (
     MarkdownPath,
     Quiet,
     Timeout,
+    Wide,
     WorldSizes,
     app,
     check_outputs,
     fail,
     is_reporting_rank,
+    print_tables,
     run_library,
-    stdout,
     write_report,
 )
 from fsdpqdiag.report import EXIT_CODES_HELP
@@ -48,6 +49,7 @@ def forensics(
     json_path: JsonPath = None,
     markdown_path: MarkdownPath = None,
     quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """For every quantized weight of a real model: original vs _local_tensor vs forward's vs full_tensor()."""
     from fsdpqdiag import api
@@ -79,5 +81,5 @@ def forensics(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        stdout.print(forensics_table(report))
+        print_tables(forensics_table(report, wide), wide)
     raise typer.Exit(report.exit_code())

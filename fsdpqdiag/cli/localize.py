@@ -15,11 +15,12 @@ from fsdpqdiag.cli.app import (
     MarkdownPath,
     Quiet,
     Timeout,
+    Wide,
     app,
     check_outputs,
     is_reporting_rank,
+    print_tables,
     run_library,
-    stdout,
     write_report,
 )
 from fsdpqdiag.report import EXIT_CODES_HELP
@@ -40,6 +41,7 @@ def localize(
     in_features: Annotated[int, typer.Option(help="Payload Linear4bit input features.")] = 256,
     out_features: Annotated[int, typer.Option(help="Payload Linear4bit output features.")] = 256,
     quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """Replay FSDP2's unshard op by op on every bf16 NaN pattern; name the first op that alters bytes."""
     from fsdpqdiag import api
@@ -61,5 +63,5 @@ def localize(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        stdout.print(localize_table(report))
+        print_tables(localize_table(report, wide), wide)
     raise typer.Exit(report.exit_code())

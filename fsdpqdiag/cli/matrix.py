@@ -16,13 +16,14 @@ from fsdpqdiag.cli.app import (
     MarkdownPath,
     Quiet,
     Timeout,
+    Wide,
     WorldSizes,
     app,
     check_outputs,
     is_reporting_rank,
+    print_tables,
     run_library,
     stderr,
-    stdout,
     write_report,
 )
 from fsdpqdiag.report import EXIT_CODES_HELP
@@ -66,6 +67,7 @@ def matrix(
         Path | None, typer.Option(help="Write a PNG heat map of |Δloss| and differing elements.")
     ] = None,
     quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """Sweep #1945's cells A–G (or a --grid) and compute what the outcome is invariant in."""
     from rich.progress import Progress
@@ -124,7 +126,7 @@ def matrix(
         if plot is not None:
             heat_map(report, plot)
         if not quiet:
-            stdout.print(matrix_table(report))
+            print_tables(matrix_table(report, wide), wide)
     _wait_for_reporting_rank()
     # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
     # first would make torchrun SIGTERM rank 0 mid-exit.

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import app, check_outputs, fail, stdout
+from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdout
 
 COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
 
@@ -22,59 +22,24 @@ def _load(path: Path):
         raise fail(str(exc)) from None
 
 
-def _table(report):
-    from fsdpqdiag.render.fix_table import fix_table
-    from fsdpqdiag.render.forensics_table import forensics_table
-    from fsdpqdiag.render.localize_table import localize_table
-    from fsdpqdiag.render.matrix_table import matrix_table
-    from fsdpqdiag.render.table import reproduce_table
-
-    views = {
-        "matrix": matrix_table,
-        "fix": fix_table,
-        "localize": localize_table,
-        "forensics": forensics_table,
-    }
-    return views.get(report.command, reproduce_table)(report)
-
-
 @app.command()
 def env(
     json_out: Annotated[bool, typer.Option("--json", help="Print the environment as JSON.")] = False,
     markdown: Annotated[bool, typer.Option("--markdown", help="Print it as a Markdown block.")] = False,
+    wide: Wide = False,
 ) -> None:
     """The stack under test: torch/CUDA/NCCL, bitsandbytes and its native library, GPUs, driver."""
-    from rich.table import Table
-
     from fsdpqdiag import env as environment
+    from fsdpqdiag.render.env_table import env_markdown, env_table
 
     captured = environment.capture()
     if json_out:
         stdout.print_json(json.dumps(captured))
         return
-    flat = _flatten(captured)
     if markdown:
-        print("| item | value |\n| --- | --- |\n" + "\n".join(f"| {k} | {v} |" for k, v in flat))
+        print(env_markdown(captured))
         return
-    table = Table(title="fsdpqdiag env", title_justify="left")
-    table.add_column("item")
-    table.add_column("value", overflow="fold")
-    for key, value in flat:
-        table.add_row(key, str(value))
-    stdout.print(table)
-
-
-def _flatten(data, prefix: str = "") -> list[tuple[str, object]]:
-    items: list[tuple[str, object]] = []
-    if isinstance(data, dict):
-        for key, value in data.items():
-            items += _flatten(value, f"{prefix}{key}.")
-    elif isinstance(data, list):
-        for index, value in enumerate(data):
-            items += _flatten(value, f"{prefix}{index}.")
-    else:
-        items.append((prefix.rstrip("."), data))
-    return items
+    print_tables(env_table(captured, wide), wide)
 
 
 @app.command()
@@ -85,8 +50,10 @@ def report(
         Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG byte map of the altered elements.")] = None,
+    wide: Wide = False,
 ) -> None:
     """Render any report: Markdown for an upstream issue, a table, or JSON."""
+    from fsdpqdiag.render import report_tables
     from fsdpqdiag.report import atomic_write_text
 
     if format not in ("md", "table", "json"):
@@ -103,10 +70,10 @@ def report(
             from rich.console import Console
 
             console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
-            console.print(_table(loaded))
+            console.print(report_tables(loaded, wide), crop=not wide)
             atomic_write_text(output, console.export_text())
         else:
-            stdout.print(_table(loaded))
+            print_tables(report_tables(loaded, wide), wide)
         return
     if format == "md":
         from fsdpqdiag.render.markdown import render
@@ -125,13 +92,13 @@ def compare(
     a: Annotated[Path, typer.Argument(help="First report.")],
     b: Annotated[Path, typer.Argument(help="Second report.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    wide: Wide = False,
 ) -> None:
     """Compare two reports to the last bit: verdicts, element positions, bit patterns, losses."""
     from dataclasses import asdict
 
-    from rich.table import Table
-
     from fsdpqdiag.compare import Incomparable, compare
+    from fsdpqdiag.render.compare_table import differences_table
 
     left, right = _load(a), _load(b)
     try:
@@ -149,12 +116,7 @@ def compare(
             if keys:
                 stdout.print(f"{label}: {', '.join(keys)}")
         if result.differences:
-            table = Table(title_justify="left")
-            for column in ("result", "path", "A", "B"):
-                table.add_column(column, overflow="fold")
-            for item in result.differences[:200]:
-                table.add_row(item["result"], item["path"], str(item["a"])[:80], str(item["b"])[:80])
-            stdout.print(table)
+            print_tables(differences_table(result.differences, wide), wide)
         if result.environment:
             stdout.print(
                 f"[dim]environments differ in {len(result.environment)} fields "

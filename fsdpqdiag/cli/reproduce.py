@@ -15,13 +15,14 @@ from fsdpqdiag.cli.app import (
     MarkdownPath,
     Quiet,
     Timeout,
+    Wide,
     WorldSizes,
     app,
     check_outputs,
     fail,
     is_reporting_rank,
+    print_tables,
     run_library,
-    stdout,
     write_report,
 )
 from fsdpqdiag.report import EXIT_CODES_HELP
@@ -55,6 +56,7 @@ def reproduce(
     input_seed: Annotated[int, typer.Option(help="Seed of the input.")] = 123,
     batch: Annotated[int, typer.Option(help="Rows of the input.")] = 2,
     quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """Run bitsandbytes #1945's reproducers (Mechanisms A and B) with byte-level evidence."""
     from fsdpqdiag.config import LinearConfig, canonical_dtype
@@ -97,5 +99,5 @@ def reproduce(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        stdout.print(reproduce_table(report))
+        print_tables(reproduce_table(report, wide), wide)
     raise typer.Exit(report.exit_code())

@@ -77,7 +77,7 @@ def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
         return Verdict(
             CRASHED,
             f"rank(s) {ranks} died by {first.signal} during {first.stage or 'setup'}",
-            {"signal": first.signal, "stage": first.stage},
+            {"signal": first.signal, "stage": first.stage, **_stack_of(first)},
         )
     timed_out = [o for o in outcomes if o.status == "timeout"]
     if timed_out:
@@ -117,7 +117,14 @@ def unfinished_rank(outcome: RankOutcome) -> dict[str, Any]:
         "signal": outcome.signal,
         "rank": outcome.rank,
         "error": first_line(outcome.error),
+        **_stack_of(outcome),
     }
+
+
+def _stack_of(outcome: RankOutcome) -> dict[str, str]:
+    """The Python stack of a rank a signal killed, as evidence; nothing where there is none
+    (older outcomes, or a SIGKILL, which leaves faulthandler no chance to write)."""
+    return {"python_stack": outcome.python_stack} if outcome.python_stack else {}
 
 
 def ranks_agree(outcomes: list[RankOutcome], keys: Callable[[dict], Any]) -> bool:

@@ -125,6 +125,7 @@ def _casualty_outcome(name: str, outcome: RankOutcome, done: dict | None) -> Ran
         exit_code=outcome.exit_code,
         error=outcome.error or (None if status != "error" else f"rank ended before finishing {name}"),
         log_tail=outcome.log_tail,
+        python_stack=outcome.python_stack,
         duration_s=outcome.duration_s,
         failed_at=outcome.failed_at,
     )

@@ -3,28 +3,31 @@
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
 FIX_STYLE = {**VERDICT_STYLE, "VERIFIED": "bold green", "NOT VERIFIED": "bold red"}
 
 
-def fix_table(report: Report) -> Group:
-    table = Table(title="fsdpqdiag fix", title_justify="left")
-    for column in (
-        "workaround",
-        "target",
-        "ws",
-        "device",
-        "verdict",
-        "losses (FSDP2)",
-        "first divergence",
-        "int8 SCB saved",
-    ):
-        table.add_column(column, overflow="fold")
+# At 80 columns a row keeps which workaround on which target, its verdict and where it first
+# diverged from training without FSDP.
+FIX_COLUMNS = (
+    Column("workaround"),
+    Column("target", priority=1),
+    Column("ws", priority=3),
+    Column("device", priority=4),
+    Column("verdict"),
+    Column("losses (FSDP2)", priority=2),
+    Column("first divergence", priority=1),
+    Column("int8 SCB saved", priority=3),
+)
+
+
+def fix_table(report: Report, wide: bool = False) -> Group:
+    rows = []
     for r in report.results:
         ev = r.evidence
         first = ev.get("first_divergence")
@@ -34,16 +37,19 @@ def fix_table(report: Report) -> Group:
             else "–"
         )
         losses = ", ".join(f"{v:.6g}" for v in ev.get("losses_fsdp", [])) or "–"
-        table.add_row(
-            r.config.get("workaround", "?"),
-            r.config.get("target", "?"),
-            str(r.world_size),
-            f"{r.device}/{r.backend}",
-            Text(r.verdict, style=FIX_STYLE.get(r.verdict, "")),
-            losses,
-            where,
-            {True: "yes", False: "LOST"}.get(ev.get("int8_scb_saved"), "–"),
+        rows.append(
+            [
+                r.config.get("workaround", "?"),
+                r.config.get("target", "?"),
+                str(r.world_size),
+                f"{r.device}/{r.backend}",
+                Text(r.verdict, style=FIX_STYLE.get(r.verdict, "")),
+                losses,
+                where,
+                {True: "yes", False: "LOST"}.get(ev.get("int8_scb_saved"), "–"),
+            ]
         )
+    table = FittedTable(FIX_COLUMNS, rows, title="fsdpqdiag fix", wide=wide)
     lines = [table]
     if any(r.injected for r in report.results):
         lines.append(Text(f"injected fault: {report.results[0].injected}", style="yellow"))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -14,39 +14,46 @@ def _fmt(value) -> str:
     return "–" if value is None else f"{value:.4g}" if isinstance(value, float) else str(value)
 
 
-def forensics_table(report: Report) -> Group:
+# At 80 columns a row keeps the module (whole: model.layers.21.self_attn.q_proj), the bytes
+# of the weight forward receives, their new bit patterns and the output delta.
+FORENSICS_COLUMNS = (
+    Column("module"),
+    Column("kind", priority=5),
+    Column("shape", priority=4),
+    Column("NaN-class", priority=3),
+    Column("swap target"),
+    Column("_local_tensor", priority=3),
+    Column("full_tensor()", priority=2),
+    Column("post bits", priority=1),
+    Column("max |Δout|", priority=1),
+    Column("mean |Δout|", priority=4),
+)
+
+
+def forensics_table(report: Report, wide: bool = False) -> Group:
     parts = []
     for r in report.results:
-        table = Table(title=f"forensics, ws={r.world_size} ({r.device}/{r.backend})", title_justify="left")
-        for column in (
-            "module",
-            "kind",
-            "shape",
-            "NaN-class",
-            "swap target",
-            "_local_tensor",
-            "full_tensor()",
-            "post bits",
-            "max |Δout|",
-            "mean |Δout|",
-        ):
-            table.add_column(column, overflow="fold")
+        rows = []
         for row in r.evidence.get("modules", []):
             swap = row["swap_target"]
             local = row.get("local_tensor") or {}
             full = row.get("full_tensor") or {}
-            table.add_row(
-                row["module"],
-                row["kind"],
-                "×".join(map(str, row["shape"])),
-                str(row["nan_elements"]),
-                f"{_fmt(swap.get('differing_elements'))} el / {_fmt(swap.get('differing_bytes'))} B",
-                _fmt(local.get("differing_elements")),
-                _fmt(full.get("differing_elements")),
-                ", ".join(swap.get("post_bit_patterns") or {}) or "–",
-                _fmt(row.get("max_abs_delta")),
-                _fmt(row.get("mean_abs_delta")),
+            rows.append(
+                [
+                    row["module"],
+                    row["kind"],
+                    "×".join(map(str, row["shape"])),
+                    str(row["nan_elements"]),
+                    f"{_fmt(swap.get('differing_elements'))} el / {_fmt(swap.get('differing_bytes'))} B",
+                    _fmt(local.get("differing_elements")),
+                    _fmt(full.get("differing_elements")),
+                    ", ".join(swap.get("post_bit_patterns") or {}) or "–",
+                    _fmt(row.get("max_abs_delta")),
+                    _fmt(row.get("mean_abs_delta")),
+                ]
             )
+        title = f"forensics, ws={r.world_size} ({r.device}/{r.backend})"
+        table = FittedTable(FORENSICS_COLUMNS, rows, title=title, wide=wide)
         parts.append(table)
         parts.append(Text.assemble(Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")), " ", r.summary))
     return Group(*parts)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -22,31 +22,52 @@ def _patterns(row: dict) -> str:
     return ", ".join(f"{p}×{n}" for p, n in list((row.get("post_bit_patterns") or {}).items())[:3]) or "–"
 
 
-def localize_table(report: Report) -> Group:
+# FSDP2's call sites are function:line words as long as
+# fix_4bit_weight_quant_state_from_module:500: the one column allowed to fold them.
+OPS_COLUMNS = (
+    Column("op"),
+    Column("bytes survive"),
+    Column("differing", priority=2),
+    Column("post bits", priority=1),
+    Column("called by FSDP2 in", priority=3, breakable=True),
+)
+PIPELINE_COLUMNS = (
+    Column("stage"),
+    Column("bytes survive"),
+    Column("differing", priority=2),
+    Column("post bits", priority=1),
+)
+
+
+def localize_table(report: Report, wide: bool = False) -> Group:
     parts = []
     for result in report.results:
         ev = result.evidence
-        ops = Table(title=f"ops on {result.device} (every bf16 NaN pattern)", title_justify="left")
-        for column in ("op", "bytes survive", "differing", "post bits", "called by FSDP2 in"):
-            ops.add_column(column, overflow="fold")
+        op_rows = []
         for row in ev.get("ops", []):
             sites = ", ".join(f"{s['function']}:{s['line']}" for s in row.get("call_sites", [])[:3])
-            ops.add_row(
-                row["stage"],
-                _survives(row),
-                str(row.get("differing_elements", "–")),
-                _patterns(row),
-                sites or "–",
+            op_rows.append(
+                [
+                    row["stage"],
+                    _survives(row),
+                    str(row.get("differing_elements", "–")),
+                    _patterns(row),
+                    sites or "–",
+                ]
             )
-        pipeline = Table(
-            title=f"real unshard at ws={result.world_size} ({result.backend})", title_justify="left"
+        ops = FittedTable(
+            OPS_COLUMNS, op_rows, title=f"ops on {result.device} (every bf16 NaN pattern)", wide=wide
         )
-        for column in ("stage", "bytes survive", "differing", "post bits"):
-            pipeline.add_column(column, overflow="fold")
-        for row in ev.get("pipeline", []):
-            pipeline.add_row(
-                row["stage"], _survives(row), str(row.get("differing_elements", "–")), _patterns(row)
-            )
+        stage_rows = [
+            [row["stage"], _survives(row), str(row.get("differing_elements", "–")), _patterns(row)]
+            for row in ev.get("pipeline", [])
+        ]
+        pipeline = FittedTable(
+            PIPELINE_COLUMNS,
+            stage_rows,
+            title=f"real unshard at ws={result.world_size} ({result.backend})",
+            wide=wide,
+        )
         verdict = Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, ""))
         parts += [ops, pipeline, Text.assemble(verdict, " ", result.summary)]
         if result.injected:

@@ -190,7 +190,8 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
         else:
             head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
         if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
-            head += ["", _md_row(COMBINATION_COLUMNS), "  |" + " --- |" * len(COMBINATION_COLUMNS)]
+            headers = [column.header for column in COMBINATION_COLUMNS]
+            head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
             head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
         samples = (r.evidence.get("swap_target") or {}).get("samples") or []
         if samples:
@@ -199,6 +200,9 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
                 f"  | {s['index']} | {s['original_bits']} | {s['original_class']} | {s['post_bits']} |"
                 for s in samples
             ]
+        stack = r.evidence.get("python_stack")
+        if stack:  # where a rank died by a signal: readable here, not only inside the JSON
+            head += ["", "  ```", *(f"  {line}" for line in stack.splitlines()), "  ```"]
     for world_size, analysis in report.analysis.items():
         if isinstance(analysis, dict):
             for reading, claims in analysis.items():

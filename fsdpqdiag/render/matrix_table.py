@@ -5,9 +5,9 @@ from __future__ import annotations
 from pathlib import Path
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -16,43 +16,50 @@ def _num(value, fmt: str = ".16g") -> str:
     return "–" if value is None else format(value, fmt)
 
 
-def matrix_table(report: Report) -> Group:
+# At 80 columns a row keeps what makes the cell (its name, wrap, mp_policy and other
+# settings, or its error), how many elements differ, the relative loss delta and the verdict.
+# "other" may fold: a --grid cell's name already spells its settings and takes the width.
+MATRIX_COLUMNS = (
+    Column("cell"),
+    Column("wrap", priority=1),
+    Column("FSDP units", priority=5),
+    Column("mp_policy", priority=1),
+    Column("other", breakable=True),
+    Column("loss_fsdp2", priority=3),
+    Column("baseline", priority=4),
+    Column("Δ", priority=4),
+    Column("rel Δ", priority=2),
+    Column("differing el.", priority=2),
+    Column("post bits", priority=3),
+    Column("verdict"),
+)
+
+
+def matrix_table(report: Report, wide: bool = False) -> Group:
     parts = []
     for world_size in report.world_sizes:
-        table = Table(title=f"configuration matrix, ws={world_size}", title_justify="left")
-        for column in (
-            "cell",
-            "wrap",
-            "FSDP units",
-            "mp_policy",
-            "other",
-            "loss_fsdp2",
-            "baseline",
-            "Δ",
-            "rel Δ",
-            "differing el.",
-            "post bits",
-            "verdict",
-        ):
-            table.add_column(column, overflow="fold")
+        rows = []
         for r in (r for r in report.results if r.world_size == world_size):
             cell, ev = r.config["cell"], r.evidence
             other = r.summary if ev.get("status") == "ok" else (ev.get("error") or ev.get("signal") or "")
             patterns = ", ".join(f"{p}×{n}" for p, n in list((ev.get("post_bit_patterns") or {}).items())[:2])
-            table.add_row(
-                cell["name"],
-                cell["wrap"],
-                _num(ev.get("fsdp_units"), "d"),
-                cell["mp"],
-                "" if other == "defaults" else other,
-                _num(ev.get("loss_fsdp2")),
-                _num(ev.get("loss_baseline")),
-                _num(ev.get("delta"), ".4g"),
-                _num(ev.get("relative_delta"), ".3%"),
-                _num(ev.get("differing_elements"), "d"),
-                patterns or "–",
-                Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")),
+            rows.append(
+                [
+                    cell["name"],
+                    cell["wrap"],
+                    _num(ev.get("fsdp_units"), "d"),
+                    cell["mp"],
+                    "" if other == "defaults" else other,
+                    _num(ev.get("loss_fsdp2")),
+                    _num(ev.get("loss_baseline")),
+                    _num(ev.get("delta"), ".4g"),
+                    _num(ev.get("relative_delta"), ".3%"),
+                    _num(ev.get("differing_elements"), "d"),
+                    patterns or "–",
+                    Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")),
+                ]
             )
+        table = FittedTable(MATRIX_COLUMNS, rows, title=f"configuration matrix, ws={world_size}", wide=wide)
         parts.append(table)
         for reading, analysis in report.analysis.get(str(world_size), {}).items():
             label = "exact loss bits and byte pattern" if reading == "exact" else "verdict"
@@ -60,7 +67,11 @@ def matrix_table(report: Report) -> Group:
             for dimension, claim in analysis.items():
                 if dimension != "summary" and claim["status"] != "untested":
                     pairs = claim["different_outcome"] or claim["same_outcome"]
-                    support = ", ".join("/".join(p) for p in pairs[:4])
+                    # Spaces around the "/" of a pair of --grid cells let a narrow console wrap
+                    # between the two names instead of inside one.
+                    support = ", ".join(
+                        ("/" if all(len(name) <= 3 for name in p) else " / ").join(p) for p in pairs[:4]
+                    )
                     skipped = claim.get("not_comparable") or []
                     note = f"; not comparable: {', '.join(skipped)}" if skipped else ""
                     parts.append(

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.report import Report
 
 VERDICT_STYLE = {
@@ -51,13 +51,14 @@ def _probe_label(result) -> str:
 
 # Probes whose evidence is one row per (quant_storage, param_dtype) combination.
 COMBINATION_PROBES = ("storage-dtype-mismatch",)
+# The headers are shared with Markdown; the priorities say what an 80-column log keeps.
 COMBINATION_COLUMNS = (
-    "storage/params",
-    "dtype sharded → forward",
-    "failure",
-    "forward weight bytes",
-    "max |Δy|",
-    "preserved",
+    Column("storage/params"),
+    Column("dtype sharded → forward", priority=2),
+    Column("failure"),
+    Column("forward weight bytes", priority=1),
+    Column("max |Δy|", priority=3),
+    Column("preserved"),
 )
 
 
@@ -86,57 +87,62 @@ def combination_cells(row: dict) -> list[str]:
     ]
 
 
-def combination_tables(report: Report) -> list[Table]:
+def combination_tables(report: Report, wide: bool = False) -> list[FittedTable]:
     tables = []
     for result in report.results:
         rows = result.evidence.get("rows")
         if result.probe not in COMBINATION_PROBES or not rows:
             continue
         title = Text(f"{_probe_label(result)} (ws={result.world_size})", style="italic")
-        table = Table(title=title, title_justify="left")
-        for column in COMBINATION_COLUMNS:
-            table.add_column(column, overflow="fold")
+        cells = []
         for row in rows:
-            cells = combination_cells(row)
-            table.add_row(*cells[:-1], Text(cells[-1], style="" if row.get("preserved") else "bold red"))
-        tables.append(table)
+            shown = combination_cells(row)
+            cells.append([*shown[:-1], Text(shown[-1], style="" if row.get("preserved") else "bold red")])
+        tables.append(FittedTable(COMBINATION_COLUMNS, cells, title=title, wide=wide))
     return tables
 
 
-def reproduce_table(report: Report) -> Group:
-    table = Table(title=f"fsdpqdiag {report.command}", title_justify="left")
-    for column in (
-        "probe",
-        "ws",
-        "device",
-        "verdict",
-        "NaN-class el.",
-        "swap target",
-        "_local_tensor",
-        "full_tensor()",
-        "redistribute()",
-        "max |Δy|",
-        "ranks agree",
-    ):
-        table.add_column(column, overflow="fold")
+# One row per probe and world size. At 80 columns a row keeps the probe, its verdict and the
+# bytes of the weight forward receives (Mechanism A); the summary lines under the table
+# carry the rest in words.
+REPRODUCE_COLUMNS = (
+    Column("probe"),
+    Column("ws"),
+    Column("device", priority=3),
+    Column("verdict"),
+    Column("NaN-class el.", priority=4),
+    Column("swap target", priority=1),
+    Column("_local_tensor", priority=4),
+    Column("full_tensor()", priority=2),
+    Column("redistribute()", priority=3),
+    Column("max |Δy|", priority=2),
+    Column("ranks agree", priority=5),
+)
+
+
+def reproduce_table(report: Report, wide: bool = False) -> Group:
+    rows = []
     for result in report.results:
         ev = result.evidence
-        table.add_row(
-            Text(_probe_label(result)),
-            str(result.world_size),
-            f"{result.device}/{result.backend}",
-            Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
-            _cell(ev.get("nan_elements")),
-            # moe-expert-quant's views of the expert storage: what dequantize receives in
-            # forward is its swap target, the rank's shard its _local_tensor.
-            _bytes_cell(ev.get("swap_target") or ev.get("expert_storage_forward")),
-            _bytes_cell(ev.get("local_tensor") or ev.get("expert_storage_local")),
-            _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
-            _bytes_cell(ev.get("redistribute([Replicate()])")),
-            _cell(ev.get("max_abs_delta")),
-            _agree(ev),
+        rows.append(
+            [
+                Text(_probe_label(result)),
+                str(result.world_size),
+                f"{result.device}/{result.backend}",
+                Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
+                _cell(ev.get("nan_elements")),
+                # moe-expert-quant's views of the expert storage: what dequantize receives in
+                # forward is its swap target, the rank's shard its _local_tensor.
+                _bytes_cell(ev.get("swap_target") or ev.get("expert_storage_forward")),
+                _bytes_cell(ev.get("local_tensor") or ev.get("expert_storage_local")),
+                _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
+                _bytes_cell(ev.get("redistribute([Replicate()])")),
+                _cell(ev.get("max_abs_delta")),
+                _agree(ev),
+            ]
         )
-    lines = [table, *combination_tables(report)]
+    table = FittedTable(REPRODUCE_COLUMNS, rows, title=f"fsdpqdiag {report.command}", wide=wide)
+    lines = [table, *combination_tables(report, wide)]
     for result in report.results:
         style = VERDICT_STYLE.get(result.verdict, "")
         lines.append(
