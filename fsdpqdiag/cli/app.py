@@ -43,13 +43,24 @@ def is_reporting_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def check_outputs(*paths: Path | None) -> None:
-    for path in paths:
-        if path is not None:
-            try:
-                check_writable(path)
-            except ValueError as exc:
-                raise fail(f"cannot write {path}: {exc}") from None
+def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that cannot be written as a regular file, that
+    would overwrite one of this run's inputs, or that another output of the run also names
+    (``--json x --markdown x`` would silently keep only the last)."""
+    from fsdpqdiag.report import same_file
+
+    wanted = [path for path in paths if path is not None]
+    for index, path in enumerate(wanted):
+        try:
+            check_writable(path)
+        except ValueError as exc:
+            raise fail(f"cannot write {path}: {exc}") from None
+        for source in inputs:
+            if same_file(path, source):
+                raise fail(f"cannot write {path}: it is the input {source}, which would be lost")
+        for other in wanted[:index]:
+            if same_file(path, other):
+                raise fail(f"cannot write {path}: another output of this run ({other}) is the same file")
 
 
 @app.callback()

@@ -73,9 +73,18 @@ def matrix(
     from fsdpqdiag import api
     from fsdpqdiag import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
-    from fsdpqdiag.report import atomic_write_text
+    from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
 
-    check_outputs(json_path, markdown_path, csv, parquet, plot)
+    sweep_dir = resume or out
+    # The sweep's own record is read back by --resume: no other output may land on it.
+    check_outputs(
+        json_path,
+        markdown_path,
+        csv,
+        parquet,
+        plot,
+        inputs=(sweep_dir / "cells.jsonl",) if sweep_dir is not None else (),
+    )
     if parquet is not None:
         import importlib.util
 
@@ -120,7 +129,7 @@ def matrix(
         if csv is not None:
             atomic_write_text(csv, frame.to_csv(index=False))
         if parquet is not None:
-            frame.to_parquet(parquet)
+            atomic_write_bytes(parquet, frame.to_parquet())
         if plot is not None:
             heat_map(report, plot)
         if not quiet:
