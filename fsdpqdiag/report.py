@@ -50,11 +50,16 @@ EXIT_CLEAN = 0
 EXIT_FOUND = 1
 EXIT_BAD_INPUT = 2
 EXIT_PROBE_FAILED = 3
+# 128 + the signal's number, as a shell reports a process a signal ended: SIGINT 130,
+# SIGTERM 143, SIGHUP 129 (each ends the run the same way).
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_HUNG_UP = 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
     "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR or TIMEOUT "
-    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written)."
+    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
+    "143 / 129 the same after SIGTERM / SIGHUP."
 )
 
 

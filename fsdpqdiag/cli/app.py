@@ -123,7 +123,14 @@ def run_library(call, status_text: str = "starting…"):
             return call(lambda text: status.update(f"running {text}…"))
     except BadInput as exc:
         raise fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # The launcher has already killed and reaped every rank; nothing was written.
-        stderr.print("interrupted: every rank was stopped, no report written")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.
+        import signal
+
+        from fsdpqdiag.launch import stop_signal_of
+
+        signum = stop_signal_of(exc)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        stderr.print(f"interrupted{by}: every rank was stopped, no report written")
+        raise typer.Exit(EXIT_INTERRUPTED - signal.SIGINT + signum) from None
