@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -103,7 +104,13 @@ def check_probes(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise BadInput(f"unknown probe {unknown[0]!r} (known: {', '.join(PROBES)})")
-    return list(names) or list(PROBES)
+    return merged(names) or list(PROBES)
+
+
+def merged(values: Sequence) -> list:
+    """A repeatable option's values with repeats merged, in first-seen order: asking twice
+    for the same probe or world size asks for it once, not for the same work twice."""
+    return list(dict.fromkeys(values))
 
 
 def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
@@ -185,14 +192,21 @@ def _runs(
     world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
 ) -> list[RunConfig]:
     """Validated run configurations, one per world size, or BadInput."""
+    from fsdpqdiag.launch import check_job_environment
+
+    try:
+        check_job_environment()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
     check_inject(inject)
     resolved = resolve_device(device)
     resolved_backend = resolve_backend(backend, resolved)
-    sizes = list(world_sizes) or [default_world_size(resolved)]
+    sizes = merged(world_sizes) or [default_world_size(resolved)]
     for world_size in sizes:
         check_world_size(world_size, resolved, resolved_backend)
-    if timeout_s <= 0:
-        raise BadInput(f"--timeout must be > 0, got {timeout_s}")
+    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
     return [
         RunConfig(
             world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend
@@ -208,6 +222,18 @@ def _linear(linear: LinearConfig | None) -> LinearConfig:
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     return linear
+
+
+def _check_storage_pairs(linear: LinearConfig) -> None:
+    """storage-dtype-mismatch packs the layer in every storage dtype of its pairs, not only
+    in --quant-storage: a geometry one of them cannot hold is refused here, not per rank."""
+    from fsdpqdiag.config import packing_problem
+    from fsdpqdiag.probes.storage_dtype_mismatch import combinations
+
+    for storage, _ in combinations(dataclasses.asdict(linear)):
+        problem = packing_problem(linear.in_features, linear.out_features, storage)
+        if problem:
+            raise BadInput(f"{problem} (the storage-dtype-mismatch probe also packs it as {storage})")
 
 
 def reproduce(
@@ -228,6 +254,8 @@ def reproduce(
     require_stack()
     linear = _linear(linear)
     names = check_probes(probes)
+    if "storage-dtype-mismatch" in names:
+        _check_storage_pairs(linear)
     results = []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
 
@@ -279,7 +307,8 @@ def fix(
     from fsdpqdiag.fixes.verify import TARGETS
 
     require_stack()
-    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else list(workarounds)
+    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
+    targets = merged(targets)
     for name in names:
         if name not in fixes.FIXES:
             raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
@@ -288,13 +317,17 @@ def fix(
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
     if steps < 1:
         raise BadInput(f"--steps must be >= 1, got {steps}")
-    from fsdpqdiag.models import PRESETS, preset_dir
+    from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
 
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
     for target in targets:
         if target in PRESETS:
-            preset_dir(target)  # built once here, not raced by the ranks
+            try:
+                preset_dir(target)  # built once here, not raced by the ranks
+            except ModelSourceError as exc:
+                raise BadInput(str(exc)) from exc
     results = []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
         for target in targets:
             for name in ["none", *names]:
                 if on_progress:

@@ -177,6 +177,44 @@ def in_launched_job() -> bool:
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
 
 
+# What torchrun sets in every rank; fsdpqdiag reads the first three to know it is a rank.
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_job_environment() -> None:
+    """ValueError (one line) when the environment holds part of a torchrun job's variables,
+    or ones that contradict each other. Started with RANK=5 WORLD_SIZE=2 the process would
+    wait for a rendezvous that can never complete (a minute, then a 100-line traceback)."""
+    present = {key: os.environ[key] for key in JOB_VARIABLES if key in os.environ}
+    if not any(key in present for key in JOB_VARIABLES[:3]):
+        return  # not a rank: MASTER_ADDR/PORT alone are harmless (fsdpqdiag sets its own)
+    advice = f"run under torchrun, or unset {', '.join(JOB_VARIABLES[:3])} to let fsdpqdiag launch its ranks"
+    missing = [key for key in JOB_VARIABLES if key not in present]
+    if missing:
+        shown = " ".join(f"{k}={v}" for k, v in present.items())
+        raise ValueError(f"half-set torchrun environment ({shown}; no {', '.join(missing)}): {advice}")
+    numbers: dict[str, int] = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        try:
+            numbers[key] = int(present[key])
+        except ValueError:
+            raise ValueError(
+                f"torchrun environment: {key}={present[key]!r} is not an integer: {advice}"
+            ) from None
+    if numbers["WORLD_SIZE"] < 1:
+        raise ValueError(f"torchrun environment: WORLD_SIZE={numbers['WORLD_SIZE']} must be >= 1: {advice}")
+    for key in ("RANK", "LOCAL_RANK"):
+        if not 0 <= numbers[key] < numbers["WORLD_SIZE"]:
+            raise ValueError(
+                f"torchrun environment: {key}={numbers[key]} is outside 0..{numbers['WORLD_SIZE'] - 1} "
+                f"(WORLD_SIZE={numbers['WORLD_SIZE']}): {advice}"
+            )
+    if not 0 < numbers["MASTER_PORT"] < 65536:
+        raise ValueError(
+            f"torchrun environment: MASTER_PORT={numbers['MASTER_PORT']} is not a port: {advice}"
+        )
+
+
 def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

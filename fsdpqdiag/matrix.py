@@ -105,13 +105,24 @@ def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Ce
     """The default cells (or those named), or cell A expanded over ``--grid dim=v1,v2``."""
     if grid:
         axes = []
+        seen: dict[str, str] = {}
         for spec in grid:
             dimension, _, values = spec.partition("=")
             if dimension not in GRID_DIMENSIONS or not values:
                 raise ValueError(
                     f"bad --grid {spec!r}: use DIM=v1,v2 with DIM one of {', '.join(GRID_DIMENSIONS)}"
                 )
-            axes.append([(dimension, _parse_value(dimension, v)) for v in values.split(",")])
+            # Two specs of one dimension would be merged into one cell by keyword, silently:
+            # which values were meant is the user's to say.
+            if dimension in seen:
+                raise ValueError(
+                    f"bad --grid {spec!r}: {dimension} is already given by {seen[dimension]!r}; "
+                    f"list all its values once ({dimension}=v1,v2)"
+                )
+            seen[dimension] = spec
+            # A value given twice (bf16,bfloat16) is one cell: repeats are merged.
+            parsed = dict.fromkeys(_parse_value(dimension, v) for v in values.split(","))
+            axes.append([(dimension, value) for value in parsed])
         cells = []
         for combo in itertools.product(*axes):
             label = ",".join(f"{d}={v}" for d, v in combo)
@@ -121,7 +132,7 @@ def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Ce
     for name in names:
         if name not in known:
             raise ValueError(f"unknown cell {name!r} (known: {', '.join(known)})")
-    return [known[n] for n in names] if names else list(DEFAULT_CELLS)
+    return [known[n] for n in dict.fromkeys(names)] if names else list(DEFAULT_CELLS)
 
 
 @dataclass(frozen=True)

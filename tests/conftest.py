@@ -54,12 +54,12 @@ class CliResult:
 def run_cli(tmp_path):
     """Run ``python -m fsdpqdiag ARGS`` as a user would; ``json=True`` adds --json."""
 
-    def run(*args: str, json: bool = False, timeout: float = 600) -> CliResult:
+    def run(*args: str, json: bool = False, timeout: float = 600, env: dict | None = None) -> CliResult:
         json_path = tmp_path / "report.json" if json else None
         argv = [sys.executable, "-m", "fsdpqdiag", *args]
         if json_path is not None:
             argv += ["--json", str(json_path)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         return CliResult(completed, json_path)
 

@@ -92,7 +92,9 @@ def matrix(
             from fsdpqdiag.cli.app import fail
 
             raise fail("--parquet needs pyarrow, which is not installed")
-    with Progress(console=stderr, transient=True) as progress:
+    # Off a terminal a transient bar draws nothing but a blank line, which would make a
+    # refusal two lines on stderr.
+    with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         bar = progress.add_task("matrix", total=None)
 
         def on_cell(name: str, row: dict) -> None:
