@@ -42,10 +42,14 @@ def matrix(
         ),
     ] = None,
     model: Annotated[str | None, typer.Option(help="Local Hugging Face causal-LM directory.")] = None,
+    # None means "not given": --resume then keeps what the sweep recorded.
     preset: Annotated[
-        str, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model).")
-    ] = "tiny-llama",
-    lora: Annotated[bool, typer.Option(help="Wrap with PEFT LoRA, as #1945's matrix did.")] = True,
+        str | None, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model). Default: tiny-llama.")
+    ] = None,
+    lora: Annotated[
+        bool | None,
+        typer.Option("--lora/--no-lora", help="Wrap with PEFT LoRA, as #1945's matrix did (default)."),
+    ] = None,
     ws: WorldSizes = None,
     device: Device = "auto",
     backend: Backend = "auto",
@@ -121,6 +125,7 @@ def matrix(
             )
         )
     write_report(report, json_path, markdown_path)
+    _note_what_resume_set_aside(report, resume)
     if is_reporting_rank():
         cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
         rows = {
@@ -140,6 +145,27 @@ def matrix(
     # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
     # first would make torchrun SIGTERM rank 0 mid-exit.
     raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
+
+
+def _note_what_resume_set_aside(report, resume: Path | None) -> None:
+    """A resumed sweep whose record held a torn line or bad records says so: those cells
+    were run again, and the lines are kept in cells.rejected.jsonl."""
+    recovered = report.analysis.get("resume") or {}
+    rejected = recovered.get("rejected_records") or []
+    if not is_reporting_rank() or not (rejected or recovered.get("torn_line_truncated")):
+        return
+    parts = (
+        [f"{len(rejected)} bad record(s) (lines {', '.join(str(r['line']) for r in rejected)})"]
+        if rejected
+        else []
+    )
+    if recovered.get("torn_line_truncated"):
+        parts.append("a torn last line")
+    stderr.print(
+        f"resume: set aside {' and '.join(parts)} of {resume}/cells.jsonl into cells.rejected.jsonl; "
+        "those cells were run again",
+        highlight=False,
+    )
 
 
 def _wait_for_reporting_rank() -> None:
