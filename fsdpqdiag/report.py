@@ -135,6 +135,9 @@ class Report:
     @classmethod
     def load(cls, path: str | Path) -> Report:
         try:
+            # A FIFO would block the read until some writer appears: only regular files.
+            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+                raise ReportError(f"cannot read {path}: not a regular file")
             raw = Path(path).read_bytes()
         except OSError as exc:
             raise ReportError(f"cannot read {path}: {exc.strerror}") from exc
