@@ -131,6 +131,49 @@ def test_readme_counts_are_true():
     assert fault_count and int(fault_count.group(1)) == len(faults.FAULTS)
 
 
+def _table(readme: str, header: str) -> list[list[str]]:
+    """The rows (cells, backticks dropped) of the Markdown table under ``header``."""
+    lines = readme[readme.index(header) :].splitlines()[2:]
+    rows = []
+    for line in lines:
+        if not line.startswith("|"):
+            break
+        rows.append([cell.strip().replace("`", "") for cell in line.strip("|").split(" | ")])
+    return rows
+
+
+def test_readme_troubleshooting_table_is_this_table():
+    # Not only the count: row by row, the README shows the command and the error each
+    # BAD_INPUTS case checks, in the same order.
+    rows = _table((ROOT / "README.md").read_text(), "| command | the error says |")
+    assert len(rows) == len(BAD_INPUTS)
+    for (command, says), row in zip(rows, BAD_INPUTS):
+        argv, message = row[0], row[1]
+        assert f"fsdpqdiag {argv[0]}" in command, (command, argv)
+        assert message in says, (says, message)
+
+
+def test_readme_fault_figures_are_true():
+    # "the suite uses all N injected faults": each is in the README's table and used by a test.
+    readme = (ROOT / "README.md").read_text()
+    assert re.search(r"uses all\s+(\d+)\s+injected faults", readme).group(1) == str(len(faults.FAULTS))
+    tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
+    fault_rows = " ".join(row[0] for row in _table(readme, "| fault | what it does |"))
+    for fault in faults.FAULTS:
+        assert fault in fault_rows, fault
+        assert f'"{fault}"' in tests, f"no test injects {fault}"
+
+
+def test_readme_exit_codes_are_the_documented_set():
+    from fsdpqdiag.report import EXIT_CODES_HELP
+
+    from .test_fuzz import DOCUMENTED_EXIT_CODES
+
+    rows = _table((ROOT / "README.md").read_text(), "| code | meaning |")
+    assert {int(row[0]) for row in rows} == DOCUMENTED_EXIT_CODES
+    assert all(str(code) in EXIT_CODES_HELP for code in DOCUMENTED_EXIT_CODES)
+
+
 def test_full_disk_is_refused_before_work(monkeypatch, tmp_path):
     import shutil
     from collections import namedtuple
