@@ -282,8 +282,18 @@ def localize(
 
     require_stack()
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
+    # packed bf16 storage; a smaller layer would replay without them and prove nothing.
+    nan_patterns = 254
+    containers = (linear.in_features * linear.out_features + 1) // 2 // 2
+    if containers < nan_patterns:
+        raise BadInput(
+            f"a {linear.out_features}x{linear.in_features} layer packs into {containers} bf16 containers; "
+            f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
+        )
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
     results = []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
         results.append(run_probe("localize", dataclasses.asdict(linear), run))

@@ -64,6 +64,7 @@ BAD_INPUTS = [
     (["report", "{binary}"], "not UTF-8"),
     (["report", "{verdict}"], "does not match the fsdpqdiag.report/1 schema"),
     (["compare", "{report}", "{binary}"], "not UTF-8"),
+    (["localize", "--in-features", "16", "--out-features", "16"], "the payload needs 254"),
 ]
 
 

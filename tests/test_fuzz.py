@@ -211,7 +211,11 @@ COMMANDS = {
     ),
     "localize": (
         [_option("--in-features", ["128", "256"]), _option("--out-features", ["128", "256"])],
-        [_option("--in-features", ["0", "-3"]), st.just(["--in-features", "5", "--out-features", "5"])],
+        [
+            _option("--in-features", ["0", "-3"]),
+            st.just(["--in-features", "5", "--out-features", "5"]),
+            st.just(["--in-features", "16", "--out-features", "16"]),
+        ],
     ),
     "fix": (
         [
