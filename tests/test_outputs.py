@@ -185,3 +185,14 @@ def test_reports_the_schema_forbids_are_neither_rendered_nor_compared(
     _refused(result, "does not match the fsdpqdiag.report/1 schema")
     assert where in result.stderr and result.stdout == ""
     _refused(run_cli("compare", str(report_copy), str(bad)), "does not match")
+
+
+@pytest.mark.parametrize("command", ["matrix", "forensics"])
+def test_outputs_never_land_on_the_model_directory(run_cli, tmp_path, command):
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text('{"model_type": "llama"}')
+    before = _snapshot(model)
+    result = run_cli(command, "--model", str(model), "--json", str(model / "config.json"))
+    _refused(result, "is the input")
+    assert _snapshot(model) == before

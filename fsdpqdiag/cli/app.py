@@ -78,6 +78,14 @@ def is_reporting_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
+def model_files(model: str | None) -> tuple[Path, ...]:
+    """The files of a --model directory: inputs that no output may overwrite."""
+    directory = Path(model).expanduser() if model else None
+    if directory is None or not directory.is_dir():
+        return ()
+    return tuple(entry for entry in directory.iterdir() if entry.is_file())
+
+
 def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an output that cannot be written as a regular file, that
     would overwrite one of this run's inputs, or that another output of the run also names

@@ -20,6 +20,7 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     fail,
     is_reporting_rank,
+    model_files,
     run_library,
     stdout,
     write_report,
@@ -54,7 +55,7 @@ def forensics(
     from fsdpqdiag.config import canonical_dtype
     from fsdpqdiag.render.forensics_table import forensics_table
 
-    check_outputs(json_path, markdown_path)
+    check_outputs(json_path, markdown_path, inputs=model_files(model))
     try:
         storage = canonical_dtype(quant_storage)
     except ValueError as exc:

@@ -20,6 +20,7 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     is_reporting_rank,
+    model_files,
     run_library,
     stderr,
     stdout,
@@ -87,7 +88,7 @@ def matrix(
         csv,
         parquet,
         plot,
-        inputs=(sweep_dir / "cells.jsonl",) if sweep_dir is not None else (),
+        inputs=((sweep_dir / "cells.jsonl",) if sweep_dir is not None else ()) + model_files(model),
     )
     if parquet is not None:
         import importlib.util
