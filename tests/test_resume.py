@@ -283,3 +283,61 @@ def test_killed_sweep_resumes_exactly_its_recorded_plan(run_cli, tmp_path, small
         ("E", True),
     ]
     assert {r["config"]["model"] for r in report["results"]} == {str(small_llama.resolve())}
+
+
+def test_recover_never_loses_a_valid_record_whatever_lines_surround_it(tmp_path):
+    # Property: any lines (binary, JSON of any shape, records of other sweeps) mixed with
+    # valid records never make recover() raise, every valid record is kept (the first of
+    # duplicates), and after repair() the record is clean and ends on a line boundary.
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import strategies as st
+
+    json_values = st.recursive(
+        st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8),
+        lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=6), inner, max_size=3),
+        max_leaves=8,
+    )
+    noise = st.one_of(
+        st.binary(max_size=40).filter(lambda b: b"\n" not in b),
+        json_values.map(lambda v: json.dumps(v).encode()),
+        st.fixed_dictionaries(
+            # a world size outside the plan: noise must never be a valid record by chance
+            {
+                "cell": json_values | st.just(asdict(CELLS[0])),
+                "world_size": json_values.filter(lambda v: v not in PLAN.world_sizes),
+                "row": json_values,
+            }
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+    counter = iter(range(10**6))
+
+    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @given(
+        st.lists(st.one_of(noise.map(lambda n: ("noise", n)), st.integers(0, 5).map(lambda i: ("cell", i)))),
+        st.binary(max_size=30).filter(lambda b: b"\n" not in b),
+    )
+    def check(lines, tail):
+        sweep = tmp_path / f"s{next(counter)}"
+        sweep.mkdir()
+        record = _started(sweep)
+        expected: dict[tuple[str, int], float] = {}
+        with open(record, "ab") as handle:
+            for kind, value in lines:
+                if kind == "noise":
+                    handle.write(value + b"\n")
+                    continue
+                cell, world_size = _records(6)[value]
+                row = _row(value)
+                item = {"cell": asdict(cell), "world_size": world_size, "row": row}
+                handle.write(json.dumps(item).encode() + b"\n")
+                expected.setdefault((cell.name, world_size), row["loss_fsdp2"])
+            handle.write(tail)
+        recovered = mx.recover(sweep)
+        kept = {key: item["row"]["loss_fsdp2"] for key, item in recovered.done.items()}
+        assert {key: kept[key] for key in expected} == expected
+        mx.repair(sweep, recovered)
+        again = mx.recover(sweep)
+        assert not again.needs_repair() and again.done == recovered.done
+        assert record.read_bytes().endswith(b"\n")
+
+    check()

@@ -106,3 +106,30 @@ def test_stop_signal_ends_like_ctrl_c(tmp_path, signum):
     assert list(out.iterdir()) == [] and list(launcher_tmp.glob("fsdpqdiag-*")) == []
     for pid in ranks:
         assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().split()[2]
+
+
+def test_a_stop_outside_a_launch_keeps_its_own_exit_code(tmp_path):
+    # SIGTERM while no rank runs (here: while `env` captures the stack) reaches typer as a
+    # KeyboardInterrupt, which typer ends with 130; the CLI gives 143, and writes nothing.
+    script = (
+        "import os, signal, sys, time\n"
+        "from fsdpqdiag import env\n"
+        "def capture():\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "    time.sleep(5)\n"
+        "env.capture = capture\n"
+        "sys.argv = ['fsdpqdiag', 'env', '--json']\n"
+        "from fsdpqdiag.cli import main\n"
+        "main()\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=tmp_path,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert done.returncode == EXIT_TERMINATED, done.stderr
+    assert "Traceback" not in done.stderr and done.stdout == ""
+    assert list(tmp_path.iterdir()) == []
