@@ -65,6 +65,7 @@ BAD_INPUTS = [
     (["report", "{verdict}"], "does not match the fsdpqdiag.report/1 schema"),
     (["compare", "{report}", "{binary}"], "not UTF-8"),
     (["localize", "--in-features", "16", "--out-features", "16"], "the payload needs 254"),
+    (["reproduce", "--weight-seed", str(1 << 64)], "--weight-seed must fit in 64 bits"),
 ]
 
 

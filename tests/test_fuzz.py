@@ -195,6 +195,7 @@ COMMANDS = {
             _option("--param-dtype", ["bf16", "fp16", "none"]),
             _option("--reduce-dtype", ["fp32", "none"]),
             _option("--batch", ["1", "3"]),
+            _option("--weight-seed", ["0", "-1", str((1 << 64) - 1)]),
             _flag("--bias", "--no-bias", "--double-quant", "--no-double-quant"),
         ],
         [
@@ -205,6 +206,8 @@ COMMANDS = {
             _option("--param-dtype", ["int8"]),
             _option("--in-features", ["0", "-1", "x"]),
             _option("--batch", ["0"]),
+            _option("--weight-seed", [str(1 << 64), str(-(1 << 63) - 1)]),
+            _option("--input-seed", [str(1 << 70)]),
             st.just(["--in-features", "7", "--out-features", "7"]),
             st.just(["--in-features", "6", "--out-features", "6"]),
         ],
