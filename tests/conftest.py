@@ -11,12 +11,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the checkout.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "fsdpqdiag-hypothesis")
+)
 
 # Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
 SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]

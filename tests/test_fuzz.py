@@ -31,9 +31,12 @@ from .conftest import ROOT
 DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 129, 130, 143}
 REPORT = next((ROOT / "reports").glob("reproduce-ws1-cpu-*.json"))
 WITH_POSITIONS = next((ROOT / "reports").glob("reproduce-ws1-h100-*-nan-canonicalize.json"))
+# No example database: the cases worth keeping are the @examples below, and a run must not
+# leave a .hypothesis directory in the checkout.
 SETTINGS = settings(
     max_examples=60,
     deadline=None,
+    database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 
@@ -327,7 +330,9 @@ def test_report_and_compare_keep_the_contract(cli, case):
     cli(tokens, outputs=tuple(f"{{d}}/{o}" if not o.startswith("/") else o for o in outputs))
 
 
-@settings(max_examples=4, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=4, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
 @given(st.lists(st.sampled_from(["--json", "--markdown"]), max_size=2))
 def test_env_keeps_the_contract(cli, flags):
     assert cli(["env", *flags]).exit_code == 0

@@ -311,7 +311,12 @@ def test_recover_never_loses_a_valid_record_whatever_lines_surround_it(tmp_path)
     )
     counter = iter(range(10**6))
 
-    @settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+    @settings(
+        max_examples=80,
+        deadline=None,
+        database=None,  # no .hypothesis directory left in the checkout
+        suppress_health_check=[HealthCheck.function_scoped_fixture],
+    )
     @given(
         st.lists(st.one_of(noise.map(lambda n: ("noise", n)), st.integers(0, 5).map(lambda i: ("cell", i)))),
         st.binary(max_size=30).filter(lambda b: b"\n" not in b),
