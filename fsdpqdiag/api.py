@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -110,7 +111,13 @@ def check_probes(names: Sequence[str]) -> list[str]:
     unknown = [n for n in names if n not in PROBES]
     if unknown:
         raise BadInput(f"unknown probe {unknown[0]!r} (known: {', '.join(PROBES)})")
-    return list(names) or list(PROBES)
+    return merged(names) or list(PROBES)
+
+
+def merged(values: Sequence) -> list:
+    """A repeatable option's values with repeats merged, in first-seen order: asking twice
+    for the same probe or world size asks for it once, not for the same work twice."""
+    return list(dict.fromkeys(values))
 
 
 def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
@@ -216,14 +223,21 @@ def _runs(
     world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
 ) -> list[RunConfig]:
     """Validated run configurations, one per world size, or BadInput."""
+    from fsdpqdiag.launch import check_job_environment
+
+    try:
+        check_job_environment()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
     check_inject(inject)
     resolved = resolve_device(device)
     resolved_backend = resolve_backend(backend, resolved)
-    sizes = list(world_sizes) or [default_world_size(resolved)]
+    sizes = merged(world_sizes) or [default_world_size(resolved)]
     for world_size in sizes:
         check_world_size(world_size, resolved, resolved_backend)
-    if timeout_s <= 0:
-        raise BadInput(f"--timeout must be > 0, got {timeout_s}")
+    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
     return [
         RunConfig(
             world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend
@@ -239,6 +253,18 @@ def _linear(linear: LinearConfig | None) -> LinearConfig:
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     return linear
+
+
+def _check_storage_pairs(linear: LinearConfig) -> None:
+    """storage-dtype-mismatch packs the layer in every storage dtype of its pairs, not only
+    in --quant-storage: a geometry one of them cannot hold is refused here, not per rank."""
+    from fsdpqdiag.config import packing_problem
+    from fsdpqdiag.probes.storage_dtype_mismatch import combinations
+
+    for storage, _ in combinations(dataclasses.asdict(linear)):
+        problem = packing_problem(linear.in_features, linear.out_features, storage)
+        if problem:
+            raise BadInput(f"{problem} (the storage-dtype-mismatch probe also packs it as {storage})")
 
 
 def reproduce(
@@ -259,6 +285,8 @@ def reproduce(
     require_stack()
     linear = _linear(linear)
     names = check_probes(probes)
+    if "storage-dtype-mismatch" in names:
+        _check_storage_pairs(linear)
     results = []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
 
@@ -285,8 +313,18 @@ def localize(
 
     require_stack()
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
+    # packed bf16 storage; a smaller layer would replay without them and prove nothing.
+    nan_patterns = 254
+    containers = (linear.in_features * linear.out_features + 1) // 2 // 2
+    if containers < nan_patterns:
+        raise BadInput(
+            f"a {linear.out_features}x{linear.in_features} layer packs into {containers} bf16 containers; "
+            f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
+        )
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
     results = []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
         results.append(run_probe("localize", dataclasses.asdict(linear), run))
@@ -310,7 +348,8 @@ def fix(
     from fsdpqdiag.fixes.verify import TARGETS
 
     require_stack()
-    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else list(workarounds)
+    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
+    targets = merged(targets)
     for name in names:
         if name not in fixes.FIXES:
             raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
@@ -319,13 +358,17 @@ def fix(
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
     if steps < 1:
         raise BadInput(f"--steps must be >= 1, got {steps}")
-    from fsdpqdiag.models import PRESETS, preset_dir
+    from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
 
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
     for target in targets:
         if target in PRESETS:
-            preset_dir(target)  # built once here, not raced by the ranks
+            try:
+                preset_dir(target)  # built once here, not raced by the ranks
+            except ModelSourceError as exc:
+                raise BadInput(str(exc)) from exc
     results = []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
         for target in targets:
             for name in ["none", *names]:
                 if on_progress:
@@ -339,8 +382,8 @@ def matrix(
     cells: Sequence[str] = (),
     grid: Sequence[str] = (),
     model: str | None = None,
-    preset: str = "tiny-llama",
-    lora: bool = True,
+    preset: str | None = None,
+    lora: bool | None = None,
     world_sizes: Sequence[int] = (),
     device: str = "auto",
     timeout_s: float = 600.0,
@@ -353,36 +396,69 @@ def matrix(
     on_progress: Callable[[str], None] | None = None,
     on_cell: Callable[[str, dict], None] | None = None,
 ) -> Report:
-    """The configuration-invariance matrix at each world size, with the invariance analysis."""
+    """The configuration-invariance matrix at each world size, with the invariance analysis.
+
+    ``preset`` (tiny-llama) and ``lora`` (True) are None when not given, so that ``resume``
+    can tell an option the user asked for from a default: a resumed sweep runs exactly the
+    plan in its record's header, and an option that contradicts it is refused."""
     from pathlib import Path
 
     from fsdpqdiag import env
     from fsdpqdiag import matrix as mx
     from fsdpqdiag.launch import run_task
-    from fsdpqdiag.models import ModelSourceError, resolve_model
+    from fsdpqdiag.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
     require_stack()
-    try:
-        selected = mx.select_cells(cells, grid)
-    except ValueError as exc:
-        raise BadInput(str(exc)) from exc
+    recovered = None
+    if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
+        raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
+    if resume is not None:
+        recovered = _recover_sweep(Path(resume))
+        plan = recovered.plan
+        _refuse_conflicts(
+            plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
+        )
+        selected = plan.cell_list()
+        world_sizes, device, backend, inject = plan.world_sizes, plan.device, plan.backend, plan.inject
+        model, preset, lora = plan.model, plan.preset, plan.lora
+    else:
+        try:
+            selected = mx.select_cells(cells, grid)
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        preset = preset or DEFAULT_PRESET
+        lora = True if lora is None else lora
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     directory = resume or out_dir
-    if directory is not None:
-        path = Path(directory)
-        if resume is not None and not (path / "cells.jsonl").exists():
-            raise BadInput(f"--resume {directory}: no cells.jsonl there to resume from")
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise BadInput(f"cannot create --out directory {directory}: {exc.strerror}") from exc
-        if not os.access(path, os.W_OK):
-            raise BadInput(f"--out directory {directory} is not writable")
+    writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
+    if out_dir is not None and resume is None and writes_record:
+        _check_new_sweep_dir(Path(out_dir))
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank
     except ModelSourceError as exc:
         raise BadInput(str(exc)) from exc
-    done = mx.finished_cells(Path(directory)) if resume else {}
+    # Every check passed: only now is anything written.
+    if writes_record:
+        path = Path(directory)
+        if recovered is not None:
+            mx.repair(path, recovered)
+        else:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise BadInput(f"cannot create --out directory {directory}: {exc.strerror}") from exc
+            plan = mx.SweepPlan(
+                cells=[dataclasses.asdict(c) for c in selected],
+                world_sizes=[run.world_size for run in runs],
+                device=runs[0].device,
+                backend=runs[0].backend,
+                model=str(Path(model).resolve()) if model else None,
+                preset=preset,
+                lora=lora,
+                inject=inject,
+            )
+            mx.start_record(path, plan)
+    done = recovered.done if recovered is not None else {}
     base_config = {"model": str(model_path), "lora": lora, "out_dir": directory}
     rows_by_ws: dict[int, dict[str, dict]] = {}
     results: list[ProbeResult] = []
@@ -418,8 +494,94 @@ def matrix(
         for ws, rows in rows_by_ws.items()
     }
     analysis["isolate_cells"] = isolate_cells
+    if recovered is not None:
+        analysis["resume"] = recovered.summary()
     report = Report(command="matrix", argv=list(argv), env=env.capture(), results=results, analysis=analysis)
     return report
+
+
+def _recover_sweep(directory) -> Any:
+    from fsdpqdiag import matrix as mx
+
+    record = directory / mx.RECORD_NAME
+    if not record.is_file():
+        raise BadInput(f"--resume {directory}: no {mx.RECORD_NAME} there to resume from")
+    if not os.access(directory, os.W_OK) or not os.access(record, os.W_OK):
+        raise BadInput(f"--resume {directory}: {mx.RECORD_NAME} or its directory is not writable")
+    try:
+        return mx.recover(directory)
+    except mx.SweepRecordError as exc:
+        raise BadInput(f"--resume {directory}: {record} cannot be resumed: {exc}") from exc
+    except OSError as exc:
+        raise BadInput(f"--resume {directory}: cannot read {record}: {exc.strerror}") from exc
+
+
+def _refuse_conflicts(
+    plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
+) -> None:
+    """BadInput when an option given with --resume contradicts the recorded plan: resuming a
+    LoRA sweep with --no-lora used to reuse the LoRA rows and label them lora: false."""
+    from pathlib import Path
+
+    from fsdpqdiag import matrix as mx
+
+    asked: list[tuple[str, Any, Any]] = []  # (option, recorded, requested)
+    if cells or grid:
+        try:
+            requested = [dataclasses.asdict(c) for c in mx.select_cells(cells, grid)]
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        if requested != plan.cells:
+            asked.append(("--cells/--grid", [c["name"] for c in plan.cells], [c["name"] for c in requested]))
+    if world_sizes:
+        asked.append(("--ws", plan.world_sizes, merged(world_sizes)))
+    if device != "auto":
+        asked.append(("--device", plan.device, device))
+    if backend != "auto":
+        asked.append(("--backend", plan.backend, backend))
+    if model is not None:
+        asked.append(("--model", plan.model, str(Path(model).resolve())))
+    if preset is not None:
+        asked.append(("--preset", plan.preset, preset))
+    if lora is not None:
+        asked.append(("--lora/--no-lora", plan.lora, lora))
+    if inject is not None:
+        asked.append(("--inject", plan.inject, inject))
+
+    def shown(option: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return "--lora" if value else "--no-lora"
+        if value is None:
+            return f"no {option}"
+        if isinstance(value, list):
+            return f"{option} {' '.join(str(v) for v in value)}"
+        return f"{option} {value}"
+
+    for option, recorded, requested in asked:
+        if requested != recorded:
+            raise BadInput(
+                f"--resume {resume}: the sweep was recorded with {shown(option, recorded)}, this "
+                f"command asks for {shown(option, requested)}; leave {option} out to continue it"
+            )
+
+
+def _check_new_sweep_dir(path) -> None:
+    """A new sweep's --out must not hold another sweep (its records would mix with this
+    one's) and must be creatable; nothing is created here."""
+    from fsdpqdiag import matrix as mx
+
+    if (path / mx.RECORD_NAME).exists():
+        raise BadInput(
+            f"--out {path} already holds a sweep ({mx.RECORD_NAME}): --resume {path} continues it, "
+            "or choose another directory"
+        )
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--out {path} is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot create --out directory {path}: {existing} is not writable")
 
 
 def forensics(

@@ -299,8 +299,17 @@ def output_delta(reference: torch.Tensor, observed: torch.Tensor) -> dict:
     delta = (observed.float() - reference.float()).abs()
     nonfinite = int((~torch.isfinite(delta)).sum())
     finite = delta[torch.isfinite(delta)]
+    # Bits differ whenever the dtype does: FSDP2's param_dtype (with cast_forward_inputs)
+    # decides the output dtype, so an fp16 policy over a bf16 layer gives fp16 outputs of
+    # equal value. Value equality says whether the output moved at all.
+    value_equal = bit_equal or (
+        reference.shape == observed.shape and nonfinite == 0 and not bool((delta != 0).any())
+    )
     return {
         "output_bit_equal": bit_equal,
+        "output_value_equal": value_equal,
+        "reference_dtype": str(reference.dtype).removeprefix("torch."),
+        "observed_dtype": str(observed.dtype).removeprefix("torch."),
         "max_abs_delta": float(finite.max()) if finite.numel() else None,
         "mean_abs_delta": float(finite.mean()) if finite.numel() else None,
         "nonfinite_delta_elements": nonfinite,

@@ -24,6 +24,11 @@ DTYPE_ALIASES: dict[str, str] = {
     "uint8": "uint8",
     "int8": "int8",
 }
+# Dtypes a layer can compute in and FSDP2's MixedPrecisionPolicy can cast to: an integer
+# compute or param dtype is not a configuration that fails in an interesting way, only late.
+FLOAT_DTYPES = ("bfloat16", "float16", "float32")
+# Bytes per element of each storage dtype: packed 4-bit weights are viewed as it.
+STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 1}
 QUANT_TYPES = ("nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
@@ -79,10 +84,40 @@ class LinearConfig:
                 raise ValueError(f"{label} must be >= 1, got {value}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        canonical_dtype(self.compute_dtype)
+        # torch.manual_seed takes what fits in 64 bits, signed or not; beyond, every rank raised.
+        for label, seed in (("--weight-seed", self.weight_seed), ("--input-seed", self.input_seed)):
+            if not -(1 << 63) <= seed < (1 << 64):
+                raise ValueError(f"{label} must fit in 64 bits (-2**63 .. 2**64-1), got {seed}")
         canonical_dtype(self.quant_storage)
-        canonical_dtype(self.param_dtype or "none", allow_none=True)
-        canonical_dtype(self.reduce_dtype or "none", allow_none=True)
+        for label, value, allow_none in (
+            ("--compute-dtype", self.compute_dtype, False),
+            ("--param-dtype", self.param_dtype, True),
+            ("--reduce-dtype", self.reduce_dtype, True),
+        ):
+            name = canonical_dtype(value or "none", allow_none=allow_none)
+            if name is not None and name not in FLOAT_DTYPES:
+                raise ValueError(f"{label} must be a float dtype (bf16, fp16, fp32), not {value!r}")
+        problem = packing_problem(self.in_features, self.out_features, self.quant_storage)
+        if problem:
+            raise ValueError(problem)
+
+
+def packing_problem(in_features: int, out_features: int, quant_storage: str) -> str | None:
+    """Why bitsandbytes cannot hold this layer's packed 4-bit weight in ``quant_storage``
+    (None when it can). Two weights share a byte, and the packed bytes are viewed as the
+    storage dtype, which needs a whole number of its elements: 7x7 = 49 weights pack into
+    25 bytes, which no 2-byte bf16 view holds (a RuntimeError inside every rank otherwise)."""
+    storage = canonical_dtype(quant_storage)
+    weights = in_features * out_features
+    packed_bytes = (weights + 1) // 2
+    element_bytes = STORAGE_BYTES[storage]
+    if packed_bytes % element_bytes == 0:
+        return None
+    return (
+        f"a {out_features}x{in_features} layer packs its {weights} 4-bit weights into {packed_bytes} "
+        f"bytes, which {storage} storage ({element_bytes} bytes per element) cannot hold: "
+        f"in_features * out_features must be a multiple of {2 * element_bytes}"
+    )
 
 
 @dataclass(frozen=True)

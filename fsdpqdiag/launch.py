@@ -67,44 +67,105 @@ class RankOutcome:
         return cls(**data)
 
 
-# Ctrl-C must never be lost. Python raises KeyboardInterrupt between bytecodes, and when that
+# SIGTERM (timeout, Slurm, Kubernetes) and SIGHUP (a closed terminal) end a run the way
+# Ctrl-C does: ranks killed and reaped, the launch directory removed, nothing half-written;
+# the exit code is 128 + the signal's number (130, 143, 129).
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM or SIGHUP, raised where Python raises KeyboardInterrupt for SIGINT, so every
+    path that cleans up after Ctrl-C cleans up after them too."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+def stop_signal_of(exc: BaseException) -> int:
+    """The signal that raised ``exc`` (a KeyboardInterrupt): SIGINT unless it says otherwise."""
+    return getattr(exc, "signum", signal.SIGINT)
+
+
+def _stop_exception(signum: int) -> KeyboardInterrupt:
+    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
+
+
+# The signal the process-wide handler saw last: the CLI reads it where typer has already
+# turned the exception into its own exit 130.
+_stop_received: int | None = None
+
+
+def raise_stop(signum, frame) -> None:
+    """The process-wide SIGTERM/SIGHUP handler the CLI installs (see ``install_stop_handlers``)."""
+    global _stop_received
+    _stop_received = signum
+    raise Stopped(signum)
+
+
+def install_stop_handlers() -> None:
+    """SIGTERM and SIGHUP raise ``Stopped`` from now on, where their action is the default
+    (a SIGHUP ignored by nohup stays ignored)."""
+    for signum in (signal.SIGTERM, signal.SIGHUP):
+        if signal.getsignal(signum) is signal.SIG_DFL:
+            signal.signal(signum, raise_stop)
+
+
+def stop_received() -> int | None:
+    return _stop_received
+
+
+# A stop must never be lost. Python raises KeyboardInterrupt between bytecodes, and when that
 # happens inside one of the at-fork callbacks subprocess.Popen runs (logging's _releaseLock),
 # the exception is printed as "Exception ignored" and dropped: a sweep interrupted while
 # spawning a rank ran on to the end (seen about one run in three). The latch remembers the
 # signal, and the launch loop raises it again at its next step.
-_interrupt_pending = False
+_interrupt_pending: int | None = None
 
 
 def _latch_interrupt(signum, frame) -> None:
-    global _interrupt_pending
-    _interrupt_pending = True
-    raise KeyboardInterrupt
+    global _interrupt_pending, _stop_received
+    _interrupt_pending = signum
+    if signum != signal.SIGINT:
+        _stop_received = signum
+    raise _stop_exception(signum)
 
 
 def _raise_if_interrupted() -> None:
-    if _interrupt_pending:
-        raise KeyboardInterrupt
+    if _interrupt_pending is not None:
+        raise _stop_exception(_interrupt_pending)
+
+
+def _handler_is_pythons_own(signum: int) -> bool:
+    """SIGINT with Python's KeyboardInterrupt handler; SIGTERM/SIGHUP with their default
+    action (which would kill the launcher with its temporary directory in place) or the
+    CLI's ``raise_stop``. A caller that ignores or handles a signal itself keeps its choice."""
+    handler = signal.getsignal(signum)
+    if signum == signal.SIGINT:
+        return handler is signal.default_int_handler
+    return handler is signal.SIG_DFL or handler is raise_stop
 
 
 @contextlib.contextmanager
 def _interrupts_latched() -> Iterator[None]:
-    """Latch SIGINT while ranks run, where Python's own handler is the one in place (a
-    caller that ignores or handles SIGINT itself keeps its choice)."""
+    """Latch the stop signals while ranks run, where their handler is Python's own."""
     global _interrupt_pending
-    if (
-        threading.current_thread() is not threading.main_thread()
-        or signal.getsignal(signal.SIGINT) is not signal.default_int_handler
-    ):
+    if threading.current_thread() is not threading.main_thread():
         yield
         return
-    previous = signal.signal(signal.SIGINT, _latch_interrupt)
+    previous = {
+        signum: signal.signal(signum, _latch_interrupt)
+        for signum in STOP_SIGNALS
+        if _handler_is_pythons_own(signum)
+    }
     try:
         yield
     except KeyboardInterrupt:
-        _interrupt_pending = False
+        _interrupt_pending = None
         raise
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
 
 
 def exit_skipping_teardown(code: int) -> NoReturn:
@@ -120,6 +181,44 @@ def exit_skipping_teardown(code: int) -> NoReturn:
 def in_launched_job() -> bool:
     """True when this process is a rank started by torchrun (or a compatible launcher)."""
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))
+
+
+# What torchrun sets in every rank; fsdpqdiag reads the first three to know it is a rank.
+JOB_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
+
+
+def check_job_environment() -> None:
+    """ValueError (one line) when the environment holds part of a torchrun job's variables,
+    or ones that contradict each other. Started with RANK=5 WORLD_SIZE=2 the process would
+    wait for a rendezvous that can never complete (a minute, then a 100-line traceback)."""
+    present = {key: os.environ[key] for key in JOB_VARIABLES if key in os.environ}
+    if not any(key in present for key in JOB_VARIABLES[:3]):
+        return  # not a rank: MASTER_ADDR/PORT alone are harmless (fsdpqdiag sets its own)
+    advice = f"run under torchrun, or unset {', '.join(JOB_VARIABLES[:3])} to let fsdpqdiag launch its ranks"
+    missing = [key for key in JOB_VARIABLES if key not in present]
+    if missing:
+        shown = " ".join(f"{k}={v}" for k, v in present.items())
+        raise ValueError(f"half-set torchrun environment ({shown}; no {', '.join(missing)}): {advice}")
+    numbers: dict[str, int] = {}
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_PORT"):
+        try:
+            numbers[key] = int(present[key])
+        except ValueError:
+            raise ValueError(
+                f"torchrun environment: {key}={present[key]!r} is not an integer: {advice}"
+            ) from None
+    if numbers["WORLD_SIZE"] < 1:
+        raise ValueError(f"torchrun environment: WORLD_SIZE={numbers['WORLD_SIZE']} must be >= 1: {advice}")
+    for key in ("RANK", "LOCAL_RANK"):
+        if not 0 <= numbers[key] < numbers["WORLD_SIZE"]:
+            raise ValueError(
+                f"torchrun environment: {key}={numbers[key]} is outside 0..{numbers['WORLD_SIZE'] - 1} "
+                f"(WORLD_SIZE={numbers['WORLD_SIZE']}): {advice}"
+            )
+    if not 0 < numbers["MASTER_PORT"] < 65536:
+        raise ValueError(
+            f"torchrun environment: MASTER_PORT={numbers['MASTER_PORT']} is not a port: {advice}"
+        )
 
 
 def free_port() -> int:

@@ -122,11 +122,10 @@ def preset_dir(name: str, cache: Path | None = None) -> Path:
     target = (cache or cache_root()) / _preset_key(name)
     if (target / "config.json").exists():
         return target
+    staging = _staging_dir(target)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    target.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
     try:
         torch.manual_seed(PRESET_SEED)
         config = LlamaConfig(**PRESETS[name], torch_dtype="bfloat16")
@@ -139,6 +138,24 @@ def preset_dir(name: str, cache: Path | None = None) -> Path:
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def _staging_dir(target: Path) -> Path:
+    """A fresh directory beside ``target`` to build a preset in, or ModelSourceError naming
+    the cache (a FSDPQDIAG_CACHE that is a file, or not writable, used to be a traceback)."""
+    where = "FSDPQDIAG_CACHE" if os.environ.get("FSDPQDIAG_CACHE") else "the model cache"
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))
+    except OSError as exc:
+        culprit = exc.filename or target.parent
+        raise ModelSourceError(
+            f"cannot build the preset in {where} ({target.parent}): {culprit}: {exc.strerror}"
+        ) from None
+
+
+# Weight files from_pretrained loads; a directory with config.json alone fails in every rank.
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "*.safetensors.index.json")
 
 
 def resolve_model(model: str | None, preset: str = DEFAULT_PRESET) -> Path:
@@ -159,6 +176,15 @@ def resolve_model(model: str | None, preset: str = DEFAULT_PRESET) -> Path:
         raise ModelSourceError(f"{path}: config.json does not load ({exc})") from exc
     if config.model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         raise ModelSourceError(f"{path} holds a {config.model_type!r} model, not a causal LM")
+    # BERT has a causal-LM head class too, but a checkpoint saved as BertForMaskedLM is an
+    # encoder: its architectures say what it was trained as.
+    architectures = getattr(config, "architectures", None) or []
+    if architectures and not any(a.endswith(("ForCausalLM", "LMHeadModel")) for a in architectures):
+        raise ModelSourceError(f"{path} holds a {architectures[0]}, not a causal LM")
+    if not any(any(path.glob(pattern)) for pattern in WEIGHT_PATTERNS):
+        raise ModelSourceError(
+            f"{path} has a config.json but no weights (*.safetensors or pytorch_model*.bin)"
+        )
     return path
 
 

@@ -11,6 +11,7 @@ import json
 import math
 import os
 import shutil
+import stat
 import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -49,11 +50,16 @@ EXIT_CLEAN = 0
 EXIT_FOUND = 1
 EXIT_BAD_INPUT = 2
 EXIT_PROBE_FAILED = 3
+# 128 + the signal's number, as a shell reports a process a signal ended: SIGINT 130,
+# SIGTERM 143, SIGHUP 129 (each ends the run the same way).
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143
+EXIT_HUNG_UP = 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
     "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR or TIMEOUT "
-    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written)."
+    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
+    "143 / 129 the same after SIGTERM / SIGHUP."
 )
 
 
@@ -116,6 +122,9 @@ class Report:
             raise ReportError(
                 f"unsupported report schema {data['schema']!r}; this fsdpqdiag reads {SCHEMA!r}"
             )
+        # Whatever is rendered or compared is what the schema allows: a hand-edited verdict
+        # or a missing field is refused here, not half-rendered.
+        schema_violation(data)
         try:
             results = [ProbeResult(**item) for item in data["results"]]
             fields = {k: v for k, v in data.items() if k != "results"}
@@ -126,14 +135,24 @@ class Report:
     @classmethod
     def load(cls, path: str | Path) -> Report:
         try:
-            text = Path(path).read_text()
+            # A FIFO would block the read until some writer appears: only regular files.
+            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
+                raise ReportError(f"cannot read {path}: not a regular file")
+            raw = Path(path).read_bytes()
         except OSError as exc:
             raise ReportError(f"cannot read {path}: {exc.strerror}") from exc
+        try:
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ReportError(f"{path} is not a JSON report (not UTF-8 text at byte {exc.start})") from exc
         try:
             data = json.loads(text)
         except ValueError as exc:
             raise ReportError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
-        return cls.from_dict(data)
+        try:
+            return cls.from_dict(data)
+        except ReportError as exc:
+            raise ReportError(f"{path}: {exc}") from exc
 
     def exit_code(self) -> int:
         if self.command == "fix":
@@ -161,40 +180,113 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
+def output_target(path: str | Path) -> Path:
+    """Where a write to ``path`` lands. A symlink is written through, deliberately: the
+    link stays, its target gets the report (renaming over the link would replace it)."""
+    return Path(os.path.realpath(path))
+
+
 def atomic_write_text(path: str | Path, text: str) -> None:
     """Write via a temporary file in the same directory and rename: never a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
+    atomic_write_bytes(path, text.encode())
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """``atomic_write_text`` for bytes (PNG, Parquet).
+
+    The rename lands on whatever is at the target, so only a regular file (or nothing) may
+    be there: renaming over /dev/full or a FIFO would replace the node (and leave a FIFO's
+    reader blocked forever). An existing file keeps its mode.
+    """
+    target = output_target(path)
+    existing_mode = _regular_file_mode(target)
+    if existing_mode is None:
         # mkstemp creates 0600; a report is an ordinary file, so honour the umask instead.
         umask = os.umask(0)
         os.umask(umask)
-        os.fchmod(fd, 0o666 & ~umask)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        mode = 0o666 & ~umask
+    else:
+        mode = existing_mode
+    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
+    try:
+        os.fchmod(fd, mode)
+        with os.fdopen(fd, "wb") as handle:
+            handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, target)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
 
 
+def _regular_file_mode(target: Path, subject: str = "") -> int | None:
+    """The permission bits of the regular file at ``target``, None when nothing is there;
+    ValueError for anything else (directory, device, FIFO, socket)."""
+    subject = subject or str(target)
+    try:
+        status = os.stat(target)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISDIR(status.st_mode):
+        raise ValueError(f"{subject} is a directory")
+    if not stat.S_ISREG(status.st_mode):
+        raise ValueError(f"{subject} is a {_file_kind(status.st_mode)}, not a regular file")
+    return stat.S_IMODE(status.st_mode)
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "device node"
+    if stat.S_ISFIFO(mode):
+        return "FIFO"
+    if stat.S_ISSOCK(mode):
+        return "socket"
+    return "special file"
+
+
 def check_writable(path: str | Path) -> None:
-    """Fail before any work when ``path`` cannot be written; creates nothing."""
-    path = Path(path)
-    parent = path.parent if str(path.parent) else Path(".")
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory")
+    """Fail before any work when ``path`` cannot be written as a regular file; creates
+    nothing. The message completes "cannot write PATH: ..."."""
+    target = output_target(path)
+    subject = "it" if str(target) == os.path.abspath(path) else f"its link target {target}"
+    try:
+        mode = _regular_file_mode(target, subject)
+    except OSError as exc:
+        raise ValueError(exc.strerror) from None
+    parent = target.parent
     if not parent.is_dir():
         raise ValueError(f"directory {parent} does not exist")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise ValueError(f"directory {parent} is not writable")
-    if path.exists() and not os.access(path, os.W_OK):
-        raise ValueError(f"{path} is not writable")
+    # root passes os.access on anything, so a file nobody may write is refused by its mode.
+    if mode is not None and (not os.access(target, os.W_OK) or not mode & 0o222):
+        raise ValueError(f"{subject} is read-only")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
         raise ValueError(f"the file system of {parent} is full")
 
 
+def same_file(a: str | Path, b: str | Path) -> bool:
+    """True when writing ``a`` would overwrite ``b`` (links, ``..``, hard links included)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return output_target(a) == output_target(b)
+
+
 def json_schema() -> dict[str, Any]:
     return json.loads(resources.files("fsdpqdiag").joinpath("schema/report-1.json").read_text())
+
+
+def schema_violation(data: Any) -> None:
+    """ReportError (one line: where and what) when ``data`` does not match ``json_schema()``."""
+    import jsonschema
+
+    error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(json_schema()).iter_errors(data))
+    if error is None:
+        return
+    where = "/".join(str(part) for part in error.absolute_path) or "the top level"
+    message = " ".join(error.message.split())
+    if len(message) > 160:
+        message = message[:157] + "..."
+    raise ReportError(f"does not match the {SCHEMA} schema at {where}: {message}")

@@ -11,12 +11,17 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+# hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the checkout.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "fsdpqdiag-hypothesis")
+)
 
 # Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
 SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]
@@ -54,12 +59,12 @@ class CliResult:
 def run_cli(tmp_path):
     """Run ``python -m fsdpqdiag ARGS`` as a user would; ``json=True`` adds --json."""
 
-    def run(*args: str, json: bool = False, timeout: float = 600) -> CliResult:
+    def run(*args: str, json: bool = False, timeout: float = 600, env: dict | None = None) -> CliResult:
         json_path = tmp_path / "report.json" if json else None
         argv = [sys.executable, "-m", "fsdpqdiag", *args]
         if json_path is not None:
             argv += ["--json", str(json_path)]
-        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200")
+        env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         return CliResult(completed, json_path)
 

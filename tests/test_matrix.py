@@ -20,6 +20,13 @@ def _cells(report):
     return {r["config"]["cell"]["name"]: r for r in report["results"]}
 
 
+def _record_lines(jsonl) -> list[str]:
+    """The cell lines of a sweep's record, after checking that its first line is the header."""
+    lines = jsonl.read_text().splitlines()
+    assert lines and json.loads(lines[0]).get(mx.SWEEP_HEADER) == mx.SWEEP_VERSION, lines[:1]
+    return lines[1:]
+
+
 @pytest.mark.parametrize("ws", [1, 2])
 def test_default_matrix_is_self_consistent(run_cli, tmp_path, ws):
     csv = tmp_path / "m.csv"
@@ -89,7 +96,7 @@ def test_crashing_cell_leaves_the_others_intact(run_cli, tmp_path):
     cells = _cells(result.report)
     assert cells["D"]["verdict"] == "CRASHED" and cells["D"]["evidence"]["signal"] == "SIGSEGV"
     assert all(cells[n]["evidence"]["status"] == "ok" for n in "ACEFG")
-    lines = (out / "cells.jsonl").read_text().splitlines()
+    lines = _record_lines(out / "cells.jsonl")
     assert sorted(json.loads(line)["cell"]["name"] for line in lines) == list("ABCDEFG")
 
 
@@ -119,18 +126,19 @@ def test_resume_after_a_killed_sweep_loses_and_redoes_nothing(tmp_path, run_cli,
     )
     deadline = time.monotonic() + 300
     jsonl = out / "cells.jsonl"
-    while time.monotonic() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 2):
+    # the header and two finished cells
+    while time.monotonic() < deadline and (not jsonl.exists() or len(jsonl.read_text().splitlines()) < 3):
         time.sleep(0.2)
     sweep.send_signal(how)
     sweep.communicate(timeout=120)
     if how == signal.SIGINT:
         assert sweep.returncode == 130
-    before = jsonl.read_text().splitlines()
+    before = _record_lines(jsonl)
     assert 2 <= len(before) < 7
     time.sleep(1.0)  # no orphaned rank may append after its launcher is gone
-    assert jsonl.read_text().splitlines() == before
+    assert _record_lines(jsonl) == before
     result = run_cli("matrix", "--ws", "1", "--device", "cpu", "--resume", str(out), "-q", json=True)
-    lines = [json.loads(line) for line in jsonl.read_text().splitlines()]
+    lines = [json.loads(line) for line in _record_lines(jsonl)]
     names = [line["cell"]["name"] for line in lines]
     assert sorted(names) == list("ABCDEFG") and len(names) == len(set(names))
     assert [json.loads(line) for line in before] == lines[: len(before)]
@@ -234,8 +242,8 @@ def test_matrix_runs_under_torchrun_and_rank0_writes_before_anyone_exits(tmp_pat
     cells = _cells(report)
     assert list(cells) == ["A", "B"]
     assert cells["A"]["verdict"] == "REPRODUCED"
-    # rank 0 alone wrote the per-cell lines
-    assert len((out / "cells.jsonl").read_text().splitlines()) == 2
+    # rank 0 alone wrote the header and the per-cell lines
+    assert len(_record_lines(out / "cells.jsonl")) == 2
 
 
 def test_cells_are_reported_while_their_launch_still_runs():
@@ -301,4 +309,4 @@ def test_two_sweeps_at_once_both_complete(tmp_path):
     for i in range(2):
         cells = _cells(json.loads((tmp_path / f"m{i}.json").read_text()))
         assert cells["A"]["evidence"]["status"] == "ok"
-        assert len((tmp_path / f"out{i}" / "cells.jsonl").read_text().splitlines()) == 1
+        assert len(_record_lines(tmp_path / f"out{i}" / "cells.jsonl")) == 1

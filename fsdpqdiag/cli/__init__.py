@@ -6,7 +6,8 @@ from fsdpqdiag.cli.app import app
 
 def main() -> None:
     from fsdpqdiag import stacklog
-    from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job
+    from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job, install_stop_handlers, stop_received
+    from fsdpqdiag.report import EXIT_INTERRUPTED
 
     if in_launched_job():
         import faulthandler
@@ -17,7 +18,16 @@ def main() -> None:
     stacklog.install()
 
     if not in_launched_job():
-        app()
+        install_stop_handlers()
+        try:
+            app()
+        except SystemExit as done:
+            # A stop outside a launch (while writing the report, say) reaches typer as a
+            # KeyboardInterrupt, which it ends with 130: give the signal's own code.
+            signum = stop_received()
+            if signum is not None and done.code == EXIT_INTERRUPTED:
+                raise SystemExit(128 + signum) from None
+            raise
         return
     # Under torchrun this process is a rank: once its outputs are written, leave as ranks do.
     try:

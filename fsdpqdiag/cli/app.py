@@ -7,17 +7,46 @@ command lives in its own module of this package and is registered in ``__init__`
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
+from typer.core import TyperGroup
 
 from fsdpqdiag.faults import FAULTS  # stdlib only: --help stays torch-free
 from fsdpqdiag.report import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
 
+
+class OneLineErrors(TyperGroup):
+    """click's own usage errors (a value of the wrong type, an unknown option, an extra
+    argument) answer in one line on stderr with exit 2, like every other mistake, instead of
+    click's usage block and error panel."""
+
+    def main(self, *args, standalone_mode: bool = True, **kwargs):
+        if not standalone_mode:
+            return super().main(*args, standalone_mode=False, **kwargs)
+        try:
+            code = super().main(*args, standalone_mode=False, **kwargs)
+        except typer.exceptions.TyperException as exc:
+            # typer carries its own copy of click, whose ClickException derives from this;
+            # help was printed already when no arguments were given.
+            if not hasattr(exc, "format_message"):
+                raise
+            if type(exc).__name__ != "NoArgsIsHelpError":
+                print_error(exc.format_message())
+            sys.exit(exc.exit_code)
+        except typer.Abort:
+            stderr.print("Aborted!")
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
 app = typer.Typer(
     name="fsdpqdiag",
+    cls=OneLineErrors,
     help=(
         "Diagnose byte-level bugs of PyTorch FSDP2 sharding bitsandbytes quantized weights "
         "(bitsandbytes #1945 and relatives)."
@@ -32,9 +61,15 @@ stdout = Console()
 stderr = Console(stderr=True)
 
 
+def print_error(message: str) -> None:
+    # Escaped: a message quotes what the user typed, and "[/x]" in it would be taken for
+    # rich markup (a MarkupError traceback instead of the error).
+    stderr.print(f"[bold red]error:[/] {escape(' '.join(message.split()))}", highlight=False, soft_wrap=True)
+
+
 def fail(message: str) -> typer.Exit:
     """One line on stderr and exit 2: the answer to every mistake a user can make."""
-    stderr.print(f"[bold red]error:[/] {message}", highlight=False, soft_wrap=True)
+    print_error(message)
     return typer.Exit(EXIT_BAD_INPUT)
 
 
@@ -43,13 +78,32 @@ def is_reporting_rank() -> bool:
     return os.environ.get("RANK", "0") == "0"
 
 
-def check_outputs(*paths: Path | None) -> None:
-    for path in paths:
-        if path is not None:
-            try:
-                check_writable(path)
-            except ValueError as exc:
-                raise fail(f"cannot write {path}: {exc}") from None
+def model_files(model: str | None) -> tuple[Path, ...]:
+    """The files of a --model directory: inputs that no output may overwrite."""
+    directory = Path(model).expanduser() if model else None
+    if directory is None or not directory.is_dir():
+        return ()
+    return tuple(entry for entry in directory.iterdir() if entry.is_file())
+
+
+def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
+    """Refuse, before any work, an output that cannot be written as a regular file, that
+    would overwrite one of this run's inputs, or that another output of the run also names
+    (``--json x --markdown x`` would silently keep only the last)."""
+    from fsdpqdiag.report import same_file
+
+    wanted = [path for path in paths if path is not None]
+    for index, path in enumerate(wanted):
+        try:
+            check_writable(path)
+        except ValueError as exc:
+            raise fail(f"cannot write {path}: {exc}") from None
+        for source in inputs:
+            if same_file(path, source):
+                raise fail(f"cannot write {path}: it is the input {source}, which would be lost")
+        for other in wanted[:index]:
+            if same_file(path, other):
+                raise fail(f"cannot write {path}: another output of this run ({other}) is the same file")
 
 
 @app.callback()
@@ -125,7 +179,14 @@ def run_library(call, status_text: str = "starting…"):
             return call(lambda text: status.update(f"running {text}…"))
     except BadInput as exc:
         raise fail(str(exc)) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as exc:
         # The launcher has already killed and reaped every rank; nothing was written.
-        stderr.print("interrupted: every rank was stopped, no report written")
-        raise typer.Exit(EXIT_INTERRUPTED) from None
+        # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.
+        import signal
+
+        from fsdpqdiag.launch import stop_signal_of
+
+        signum = stop_signal_of(exc)
+        by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"
+        stderr.print(f"interrupted{by}: every rank was stopped, no report written")
+        raise typer.Exit(EXIT_INTERRUPTED - signal.SIGINT + signum) from None

@@ -21,6 +21,7 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     fail,
     is_reporting_rank,
+    model_files,
     print_tables,
     run_library,
     write_report,
@@ -56,7 +57,7 @@ def forensics(
     from fsdpqdiag.config import canonical_dtype
     from fsdpqdiag.render.forensics_table import forensics_table
 
-    check_outputs(json_path, markdown_path)
+    check_outputs(json_path, markdown_path, inputs=model_files(model))
     try:
         storage = canonical_dtype(quant_storage)
     except ValueError as exc:

@@ -21,6 +21,7 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     is_reporting_rank,
+    model_files,
     print_tables,
     run_library,
     stderr,
@@ -43,10 +44,14 @@ def matrix(
         ),
     ] = None,
     model: Annotated[str | None, typer.Option(help="Local Hugging Face causal-LM directory.")] = None,
+    # None means "not given": --resume then keeps what the sweep recorded.
     preset: Annotated[
-        str, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model).")
-    ] = "tiny-llama",
-    lora: Annotated[bool, typer.Option(help="Wrap with PEFT LoRA, as #1945's matrix did.")] = True,
+        str | None, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model). Default: tiny-llama.")
+    ] = None,
+    lora: Annotated[
+        bool | None,
+        typer.Option("--lora/--no-lora", help="Wrap with PEFT LoRA, as #1945's matrix did (default)."),
+    ] = None,
     ws: WorldSizes = None,
     device: Device = "auto",
     backend: Backend = "auto",
@@ -75,9 +80,18 @@ def matrix(
     from fsdpqdiag import api
     from fsdpqdiag import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
-    from fsdpqdiag.report import atomic_write_text
+    from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
 
-    check_outputs(json_path, markdown_path, csv, parquet, plot)
+    sweep_dir = resume or out
+    # The sweep's own record is read back by --resume: no other output may land on it.
+    check_outputs(
+        json_path,
+        markdown_path,
+        csv,
+        parquet,
+        plot,
+        inputs=((sweep_dir / "cells.jsonl",) if sweep_dir is not None else ()) + model_files(model),
+    )
     if parquet is not None:
         import importlib.util
 
@@ -85,7 +99,9 @@ def matrix(
             from fsdpqdiag.cli.app import fail
 
             raise fail("--parquet needs pyarrow, which is not installed")
-    with Progress(console=stderr, transient=True) as progress:
+    # Off a terminal a transient bar draws nothing but a blank line, which would make a
+    # refusal two lines on stderr.
+    with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
         bar = progress.add_task("matrix", total=None)
 
         def on_cell(name: str, row: dict) -> None:
@@ -112,6 +128,7 @@ def matrix(
             )
         )
     write_report(report, json_path, markdown_path)
+    _note_what_resume_set_aside(report, resume)
     if is_reporting_rank():
         cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
         rows = {
@@ -122,7 +139,7 @@ def matrix(
         if csv is not None:
             atomic_write_text(csv, frame.to_csv(index=False))
         if parquet is not None:
-            frame.to_parquet(parquet)
+            atomic_write_bytes(parquet, frame.to_parquet())
         if plot is not None:
             heat_map(report, plot)
         if not quiet:
@@ -131,6 +148,27 @@ def matrix(
     # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
     # first would make torchrun SIGTERM rank 0 mid-exit.
     raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
+
+
+def _note_what_resume_set_aside(report, resume: Path | None) -> None:
+    """A resumed sweep whose record held a torn line or bad records says so: those cells
+    were run again, and the lines are kept in cells.rejected.jsonl."""
+    recovered = report.analysis.get("resume") or {}
+    rejected = recovered.get("rejected_records") or []
+    if not is_reporting_rank() or not (rejected or recovered.get("torn_line_truncated")):
+        return
+    parts = (
+        [f"{len(rejected)} bad record(s) (lines {', '.join(str(r['line']) for r in rejected)})"]
+        if rejected
+        else []
+    )
+    if recovered.get("torn_line_truncated"):
+        parts.append("a torn last line")
+    stderr.print(
+        f"resume: set aside {' and '.join(parts)} of {resume}/cells.jsonl into cells.rejected.jsonl; "
+        "those cells were run again",
+        highlight=False,
+    )
 
 
 def _wait_for_reporting_rank() -> None:

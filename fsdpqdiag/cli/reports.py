@@ -58,7 +58,7 @@ def report(
 
     if format not in ("md", "table", "json"):
         raise fail(f"unknown format {format!r} (known: md, table, json)")
-    check_outputs(output, plot)
+    check_outputs(output, plot, inputs=(path,))
     loaded = _load(path)
     if plot is not None:
         from fsdpqdiag.render.plot import byte_map

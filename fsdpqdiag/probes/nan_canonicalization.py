@@ -94,7 +94,11 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
     swap = evidence["swap_target"]
     bytes_altered = any(not o.evidence["swap_target"].get("bytes_equal") for o in measured)
-    output_changed = any(not o.evidence.get("output_bit_equal") for o in measured)
+    # An output in another dtype with equal values did not change (see bytes.output_delta).
+    output_changed = any(
+        not (o.evidence.get("output_bit_equal") or o.evidence.get("output_value_equal")) for o in measured
+    )
+    recast = next((o.evidence for o in measured if _output_recast(o.evidence)), None)
     if not swap.get("comparable", True):
         detail = f"the swap target changed form ({swap['reason']})"
     else:
@@ -109,10 +113,17 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
         matches = (evidence.get("fingerprint") or {}).get("matches") or ["no candidate conversion"]
         hint = f"fingerprint on {evidence.get('fingerprint', {}).get('device')}: {', '.join(matches)}"
         return Verdict(REPRODUCED, f"{detail}; post bits {patterns}; {delta}; {hint}", evidence)
+    if recast is not None and not output_changed:
+        output = (
+            f"output values equal, in {recast.get('observed_dtype')} instead of "
+            f"{recast.get('reference_dtype')} (FSDP2's param_dtype)"
+        )
+    else:
+        output = "output bit-equal"
     if not bytes_altered and not output_changed:
-        return Verdict(NOT_REPRODUCED, f"every byte survives; output bit-equal; {detail}", evidence)
+        return Verdict(NOT_REPRODUCED, f"every byte survives; {output}; {detail}", evidence)
     if bytes_altered:
-        return Verdict(INCONCLUSIVE, f"{detail}, yet the output is bit-equal", evidence)
+        return Verdict(INCONCLUSIVE, f"{detail}, yet the output is unchanged ({output})", evidence)
     return Verdict(
         INCONCLUSIVE,
         f"every byte survives, yet the output changed ({delta}): not Mechanism A",
@@ -139,6 +150,10 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
             "fingerprint: " + ", ".join((evidence.get("fingerprint") or {}).get("matches") or ["none"]),
         ]
     return attribution.BITSANDBYTES, [said, "only the Params4bit path altered bytes"]
+
+
+def _output_recast(evidence: dict) -> bool:
+    return evidence.get("reference_dtype") != evidence.get("observed_dtype")
 
 
 PROBE = Probe(

@@ -153,7 +153,10 @@ def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evid
     forward_weight = row.get("forward_weight") or {}
     output = row.get("output") or {}
     row["bytes_preserved"] = bool(forward_weight.get("bytes_equal")) if forward_weight else None
-    row["output_preserved"] = bool(output.get("output_bit_equal")) if output else None
+    # Equal values in the policy's dtype are preserved output (see bytes.output_delta).
+    row["output_preserved"] = (
+        bool(output.get("output_bit_equal") or output.get("output_value_equal")) if output else None
+    )
     row["preserved"] = (
         row["failure"] is None and bool(row["bytes_preserved"]) and bool(row["output_preserved"])
     )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 from rich.console import Group
@@ -9,7 +10,7 @@ from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.table import VERDICT_STYLE
-from fsdpqdiag.report import Report
+from fsdpqdiag.report import Report, atomic_write_bytes
 
 
 def _num(value, fmt: str = ".16g") -> str:
@@ -111,5 +112,7 @@ def heat_map(report: Report, path: Path) -> None:
             )
         fig.colorbar(image, ax=axis)
     fig.suptitle("fsdpqdiag matrix")
-    fig.savefig(path, dpi=120)
+    image_bytes = io.BytesIO()
+    fig.savefig(image_bytes, format="png", dpi=120)
     plt.close(fig)
+    atomic_write_bytes(path, image_bytes.getvalue())

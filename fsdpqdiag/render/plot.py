@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
-from fsdpqdiag.report import Report
+from fsdpqdiag.report import Report, atomic_write_bytes
 
 
 def byte_map_sources(report: Report) -> list[tuple[str, dict, int]]:
@@ -51,6 +52,8 @@ def byte_map(report: Report, path: Path, columns: int = 256) -> int:
         axis.set_xlabel(f"element % {columns}")
         axis.set_ylabel(f"element // {columns * block}")
         fig.colorbar(image, ax=axis, label="altered per block")
-    fig.savefig(path, dpi=110)
+    image_bytes = io.BytesIO()
+    fig.savefig(image_bytes, format="png", dpi=110)
     plt.close(fig)
+    atomic_write_bytes(path, image_bytes.getvalue())
     return len(sources)
