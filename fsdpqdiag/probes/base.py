@@ -51,6 +51,10 @@ class Probe:
     verdict: Callable[[list[RankOutcome]], Verdict]
     needs: Needs = Needs()
     standalone: str | None = None  # the matching script in reproducers/
+    # Capabilities of the stack preflight (names in fsdpqdiag.preflight.CAPABILITIES) the
+    # probe relies on; one that failed there makes the probe UNSUPPORTED. Every probe
+    # unshards through FSDP2's all-gather.
+    preconditions: tuple[str, ...] = ("all_gather_into_tensor",)
 
 
 def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) -> Verdict | None:

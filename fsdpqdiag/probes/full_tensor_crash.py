@@ -77,4 +77,6 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(),
     standalone="reproducers/full_tensor_crash.py",
+    # FSDP2's forward, then the two DTensor gathers it calls on the sharded weight.
+    preconditions=("all_gather_into_tensor", "DTensor.full_tensor()", "DTensor.redistribute(Replicate)"),
 )

@@ -508,4 +508,6 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "peft")),
     standalone="reproducers/int8_params.py",
+    # Its backward reduce-scatters the LoRA gradients.
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
 )

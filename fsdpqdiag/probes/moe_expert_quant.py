@@ -501,4 +501,6 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "transformers", "peft")),
     standalone="reproducers/moe_expert_quant.py",
+    # Its backward reduce-scatters the LoRA gradients.
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
 )
