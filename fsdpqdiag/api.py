@@ -157,6 +157,43 @@ def run_probes(
     return [results[name] for name in names]
 
 
+def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
+    """The stack preflight of one run (see ``fsdpqdiag.preflight``): what each report carries."""
+    from fsdpqdiag import preflight as stack
+
+    if on_progress:
+        on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
+    return stack.run_preflight(run, subject)
+
+
+def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult | None:
+    """UNSUPPORTED for a probe whose preconditions failed in the preflight ``checked``, or None.
+
+    Such a probe is not run: on a stack that fails with ordinary tensors it could only
+    report the stack's failure as the bug's.
+    """
+    from fsdpqdiag import preflight as stack
+    from fsdpqdiag.probes import get_probe
+
+    probe = get_probe(name)
+    if probe.needs.unmet(run) is not None:
+        return None  # SKIPPED says more: the probe cannot run here at all
+    decided = stack.unsupported_verdict(name, probe.preconditions, checked, run)
+    if decided is None:
+        return None
+    return ProbeResult(
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        reason=decided.summary,
+        **_common(name, probe_config, run),
+    )
+
+
+def _run_checked(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult:
+    return unsupported(name, probe_config, run, checked) or run_probe(name, probe_config, run)
+
+
 def _common(name: str, probe_config: dict, run: RunConfig) -> dict:
     return dict(
         probe=name,
@@ -234,15 +271,21 @@ def reproduce(
     require_stack()
     linear = _linear(linear)
     names = check_probes(probes)
-    results = []
+    probe_config = dataclasses.asdict(linear)
+    results, checks = [], []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
 
         def on_start(name: str, run: RunConfig = run) -> None:
             if on_progress:
                 on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
 
-        results.extend(run_probes(names, dataclasses.asdict(linear), run, on_start))
-    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results)
+        checked = preflight(run, {"linear": probe_config}, on_progress)
+        checks.append(checked)
+        refused = {n: r for n in names if (r := unsupported(n, probe_config, run, checked)) is not None}
+        ran = run_probes([n for n in names if n not in refused], probe_config, run, on_start)
+        by_name = {**{r.probe: r for r in ran}, **refused}
+        results.extend(by_name[name] for name in names)
+    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def localize(
@@ -260,12 +303,14 @@ def localize(
 
     require_stack()
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
-    results = []
+    results, checks = [], []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
+        checked = preflight(run, {"linear": dataclasses.asdict(linear)}, on_progress)
+        checks.append(checked)
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
-        results.append(run_probe("localize", dataclasses.asdict(linear), run))
-    return Report(command="localize", argv=list(argv), env=env.capture(), results=results)
+        results.append(_run_checked("localize", dataclasses.asdict(linear), run, checked))
+    return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def fix(
@@ -299,15 +344,24 @@ def fix(
     for target in targets:
         if target in PRESETS:
             preset_dir(target)  # built once here, not raced by the ranks
-    results = []
+    # The FSDP units the preflight reads: the first preset target's model, else the layer.
+    model_targets = [t for t in targets if t in PRESETS]
+    subject = (
+        {"model": {"model": str(preset_dir(model_targets[0])), "label": model_targets[0], "lora": True}}
+        if model_targets
+        else {"linear": dataclasses.asdict(LinearConfig())}
+    )
+    results, checks = [], []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
         for target in targets:
             for name in ["none", *names]:
                 if on_progress:
                     on_progress(f"{name} on {target} at world size {run.world_size}")
                 config = {"workaround": name, "target": target, "steps": steps}
-                results.append(run_probe("fix-verify", config, run))
-    return Report(command="fix", argv=list(argv), env=env.capture(), results=results)
+                results.append(_run_checked("fix-verify", config, run, checked))
+    return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def matrix(
@@ -361,12 +415,21 @@ def matrix(
     base_config = {"model": str(model_path), "lora": lora, "out_dir": directory}
     rows_by_ws: dict[int, dict[str, dict]] = {}
     results: list[ProbeResult] = []
+    checks = []
+    subject = {"model": {"model": str(model_path), "label": model or preset, "lora": lora}}
     for run in runs:
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
         if on_progress:
             on_progress(f"{len(selected)} cells at world size {run.world_size} on {run.device}/{run.backend}")
-        rows = mx.sweep(
-            selected, run, base_config, run_task, isolate=isolate_cells, done=done, on_cell=on_cell
-        )
+        refused = unsupported("matrix", {}, run, checked)
+        if refused is not None:
+            # No cell can separate the bug from the stack here: none is run.
+            rows = {cell.name: {"status": "unsupported", "error": refused.summary} for cell in selected}
+        else:
+            rows = mx.sweep(
+                selected, run, base_config, run_task, isolate=isolate_cells, done=done, on_cell=on_cell
+            )
         rows_by_ws[run.world_size] = rows
         for cell in selected:
             row = rows[cell.name]
@@ -380,7 +443,7 @@ def matrix(
                     config={"cell": dataclasses.asdict(cell), "lora": lora, "model": model or preset},
                     injected=run.inject,
                     summary=row.get("error") or cell.describe() or "defaults",
-                    evidence=row,
+                    evidence=({**row, **refused.evidence} if refused is not None else row),
                 )
             )
     # Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
@@ -393,7 +456,14 @@ def matrix(
         for ws, rows in rows_by_ws.items()
     }
     analysis["isolate_cells"] = isolate_cells
-    report = Report(command="matrix", argv=list(argv), env=env.capture(), results=results, analysis=analysis)
+    report = Report(
+        command="matrix",
+        argv=list(argv),
+        env=env.capture(),
+        results=results,
+        analysis=analysis,
+        preflight=checks,
+    )
     return report
 
 
@@ -436,11 +506,41 @@ def forensics(
         "quant_storage": quant_storage,
         "lora": lora,
     }
-    results = []
+    subject = {"model": {**config, "label": model or preset}}
+    results, checks = [], []
     for run in runs:
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
         if on_progress:
             on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
-        result = run_probe("forensics", config, run)
+        result = _run_checked("forensics", config, run, checked)
         result.config["model"] = model or preset
         results.append(result)
-    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results)
+    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def doctor(
+    world_size: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    on_progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The stack preflight alone, on one device, backend and world size, for the model under
+    test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    return preflight(run, {"model": {"model": str(path), "label": model or preset}}, on_progress)
+
+
+def preflight_ok(checked: dict) -> bool:
+    return all(capability["ok"] for capability in checked.get("capabilities", []))

@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -47,4 +48,4 @@ def fix_table(report: Report) -> Group:
     lines = [table]
     if any(r.injected for r in report.results):
         lines.append(Text(f"injected fault: {report.results[0].injected}", style="yellow"))
-    return Group(*lines)
+    return Group(*lines, *summary_lines(report))

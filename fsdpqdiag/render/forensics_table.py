@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -49,4 +50,4 @@ def forensics_table(report: Report) -> Group:
             )
         parts.append(table)
         parts.append(Text.assemble(Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")), " ", r.summary))
-    return Group(*parts)
+    return Group(*parts, *summary_lines(report))

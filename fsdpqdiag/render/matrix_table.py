@@ -8,6 +8,7 @@ from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -66,7 +67,7 @@ def matrix_table(report: Report) -> Group:
                     parts.append(
                         Text(f"  {dimension}: {claim['status']} (cells {support}{note})", style="dim")
                     )
-    return Group(*parts)
+    return Group(*parts, *summary_lines(report))
 
 
 def heat_map(report: Report, path: Path) -> None:
