@@ -14,7 +14,7 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RankTask, RunConfig
-from fsdpqdiag.report import SKIPPED, ProbeResult, Report
+from fsdpqdiag.report import SKIPPED, UNSUPPORTED, ProbeResult, Report
 
 
 class BadInput(ValueError):
@@ -134,6 +134,21 @@ def run_probes(
     """Several probes in as few launches as their failures allow (see ``probes.batch``):
     one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
     launch from the probe after it."""
+    return run_checked(names, probe_config, run, None, on_start)[0]
+
+
+def run_checked(
+    names: Sequence[str],
+    probe_config: dict,
+    run: RunConfig,
+    subject: dict | None,
+    on_start: Callable[[str], None] | None = None,
+) -> tuple[list[ProbeResult], dict | None]:
+    """``run_probes`` led by the stack preflight of ``subject`` (unless None) in the same
+    launch, and the preflight: a launch costs seconds of imports, the preflight's own work
+    a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
+    that shared the preflight's launch already ran, one after it is not run."""
+    from fsdpqdiag import preflight as stack
     from fsdpqdiag.launch import run_task
     from fsdpqdiag.probes import batch, get_probe
 
@@ -143,18 +158,35 @@ def run_probes(
         if unmet is not None:
             results[name] = _skipped(name, probe_config, run, unmet)
     pending = [n for n in names if n not in results]
-    while pending:
-        task = RankTask(
-            probe=batch.NAME, probe_config={"probes": pending, "probe_config": probe_config}, run=run
-        )
+    checked: dict | None = None
+    while pending or (subject is not None and checked is None):
+        leading = [stack.NAME] if subject is not None and checked is None else []
+        config = {"probes": leading + pending, "probe_config": probe_config, "configs": {stack.NAME: subject}}
         started = time.monotonic()
         watch = batch.watch_progress(on_start) if on_start else None
-        outcomes = run_task(task, watch=watch)
-        split_up, _ = batch.split(pending, outcomes, time.monotonic() - started)
+        outcomes = run_task(RankTask(probe=batch.NAME, probe_config=config, run=run), watch=watch)
+        split_up, _ = batch.split(leading + pending, outcomes, time.monotonic() - started)
         for part in split_up:
-            results[part.probe] = _decide(part.probe, probe_config, run, part.outcomes, part.duration_s)
-        pending = pending[len(split_up) :]
-    return [results[name] for name in names]
+            if part.probe == stack.NAME:
+                # Where the launch died inside it, the preflight relaunches for the rest.
+                checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+            else:
+                results[part.probe] = _decide(part.probe, probe_config, run, part.outcomes, part.duration_s)
+        ran = {part.probe for part in split_up}
+        pending = [n for n in pending if n not in ran]
+        if checked is not None:
+            for name in [n for n in pending if unsupported(n, probe_config, run, checked)]:
+                pending.remove(name)
+                results[name] = unsupported(name, probe_config, run, checked)
+    if checked is not None:
+        for name, result in list(results.items()):
+            refused = result.verdict != UNSUPPORTED and unsupported(name, probe_config, run, checked)
+            if refused:
+                # It ran beside the preflight: its own verdict is kept as evidence, not as the verdict.
+                refused.evidence["measured"] = {"verdict": result.verdict, "summary": result.summary}
+                refused.ranks, refused.duration_s = result.ranks, result.duration_s
+                results[name] = refused
+    return [results[name] for name in names], checked
 
 
 def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
@@ -192,6 +224,12 @@ def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) ->
 
 def _run_checked(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult:
     return unsupported(name, probe_config, run, checked) or run_probe(name, probe_config, run)
+
+
+def _one_checked(name: str, probe_config: dict, run: RunConfig, subject: dict) -> tuple[ProbeResult, dict]:
+    """One probe, led by the preflight in its launch."""
+    (result,), checked = run_checked([name], probe_config, run, subject)
+    return result, checked
 
 
 def _common(name: str, probe_config: dict, run: RunConfig) -> dict:
@@ -279,12 +317,9 @@ def reproduce(
             if on_progress:
                 on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
 
-        checked = preflight(run, {"linear": probe_config}, on_progress)
+        ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
         checks.append(checked)
-        refused = {n: r for n in names if (r := unsupported(n, probe_config, run, checked)) is not None}
-        ran = run_probes([n for n in names if n not in refused], probe_config, run, on_start)
-        by_name = {**{r.probe: r for r in ran}, **refused}
-        results.extend(by_name[name] for name in names)
+        results.extend(ran)
     return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
@@ -305,11 +340,12 @@ def localize(
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
     results, checks = [], []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
-        checked = preflight(run, {"linear": dataclasses.asdict(linear)}, on_progress)
-        checks.append(checked)
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
-        results.append(_run_checked("localize", dataclasses.asdict(linear), run, checked))
+        config = dataclasses.asdict(linear)
+        result, checked = _one_checked("localize", config, run, {"linear": config})
+        checks.append(checked)
+        results.append(result)
     return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
@@ -509,11 +545,10 @@ def forensics(
     subject = {"model": {**config, "label": model or preset}}
     results, checks = [], []
     for run in runs:
-        checked = preflight(run, subject, on_progress)
-        checks.append(checked)
         if on_progress:
             on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
-        result = _run_checked("forensics", config, run, checked)
+        result, checked = _one_checked("forensics", config, run, subject)
+        checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)
     return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)

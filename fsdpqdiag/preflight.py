@@ -18,7 +18,6 @@ UNSUPPORTED, never CRASHED or REPRODUCED: the stack, not the bug, decided it.
 
 from __future__ import annotations
 
-import dataclasses
 import importlib.util
 import time
 from pathlib import Path
@@ -409,6 +408,7 @@ PROBE = Probe(
     run=run,
     verdict=_unused_verdict,
     needs=Needs(packages=()),
+    stack_faults_only=True,
 )
 
 
@@ -459,28 +459,30 @@ def _ended(outcomes) -> tuple[str | None, str]:
     return stage, failed.summary
 
 
-def preflight_run(run: RunConfig) -> RunConfig:
-    """The run the preflight launches under: the probes' own, with the injected fault only
-    where that fault stands for a broken stack; a fault confined to quantized weights would
-    not meet the preflight's ordinary tensors."""
+def injected(run: RunConfig) -> str | None:
+    """The fault the preflight runs under: the probes' own only where it stands for a broken
+    stack; a fault confined to quantized weights would not meet its ordinary tensors (the
+    rank applies the same rule, ``RankContext.fault_for``)."""
     from fsdpqdiag import faults
 
-    inject = run.inject if run.inject and faults.get(run.inject).stack_wide else None
-    return dataclasses.replace(run, inject=inject)
+    return run.inject if run.inject and faults.get(run.inject).stack_wide else None
 
 
-def run_preflight(run: RunConfig, subject: dict[str, Any]) -> dict[str, Any]:
+def run_preflight(
+    run: RunConfig, subject: dict[str, Any], first: list | None = None, first_s: float = 0.0
+) -> dict[str, Any]:
     """Every capability and the FSDP units on ``run``'s device, backend and world size.
 
     ``subject`` is ``{"linear": LinearConfig dict}`` or ``{"model": {...}}``: what the FSDP
-    units are read from. One launch when nothing dies; after a launch in which ranks died,
-    raised or hung inside a capability, that capability is failed with the reason and a
+    units are read from. ``first``: the preflight's per-rank outcomes from a launch it shared
+    with the probes (``api``), if any; else it launches itself. After a launch in which ranks
+    died, raised or hung inside a capability, that capability is failed with the reason and a
     fresh launch runs the rest.
     """
     from fsdpqdiag.launch import run_task
 
-    started = time.monotonic()
-    launch_run = preflight_run(run)
+    started = time.monotonic() - first_s
+    shared = first is not None
     done: dict[str, dict] = {}
     units: dict[str, Any] | None = None if subject else {}
     bnb: dict[str, Any] | None = None
@@ -489,9 +491,12 @@ def run_preflight(run: RunConfig, subject: dict[str, Any]) -> dict[str, Any]:
         pending = [name for name in CAPABILITIES if name not in done]
         if not pending and units is not None:
             break
-        config = {"skip": list(done), "units": units is None, **subject}
-        outcomes = run_task(RankTask(probe=NAME, probe_config=config, run=launch_run))
-        launches += 1
+        if first is not None:
+            outcomes, first = first, None
+        else:
+            config = {"skip": list(done), "units": units is None, **subject}
+            outcomes = run_task(RankTask(probe=NAME, probe_config=config, run=run))
+            launches += 1
         bnb = bnb or outcomes[0].evidence.get("bitsandbytes_path")
         for name in pending:
             per_rank = [(o.evidence.get("capabilities") or {}).get(name) for o in outcomes]
@@ -514,11 +519,13 @@ def run_preflight(run: RunConfig, subject: dict[str, Any]) -> dict[str, Any]:
         "world_size": run.world_size,
         "device": run.device,
         "backend": run.backend,
-        "injected": launch_run.inject,
+        "injected": injected(run),
         "capabilities": [done[name] for name in CAPABILITIES],
         "bitsandbytes_path": bnb,
         "fsdp_units": units or None,
+        # Launches of its own, beside the probes' launch it shares where it ran first in it.
         "launches": launches,
+        "shared_launch": shared,
         "duration_s": round(time.monotonic() - started, 3),
     }
 
