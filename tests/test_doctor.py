@@ -181,3 +181,18 @@ def test_byte_check_sees_a_canonicalized_nan_payload():
     assert not found["bytes_equal"] and found["differing_elements"] == 253
     assert found["first_difference"] == {"index": 0, "expected": "0x7f81", "observed": "0x7fff"}
     assert preflight.compare_bytes(payload, payload.clone())["bytes_equal"]
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--ws", "0"], "--ws must be >= 1"),
+        (["--backend", "mpi"], "unknown backend"),
+        (["--model", "/nonexistent/model-dir"], "does not exist"),
+        (["--inject", "bitflip"], "unknown fault"),
+    ],
+)
+def test_doctor_bad_input_is_one_line_exit_2(run_cli, args, message):
+    result = run_cli("doctor", "--device", "cpu", *args)
+    assert result.returncode == 2 and message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
