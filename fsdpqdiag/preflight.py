@@ -53,6 +53,8 @@ ISA_FLAGS = (
 # Packages bitsandbytes (or torch under it) picks kernels from when they are installed.
 OPTIONAL_KERNEL_PACKAGES = ("kernels", "triton", "intel_extension_for_pytorch")
 PAYLOAD_FINITE = 258  # with the 254 NaN patterns, 512 bf16 elements per rank
+# All-gathered by value in one of these, packed storage meets a float copy (Mechanism A).
+FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 COMPONENT = "process-group backend"
 # Known upstream reports of a backend failing on ordinary tensors, by (device, backend).
 KNOWN_ISSUES = {("cuda", "gloo"): ["pytorch/pytorch#152645"]}
@@ -313,9 +315,6 @@ def fsdp_units(units: list[tuple[str, Any]], quantized: set[tuple[int, str]]) ->
                 }
             )
     return rows
-
-
-FLOAT_DTYPES = ("bfloat16", "float16", "float32", "float64")
 
 
 def _units_of_linear(config: dict[str, Any], ctx) -> dict[str, Any]:
