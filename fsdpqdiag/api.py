@@ -16,7 +16,7 @@ from typing import Any
 
 from fsdpqdiag import attribution
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RankTask, RunConfig
-from fsdpqdiag.report import SKIPPED, ProbeResult, Report
+from fsdpqdiag.report import SKIPPED, UNSUPPORTED, ProbeResult, Report
 
 
 class BadInput(ValueError):
@@ -142,6 +142,21 @@ def run_probes(
     """Several probes in as few launches as their failures allow (see ``probes.batch``):
     one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
     launch from the probe after it."""
+    return run_checked(names, probe_config, run, None, on_start)[0]
+
+
+def run_checked(
+    names: Sequence[str],
+    probe_config: dict,
+    run: RunConfig,
+    subject: dict | None,
+    on_start: Callable[[str], None] | None = None,
+) -> tuple[list[ProbeResult], dict | None]:
+    """``run_probes`` led by the stack preflight of ``subject`` (unless None) in the same
+    launch, and the preflight: a launch costs seconds of imports, the preflight's own work
+    a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
+    that shared the preflight's launch already ran, one after it is not run."""
+    from fsdpqdiag import preflight as stack
     from fsdpqdiag.launch import run_task
     from fsdpqdiag.probes import batch, get_probe
 
@@ -151,18 +166,81 @@ def run_probes(
         if unmet is not None:
             results[name] = _skipped(name, probe_config, run, unmet)
     pending = [n for n in names if n not in results]
-    while pending:
-        task = RankTask(
-            probe=batch.NAME, probe_config={"probes": pending, "probe_config": probe_config}, run=run
-        )
+    checked: dict | None = None
+    while pending or (subject is not None and checked is None):
+        leading = [stack.NAME] if subject is not None and checked is None else []
+        config = {"probes": leading + pending, "probe_config": probe_config, "configs": {stack.NAME: subject}}
         started = time.monotonic()
         watch = batch.watch_progress(on_start) if on_start else None
-        outcomes = run_task(task, watch=watch)
-        split_up, _ = batch.split(pending, outcomes, time.monotonic() - started)
+        outcomes = run_task(RankTask(probe=batch.NAME, probe_config=config, run=run), watch=watch)
+        split_up, _ = batch.split(leading + pending, outcomes, time.monotonic() - started)
         for part in split_up:
-            results[part.probe] = _decide(part.probe, probe_config, run, part.outcomes, part.duration_s)
-        pending = pending[len(split_up) :]
-    return [results[name] for name in names]
+            if part.probe == stack.NAME:
+                # Where the launch died inside it, the preflight relaunches for the rest.
+                checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+            else:
+                results[part.probe] = _decide(
+                    part.probe, probe_config, run, part.outcomes, part.duration_s, checked
+                )
+        ran = {part.probe for part in split_up}
+        pending = [n for n in pending if n not in ran]
+        if checked is not None:
+            for name in [n for n in pending if unsupported(n, probe_config, run, checked)]:
+                pending.remove(name)
+                results[name] = unsupported(name, probe_config, run, checked)
+    if checked is not None:
+        for name, result in list(results.items()):
+            refused = result.verdict != UNSUPPORTED and unsupported(name, probe_config, run, checked)
+            if refused:
+                # It ran beside the preflight: its own verdict is kept as evidence, not as the verdict.
+                refused.evidence["measured"] = {"verdict": result.verdict, "summary": result.summary}
+                refused.ranks, refused.duration_s = result.ranks, result.duration_s
+                results[name] = refused
+    return [results[name] for name in names], checked
+
+
+def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
+    """The stack preflight of one run (see ``fsdpqdiag.preflight``): what each report carries."""
+    from fsdpqdiag import preflight as stack
+
+    if on_progress:
+        on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
+    return stack.run_preflight(run, subject)
+
+
+def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult | None:
+    """UNSUPPORTED for a probe whose preconditions failed in the preflight ``checked``, or None.
+
+    Such a probe is not run: on a stack that fails with ordinary tensors it could only
+    report the stack's failure as the bug's.
+    """
+    from fsdpqdiag import preflight as stack
+    from fsdpqdiag.probes import get_probe
+
+    probe = get_probe(name)
+    if probe.needs.unmet(run) is not None:
+        return None  # SKIPPED says more: the probe cannot run here at all
+    decided = stack.unsupported_verdict(name, probe.preconditions, checked, run)
+    if decided is None:
+        return None
+    _attribute(name, decided, run)
+    return ProbeResult(
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        reason=decided.summary,
+        **_common(name, probe_config, run),
+    )
+
+
+def _run_checked(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult:
+    return unsupported(name, probe_config, run, checked) or run_probe(name, probe_config, run)
+
+
+def _one_checked(name: str, probe_config: dict, run: RunConfig, subject: dict) -> tuple[ProbeResult, dict]:
+    """One probe, led by the preflight in its launch."""
+    (result,), checked = run_checked([name], probe_config, run, subject)
+    return result, checked
 
 
 def _common(name: str, probe_config: dict, run: RunConfig) -> dict:
@@ -180,34 +258,54 @@ def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> Prob
     return ProbeResult(verdict=SKIPPED, summary=reason, reason=reason, **_common(name, probe_config, run))
 
 
-def _decide(name: str, probe_config: dict, run: RunConfig, outcomes: list, duration_s: float) -> ProbeResult:
+def _attribute(name: str, decided, run: RunConfig, signal: str | None = None) -> None:
+    """Put the attribution record into a verdict that names a culprit (see ``attribution``)."""
+    from fsdpqdiag.probes import get_probe
+
+    if decided.verdict not in attribution.ATTRIBUTED_VERDICTS:
+        return
+    probe = get_probe(name)
+    given = decided.evidence.get("attribution")
+    if given:  # a verdict decided by a control outside the probe (the stack preflight)
+        component, decided_by = given["component"], given.get("decided_by") or []
+    elif probe.attribute:
+        component, decided_by = probe.attribute(decided.evidence)
+    else:
+        component, decided_by = (
+            attribution.UNDETERMINED,
+            ["this task runs no control that separates the suspects"],
+        )
+    decided.evidence["attribution"] = attribution.record(
+        component,
+        decided_by,
+        probe=name,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        backend=run.backend,
+        device=run.device,
+        signal=signal,
+        injected=run.inject,
+    )
+
+
+def _decide(
+    name: str,
+    probe_config: dict,
+    run: RunConfig,
+    outcomes: list,
+    duration_s: float,
+    checked: dict | None = None,
+) -> ProbeResult:
+    """The verdict of a probe's ranks; ``checked``, the preflight of the same launch, tells
+    the attribution which of the probe's preconditions held on ordinary tensors."""
     from fsdpqdiag.probes import get_probe
 
     probe = get_probe(name)
     decided = probe.verdict(outcomes)
-    if decided.verdict in attribution.ATTRIBUTED_VERDICTS:
-        given = decided.evidence.get("attribution")
-        if given:  # a verdict decided by a control outside the probe (the stack preflight)
-            component, decided_by = given["component"], given.get("decided_by") or []
-        elif probe.attribute:
-            component, decided_by = probe.attribute(decided.evidence)
-        else:
-            component, decided_by = (
-                attribution.UNDETERMINED,
-                ["this task runs no control that separates the suspects"],
-            )
-        signal = next((o.signal for o in outcomes if o.signal), None)
-        decided.evidence["attribution"] = attribution.record(
-            component,
-            decided_by,
-            probe=name,
-            summary=decided.summary,
-            evidence=decided.evidence,
-            backend=run.backend,
-            device=run.device,
-            signal=signal,
-            injected=run.inject,
-        )
+    if checked is not None:
+        held = {c["name"] for c in checked.get("capabilities", []) if c["ok"]}
+        decided.evidence["preflight_held"] = [name for name in probe.preconditions if name in held]
+    _attribute(name, decided, run, signal=next((o.signal for o in outcomes if o.signal), None))
     return ProbeResult(
         verdict=decided.verdict,
         summary=decided.summary,
@@ -287,15 +385,18 @@ def reproduce(
     names = check_probes(probes)
     if "storage-dtype-mismatch" in names:
         _check_storage_pairs(linear)
-    results = []
+    probe_config = dataclasses.asdict(linear)
+    results, checks = [], []
     for run in _runs(world_sizes, device, backend, timeout_s, inject):
 
         def on_start(name: str, run: RunConfig = run) -> None:
             if on_progress:
                 on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
 
-        results.extend(run_probes(names, dataclasses.asdict(linear), run, on_start))
-    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results)
+        ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
+        checks.append(checked)
+        results.extend(ran)
+    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def localize(
@@ -323,12 +424,15 @@ def localize(
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
-    results = []
+    results, checks = [], []
     for run in runs:
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
-        results.append(run_probe("localize", dataclasses.asdict(linear), run))
-    return Report(command="localize", argv=list(argv), env=env.capture(), results=results)
+        config = dataclasses.asdict(linear)
+        result, checked = _one_checked("localize", config, run, {"linear": config})
+        checks.append(checked)
+        results.append(result)
+    return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def fix(
@@ -367,15 +471,24 @@ def fix(
                 preset_dir(target)  # built once here, not raced by the ranks
             except ModelSourceError as exc:
                 raise BadInput(str(exc)) from exc
-    results = []
+    # The FSDP units the preflight reads: the first preset target's model, else the layer.
+    model_targets = [t for t in targets if t in PRESETS]
+    subject = (
+        {"model": {"model": str(preset_dir(model_targets[0])), "label": model_targets[0], "lora": True}}
+        if model_targets
+        else {"linear": dataclasses.asdict(LinearConfig())}
+    )
+    results, checks = [], []
     for run in runs:
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
         for target in targets:
             for name in ["none", *names]:
                 if on_progress:
                     on_progress(f"{name} on {target} at world size {run.world_size}")
                 config = {"workaround": name, "target": target, "steps": steps}
-                results.append(run_probe("fix-verify", config, run))
-    return Report(command="fix", argv=list(argv), env=env.capture(), results=results)
+                results.append(_run_checked("fix-verify", config, run, checked))
+    return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
 
 
 def matrix(
@@ -462,12 +575,21 @@ def matrix(
     base_config = {"model": str(model_path), "lora": lora, "out_dir": directory}
     rows_by_ws: dict[int, dict[str, dict]] = {}
     results: list[ProbeResult] = []
+    checks = []
+    subject = {"model": {"model": str(model_path), "label": model or preset, "lora": lora}}
     for run in runs:
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
         if on_progress:
             on_progress(f"{len(selected)} cells at world size {run.world_size} on {run.device}/{run.backend}")
-        rows = mx.sweep(
-            selected, run, base_config, run_task, isolate=isolate_cells, done=done, on_cell=on_cell
-        )
+        refused = unsupported("matrix", {}, run, checked)
+        if refused is not None:
+            # No cell can separate the bug from the stack here: none is run.
+            rows = {cell.name: {"status": "unsupported", "error": refused.summary} for cell in selected}
+        else:
+            rows = mx.sweep(
+                selected, run, base_config, run_task, isolate=isolate_cells, done=done, on_cell=on_cell
+            )
         rows_by_ws[run.world_size] = rows
         for cell in selected:
             row = rows[cell.name]
@@ -481,7 +603,7 @@ def matrix(
                     config={"cell": dataclasses.asdict(cell), "lora": lora, "model": model or preset},
                     injected=run.inject,
                     summary=row.get("error") or cell.describe() or "defaults",
-                    evidence=row,
+                    evidence=({**row, **refused.evidence} if refused is not None else row),
                 )
             )
     # Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
@@ -496,7 +618,14 @@ def matrix(
     analysis["isolate_cells"] = isolate_cells
     if recovered is not None:
         analysis["resume"] = recovered.summary()
-    report = Report(command="matrix", argv=list(argv), env=env.capture(), results=results, analysis=analysis)
+    report = Report(
+        command="matrix",
+        argv=list(argv),
+        env=env.capture(),
+        results=results,
+        analysis=analysis,
+        preflight=checks,
+    )
     return report
 
 
@@ -623,11 +752,40 @@ def forensics(
         "quant_storage": quant_storage,
         "lora": lora,
     }
-    results = []
+    subject = {"model": {**config, "label": model or preset}}
+    results, checks = [], []
     for run in runs:
         if on_progress:
             on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
-        result = run_probe("forensics", config, run)
+        result, checked = _one_checked("forensics", config, run, subject)
+        checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)
-    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results)
+    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def doctor(
+    world_size: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    on_progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The stack preflight alone, on one device, backend and world size, for the model under
+    test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    return preflight(run, {"model": {"model": str(path), "label": model or preset}}, on_progress)
+
+
+def preflight_ok(checked: dict) -> bool:
+    return all(capability["ok"] for capability in checked.get("capabilities", []))

@@ -97,7 +97,8 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
     KnownIssue(
         "pytorch/pytorch#152645",
         "ProcessGroupGloo allgather crashes with CUDA tensors",
-        signal="SIGSEGV",
+        # A crashed probe names its signal; an UNSUPPORTED one the preflight's "died by SIGSEGV".
+        text="SIGSEGV",
         backend="gloo",
         device="cuda",
     ),

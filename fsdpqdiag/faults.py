@@ -26,6 +26,10 @@ class Fault:
     description: str
     # apply(rank, world_size) patches and returns the function that undoes the patch.
     apply: Callable[[int, int], Callable[[], None]]
+    # True where the fault stands for a broken stack, which ordinary tensors meet too: the
+    # preflight runs with it. The others stand for bugs of quantized weights and leave the
+    # preflight's plain tensors alone (the gather faults would otherwise hit them).
+    stack_wide: bool = False
 
     @contextlib.contextmanager
     def active(self, rank: int, world_size: int) -> Iterator[None]:
@@ -246,6 +250,25 @@ def _patch_gather_calls(action: Callable[[], None], ranks: Callable[[int, int], 
     return apply
 
 
+def _crash_collectives(rank: int, world_size: int) -> Callable[[], None]:
+    # A backend that cannot carry any tensor through the gathers FSDP2 and DTensor use, as
+    # gloo with CUDA tensors (pytorch/pytorch#152645): all_gather_into_tensor,
+    # DTensor.full_tensor() and redistribute() segfault on ordinary tensors as well.
+    import torch.distributed as dist
+
+    def all_gather_into_tensor(*args, **kwargs):
+        _segfault()
+
+    undo_gather = _patch_attr(dist, "all_gather_into_tensor", all_gather_into_tensor)
+    undo_dtensor = _patch_gather_calls(_segfault, _every_rank)(rank, world_size)
+
+    def undo() -> None:
+        undo_dtensor()
+        undo_gather()
+
+    return undo
+
+
 def _segfault_when_wrapping_linear(rank: int, world_size: int) -> Callable[[], None]:
     # A crash confined to one configuration (per-Linear4bit wrapping, the matrix's cell D),
     # so a sweep must lose that cell only.
@@ -352,6 +375,14 @@ FAULTS: dict[str, Fault] = {
             "oom-kill",
             "the last rank is SIGKILLed inside full_tensor(), as the OOM killer would",
             _patch_gather_calls(_oom_kill, _last_rank),
+        ),
+        Fault(
+            "crash-collective",
+            "every rank dies by SIGSEGV inside all_gather_into_tensor, DTensor.full_tensor() and "
+            "redistribute() for every tensor, ordinary ones too: a broken process-group backend "
+            "(the preflight sees it; probes that rely on these collectives become UNSUPPORTED)",
+            _crash_collectives,
+            stack_wide=True,
         ),
         Fault(
             "segfault-linear-wrap",

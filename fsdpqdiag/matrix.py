@@ -321,6 +321,8 @@ def _probe():
 def cell_verdict(row: dict) -> str:
     if row.get("status") == "error":
         return "ERROR"
+    if row.get("status") == "unsupported":  # the preflight refused the stack (api.matrix)
+        return "UNSUPPORTED"
     if row.get("status") in ("crashed", "timeout"):
         return row["status"].upper()
     altered = row.get("differing_elements", 0) > 0

@@ -68,6 +68,17 @@ class RankContext:
         if self.result_path is not None:
             atomic_write_text(self.result_path, json.dumps(payload))
 
+    def fault_for(self, probe):
+        """The injected fault, as a context to run ``probe`` in (a null one where none applies)."""
+        from fsdpqdiag import faults
+
+        if not self.task.run.inject:
+            return contextlib.nullcontext()
+        fault = faults.get(self.task.run.inject)
+        if probe.stack_faults_only and not fault.stack_wide:
+            return contextlib.nullcontext()
+        return fault.active(self.rank, self.world_size)
+
     def mesh(self):
         from torch.distributed.device_mesh import init_device_mesh
 
@@ -90,12 +101,12 @@ def _init_process_group(ctx: RankContext) -> None:
 
 def execute(task: RankTask, ctx: RankContext) -> dict:
     """Run the task's probe on this rank with its fault (if any) active."""
-    from fsdpqdiag import faults
     from fsdpqdiag.probes import get_probe
 
     probe = get_probe(task.probe)
-    fault = faults.get(task.run.inject).active(ctx.rank, ctx.world_size) if task.run.inject else None
-    with fault or contextlib.nullcontext():
+    if probe.applies_fault:
+        return probe.run(task.probe_config, ctx)
+    with ctx.fault_for(probe):
         return probe.run(task.probe_config, ctx)
 
 

@@ -33,6 +33,9 @@ INCONCLUSIVE = "INCONCLUSIVE"
 # Verdicts of `fix`: a workaround is bit-identical to training without FSDP, or not.
 VERIFIED = "VERIFIED"
 NOT_VERIFIED = "NOT VERIFIED"
+# A precondition of the probe failed in the stack preflight (a collective it relies on fails
+# on ordinary tensors, a device/backend that cannot run it): the stack decided, not the bug.
+UNSUPPORTED = "UNSUPPORTED"
 VERDICTS = (
     REPRODUCED,
     NOT_REPRODUCED,
@@ -43,6 +46,7 @@ VERDICTS = (
     INCONCLUSIVE,
     VERIFIED,
     NOT_VERIFIED,
+    UNSUPPORTED,
 )
 
 # Exit codes: a contract, printed by --help.
@@ -57,7 +61,7 @@ EXIT_TERMINATED = 143
 EXIT_HUNG_UP = 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
-    "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR or TIMEOUT "
+    "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR, TIMEOUT or UNSUPPORTED "
     "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
     "143 / 129 the same after SIGTERM / SIGHUP."
 )
@@ -99,6 +103,8 @@ class Report:
     fsdpqdiag_version: str = ""
     # Conclusions computed over all results (e.g. the matrix's invariance analysis).
     analysis: dict[str, Any] = field(default_factory=dict)
+    # The stack preflight of each run (fsdpqdiag.preflight); empty in reports made before it.
+    preflight: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.fsdpqdiag_version:
@@ -160,11 +166,11 @@ class Report:
             fixed = {r.verdict for r in self.results if r.config.get("workaround") != "none"}
             if NOT_VERIFIED in fixed:
                 return EXIT_FOUND
-            return EXIT_PROBE_FAILED if fixed & {ERROR, TIMEOUT, CRASHED} else EXIT_CLEAN
+            return EXIT_PROBE_FAILED if fixed & {ERROR, TIMEOUT, CRASHED, UNSUPPORTED} else EXIT_CLEAN
         verdicts = {r.verdict for r in self.results}
         if verdicts & {REPRODUCED, CRASHED, INCONCLUSIVE}:
             return EXIT_FOUND
-        if verdicts & {ERROR, TIMEOUT}:
+        if verdicts & {ERROR, TIMEOUT, UNSUPPORTED}:
             return EXIT_PROBE_FAILED
         return EXIT_CLEAN
 

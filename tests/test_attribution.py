@@ -53,17 +53,31 @@ def test_known_issues_match_on_every_signature_field():
     refused = _record("torch.distributed.fsdp", probe="non-float-params", evidence=refusal)["known_issues"]
     assert {k.split(" ")[0] for k in refused} == {"pytorch/pytorch#185239", "pytorch/pytorch#177844"}
     assert all("fixed in torch 2.12" in k for k in refused)
-    gloo_cuda = _record("process-group backend", backend="gloo", device="cuda", signal="SIGSEGV")
+    crashed = "rank(s) 0, 1 died by SIGSEGV during full_tensor()"
+    gloo_cuda = _record("process-group backend", summary=crashed, backend="gloo", device="cuda")
     assert any(k.startswith("pytorch/pytorch#152645") for k in gloo_cuda["known_issues"])
-    nccl = _record("process-group backend", backend="nccl", device="cuda", signal="SIGSEGV")
+    nccl = _record("process-group backend", summary=crashed, backend="nccl", device="cuda")
     assert not any(k.startswith("pytorch/pytorch#152645") for k in nccl["known_issues"])
 
 
-def test_every_probe_that_can_blame_a_component_says_how():
-    # full-tensor-crash is decided by the stack preflight (an ordinary-tensor collective).
+def test_every_probe_says_how_it_blames_a_component():
     for name, probe in PROBES.items():
-        if name != "full-tensor-crash":
-            assert probe.attribute is not None, name
+        assert probe.attribute is not None, name
+
+
+def test_a_gather_crash_is_dtensors_only_where_the_ordinary_tensor_control_held():
+    probe = PROBES["full-tensor-crash"]
+    held = {
+        "preflight_held": [
+            "all_gather_into_tensor",
+            "DTensor.full_tensor()",
+            "DTensor.redistribute(Replicate)",
+        ]
+    }
+    component, decided_by = probe.attribute({**held, "stage": "full_tensor()"})
+    assert component == "torch.distributed.tensor" and "held on ordinary tensors" in decided_by[0]
+    assert probe.attribute({"stage": "full_tensor()"})[0] == "undetermined"
+    assert probe.attribute({"preflight_held": ["all_gather_into_tensor"]})[0] == "undetermined"
 
 
 def test_markdown_leads_an_attributed_finding_with_where_to_file_it():

@@ -21,7 +21,7 @@ def _expected_exit_code(report) -> int:
     verdicts = {r["verdict"] for r in report["results"]}
     if verdicts & {"REPRODUCED", "CRASHED", "INCONCLUSIVE"}:
         return 1
-    return 3 if verdicts & {"ERROR", "TIMEOUT"} else 0
+    return 3 if verdicts & {"ERROR", "TIMEOUT", "UNSUPPORTED"} else 0
 
 
 @pytest.fixture(scope="module")

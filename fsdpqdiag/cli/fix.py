@@ -27,7 +27,7 @@ from fsdpqdiag.cli.app import (
 
 FIX_EXIT_CODES = (
     "Exit codes: 0 every workaround VERIFIED; 1 a workaround NOT VERIFIED; 2 bad input (nothing run, "
-    "nothing written); 3 a workaround run ended in ERROR, TIMEOUT or CRASHED; 130 interrupted "
+    "nothing written); 3 a workaround run ended in ERROR, TIMEOUT, CRASHED or UNSUPPORTED; 130 interrupted "
     "(143 / 129 after SIGTERM / SIGHUP)."
 )
 

@@ -241,4 +241,6 @@ PROBE = Probe(
     run=run,
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "peft")),
+    # Training steps: all-gather in forward, reduce-scatter of the LoRA gradients in backward.
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
 )

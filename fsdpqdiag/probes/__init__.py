@@ -33,13 +33,20 @@ PROBES: dict[str, Probe] = {
 def tasks() -> dict[str, Probe]:
     """Rank tasks of other commands (not part of `reproduce`); imported lazily because
     their modules import this registry's base in turn."""
-    from fsdpqdiag import forensics, matrix
+    from fsdpqdiag import forensics, matrix, preflight
     from fsdpqdiag.fixes import verify
     from fsdpqdiag.probes import batch
 
     return {
         probe.name: probe
-        for probe in (localize_task.PROBE, verify.PROBE, matrix._probe(), forensics.PROBE, batch.PROBE)
+        for probe in (
+            localize_task.PROBE,
+            verify.PROBE,
+            matrix._probe(),
+            forensics.PROBE,
+            batch.PROBE,
+            preflight.PROBE,
+        )
     }
 
 

@@ -54,6 +54,15 @@ class Probe:
     # evidence of a REPRODUCED/CRASHED/INCONCLUSIVE/UNSUPPORTED verdict -> (component, the
     # controls that decided it); see fsdpqdiag.attribution. None: "undetermined".
     attribute: Callable[[dict[str, Any]], tuple[str, list[str]]] | None = None
+    # Capabilities of the stack preflight (names in fsdpqdiag.preflight.CAPABILITIES) the
+    # probe relies on; one that failed there makes the probe UNSUPPORTED. Every probe
+    # unshards through FSDP2's all-gather.
+    preconditions: tuple[str, ...] = ("all_gather_into_tensor",)
+    # The preflight checks the stack with ordinary tensors: only an injected fault that stands
+    # for a broken stack (Fault.stack_wide) is applied around it.
+    stack_faults_only: bool = False
+    # A task that runs other probes (the batch) and applies the injected fault around each.
+    applies_fault: bool = False
 
 
 def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) -> Verdict | None:

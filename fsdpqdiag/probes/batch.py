@@ -47,11 +47,15 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     from fsdpqdiag.probes import get_probe
 
     finished: dict[str, dict] = {}
+    # A probe's own configuration where the batch gives one (the preflight's subject).
+    configs = config.get("configs") or {}
     for name in config["probes"]:
         started = time.monotonic()
         probe_ctx = _ProbeContext(ctx, name, finished)
         probe_ctx.checkpoint("start", {})
-        evidence = get_probe(name).run(dict(config["probe_config"]), probe_ctx)
+        probe = get_probe(name)
+        with ctx.fault_for(probe):
+            evidence = probe.run(dict(configs.get(name, config["probe_config"])), probe_ctx)
         finished[name] = {
             "evidence": evidence,
             "stage": probe_ctx.stage,
@@ -71,6 +75,7 @@ PROBE = Probe(
     run=run,
     verdict=_unused_verdict,
     needs=Needs(packages=()),
+    applies_fault=True,
 )
 
 

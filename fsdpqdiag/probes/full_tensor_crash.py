@@ -15,6 +15,8 @@ from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
 CALLS = ("full_tensor()", "redistribute([Replicate()])")
+# The preflight capabilities (fsdpqdiag.preflight) that are these calls on ordinary tensors.
+CALLS_PRECONDITIONS = ("DTensor.full_tensor()", "DTensor.redistribute(Replicate)")
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
@@ -70,6 +72,21 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     )
 
 
+def attribute(evidence: dict) -> tuple[str, list[str]]:
+    """The control is the stack preflight in the same launch: the same calls on ordinary
+    tensors. Where they held, a crash or wrong bytes on the packed weight are DTensor's
+    gather of it; where the preflight did not run, nothing separates the suspects."""
+    from fsdpqdiag import attribution
+
+    held = evidence.get("preflight_held")
+    if not held or not set(CALLS_PRECONDITIONS) <= set(held):
+        return attribution.UNDETERMINED, ["no ordinary-tensor control of full_tensor()/redistribute() ran"]
+    return attribution.TORCH_DTENSOR, [
+        "preflight in the same launch: " + ", ".join(CALLS_PRECONDITIONS) + " held on ordinary tensors",
+        f"failed on the packed weight in {evidence.get('stage') or 'the gather'}",
+    ]
+
+
 PROBE = Probe(
     name="full-tensor-crash",
     description="Mechanism B: do full_tensor()/redistribute() on the sharded packed weight crash?",
@@ -77,4 +94,7 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(),
     standalone="reproducers/full_tensor_crash.py",
+    # FSDP2's forward, then the two DTensor gathers it calls on the sharded weight.
+    preconditions=("all_gather_into_tensor", *CALLS_PRECONDITIONS),
+    attribute=attribute,
 )

@@ -531,4 +531,6 @@ PROBE = Probe(
     needs=Needs(packages=("bitsandbytes", "peft")),
     standalone="reproducers/int8_params.py",
     attribute=attribute,
+    # Its backward reduce-scatters the LoRA gradients.
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
 )

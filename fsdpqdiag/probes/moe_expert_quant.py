@@ -521,4 +521,6 @@ PROBE = Probe(
     needs=Needs(packages=("bitsandbytes", "transformers", "peft")),
     standalone="reproducers/moe_expert_quant.py",
     attribute=attribute,
+    # Its backward reduce-scatters the LoRA gradients.
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
 )

@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -53,4 +54,4 @@ def fix_table(report: Report, wide: bool = False) -> Group:
     lines = [table]
     if any(r.injected for r in report.results):
         lines.append(Text(f"injected fault: {report.results[0].injected}", style="yellow"))
-    return Group(*lines)
+    return Group(*lines, *summary_lines(report))

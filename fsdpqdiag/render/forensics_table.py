@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -56,4 +57,4 @@ def forensics_table(report: Report, wide: bool = False) -> Group:
         table = FittedTable(FORENSICS_COLUMNS, rows, title=title, wide=wide)
         parts.append(table)
         parts.append(Text.assemble(Text(r.verdict, style=VERDICT_STYLE.get(r.verdict, "")), " ", r.summary))
-    return Group(*parts)
+    return Group(*parts, *summary_lines(report))

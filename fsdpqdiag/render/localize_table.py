@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
@@ -72,4 +73,4 @@ def localize_table(report: Report, wide: bool = False) -> Group:
         parts += [ops, pipeline, Text.assemble(verdict, " ", result.summary)]
         if result.injected:
             parts.append(Text(f"injected fault: {result.injected}", style="yellow"))
-    return Group(*parts)
+    return Group(*parts, *summary_lines(report))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 
+from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
 from fsdpqdiag.render.table import COMBINATION_COLUMNS, COMBINATION_PROBES, combination_cells
 from fsdpqdiag.report import Report
 
@@ -49,6 +50,8 @@ def _stage(entry) -> str:
 
 def _key_numbers(r) -> str:
     ev = r.evidence
+    if ev.get("failed_preconditions"):  # UNSUPPORTED: the probe was not run
+        return "failed in preflight: " + ", ".join(c["name"] for c in ev["failed_preconditions"])
     if r.probe in ("nan-canonicalization", "full-tensor-crash"):
         parts = [f"{name}: {_bytes(ev.get(name))}" for name in SECTIONS if name in ev]
         if "max_abs_delta" in ev:
@@ -203,6 +206,7 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
         stack = r.evidence.get("python_stack")
         if stack:  # where a rank died by a signal: readable here, not only inside the JSON
             head += ["", "  ```", *(f"  {line}" for line in stack.splitlines()), "  ```"]
+    head += preflight_lines(report)
     for world_size, analysis in report.analysis.items():
         if isinstance(analysis, dict):
             for reading, claims in analysis.items():
@@ -210,6 +214,10 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
                     head.append(f"- invariance at ws={world_size} ({reading}): {claims['summary']}")
     details = [
         (f"evidence: {_label(r)} ws={r.world_size}", json.dumps(r.evidence, indent=1)) for r in report.results
+    ]
+    details += [
+        (f"preflight ws={checked['world_size']}", json.dumps(checked, indent=1))
+        for checked in report.preflight
     ]
     details.append(("environment", json.dumps(report.env, indent=1)))
     folded: list[str] = []

@@ -9,6 +9,7 @@ from rich.console import Group
 from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report, atomic_write_bytes
 
@@ -78,7 +79,7 @@ def matrix_table(report: Report, wide: bool = False) -> Group:
                     parts.append(
                         Text(f"  {dimension}: {claim['status']} (cells {support}{note})", style="dim")
                     )
-    return Group(*parts)
+    return Group(*parts, *summary_lines(report))
 
 
 def heat_map(report: Report, path: Path) -> None:

@@ -6,6 +6,7 @@ from rich.console import Group
 from rich.text import Text
 
 from fsdpqdiag.render.fitted import Column, FittedTable
+from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
 
 VERDICT_STYLE = {
@@ -16,6 +17,7 @@ VERDICT_STYLE = {
     "ERROR": "bold yellow",
     "TIMEOUT": "bold yellow",
     "SKIPPED": "dim",
+    "UNSUPPORTED": "bold cyan",
 }
 
 
@@ -152,6 +154,7 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
                 result.summary,
             )
         )
+    lines += summary_lines(report)
     torch_info = report.env.get("torch", {})
     bnb = report.env.get("bitsandbytes", {})
     gpus = ", ".join(g["name"] for g in report.env.get("gpus", [])) or "no GPU"
