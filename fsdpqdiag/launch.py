@@ -261,12 +261,17 @@ def python_stack(log_text: str) -> str | None:
         return None
     lines = log_text[start:].splitlines()
     # all_threads=True marks the signalled thread "Current thread …"; a single-thread dump
-    # says "Stack (most recent call first):".
-    thread = next(
-        (i for i, line in enumerate(lines) if line.startswith(("Current thread", "Stack (most recent"))), None
-    )
-    if thread is None:
+    # says "Stack (most recent call first):". A signal in a thread that runs no Python (a
+    # collective's native worker, as gloo's on CUDA tensors) marks none: then the waiting
+    # main thread, listed last, is what says which call the rank was in.
+    headers = [i for i, line in enumerate(lines) if line.startswith(("Current thread", "Stack (most recent"))]
+    note = []
+    if not headers:
+        headers = [i for i, line in enumerate(lines) if line.startswith("Thread 0x")][-1:]
+        note = ["(the signal hit a thread without Python frames; the main thread was in:)"]
+    if not headers:
         return lines[0]
+    thread = headers[0]
     frames = []
     for line in lines[thread + 1 :]:
         if not line.startswith("  "):
@@ -275,7 +280,7 @@ def python_stack(log_text: str) -> str | None:
     hidden = len(frames) - PYTHON_STACK_MAX_FRAMES
     if hidden > 0:
         frames = frames[:PYTHON_STACK_MAX_FRAMES] + [f"  … {hidden} outer frames in the rank's log"]
-    return "\n".join([lines[0], lines[thread], *frames])
+    return "\n".join([lines[0], *note, lines[thread], *frames])
 
 
 def _die_with_parent() -> None:

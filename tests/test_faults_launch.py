@@ -94,6 +94,28 @@ def test_python_stack_keeps_the_signalled_thread_and_trims_the_rest():
     assert python_stack("no crash here\n") is None
 
 
+def test_python_stack_of_a_signal_in_a_native_thread_is_the_main_threads():
+    # gloo's worker thread segfaults on CUDA tensors: faulthandler marks no current thread.
+    log = "\n".join(
+        [
+            "Fatal Python error: Segmentation fault",
+            "",
+            "Thread 0x0000000000000003 (most recent call first):",
+            '  File "/x/threading.py", line 1 in wait',
+            "",
+            "Thread 0x0000000000000001 [python3] (most recent call first):",
+            '  File "/x/_fsdp_collectives.py", line 9 in foreach_reduce',
+            '  File "/x/verify.py", line 5 in train',
+            "",
+            "Extension modules: torch._C (total: 1)",
+        ]
+    )
+    stack = python_stack(log).splitlines()
+    assert stack[0] == "Fatal Python error: Segmentation fault"
+    assert "without Python frames" in stack[1] and stack[2].startswith("Thread 0x0000000000000001")
+    assert "foreach_reduce" in stack[3] and not any("wait" in line for line in stack)
+
+
 def test_hung_rank_times_out_and_every_rank_is_reaped():
     run = RunConfig(world_size=2, device="cpu", timeout_s=20, inject="hang")
     started = time.monotonic()
