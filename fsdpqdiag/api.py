@@ -279,6 +279,7 @@ def _attribute(name: str, decided, run: RunConfig, signal: str | None = None) ->
         component,
         decided_by,
         probe=name,
+        verdict=decided.verdict,
         summary=decided.summary,
         evidence=decided.evidence,
         backend=run.backend,

@@ -56,6 +56,9 @@ class KnownIssue:
     backend: str | None = None
     device: str | None = None
     probes: tuple[str, ...] = ()
+    # The verdicts the issue is the cause of: a crash issue explains a CRASHED or UNSUPPORTED
+    # result, not a REPRODUCED one whose evidence merely mentions a later death.
+    verdicts: tuple[str, ...] = ()
     fixed_in: str | None = None
 
     def label(self) -> str:
@@ -79,6 +82,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "full_tensor()/redistribute() SIGSEGV on bf16-packed Params4bit (Mechanism B)",
         signal="SIGSEGV",
         text="full_tensor()",
+        verdicts=("CRASHED",),
     ),
     KnownIssue(
         "pytorch/pytorch#185239",
@@ -101,6 +105,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         text="SIGSEGV",
         backend="gloo",
         device="cuda",
+        verdicts=("CRASHED", "UNSUPPORTED"),
     ),
 )
 
@@ -109,7 +114,9 @@ def _texts(summary: str, evidence: dict) -> str:
     return summary + "\n" + json.dumps(evidence, default=str)
 
 
-def known_issues(probe: str, summary: str, evidence: dict, backend: str, device: str, signal: str | None):
+def known_issues(
+    probe: str, verdict: str, summary: str, evidence: dict, backend: str, device: str, signal: str | None
+):
     """Labels of the curated issues whose every given signature field matches."""
     text = _texts(summary, evidence)
     matches = ((evidence.get("fingerprint") or {}).get("matches")) or []
@@ -123,6 +130,7 @@ def known_issues(probe: str, summary: str, evidence: dict, backend: str, device:
             issue.backend is None or issue.backend == backend,
             issue.device is None or issue.device == device,
             not issue.probes or probe in issue.probes,
+            not issue.verdicts or verdict in issue.verdicts,
         )
         if all(checks):
             found.append(issue.label())
@@ -134,6 +142,7 @@ def record(
     decided_by: list[str],
     *,
     probe: str,
+    verdict: str,
     summary: str,
     evidence: dict,
     backend: str,
@@ -148,7 +157,9 @@ def record(
     entry: dict[str, Any] = {
         "component": INJECTED if injected else component,
         "report_to": None if injected else REPORT_TO.get(component),
-        "known_issues": [] if injected else known_issues(probe, summary, evidence, backend, device, signal),
+        "known_issues": []
+        if injected
+        else known_issues(probe, verdict, summary, evidence, backend, device, signal),
         "decided_by": list(decided_by) + ([f"--inject {injected}"] if injected else []),
     }
     if injected:

@@ -280,6 +280,16 @@ def _all_gather_dtype(fsdp_params) -> tuple[str, list[str], str]:
         return (names[0] if len(set(names)) == 1 else "uint8"), names, "rule"
 
 
+def _param_groups(state) -> list:
+    """An FSDP state's parameter groups: a list in newer torch (2.13 here), one group or
+    None in torch 2.11 (seen on the H200), which has no ``_fsdp_param_groups``."""
+    groups = getattr(state, "_fsdp_param_groups", None)
+    if groups is not None:
+        return list(groups)
+    group = getattr(state, "_fsdp_param_group", None)
+    return [group] if group is not None else []
+
+
 def fsdp_units(units: list[tuple[str, Any]], quantized: set[tuple[int, str]]) -> list[dict[str, Any]]:
     """Per FSDP unit (after ``fully_shard``; the root last): parameter dtypes and how FSDP2
     all-gathers them."""
@@ -288,8 +298,7 @@ def fsdp_units(units: list[tuple[str, Any]], quantized: set[tuple[int, str]]) ->
     units[-1][1]._get_fsdp_state()._lazy_init()
     rows = []
     for unit_name, module in units:
-        state = module._get_fsdp_state()
-        for group in state._fsdp_param_groups:
+        for group in _param_groups(module._get_fsdp_state()):
             params = group.fsdp_params
             if not params:
                 continue

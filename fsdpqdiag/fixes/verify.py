@@ -241,6 +241,8 @@ PROBE = Probe(
     run=run,
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "peft")),
-    # Training steps: all-gather in forward, reduce-scatter of the LoRA gradients in backward.
-    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
+    # Training steps: all-gather in forward, reduce-scatter of the LoRA gradients in backward;
+    # and the comparison itself reads every sharded gradient and parameter with full_tensor()
+    # (on one H200 with gloo, that is where every workaround's ranks died, ordinary tensors too).
+    preconditions=("all_gather_into_tensor", "reduce_scatter_tensor", "DTensor.full_tensor()"),
 )
