@@ -594,19 +594,19 @@ def matrix(
         rows_by_ws[run.world_size] = rows
         for cell in selected:
             row = rows[cell.name]
-            results.append(
-                ProbeResult(
-                    probe="matrix",
-                    verdict=mx.cell_verdict(row),
-                    world_size=run.world_size,
-                    device=run.device,
-                    backend=run.backend,
-                    config={"cell": dataclasses.asdict(cell), "lora": lora, "model": model or preset},
-                    injected=run.inject,
-                    summary=row.get("error") or cell.describe() or "defaults",
-                    evidence=({**row, **refused.evidence} if refused is not None else row),
-                )
+            result = ProbeResult(
+                probe="matrix",
+                verdict=mx.cell_verdict(row),
+                world_size=run.world_size,
+                device=run.device,
+                backend=run.backend,
+                config={"cell": dataclasses.asdict(cell), "lora": lora, "model": model or preset},
+                injected=run.inject,
+                summary=row.get("error") or cell.describe() or "defaults",
+                evidence=({**row, **refused.evidence} if refused is not None else row),
             )
+            _attribute("matrix", result, run, signal=row.get("signal"))
+            results.append(result)
     # Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
     # verdict (does the bug show?), which a different baseline model does not move.
     analysis: dict[str, Any] = {

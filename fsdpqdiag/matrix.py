@@ -307,11 +307,35 @@ def verdict(outcomes):
     return Verdict("NOT REPRODUCED", f"{len(evidence.get('cells', {}))} cells", evidence)
 
 
+def cell_attribution(row: dict) -> tuple[str, list[str]]:
+    """A cell runs no control of its own; its byte signature says whose copy altered the
+    weights: NaN-class containers only, all rewritten, is a float-value copy in the unshard
+    (the nan-canonicalization probe's plain-parameter control decides that for one layer)."""
+    from fsdpqdiag import attribution
+
+    altered, nan_class = row.get("differing_elements") or 0, row.get("differing_nan_class") or 0
+    if row.get("status") != "ok" or not altered:
+        return attribution.UNDETERMINED, ["a cell runs no control that separates the suspects"]
+    patterns = ", ".join(row.get("post_bit_patterns") or {}) or "other bits"
+    said = (
+        f"{nan_class} of {altered} altered elements were NaN-class containers, now {patterns}; "
+        f"first in {row.get('first_altered_module')}"
+    )
+    if nan_class == altered:
+        return attribution.TORCH_FSDP, [said, "byte signature of a float-value copy (no control in the cell)"]
+    return attribution.UNDETERMINED, [said]
+
+
 def _probe():
     from fsdpqdiag.probes.base import Needs, Probe
 
     return Probe(
-        "matrix", "the configuration-invariance sweep of #1945", run, verdict, Needs(("bitsandbytes",))
+        "matrix",
+        "the configuration-invariance sweep of #1945",
+        run,
+        verdict,
+        Needs(("bitsandbytes",)),
+        attribute=cell_attribution,
     )
 
 

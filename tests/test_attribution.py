@@ -37,7 +37,8 @@ def test_an_injected_fault_is_always_the_component():
 
 
 def test_known_issues_match_on_every_signature_field():
-    foreach = {"fingerprint": {"matches": ["torch._foreach_copy_", "bf16->fp32->bf16"]}}
+    # as the H200 wrote it: each conversion with the dtype it ran in
+    foreach = {"fingerprint": {"matches": ["bf16->fp32->bf16", "torch._foreach_copy_ (bf16)"]}}
     found = _record("torch.distributed.fsdp", summary="…; post bits 0x7fff; …", evidence=foreach)
     assert any(k.startswith("pytorch/pytorch#159333") for k in found["known_issues"])
     assert any(k.startswith("bitsandbytes-foundation/bitsandbytes#1945") for k in found["known_issues"])
@@ -111,3 +112,21 @@ def test_markdown_leads_an_attributed_finding_with_where_to_file_it():
     assert f"- **{plain['verdict']}** {plain['probe']} (ws=2): {plain['summary']}" in render(
         Report.from_dict(data)
     )
+
+
+def test_a_matrix_cell_blames_fsdp2_only_on_a_pure_nan_signature():
+    from fsdpqdiag.matrix import cell_attribution
+
+    pure = {
+        "status": "ok",
+        "differing_elements": 307,
+        "differing_nan_class": 307,
+        "post_bit_patterns": {"0x7fff": 307},
+    }
+    component, decided_by = cell_attribution(pure)
+    assert (
+        component == "torch.distributed.fsdp" and "307 of 307" in decided_by[0] and "0x7fff" in decided_by[0]
+    )
+    mixed = {**pure, "differing_nan_class": 300}
+    assert cell_attribution(mixed)[0] == "undetermined"
+    assert cell_attribution({"status": "error"})[0] == "undetermined"
