@@ -141,9 +141,7 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     if not all(f["received"]["bytes_equal"] for f in forwards):
         # Bytes changed on their way into forward: FSDP2's unshard, not bitsandbytes' layout.
         return attribution.TORCH_FSDP, [*decided_by, "forward received altered bytes"]
-    isolated = all(
-        controls.get(name, {}).get("outcome") == "stable" for name in ("without_fsdp", "fsdp_repack_off")
-    )
+    isolated = all(outcome == "stable" for outcome in outcomes.values())
     component = attribution.BITSANDBYTES if isolated else attribution.UNDETERMINED
     return component, [*decided_by, "forward received every original byte each time"]
 
