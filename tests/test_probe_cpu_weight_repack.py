@@ -2,31 +2,13 @@
 script, and a positive control that flips the probe on the path where nothing breaks."""
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import ROOT
-from .test_reproducers import FEATURES, _json_objects
+from .test_reproducers import _standalone
 from .test_reproducers import cpu_probe as _probe
 
 COMPONENTS = {"torch.distributed.fsdp", "bitsandbytes", "injected fault", "undetermined"}
-
-
-def _standalone(ws: int, repack: str) -> list[dict]:
-    script = ["reproducers/cpu_weight_repack.py", "--in-features", str(FEATURES)]
-    script += ["--out-features", str(FEATURES), "--repack", repack]
-    launcher = [sys.executable]
-    if ws > 1:
-        launcher += ["-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run(
-        [*launcher, *script], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env
-    )
-    assert done.returncode == 0, done.stderr[-3000:]
-    return sorted(_json_objects(done.stdout), key=lambda line: line["rank"])
 
 
 def _check_consistent(result, repack: str) -> None:
@@ -54,7 +36,7 @@ def test_repack_path_is_consistent_and_matches_standalone(monkeypatch, ws):
     monkeypatch.setenv("FSDPQDIAG_BNB_CPU_REPACK", "on")
     result = _probe("cpu-weight-repack", ws)
     _check_consistent(result, "on")
-    script_ranks = _standalone(ws, "on")
+    script_ranks = _standalone("cpu_weight_repack.py", ws, "--repack", "on")
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]

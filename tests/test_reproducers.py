@@ -25,7 +25,7 @@ def _json_objects(text: str) -> list[dict]:
     return found
 
 
-def _standalone(script: str, ws: int) -> list[dict]:
+def _standalone(script: str, ws: int, *extra: str) -> list[dict]:
     args = [
         f"reproducers/{script}",
         "--device",
@@ -34,6 +34,7 @@ def _standalone(script: str, ws: int) -> list[dict]:
         str(FEATURES),
         "--out-features",
         str(FEATURES),
+        *extra,
     ]
     launcher = (
         [sys.executable]
