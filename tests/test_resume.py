@@ -236,14 +236,15 @@ def test_killed_sweep_resumes_exactly_its_recorded_plan(run_cli, tmp_path, small
     record = out / mx.RECORD_NAME
     sweep = subprocess.Popen(
         [sys.executable, "-m", "fsdpqdiag", "matrix", "--model", str(small_llama), "--ws", "1"]
-        + ["--device", "cpu", "--cells", "A", "--cells", "C", "--cells", "E", "--out", str(out), "-q"],
+        + ["--device", "cpu", "--cells", "A", "--cells", "C", "--cells", "E", "--out", str(out), "-q"]
+        + ["--isolate-cells"],  # seconds between cells: the kill lands before the next one
         env=dict(os.environ, PYTHONPATH=str(ROOT)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not record.exists() or record.read_bytes().count(b"\n") < 2):
-        time.sleep(0.1)
+        time.sleep(0.02)
     sweep.send_signal(signal.SIGKILL)
     sweep.communicate(timeout=60)
     time.sleep(1.0)  # its rank dies with it (PR_SET_PDEATHSIG) and appends nothing more
@@ -355,7 +356,9 @@ def test_sigterm_during_a_sweep_keeps_finished_cells_and_writes_nothing_else(tmp
     sweep = subprocess.Popen(
         [sys.executable, "-m", "fsdpqdiag", "matrix", "--model", str(small_llama), "--ws", "1", "--device"]
         + ["cpu", "--cells", "A", "--cells", "C", "--cells", "E", "--out", str(out), "-q"]
-        + ["--json", str(tmp_path / "m.json")],
+        # One launch per cell puts seconds between cells; in one launch C and E follow A
+        # within 50 ms, and CI's signal once landed after all three.
+        + ["--isolate-cells", "--json", str(tmp_path / "m.json")],
         env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(launcher_tmp)),
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
@@ -363,7 +366,7 @@ def test_sigterm_during_a_sweep_keeps_finished_cells_and_writes_nothing_else(tmp
     )
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and (not record.exists() or record.read_bytes().count(b"\n") < 2):
-        time.sleep(0.1)
+        time.sleep(0.02)
     sweep.send_signal(signal.SIGTERM)
     _, stderr = sweep.communicate(timeout=60)
     if sweep.returncode in (0, 1):
