@@ -10,8 +10,7 @@ from __future__ import annotations
 
 import json
 
-from fsdpqdiag.presentation import default_key_numbers
-from fsdpqdiag.probes.presentation import of as probe_presentation
+from fsdpqdiag import presentation
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
 from fsdpqdiag.report import Report
 
@@ -33,9 +32,7 @@ def _key_numbers(r) -> str:
     ev = r.evidence
     if ev.get("failed_preconditions"):  # UNSUPPORTED: the probe was not run
         return "failed in preflight: " + ", ".join(c["name"] for c in ev["failed_preconditions"])
-    presentation = probe_presentation(r.probe)
-    key_numbers = getattr(presentation, "key_numbers", None) or default_key_numbers
-    return key_numbers(ev).replace("|", "\\|")
+    return presentation.key_numbers(r.probe, ev).replace("|", "\\|")
 
 
 def _md_row(cells) -> str:
@@ -101,8 +98,7 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
             head.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
         else:
             head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
-        detail = getattr(probe_presentation(r.probe), "detail", None)
-        table = detail(r.evidence) if detail else None
+        table = presentation.detail(r.probe, r.evidence)
         if table is not None:  # the probe's own table, e.g. a row per configuration it tried
             headers = [column.header for column in table.columns]
             head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]

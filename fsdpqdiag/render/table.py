@@ -5,8 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.presentation import Alarm
-from fsdpqdiag.probes.presentation import of as probe_presentation
+from fsdpqdiag.presentation import Alarm, detail
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
@@ -58,8 +57,7 @@ def detail_tables(report: Report, wide: bool = False) -> list[FittedTable]:
     configuration it tried); a cell marked as an alarm is drawn in red."""
     tables = []
     for result in report.results:
-        detail = getattr(probe_presentation(result.probe), "detail", None)
-        table = detail(result.evidence) if detail else None
+        table = detail(result.probe, result.evidence)
         if table is None:
             continue
         title = Text(f"{_probe_label(result)} (ws={result.world_size})", style="italic")
