@@ -51,6 +51,13 @@ def detail(probe: str, evidence: dict) -> DetailTable | None:
     return draw(evidence) if draw else None
 
 
+def sections(probe: str) -> dict[str, str]:
+    """Where the probe keeps the standard views of the weight under keys of its own: the
+    evidence key of each of "swap_target", "local_tensor", ... (its presentation's
+    ``SECTION_KEYS``); empty where it uses the standard keys."""
+    return dict(getattr(of(probe), "SECTION_KEYS", None) or {})
+
+
 @dataclass(frozen=True)
 class Column:
     """One column of a table: its header and how it behaves when the console is narrow

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.presentation import Alarm, detail
+from fsdpqdiag.presentation import Alarm, detail, sections
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
@@ -91,6 +91,9 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
     rows = []
     for result in report.results:
         ev = result.evidence
+        # Where a probe keeps a view of the weight under its own key, its presentation says
+        # which (fused expert storage: what dequantize receives in forward is its swap target).
+        views = sections(result.probe)
         rows.append(
             [
                 Text(_probe_label(result)),
@@ -98,10 +101,8 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
                 f"{result.device}/{result.backend}",
                 Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
                 _cell(ev.get("nan_elements")),
-                # A probe of fused expert storage names its views so: what dequantize
-                # receives in forward is its swap target, the rank's shard its _local_tensor.
-                _bytes_cell(ev.get("swap_target") or ev.get("expert_storage_forward")),
-                _bytes_cell(ev.get("local_tensor") or ev.get("expert_storage_local")),
+                _bytes_cell(ev.get("swap_target") or ev.get(views.get("swap_target"))),
+                _bytes_cell(ev.get("local_tensor") or ev.get(views.get("local_tensor"))),
                 _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
                 _bytes_cell(ev.get("redistribute([Replicate()])")),
                 _cell(ev.get("max_abs_delta")),

@@ -6,6 +6,9 @@ from __future__ import annotations
 from fsdpqdiag.presentation import bytes_summary
 
 VIEWS = {"forward": "in forward", "local": "shard", "unsharded": "after unshard"}
+# The expert storage stands for the packed weight of the summary table: what dequantize
+# receives in forward is its swap target, the rank's shard its _local_tensor.
+SECTION_KEYS = {"swap_target": "expert_storage_forward", "local_tensor": "expert_storage_local"}
 
 
 def key_numbers(evidence: dict) -> str:
