@@ -76,6 +76,14 @@ def test_every_presentation_belongs_to_a_probe():
         assert presentation.of(name) is not None, f"{name} has no presentation"
 
 
+def test_a_result_of_an_unknown_probe_renders_from_its_verdict_alone():
+    # an older or foreign report's probe; a name is never a path to import
+    for name in ("no-such-probe", "", "..render", "os.path", "probe-batch"):
+        assert presentation.of(name) is None
+        assert presentation.detail(name, {"rows": [{}]}) is None
+    assert presentation.key_numbers("no-such-probe", {"stages": {"load": {"ok": True}}}) == "load: ok"
+
+
 def _command_names() -> set[str]:
     from fsdpqdiag.cli import app
 
