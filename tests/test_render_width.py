@@ -12,7 +12,7 @@ import sys
 import pytest
 from rich.console import Console
 
-from fsdpqdiag.render import report_tables
+from fsdpqdiag.cli.reports import report_tables
 from fsdpqdiag.render.compare_table import differences_table
 from fsdpqdiag.render.env_table import env_table
 from fsdpqdiag.render.fitted import Column, FittedTable

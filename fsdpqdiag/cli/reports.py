@@ -13,6 +13,26 @@ from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdo
 COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
 
 
+def report_tables(report, wide: bool = False):
+    """The rich view of any report: the table of the command that wrote it, the table of
+    probe results for the others. The choice is made here, where commands are wired to
+    their renderers (each command prints its own view the same way), so that no renderer
+    branches on a command."""
+    from fsdpqdiag.render.fix_table import fix_table
+    from fsdpqdiag.render.forensics_table import forensics_table
+    from fsdpqdiag.render.localize_table import localize_table
+    from fsdpqdiag.render.matrix_table import matrix_table
+    from fsdpqdiag.render.table import reproduce_table
+
+    views = {
+        "matrix": matrix_table,
+        "fix": fix_table,
+        "localize": localize_table,
+        "forensics": forensics_table,
+    }
+    return views.get(report.command, reproduce_table)(report, wide)
+
+
 def _load(path: Path):
     from fsdpqdiag.report import Report, ReportError
 
@@ -53,7 +73,6 @@ def report(
     wide: Wide = False,
 ) -> None:
     """Render any report: Markdown for an upstream issue, a table, or JSON."""
-    from fsdpqdiag.render import report_tables
     from fsdpqdiag.report import atomic_write_text
 
     if format not in ("md", "table", "json"):

@@ -190,4 +190,6 @@ PROBE = Probe(
     needs=Needs(devices=("cpu",)),
     standalone="reproducers/cpu_weight_repack.py",
     attribute=attribute,
+    # On the path where nothing breaks (FSDPQDIAG_BNB_CPU_REPACK=off), it must flip the probe.
+    controls=("nan-canonicalize",),
 )

@@ -97,4 +97,6 @@ PROBE = Probe(
     # FSDP2's forward, then the two DTensor gathers it calls on the sharded weight.
     preconditions=("all_gather_into_tensor", *CALLS_PRECONDITIONS),
     attribute=attribute,
+    # Each kills the ranks inside full_tensor()/redistribute(): CRASHED, not NOT REPRODUCED.
+    controls=("segfault", "abort", "oom-kill"),
 )

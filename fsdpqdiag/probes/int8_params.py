@@ -533,4 +533,5 @@ PROBE = Probe(
     attribute=attribute,
     # Its backward reduce-scatters the LoRA gradients.
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
+    controls=("cast-mismatched-storage",),
 )

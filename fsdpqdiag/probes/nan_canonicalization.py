@@ -164,4 +164,5 @@ PROBE = Probe(
     needs=Needs(),
     standalone="reproducers/nan_canonicalization.py",
     attribute=attribute,
+    controls=("nan-canonicalize",),
 )

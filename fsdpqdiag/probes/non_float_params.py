@@ -73,4 +73,5 @@ PROBE = Probe(
     needs=Needs(packages=()),
     standalone="reproducers/non_float_params.py",
     attribute=attribute,
+    controls=("cast-integer-params", "refuse-integer-params"),
 )

@@ -356,4 +356,5 @@ PROBE = Probe(
     needs=Needs(),
     standalone="reproducers/quant_state_loss.py",
     attribute=attribute,
+    controls=("drop-module-quant-state", "stale-recovered-weight"),
 )

@@ -292,4 +292,5 @@ PROBE = Probe(
     needs=Needs(),
     standalone="reproducers/storage_dtype_mismatch.py",
     attribute=attribute,
+    controls=("cast-mismatched-storage",),
 )

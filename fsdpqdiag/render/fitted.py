@@ -1,7 +1,7 @@
 """Tables that stay legible at any console width, 80 columns of a CI log or a pipe included.
 
 Left to itself, rich shrinks every column of a table that is too wide until it fits, and
-folds each cell into shards: at 80 columns ``nan-canonicalization`` became five lines of
+folds each cell into shards: at 80 columns a twenty-character probe name became five lines of
 four characters and a matrix row fifteen. A ``FittedTable`` instead decides at print time,
 for the console it is printed on, which columns to show and how wide each is:
 
@@ -26,6 +26,12 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
+# Column is data a probe's presentation declares too (fsdpqdiag.presentation, no rich there);
+# it is laid out here.
+from fsdpqdiag.presentation import Column
+
+__all__ = ["Column", "FittedTable"]
+
 # Values this wide or narrower are shown on one line; longer text wraps to at least this.
 WRAP_WIDTH = 20
 # Where even the always-shown columns do not fit, breakable text folds down to this width.
@@ -34,17 +40,6 @@ TIGHT_BREAKABLE_WIDTH = 10
 # and the closing rule of the right edge.
 CHROME_PER_COLUMN = 3
 CHROME_EDGE = 1
-
-
-@dataclass(frozen=True)
-class Column:
-    header: str
-    # 0: always shown. As the width shrinks, columns of the highest number go first.
-    priority: int = 0
-    # A value that may legitimately break mid-word (an exception message, a path, a list of
-    # call sites): a word too long for the column folds instead of widening the table.
-    breakable: bool = False
-    justify: str = "left"
 
 
 @dataclass(frozen=True)

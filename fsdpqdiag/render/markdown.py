@@ -10,22 +10,11 @@ from __future__ import annotations
 
 import json
 
+from fsdpqdiag import presentation
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
-from fsdpqdiag.render.table import COMBINATION_COLUMNS, COMBINATION_PROBES, combination_cells
 from fsdpqdiag.report import Report
 
 GITHUB_COMMENT_LIMIT = 65_536
-SECTIONS = ("swap_target", "local_tensor", "full_tensor", "full_tensor()", "redistribute([Replicate()])")
-
-
-def _bytes(section) -> str:
-    if not isinstance(section, dict):
-        return "–"
-    if section.get("status") not in (None, "completed"):
-        return f"{section['status']} {section.get('signal') or ''}".strip()
-    if not section.get("comparable", True):
-        return "changed form"
-    return f"{section.get('differing_elements', 0)} el / {section.get('differing_bytes', 0)} B"
 
 
 def _label(r) -> str:
@@ -37,96 +26,13 @@ def _label(r) -> str:
     return r.probe
 
 
-def _stage(entry) -> str:
-    """One stage of a staged probe (int8-params): ok, altered, raised <exception type>, not run."""
-    if not isinstance(entry, dict):
-        return "–"
-    if entry.get("status") == "raised":
-        return f"raised {(entry.get('error') or '').split(':', 1)[0]}".strip()
-    if entry.get("status") == "not run":
-        return "not run"
-    return "ok" if entry.get("ok") else "altered"
-
-
 def _key_numbers(r) -> str:
+    """The result's few numbers that matter, as its probe words them (the probe's
+    presentation), for one cell of the summary table."""
     ev = r.evidence
     if ev.get("failed_preconditions"):  # UNSUPPORTED: the probe was not run
         return "failed in preflight: " + ", ".join(c["name"] for c in ev["failed_preconditions"])
-    if r.probe in ("nan-canonicalization", "full-tensor-crash"):
-        parts = [f"{name}: {_bytes(ev.get(name))}" for name in SECTIONS if name in ev]
-        if "max_abs_delta" in ev:
-            parts.append(f"max \\|Δy\\| {ev['max_abs_delta']}")
-        return "; ".join(parts)
-    if r.probe == "quant-state-loss":
-        handed, recovery = ev.get("forward_weight") or {}, ev.get("recovery") or {}
-        reshard, update = ev.get("after_reshard") or {}, ev.get("after_update") or {}
-        parts = [
-            f"forward gets {handed.get('type')} quant_state={handed.get('has_quant_state')}",
-            f"recovered={recovery.get('restored')} replaced weight={recovery.get('replaced_module_weight')} "
-            f"shares FSDP2 storage={recovery.get('uses_fsdp_storage')}",
-        ]
-        if (ev.get("forward") or {}).get("error"):
-            parts.append(f"forward raised {ev['forward']['error']}")
-        if reshard:
-            parts.append(f"freed on reshard={reshard.get('memory_freed')}")
-        if update:
-            parts.append(f"stale after update={update.get('stale')}")
-        return "; ".join(parts)
-    if r.probe in COMBINATION_PROBES:
-        failing = ev.get("failing_combinations") or []
-        mismatched = sum(not row["matching"] for row in ev.get("rows", []))
-        return f"{len(failing)} of {mismatched} mismatched pairs break" + (
-            f": {', '.join(failing)}" if failing else ""
-        )
-    if r.probe == "moe-expert-quant":
-        views = {"forward": "in forward", "local": "shard", "unsharded": "after unshard"}
-        loss = ev.get("loss", "– (no forward)")
-        parts = [f"loss {loss} vs baseline {ev.get('baseline_loss', '–')}"]
-        parts += [
-            f"experts {label}: {_bytes(ev.get(f'expert_storage_{view}'))}" for view, label in views.items()
-        ]
-        grads = ev.get("lora_grads")
-        if grads:
-            parts.append(f"LoRA grads bit-equal {grads['bit_equal']}/{grads['trainable']}")
-        parts += [f"{f['stage']} failed: {f['exception']}" for f in ev.get("failures", [])[:1]]
-        return "; ".join(parts).replace("|", "\\|")
-    if r.probe == "forensics" and "totals" in ev:
-        totals, ended = ev["totals"], (ev.get("full_tensor") or {})
-        return (
-            f"{totals['altered_modules']} of {totals['quantized_modules']} weights altered, "
-            f"{totals['differing_elements']} elements; "
-            f"loss {ev.get('loss_before')} → {ev.get('loss_after')}; "
-            f"full_tensor(): {ended.get('signal') or ended.get('status')}"
-        )
-    if r.probe == "non-float-params":
-        refusal = ev.get("fully_shard") or {}
-        if refusal.get("status") == "raised":
-            return (
-                f"fully_shard raised {refusal['error']} ({refusal.get('fsdp_frame') or refusal.get('where')})"
-            )
-        return "; ".join(
-            f"{name}: {ev[name]['unsharded_dtype']}, bytes equal {ev[name].get('bytes_equal')}"
-            for name in ("u8", "i8")
-            if name in ev
-        )
-    if r.probe == "matrix":
-        loss, baseline = ev.get("loss_fsdp2"), ev.get("loss_baseline")
-        return f"loss {loss} vs {baseline}; differing {ev.get('differing_elements')}"
-    if r.probe == "fix-verify":
-        return f"first divergence: {ev.get('first_divergence') or 'none'}"
-    if r.probe == "localize":
-        stage = (ev.get("first_altering_stage") or {}).get("stage")
-        op = (ev.get("first_altering_op") or {}).get("stage")
-        return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
-    if r.probe == "cpu-weight-repack" and "forwards" in ev:
-        path = "repack" if ev.get("repack_path") else "dequantize"
-        return f"{path} path; " + "; ".join(
-            f"forward {i + 1}: bytes equal {f['received']['bytes_equal']}, max \\|Δy\\| {f['max_abs_delta']}"
-            for i, f in enumerate(ev["forwards"])
-        )
-    if isinstance(ev.get("stages"), dict):
-        return "; ".join(f"{name}: {_stage(entry)}" for name, entry in ev["stages"].items())
-    return ""
+    return presentation.key_numbers(r.probe, ev).replace("|", "\\|")
 
 
 def _md_row(cells) -> str:
@@ -192,10 +98,11 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
             head.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
         else:
             head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
-        if r.probe in COMBINATION_PROBES and r.evidence.get("rows"):
-            headers = [column.header for column in COMBINATION_COLUMNS]
+        table = presentation.detail(r.probe, r.evidence)
+        if table is not None:  # the probe's own table, e.g. a row per configuration it tried
+            headers = [column.header for column in table.columns]
             head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
-            head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
+            head += [_md_row(row) for row in table.rows]
         samples = (r.evidence.get("swap_target") or {}).get("samples") or []
         if samples:
             head += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
+from fsdpqdiag.presentation import Alarm, detail, sections
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
@@ -51,56 +52,20 @@ def _probe_label(result) -> str:
     return result.probe + (f" [inject {result.injected}]" if result.injected else "")
 
 
-# Probes whose evidence is one row per (quant_storage, param_dtype) combination.
-COMBINATION_PROBES = ("storage-dtype-mismatch",)
-# The headers are shared with Markdown; the priorities say what an 80-column log keeps.
-COMBINATION_COLUMNS = (
-    Column("storage/params"),
-    Column("dtype sharded → forward", priority=2),
-    Column("failure"),
-    Column("forward weight bytes", priority=1),
-    Column("max |Δy|", priority=3),
-    Column("preserved"),
-)
-
-
-def combination_cells(row: dict) -> list[str]:
-    """One combination row as display cells (the same for the table and Markdown)."""
-    failure = row.get("failure")
-    weight = row.get("forward_weight") or {}
-    if not weight:
-        weight_cell = "–"
-    elif weight.get("bytes_equal"):
-        weight_cell = "equal"
-    elif weight.get("cast_by_value"):
-        weight_cell = "cast by value"
-    elif weight.get("differing_bytes") is not None:
-        weight_cell = f"{weight['differing_bytes']} B differ"
-    else:
-        weight_cell = f"{weight.get('nbytes_original')} B → {weight.get('nbytes_observed')} B"
-    forward_dtype = weight.get("dtype") or row.get("unsharded_dtype")
-    return [
-        row["combination"] + (" (matching)" if row.get("matching") else ""),
-        f"{row.get('sharded_dtype') or '–'} → {forward_dtype or '–'}",
-        f"{failure['stage']}: {failure['exception']}" if failure else "–",
-        weight_cell,
-        _cell((row.get("output") or {}).get("max_abs_delta")),
-        "yes" if row.get("preserved") else "NO",
-    ]
-
-
-def combination_tables(report: Report, wide: bool = False) -> list[FittedTable]:
+def detail_tables(report: Report, wide: bool = False) -> list[FittedTable]:
+    """Each result's own table, where its probe's presentation draws one (a row per
+    configuration it tried); a cell marked as an alarm is drawn in red."""
     tables = []
     for result in report.results:
-        rows = result.evidence.get("rows")
-        if result.probe not in COMBINATION_PROBES or not rows:
+        table = detail(result.probe, result.evidence)
+        if table is None:
             continue
         title = Text(f"{_probe_label(result)} (ws={result.world_size})", style="italic")
-        cells = []
-        for row in rows:
-            shown = combination_cells(row)
-            cells.append([*shown[:-1], Text(shown[-1], style="" if row.get("preserved") else "bold red")])
-        tables.append(FittedTable(COMBINATION_COLUMNS, cells, title=title, wide=wide))
+        cells = [
+            [Text(value, style="bold red") if isinstance(value, Alarm) else value for value in row]
+            for row in table.rows
+        ]
+        tables.append(FittedTable(table.columns, cells, title=title, wide=wide))
     return tables
 
 
@@ -126,6 +91,9 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
     rows = []
     for result in report.results:
         ev = result.evidence
+        # Where a probe keeps a view of the weight under its own key, its presentation says
+        # which (fused expert storage: what dequantize receives in forward is its swap target).
+        views = sections(result.probe)
         rows.append(
             [
                 Text(_probe_label(result)),
@@ -133,10 +101,8 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
                 f"{result.device}/{result.backend}",
                 Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
                 _cell(ev.get("nan_elements")),
-                # moe-expert-quant's views of the expert storage: what dequantize receives in
-                # forward is its swap target, the rank's shard its _local_tensor.
-                _bytes_cell(ev.get("swap_target") or ev.get("expert_storage_forward")),
-                _bytes_cell(ev.get("local_tensor") or ev.get("expert_storage_local")),
+                _bytes_cell(ev.get("swap_target") or ev.get(views.get("swap_target"))),
+                _bytes_cell(ev.get("local_tensor") or ev.get(views.get("local_tensor"))),
                 _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
                 _bytes_cell(ev.get("redistribute([Replicate()])")),
                 _cell(ev.get("max_abs_delta")),
@@ -144,7 +110,7 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
             ]
         )
     table = FittedTable(REPRODUCE_COLUMNS, rows, title=f"fsdpqdiag {report.command}", wide=wide)
-    lines = [table, *combination_tables(report, wide)]
+    lines = [table, *detail_tables(report, wide)]
     for result in report.results:
         style = VERDICT_STYLE.get(result.verdict, "")
         lines.append(

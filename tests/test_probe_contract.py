@@ -1,0 +1,123 @@
+"""What every probe must bring, checked without launching a rank.
+
+A probe is one module with its presentation, one registry line, its standalone script and
+its tests. The parts nothing else would enforce are checked here: its key numbers and
+detail table (so no renderer needs a branch for it), the faults that must flip it (its
+positive controls) and its reproducer. And the renderers name no probe and no command.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+
+import pytest
+
+from fsdpqdiag import presentation
+from fsdpqdiag.faults import FAULTS
+from fsdpqdiag.probes import PROBES, tasks
+
+from .conftest import ROOT
+
+RENDERERS = sorted((ROOT / "fsdpqdiag" / "render").glob("*.py"))
+REPORTS = sorted((ROOT / "reports").glob("*.json"))
+# Rank tasks that never become a result of their own: the batch hands each probe its
+# outcomes, the preflight's go to report.preflight.
+INTERNAL_TASKS = {"probe-batch", "preflight"}
+
+
+def _probe_names_in_reports() -> set[str]:
+    return {result["probe"] for path in REPORTS for result in json.loads(path.read_text())["results"]}
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_probe_has_its_presentation(name):
+    probe = PROBES[name]
+    module = probe.presentation
+    assert module is not None, f"{name} has no {presentation.module_name(name)}"
+    assert callable(getattr(module, "key_numbers", None)), f"{module.__name__} has no key_numbers"
+    assert module is presentation.of(name)  # what the renderers find is what the probe carries
+    # A rank that died before measuring leaves sparse evidence: the result must still render.
+    assert isinstance(probe.key_numbers({}), str)
+    assert probe.detail({}) is None or isinstance(probe.detail({}), presentation.DetailTable)
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_probe_declares_positive_controls_that_exist(name):
+    controls = PROBES[name].controls
+    assert controls, f"{name} declares no positive-control fault (Probe.controls)"
+    unknown = [fault for fault in controls if fault not in FAULTS]
+    assert not unknown, f"{name}: {unknown} are not faults of fsdpqdiag/faults.py"
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_probe_declares_a_standalone_script_that_exists(name):
+    standalone = PROBES[name].standalone
+    assert standalone, f"{name} declares no standalone script (Probe.standalone)"
+    path = ROOT / standalone
+    assert path.parent == ROOT / "reproducers" and path.is_file(), f"{name}: no {standalone}"
+
+
+def test_every_result_of_a_committed_report_has_a_presentation():
+    """The rank tasks of other commands (matrix cells, fix-verify, ...) word their key
+    numbers the same way; a name a report holds that no probe presents would render blank."""
+    missing = [name for name in sorted(_probe_names_in_reports()) if presentation.of(name) is None]
+    assert not missing, f"no presentation for {missing}"
+
+
+def test_every_presentation_belongs_to_a_probe():
+    known = set(PROBES) | set(tasks())
+    modules = sorted(path.stem for path in (ROOT / "fsdpqdiag/probes/presentation").glob("*.py"))
+    orphans = [m for m in modules if m != "__init__" and m.replace("_", "-") not in known]
+    assert not orphans, f"presentations of no registered probe or task: {orphans}"
+    for name in sorted(known - INTERNAL_TASKS):
+        assert presentation.of(name) is not None, f"{name} has no presentation"
+
+
+def test_a_result_of_an_unknown_probe_renders_from_its_verdict_alone():
+    # an older or foreign report's probe; a name is never a path to import
+    for name in ("no-such-probe", "", "..render", "os.path", "probe-batch"):
+        assert presentation.of(name) is None
+        assert presentation.detail(name, {"rows": [{}]}) is None
+    assert presentation.key_numbers("no-such-probe", {"stages": {"load": {"ok": True}}}) == "load: ok"
+
+
+def _command_names() -> set[str]:
+    from fsdpqdiag.cli import app
+
+    return {command.name or command.callback.__name__ for command in app.registered_commands}
+
+
+@pytest.mark.parametrize("path", RENDERERS, ids=[p.name for p in RENDERERS])
+def test_renderers_name_no_probe_and_no_command(path):
+    text = path.read_text()
+    named = [name for name in PROBES if name in text]
+    assert not named, f"{path.name} names the probes {named}: that belongs to their presentation"
+    # Rank tasks and commands are ordinary words too ("matrix", "fix", a report's "preflight"
+    # field): a renderer may say them, but not compare a report's fields with them or map
+    # them to a view.
+    for name in sorted(set(tasks()) | _command_names()):
+        quoted = rf"""["']{re.escape(name)}["']"""
+        branch = re.search(rf"(==|!=)\s*{quoted}|{quoted}\s*(==|!=|:)|\bin\s*[(\[{{][^)\]}}]*{quoted}", text)
+        assert not branch, f"{path.name} branches on the name: {branch.group(0)}"
+
+
+def test_renderers_import_no_torch():
+    script = (
+        "import sys, io, pathlib\n"
+        "from rich.console import Console\n"
+        "from fsdpqdiag.cli.reports import report_tables\n"
+        "from fsdpqdiag.render.markdown import render\n"
+        "from fsdpqdiag.report import Report\n"
+        "for path in sorted(pathlib.Path('reports').glob('*.json')):\n"
+        "    report = Report.load(path)\n"
+        "    render(report)\n"
+        "    Console(file=io.StringIO(), width=80).print(report_tables(report))\n"
+        "print(sorted(m for m in ('torch', 'bitsandbytes') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout + done.stderr
