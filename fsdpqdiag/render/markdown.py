@@ -124,6 +124,12 @@ def _key_numbers(r) -> str:
             f"forward {i + 1}: bytes equal {f['received']['bytes_equal']}, max \\|Δy\\| {f['max_abs_delta']}"
             for i, f in enumerate(ev["forwards"])
         )
+    if r.probe == "guard" and "modules" in ev:
+        return (
+            f"{ev['altered_modules']} of {ev['guarded']} guarded weights altered, first at step "
+            f"{ev['first_step'] if ev['first_step'] is not None else '–'}; {ev['checks']} checks over "
+            f"{ev['steps']} optimizer steps"
+        )
     if isinstance(ev.get("stages"), dict):
         return "; ".join(f"{name}: {_stage(entry)}" for name, entry in ev["stages"].items())
     return ""
@@ -196,6 +202,14 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
             headers = [column.header for column in COMBINATION_COLUMNS]
             head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
             head += [_md_row(combination_cells(row)) for row in r.evidence["rows"]]
+        if r.probe == "guard" and r.evidence.get("modules"):
+            head += ["", "  | module | first step | ranks | elements | post bits |"]
+            head.append("  | --- | --- | --- | --- | --- |")
+            head += [
+                f"  | {m['module']} | {m['first_step']} | {', '.join(map(str, m['ranks']))} | "
+                f"{m['differing_elements']} | {', '.join(m['post_bit_patterns']) or m.get('reason') or '–'} |"
+                for m in r.evidence["modules"]
+            ]
         samples = (r.evidence.get("swap_target") or {}).get("samples") or []
         if samples:
             head += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]
