@@ -11,13 +11,17 @@ Why a digest of our own: PyTorch's DebugMode hashes tensors per op, but its defa
 NaN to 0 before an L1 norm, so it cannot see a NaN payload rewritten into another NaN — the
 very change #1945 is about. This digest is exact on raw bits and position-aware:
 
-    digest(x) = sum_i bits(x_i) * m_i  (mod 2**64)
+    digest(x) = sum_i wrap32(bits(x_i) * m_i)  (mod 2**64)
 
-with ``bits`` the element's integer view (sign-extended to int64) and ``m_i`` a fixed odd 31-bit
-multiplier per flat position (splitmix64 of i). Being a sum over positions, the digest of the
-unsharded tensor is the sum of its shards' digests, each taken at the shard's global offset, so
-no rank ever needs another rank's bytes. Any single changed element changes it (``m_i`` is odd,
-the change is below 2**33); a swap of two elements does unless their multipliers are equal.
+with ``bits`` the element's integer view (8-byte elements as two 32-bit words), ``m_i`` a fixed
+odd 31-bit multiplier per flat position (splitmix64 of i) and ``wrap32`` int32 arithmetic: a
+multiply by an odd number is a bijection modulo 2**32, so any single changed element (or word)
+changes the digest, and a swap of two elements does unless their multipliers are equal; several
+changes go unseen only if their wrapped products cancel exactly (about 2**-32 for unrelated
+changes). Being a sum over positions, the digest of the unsharded tensor is the sum of its
+shards' digests, each taken at the shard's global offset, so no rank needs another rank's bytes.
+int32 rather than int64 arithmetic halves the memory traffic (measured: 1.2 vs 2.1 ms for the
+370k packed elements of tiny-llama on one CPU core).
 
 Frozen parameters (quantized weights) are digested once; trainable ones (``params="all"``) again
 after every optimizer step, from the shards (cast to FSDP2's ``param_dtype`` where mixed precision
@@ -38,7 +42,7 @@ from pathlib import Path
 from typing import Any
 
 _MASK64 = (1 << 64) - 1
-# Elements digested per kernel: bounds the int64 temporary to 8 MiB whatever the weight's size.
+# Elements digested per kernel: bounds the int32 temporary to 4 MiB whatever the weight's size.
 CHUNK = 1 << 20
 PARAM_CHOICES = ("quantized", "all")
 ACTION_CHOICES = ("raise", "warn", "report")
@@ -70,8 +74,7 @@ def multipliers(count: int, device) -> Any:
 
 
 def _words(tensor):
-    """Flat integer view of the bits; 8-byte elements as two int32 words each (so the product
-    with a 31-bit multiplier stays a plain int64 multiply)."""
+    """Flat integer view of the bits; 8-byte elements as two int32 words each."""
     import torch
 
     from fsdpqdiag.bytes import element_bits
@@ -83,18 +86,19 @@ def _words(tensor):
 
 
 def digest_words(words, start: int, table=None):
-    """Device int64 scalar: sum of ``words[j] * m[start + j]`` (wrapping), no host sync."""
+    """Device int64 scalar: sum of ``wrap32(words[j] * m[start + j])``, no host sync."""
     import torch
 
     count = words.numel()
     table = multipliers(start + count, words.device) if table is None else table
-    total = torch.zeros((), dtype=torch.int64, device=words.device)
-    for begin in range(0, count, CHUNK):
+    sums = []
+    for begin in range(0, max(count, 1), CHUNK):
         end = min(begin + CHUNK, count)
-        part = words[begin:end].to(torch.int64)
-        part.mul_(table[start + begin : start + end])
-        total += part.sum()
-    return total
+        # int8/int16 * int32 promotes to int32 inside the one multiply kernel; never in place:
+        # the words are the weight itself.
+        product = words[begin:end] * table[start + begin : start + end]
+        sums.append(product.sum(dtype=torch.int64))
+    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
 
 
 def digest(tensor, start_element: int = 0):
@@ -239,6 +243,7 @@ class Guard:
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
         self.backend = str(dist.get_backend()) if dist.is_initialized() else "none"
         self.step = 0
+        self._optimizers: dict[int, bool] = {}
         self.forward_calls = 0
         self.findings: list[dict] = []
         self.skipped: list[dict] = []
@@ -248,6 +253,8 @@ class Guard:
         self.closed = False
         self.started = time.time()
         self.setup_s = 0.0
+        # Host time spent inside the verification hooks (on a GPU the kernels run after it).
+        self.hook_s = 0.0
         names = {}
         for root in self.roots:
             for name, module in root.named_modules():
@@ -347,11 +354,24 @@ class Guard:
                 )
                 entry.expected = sum(s.digest for s in entry.slices) & _MASK64
 
+    def _steps_this_model(self, optimizer) -> bool:
+        """The optimizer hook is global: count only optimizers that update this model."""
+        known = self._optimizers.get(id(optimizer))
+        if known is None:
+            mine = {id(p) for root in self.roots for p in root.parameters()}
+            known = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+            self._optimizers[id(optimizer)] = known
+        return known
+
     def _count_step(self, optimizer, args, kwargs) -> None:
+        if not self._steps_this_model(optimizer):
+            return
         self.step += 1
         self._drain(block=False)
 
     def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self._steps_this_model(optimizer):
+            return
         self._count_step(optimizer, args, kwargs)
         if self.closed or self.step % self.every:
             return
@@ -362,35 +382,39 @@ class Guard:
         return not self.closed and self.step % self.every == 0
 
     def _make_hook(self, entries: list[GuardedParam]):
-        from torch.distributed.tensor import DTensor
-
         def verify(module, args) -> None:  # returns None: forward's inputs are left alone
             if not self._due():
                 return
-            self.forward_calls += 1
-            for entry in entries:
-                tensor = getattr(module, entry.param_name)
-                if isinstance(tensor, DTensor):
-                    continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
-                entry.checks += 1
-                if entry.localize_pending or not self._same_form(entry, tensor):
-                    self._trip(entry, tensor, self.step)
-                    continue
-                observed = digest(tensor, 0)
-                if observed.device.type == "cpu":
-                    if host(observed) != entry.expected:
-                        self._trip(entry, tensor, self.step)
-                else:
-                    # No host sync per weight on a GPU: the digests are compared once per step.
-                    self.pending.append((entry, self.step, observed))
+            began = time.perf_counter()
+            try:
+                self._verify(module, entries)
+            finally:
+                self.hook_s += time.perf_counter() - began
 
         return verify
 
-    def _same_form(self, entry: GuardedParam, tensor) -> bool:
-        from fsdpqdiag.bytes import plain
+    def _verify(self, module, entries: list[GuardedParam]) -> None:
+        from torch.distributed.tensor import DTensor
 
-        local = plain(tensor)
-        return str(local.dtype).removeprefix("torch.") == entry.dtype and local.numel() == entry.numel
+        self.forward_calls += 1
+        for entry in entries:
+            tensor = getattr(module, entry.param_name)
+            if isinstance(tensor, DTensor):
+                continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
+            entry.checks += 1
+            if entry.localize_pending or not self._same_form(entry, tensor):
+                self._trip(entry, tensor, self.step)
+                continue
+            observed = digest(tensor, 0)
+            if observed.device.type == "cpu":
+                if host(observed) != entry.expected:
+                    self._trip(entry, tensor, self.step)
+            else:
+                # No host sync per weight on a GPU: the digests are compared once per step.
+                self.pending.append((entry, self.step, observed))
+
+    def _same_form(self, entry: GuardedParam, tensor) -> bool:
+        return str(tensor.dtype).removeprefix("torch.") == entry.dtype and tensor.numel() == entry.numel
 
     def _drain(self, block: bool) -> None:
         """Compare the digests taken on a GPU: launch this step's comparison and copy it to the
@@ -550,6 +574,7 @@ class Guard:
             "steps": self.step,
             "forward_calls": self.forward_calls,
             "setup_s": round(self.setup_s, 6),
+            "hook_s": round(self.hook_s, 6),
             "closed": self.closed,
             "guarded": [
                 {

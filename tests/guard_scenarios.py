@@ -156,6 +156,18 @@ def main() -> None:
             seen["raised"] = str(exc)
     handle.close()
 
+    # the transformers TrainerCallback, driven through the hooks a Trainer calls
+    from fsdpqdiag.integrations.hf_trainer import GuardCallback
+
+    model, _ = build()
+    callback = GuardCallback(action="report")
+    callback.on_train_begin(None, None, None, model=model)
+    with fault.active(rank, world_size):
+        train(model, 2, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    callback.on_train_end(None, None, None, model=model)
+    seen["callback"] = summary(callback.state)
+    seen["callback_closed"] = callback.guard is None and hook_counts(model)["optimizer_hooks"] == 0
+
     with open(out_path.replace("RANK", str(rank)), "w") as fh:
         json.dump(seen, fh)
     dist.destroy_process_group()

@@ -107,6 +107,13 @@ def test_close_removes_every_hook(scenarios):
     assert hooks["after"] == hooks["before"]
 
 
+def test_transformers_callback_attaches_and_closes(scenarios):
+    for seen in scenarios["ranks"]:
+        assert _modules(seen["callback"]) == set(seen["nan_weights"])
+        assert {f["first_step"] for f in seen["callback"]["findings"]} == {0}
+        assert seen["callback_closed"]
+
+
 def test_digest_is_position_aware_exact_on_bits_and_splits_over_shards():
     from fsdpqdiag.bytes import all_nan_patterns
 
