@@ -132,6 +132,8 @@ class GuardedParam:
     cast_dtype: Any
     group: Any
     numel: int = 0
+    shard_numel: int = 0
+    slices_nonempty: list = field(default_factory=list)
     dtype: str = ""
     start: int = 0
     shard_digest: int = 0
@@ -291,7 +293,7 @@ class Guard:
                     start=start,
                 )
             )
-        self.device = local.device if self.guarded else torch.device("cpu")
+        self.device = self.guarded[0].fsdp_param.sharded_param.device if self.guarded else torch.device("cpu")
         began = time.perf_counter()
         self._digest_shards(self.guarded)
         self.setup_s = time.perf_counter() - began
@@ -324,14 +326,20 @@ class Guard:
         for entry in entries:
             groups.setdefault(id(entry.group), []).append(entry)
         for members in groups.values():
-            local = []
+            digests = []
             for entry in members:
                 shard = entry.shard()
                 entry.dtype = str(shard.dtype).removeprefix("torch.")
-                local.append(digest(shard, entry.start))
-                local.append(torch.tensor(entry.start, dtype=torch.int64, device=shard.device))
-                local.append(torch.tensor(shard.numel(), dtype=torch.int64, device=shard.device))
-            mine = torch.stack(local)
+                entry.shard_numel = shard.numel()
+                digests.append(digest(shard, entry.start))
+            # Where each shard lies never changes: it travels with the digests at set-up only.
+            layout = torch.tensor(
+                [v for entry in members for v in (entry.start, entry.shard_numel)],
+                dtype=torch.int64,
+                device=digests[0].device,
+            )
+            first = not members[0].slices
+            mine = torch.cat([torch.stack(digests), layout]) if first else torch.stack(digests)
             group = members[0].group
             if dist.is_initialized():
                 size = dist.get_world_size(group)
@@ -340,19 +348,22 @@ class Guard:
                 carrier = mine if "nccl" in backend else mine.cpu()
                 gathered = torch.empty(size * carrier.numel(), dtype=torch.int64, device=carrier.device)
                 dist.all_gather_into_tensor(gathered, carrier, group=group)
-                table = gathered.view(size, len(members), 3).tolist()
+                table = gathered.view(size, -1).tolist()
             else:
-                table = [mine.view(len(members), 3).tolist()]
+                table = [mine.tolist()]
+            count = len(members)
+            own = dist.get_rank(group) if dist.is_initialized() else 0
             for index, entry in enumerate(members):
-                entry.slices = [
-                    Slice(rank, int(rows[index][1]), int(rows[index][2]), host(rows[index][0]))
-                    for rank, rows in enumerate(table)
-                    if int(rows[index][2]) > 0
-                ]
-                entry.shard_digest = host(
-                    table[dist.get_rank(group) if dist.is_initialized() else 0][index][0]
-                )
-                entry.expected = sum(s.digest for s in entry.slices) & _MASK64
+                if first:
+                    entry.slices = [
+                        Slice(rank, row[count + 2 * index], row[count + 2 * index + 1], 0)
+                        for rank, row in enumerate(table)
+                    ]
+                for piece in entry.slices:
+                    piece.digest = host(table[piece.rank][index])
+                entry.shard_digest = host(table[own][index])
+                entry.slices_nonempty = [piece for piece in entry.slices if piece.numel > 0]
+                entry.expected = sum(piece.digest for piece in entry.slices) & _MASK64
 
     def _steps_this_model(self, optimizer) -> bool:
         """The optimizer hook is global: count only optimizers that update this model."""
@@ -427,7 +438,10 @@ class Guard:
             expected = torch.tensor(
                 [_signed(entry.expected) for entry, _ in entries], dtype=torch.int64, device=observed.device
             )
-            flags = (observed != expected).to("cpu", non_blocking=True)
+            differs = observed != expected
+            # Into pinned memory: a copy to pageable host memory would wait for the GPU.
+            flags = torch.empty(differs.shape, dtype=torch.bool, pin_memory=True)
+            flags.copy_(differs, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
             self.in_flight.append((entries, flags, event))
@@ -498,7 +512,7 @@ class Guard:
         words, per_element = _words(observed)
         differing = [
             s.rank
-            for s in entry.slices
+            for s in entry.slices_nonempty
             if host(
                 digest_words(
                     words[s.start * per_element : (s.start + s.numel) * per_element], s.start * per_element
@@ -507,7 +521,7 @@ class Guard:
             != s.digest
         ]
         finding["slices_differing"] = differing
-        mine = next((s for s in entry.slices if s.rank == self._group_rank(entry)), None)
+        mine = next((s for s in entry.slices_nonempty if s.rank == self._group_rank(entry)), None)
         comparison: dict[str, Any] = {"bytes_equal": True, "differing_elements": 0}
         if mine is not None and finding["shard_byte_true"]:
             flat = observed.reshape(-1)[mine.start : mine.start + mine.numel]
