@@ -158,3 +158,23 @@ def test_watch_bad_input_is_one_line_and_exit_2(tmp_path, args, message):
     assert completed.returncode == 2
     assert message in completed.stderr and len(completed.stderr.strip().splitlines()) == 1
     assert not (tmp_path / "w.json").exists()
+
+
+def test_watch_raise_stops_a_plain_process_and_exits_1(tmp_path):
+    """No torchrun: the sitecustomize arms the guard and the fault in a plain python process;
+    action raise stops the command in its first forward, and watch answers 1."""
+    script = ROOT / "tests" / "watch_tiny_train.py"
+    completed = _watch(
+        ["--json", "w.json", "--action", "raise", "--inject", "nan-canonicalize", "--",
+         sys.executable, str(script), "3"],
+        tmp_path, tmp_path, timeout=180,
+    )  # fmt: skip
+    assert completed.returncode == 1, completed.stderr[-3000:]
+    assert "GuardTripped" in completed.stderr
+    nan_weights = set(completed.stdout.split("nan-weights ", 1)[1].split()[0].split(","))
+    (result,) = Report.load(tmp_path / "w.json").results
+    assert result.verdict == "REPRODUCED" and result.config["command_exit"] == 1
+    assert result.world_size == 1
+    # raise stops at the first altered weight forward reaches: one module, step 0
+    (module,) = result.evidence["modules"]
+    assert module["module"] in nan_weights and module["first_step"] == 0
