@@ -125,6 +125,16 @@ def main() -> None:
     for u in undo:
         u()
 
+    # every=2: only the forwards of even steps are verified; the fault from step 1 shows at step 2
+    model, _ = build()
+    handle = guard(model, action="report", every=2)
+    undo = []
+    sgd = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    train(model, 4, sgd, enable_at_step_1)
+    seen["every2"] = summary(handle.close())
+    for u in undo:
+        u()
+
     # params="all": AdamW's updates are re-digested after each step and never trip it
     model, _ = build()
     trainable = [p for p in model.parameters() if p.requires_grad]

@@ -86,6 +86,13 @@ def test_ranks_agree_and_rank0_writes_a_valid_merged_report(scenarios):
     assert result.evidence["attribution"]["component"] == "torch.distributed.fsdp"
 
 
+def test_every_n_verifies_only_those_steps(scenarios):
+    for seen in scenarios["ranks"]:
+        assert seen["every2"]["checks"] == 2 * 3  # the forwards of steps 0 and 2, three weights
+        assert {f["first_step"] for f in seen["every2"]["findings"]} == {2}
+        assert _modules(seen["every2"]) == set(seen["nan_weights"])
+
+
 def test_params_all_accepts_optimizer_updates_and_catches_a_write_behind_it(scenarios):
     for seen in scenarios["ranks"]:
         assert seen["all"]["findings"] == []
