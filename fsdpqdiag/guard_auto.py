@@ -112,14 +112,40 @@ def _attach_once(module, args) -> None:
     _state["hooks"] = []
     roots = _outermost(_state["sharded"])
     _state["sharded"] = []
-    _state["guards"].append(
-        Guard(
-            roots,
-            params=os.environ.get(ENV_PARAMS, "quantized"),
-            action=os.environ.get(ENV_ACTION, "report"),
-            every=int(os.environ.get(ENV_EVERY, "1")),
-            state_dir=os.environ[ENV_DIR],
-            injected=os.environ.get(ENV_INJECT) or None,
-            argv=list(sys.argv),
+    try:
+        _state["guards"].append(
+            Guard(
+                roots,
+                params=os.environ.get(ENV_PARAMS, "quantized"),
+                action=os.environ.get(ENV_ACTION, "report"),
+                every=int(os.environ.get(ENV_EVERY, "1")),
+                state_dir=os.environ[ENV_DIR],
+                injected=os.environ.get(ENV_INJECT) or None,
+                argv=list(sys.argv),
+            )
         )
-    )
+    except Exception as exc:  # noqa: BLE001 - the run goes on unguarded; the report says why
+        _record_attach_failure(exc)
+
+
+def _record_attach_failure(exc: BaseException) -> None:
+    import json
+    import traceback
+    from pathlib import Path
+
+    from fsdpqdiag.report import atomic_write_text
+    from fsdpqdiag.weight_guard import STATE_SCHEMA
+
+    record = {
+        "schema": STATE_SCHEMA,
+        "rank": int(os.environ.get("RANK", "0")),
+        "world_size": int(os.environ.get("WORLD_SIZE", "1")),
+        "pid": os.getpid(),
+        "argv": list(sys.argv),
+        "injected": os.environ.get(ENV_INJECT) or None,
+        "guarded": [],
+        "findings": [],
+        "errors": [f"the guard could not attach: {type(exc).__name__}: {exc}"[:500]],
+        "traceback": traceback.format_exc()[-4000:],
+    }
+    atomic_write_text(Path(os.environ[ENV_DIR]) / f"guard-{os.getpid()}-attach.json", json.dumps(record))

@@ -23,7 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
+from fsdpqdiag.report import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
 
 SITE_DIR = Path(__file__).with_name("_watch_site")
 ENV_DIR = "FSDPQDIAG_GUARD_DIR"
@@ -245,6 +245,7 @@ def build_report(
         "guarded": len(guarded),
         "guarded_parameters": sorted(guarded),
         "skipped": [item for s in states for item in s.get("skipped", [])][:50],
+        "errors": [f"rank {s.get('rank', 0)}: {e}" for s in states for e in s.get("errors", [])][:50],
         "processes": len(states),
         "checks": sum(g.get("checks", 0) for s in states for g in s.get("guarded", [])),
         "steps": max((s.get("steps", 0) for s in states), default=0),
@@ -261,6 +262,9 @@ def build_report(
     if not states:
         verdict = SKIPPED
         summary = "the guard never attached: no process of the command called fully_shard" + exit_note
+    elif not guarded and evidence["errors"]:
+        verdict = ERROR
+        summary = evidence["errors"][0] + exit_note
     elif modules:
         verdict = REPRODUCED
         names = ", ".join(m["module"] for m in modules[:8]) + (" …" if len(modules) > 8 else "")
@@ -275,6 +279,8 @@ def build_report(
             f"every one of {len(guarded)} guarded weights reached forward byte-true in {evidence['checks']} "
             f"checks over {evidence['steps']} optimizer steps" + exit_note
         )
+        if evidence["errors"]:
+            summary += f"; {len(evidence['errors'])} guard error(s), those weights unverified"
     result = ProbeResult(
         probe="guard",
         verdict=verdict,

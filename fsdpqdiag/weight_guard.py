@@ -254,6 +254,10 @@ class Guard:
         self.handles: list = []
         self.closed = False
         self.started = time.time()
+        # A process forked after set-up (a DataLoader worker) inherits this object: only the
+        # process that set it up writes its record.
+        self.pid = os.getpid()
+        self.errors: list[str] = []
         self.setup_s = 0.0
         # Host time spent inside the verification hooks (on a GPU the kernels run after it).
         self.hook_s = 0.0
@@ -399,6 +403,14 @@ class Guard:
             began = time.perf_counter()
             try:
                 self._verify(module, entries)
+            except GuardTripped:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the guard must not be what breaks a run
+                # Recorded, and these weights are no longer verified: a guard that failed once
+                # on a weight would fail on every forward.
+                self.errors.append(f"{entries[0].module_name}: {type(exc).__name__}: {exc}"[:500])
+                entries.clear()
+                self.write_state()
             finally:
                 self.hook_s += time.perf_counter() - began
 
@@ -579,7 +591,7 @@ class Guard:
             "world_size": self.world_size,
             "device": self.device.type,
             "backend": self.backend,
-            "pid": os.getpid(),
+            "pid": self.pid,
             "params": self.params,
             "action": self.action,
             "every": self.every,
@@ -603,6 +615,7 @@ class Guard:
                 for e in self.guarded
             ],
             "skipped": self.skipped,
+            "errors": self.errors,
             "findings": self.findings,
         }
 
@@ -611,7 +624,9 @@ class Guard:
             return
         from fsdpqdiag.report import atomic_write_text
 
-        path = self.state_dir / f"guard-{os.getpid()}-{id(self):x}.json"
+        if os.getpid() != self.pid:
+            return
+        path = self.state_dir / f"guard-{self.pid}-{id(self):x}.json"
         atomic_write_text(path, json.dumps(self.state(), default=str))
 
     def tripped(self) -> bool:

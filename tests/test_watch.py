@@ -178,3 +178,19 @@ def test_watch_raise_stops_a_plain_process_and_exits_1(tmp_path):
     # raise stops at the first altered weight forward reaches: one module, step 0
     (module,) = result.evidence["modules"]
     assert module["module"] in nan_weights and module["first_step"] == 0
+
+
+def test_a_guard_that_cannot_attach_leaves_the_run_alone(tmp_path, monkeypatch):
+    """A guard that fails to set up (here: params the CLI would refuse) must not break the
+    training: the command completes, its exit code stands, the report says ERROR and why."""
+    from fsdpqdiag import watch
+
+    monkeypatch.setenv("PYTHONPATH", str(ROOT))
+    monkeypatch.setenv("FSDPQDIAG_CACHE", str(tmp_path))
+    outcome = watch.run(
+        [sys.executable, str(ROOT / "tests" / "watch_tiny_train.py"), "1"], params="everything"
+    )
+    assert outcome.command_exit == 0 and outcome.exit_code == 0
+    (result,) = outcome.report.results
+    assert result.verdict == "ERROR"
+    assert "could not attach" in result.summary and "params must be one of" in result.summary
