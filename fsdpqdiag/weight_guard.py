@@ -709,6 +709,8 @@ def guard(
     with ``report_path`` rank 0 writes a ``fsdpqdiag.report/1`` report at ``close()``).
     ``every``: verify the forwards of every N-th optimizer step.
     """
+    import sys
+
     return Guard(
         model,
         params=params,
@@ -716,4 +718,6 @@ def guard(
         every=every,
         report_path=report_path,
         state_dir=os.environ.get("FSDPQDIAG_GUARD_DIR") or None,
+        # What a report's "To reproduce" shows: the same script, guarded from outside.
+        argv=["watch", "--", "python", *sys.argv],
     )
