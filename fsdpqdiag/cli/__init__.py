@@ -8,6 +8,7 @@ from fsdpqdiag.cli import (  # noqa: F401 (registers them)
     matrix,
     reports,
     reproduce,
+    watch,
 )
 from fsdpqdiag.cli.app import app
 

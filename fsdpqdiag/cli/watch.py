@@ -1,0 +1,75 @@
+"""``fsdpqdiag watch -- COMMAND ...``: an unchanged training command, guarded."""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+
+from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
+from fsdpqdiag.watch import WATCH_EXIT_CODES
+
+
+@app.command(
+    epilog=WATCH_EXIT_CODES,
+    context_settings={"allow_interspersed_args": False, "ignore_unknown_options": True},
+)
+def watch(
+    command: Annotated[
+        list[str] | None, typer.Argument(help="The training command, after --, as you would run it.")
+    ] = None,
+    params: Annotated[
+        str, typer.Option(help="quantized (Params4bit, Int8Params, int8/uint8) | all (trainable too).")
+    ] = "quantized",
+    action: Annotated[
+        str, typer.Option(help="report (let the run finish) | warn (once per module) | raise (stop it).")
+    ] = "report",
+    every: Annotated[int, typer.Option(help="Verify the forwards of every N-th optimizer step.")] = 1,
+    inject: Inject = None,
+    json_path: JsonPath = None,
+    markdown_path: MarkdownPath = None,
+    quiet: Quiet = False,
+    wide: Wide = False,
+) -> None:
+    """Run a training command with the weight guard in every Python process it starts.
+
+    The guard attaches where the script calls fully_shard (no code change), verifies at every
+    unshard that the bytes forward receives still digest to the shards', and on the command's
+    end writes one report: the altered modules, the first step, where to file it.
+
+    Example: fsdpqdiag watch --json w.json -- torchrun --nproc-per-node 2 train.py
+    """
+    from fsdpqdiag import watch as watching
+    from fsdpqdiag.faults import FAULTS
+    from fsdpqdiag.render.table import reproduce_table
+    from fsdpqdiag.weight_guard import ACTION_CHOICES, PARAM_CHOICES
+
+    if params not in PARAM_CHOICES:
+        raise fail(f"unknown --params {params!r} (known: {', '.join(PARAM_CHOICES)})")
+    if action not in ACTION_CHOICES:
+        raise fail(f"unknown --action {action!r} (known: {', '.join(ACTION_CHOICES)})")
+    if every < 1:
+        raise fail(f"--every must be at least 1, got {every}")
+    if inject is not None and inject not in FAULTS:
+        raise fail(f"unknown fault {inject!r} (known: {', '.join(FAULTS)})")
+    check_outputs(json_path, markdown_path)
+    command = list(command or [])
+    try:
+        watching.check_command(command)
+    except watching.WatchInputError as exc:
+        raise fail(str(exc)) from None
+    outcome = watching.run(
+        command,
+        params=params,
+        action=action,
+        every=every,
+        inject=inject,
+        argv=["watch", *sys.argv[2:]],
+    )
+    from fsdpqdiag.cli.app import print_tables, write_report
+
+    write_report(outcome.report, json_path, markdown_path)
+    if not quiet:
+        print_tables(reproduce_table(outcome.report, wide), wide)
+    raise typer.Exit(outcome.exit_code)

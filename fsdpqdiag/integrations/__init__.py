@@ -1,0 +1,1 @@
+"""Integrations of the weight guard with training frameworks (imported on demand)."""

@@ -1,0 +1,53 @@
+"""The weight guard as a ``transformers.TrainerCallback``.
+
+    from fsdpqdiag.integrations.hf_trainer import GuardCallback
+    trainer = Trainer(..., callbacks=[GuardCallback(action="raise")])
+
+The Trainer shards the model through accelerate (FSDP2: ``fully_shard``) while preparing it; the
+callback attaches at the first ``on_train_begin``/``on_step_begin`` that sees a sharded model
+(every rank runs the same callbacks, so the guard's one set-up collective lines up), and closes
+the guard at ``on_train_end``. Steps are the optimizer's, as the Trainer's ``global_step``.
+Without a Trainer, call ``fsdpqdiag.guard(model)`` after ``fully_shard`` (see
+``examples/train_fsdp2_qlora.py --guard``), or run the command under ``fsdpqdiag watch``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from transformers import TrainerCallback
+
+
+def _is_sharded(model) -> bool:
+    return model is not None and any(hasattr(m, "_get_fsdp_state") for m in model.modules())
+
+
+class GuardCallback(TrainerCallback):
+    def __init__(
+        self,
+        *,
+        params: str = "quantized",
+        action: str = "raise",
+        every: int = 1,
+        report_path: str | Path | None = None,
+    ):
+        self.options = dict(params=params, action=action, every=every, report_path=report_path)
+        self.guard = None
+        self.state: dict | None = None
+
+    def _attach(self, model) -> None:
+        if self.guard is None and _is_sharded(model):
+            from fsdpqdiag import guard
+
+            self.guard = guard(model, **self.options)
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self._attach(model)
+
+    def on_step_begin(self, args, state, control, model=None, **kwargs):
+        self._attach(model)
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.guard is not None:
+            self.state = self.guard.close()
+            self.guard = None
