@@ -16,7 +16,7 @@ from typing import Any
 
 from fsdpqdiag import attribution
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RankTask, RunConfig
-from fsdpqdiag.report import SKIPPED, UNSUPPORTED, ProbeResult, Report
+from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, ProbeResult, Report
 
 
 class BadInput(ValueError):
@@ -312,7 +312,7 @@ def _decide(
         summary=decided.summary,
         evidence=decided.evidence,
         ranks=[o.to_dict() for o in outcomes],
-        reason=decided.summary if decided.verdict not in ("REPRODUCED", "NOT REPRODUCED") else None,
+        reason=decided.summary if decided.verdict not in (REPRODUCED, NOT_REPRODUCED) else None,
         duration_s=round(duration_s, 3),
         **_common(name, probe_config, run),
     )
