@@ -28,6 +28,7 @@ from typing import Any
 
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
+from fsdpqdiag.probes.raised import RaisedStage
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
 STAGES = ("fully_shard", "unshard", "forward", "backward", "state_dict", "save", "load")
@@ -196,7 +197,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
     from fsdpqdiag.bytes import sha256
     from fsdpqdiag.config import LinearConfig, torch_dtype
-    from fsdpqdiag.probes.common import local_shard_of, plain_integer_control, raised, shard
+    from fsdpqdiag.probes.common import local_shard_of, plain_integer_control, shard
 
     cfg = LinearConfig(**config)
     param_dtype = torch_dtype(cfg.param_dtype)
@@ -245,7 +246,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         shard(model, ctx, cfg)
     except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
-        stages["fully_shard"] = _close(raised(exc), [])
+        stages["fully_shard"] = _close(RaisedStage.of(exc, "fully_shard").to_dict(), [])
         for name in STAGES[1:]:
             stages[name] = _close(_not_run("fully_shard raised"), [])
         return evidence
@@ -264,7 +265,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         entry["bytes"] = _bytes(original, _full(gathered))
         model.reshard()
     except Exception as exc:  # noqa: BLE001
-        stages["unshard"] = _close(raised(exc), [])
+        stages["unshard"] = _close(RaisedStage.of(exc, "unshard").to_dict(), [])
     else:
         stages["unshard"] = _close(entry, _weight_findings(entry, "the unsharded weight"))
 
@@ -283,13 +284,13 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         output = model(x)
     except Exception as exc:  # noqa: BLE001
-        entry = raised(exc)
+        entry = RaisedStage.of(exc, "forward").to_dict()
         # A forward that raised leaves FSDP2 mid-step; bring the module back to sharded so
         # that the later stages see what a job that caught the error would hold.
         try:
             model.reshard()
         except Exception as reshard_exc:  # noqa: BLE001
-            entry["reshard_after_error"] = raised(reshard_exc)["error"]
+            entry["reshard_after_error"] = RaisedStage.of(reshard_exc).exception
     else:
         entry = {}
     handle.remove()
@@ -317,7 +318,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
                 if p.requires_grad
             }
         except Exception as exc:  # noqa: BLE001
-            stages["backward"] = _close(raised(exc), [])
+            stages["backward"] = _close(RaisedStage.of(exc, "backward").to_dict(), [])
         else:
             entry, findings = {"grads": {}}, []
             for name, reference in baseline_grads.items():
@@ -341,7 +342,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         state = model.state_dict()
     except Exception as exc:  # noqa: BLE001
-        stages["state_dict"] = _close(raised(exc), [])
+        stages["state_dict"] = _close(RaisedStage.of(exc, "state_dict").to_dict(), [])
     else:
         entry = {
             "keys": sorted(state),
@@ -364,8 +365,8 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
             scb = state.get(prefix + "SCB")
             entry["scb_equal"] = _equal_or_none(_full(scb) if scb is not None else None, original_scb)
         except Exception as exc:  # noqa: BLE001
-            entry["gather_error"] = raised(exc)
-            findings.append(f"gathering the state dict raised {entry['gather_error']['error']}")
+            entry["gather_error"] = RaisedStage.of(exc, "state_dict").to_dict()
+            findings.append(f"gathering the state dict raised {entry['gather_error']['exception']}")
         else:
             if entry["weight_bytes"] is not None and not entry["weight_bytes"].get("bytes_equal"):
                 findings.append("int8 weight gathered from the state dict differs from the original")
@@ -388,7 +389,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
                 file_bytes = path.stat().st_size
                 saved = torch.load(path, weights_only=True)
         except Exception as exc:  # noqa: BLE001
-            stages["save"] = _close(raised(exc), [])
+            stages["save"] = _close(RaisedStage.of(exc, "save").to_dict(), [])
         else:
             entry = {
                 "file_bytes": file_bytes,
@@ -424,7 +425,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         loaded_scb = _scb(fresh_layer.weight)
         reloaded_output = fresh(x).detach()
     except Exception as exc:  # noqa: BLE001
-        stages["load"] = _close({**entry, **raised(exc)}, [])
+        stages["load"] = _close({**entry, **RaisedStage.of(exc, "load").to_dict()}, [])
         return evidence
     entry["missing_keys"] = sorted(result.missing_keys)
     entry["unexpected_keys"] = sorted(result.unexpected_keys)

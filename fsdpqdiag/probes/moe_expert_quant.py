@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-from pathlib import Path
 from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
+from fsdpqdiag.probes.raised import RaisedStage
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, SKIPPED
 
 EXPERT_PARAMS = ("gate_up_proj", "down_proj")
@@ -99,31 +99,10 @@ class Stages:
         except Exception as exc:  # noqa: BLE001 - what the stack under test raises is evidence
             self.evidence["stages"][name] = "failed"
             self.evidence["failures"].append(
-                {"stage": name, **where_raised(exc, self.module_names), "while": dict(self.current)}
+                {**RaisedStage.of(exc, name, self.module_names).to_dict(), "while": dict(self.current)}
             )
         else:
             self.evidence["stages"][name] = "ok"
-
-
-def where_raised(exc: BaseException, module_names: dict[int, str]) -> dict[str, Any]:
-    """The exception, the innermost module of the model its traceback passes through, and
-    the innermost frame (where the stack actually raised)."""
-    module = module_type = frame = None
-    tb = exc.__traceback__
-    while tb is not None:
-        code = tb.tb_frame.f_code
-        owner = tb.tb_frame.f_locals.get("self")
-        if owner is not None and id(owner) in module_names:
-            module, module_type = module_names[id(owner)], type(owner).__name__
-        frame = f"{Path(code.co_filename).name}:{tb.tb_lineno} in {code.co_name}"
-        tb = tb.tb_next
-    message = f"{type(exc).__name__}: {exc}".strip().splitlines()
-    return {
-        "exception": message[0][:500] if message else type(exc).__name__,
-        "module": module,
-        "module_type": module_type,
-        "frame": frame,
-    }
 
 
 def compact(comparison: dict[str, Any]) -> dict[str, Any]:
