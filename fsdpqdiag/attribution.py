@@ -35,7 +35,12 @@ REPORT_TO = {
     PEFT: "huggingface/peft",
 }
 # Verdicts that name a culprit and so carry an attribution.
-ATTRIBUTED_VERDICTS = (VerdictKind.REPRODUCED, VerdictKind.CRASHED, VerdictKind.UNSUPPORTED, VerdictKind.INCONCLUSIVE)
+ATTRIBUTED_VERDICTS = (
+    VerdictKind.REPRODUCED,
+    VerdictKind.CRASHED,
+    VerdictKind.UNSUPPORTED,
+    VerdictKind.INCONCLUSIVE,
+)
 
 
 @dataclass(frozen=True)
