@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+from fsdpqdiag.verdict import VerdictKind
+
 TORCH_FSDP = "torch.distributed.fsdp"
 TORCH_DTENSOR = "torch.distributed.tensor"
 BACKEND = "process-group backend"
@@ -33,7 +35,12 @@ REPORT_TO = {
     PEFT: "huggingface/peft",
 }
 # Verdicts that name a culprit and so carry an attribution.
-ATTRIBUTED_VERDICTS = ("REPRODUCED", "CRASHED", "UNSUPPORTED", "INCONCLUSIVE")
+ATTRIBUTED_VERDICTS = (
+    VerdictKind.REPRODUCED,
+    VerdictKind.CRASHED,
+    VerdictKind.UNSUPPORTED,
+    VerdictKind.INCONCLUSIVE,
+)
 
 
 @dataclass(frozen=True)
@@ -82,7 +89,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         "full_tensor()/redistribute() SIGSEGV on bf16-packed Params4bit (Mechanism B)",
         signal="SIGSEGV",
         text="full_tensor()",
-        verdicts=("CRASHED",),
+        verdicts=(VerdictKind.CRASHED,),
     ),
     KnownIssue(
         "pytorch/pytorch#185239",
@@ -105,7 +112,7 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         text="SIGSEGV",
         backend="gloo",
         device="cuda",
-        verdicts=("CRASHED", "UNSUPPORTED"),
+        verdicts=(VerdictKind.CRASHED, VerdictKind.UNSUPPORTED),
     ),
 )
 

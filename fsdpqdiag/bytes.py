@@ -189,6 +189,45 @@ def _class_codes(bits: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return _CLASS_TABLES[key][bits.to(torch.int32) & 0xFFFF]
 
 
+def _incomparable(original: torch.Tensor, observed: torch.Tensor) -> dict:
+    return {
+        "comparable": False,
+        "reason": (
+            f"original {str(original.dtype).removeprefix('torch.')}{list(original.shape)} vs "
+            f"observed {str(observed.dtype).removeprefix('torch.')}{list(observed.shape)}"
+        ),
+        "bytes_equal": False,
+    }
+
+
+def _unchanged(elements: int, differing_elements: int) -> dict:
+    """The evidence of a comparison before its differing elements are described."""
+    return {
+        "comparable": True,
+        "bytes_equal": differing_elements == 0,
+        "elements": elements,
+        "differing_bytes": 0,
+        "differing_elements": differing_elements,
+        "original_classes": {},
+        "post_bit_patterns": {},
+        "samples": [],
+        "positions": [],
+        "positions_truncated": False,
+        "positions_digest": _digest_text(0),
+    }
+
+
+def _to_host(parts: list[torch.Tensor]) -> list[list]:
+    """``parts`` as host lists, in one copy: on a GPU each separate .tolist() is a
+    synchronisation, and with every extra kernel launch it costs more than the comparison
+    of a tensor of a few MiB."""
+    host = torch.cat(parts).tolist()
+    bounds = [0]
+    for part in parts:
+        bounds.append(bounds[-1] + part.numel())
+    return [host[bounds[i] : bounds[i + 1]] for i in range(len(parts))]
+
+
 def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = MAX_SAMPLES) -> dict:
     """Compare two tensors container by container.
 
@@ -202,42 +241,21 @@ def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = M
     original = plain(original)
     observed = plain(observed).to(original.device)
     if original.dtype != observed.dtype or original.numel() != observed.numel():
-        return {
-            "comparable": False,
-            "reason": (
-                f"original {str(original.dtype).removeprefix('torch.')}{list(original.shape)} vs "
-                f"observed {str(observed.dtype).removeprefix('torch.')}{list(observed.shape)}"
-            ),
-            "bytes_equal": False,
-        }
+        return _incomparable(original, observed)
     width_bits = original.element_size() * 8
     before = element_bits(original)
     after = element_bits(observed)
     # One full pass finds the differing elements; everything else looks at those only.
     positions = differing_positions(before, after)
     differing_elements = int(positions.numel())
-    evidence = {
-        "comparable": True,
-        "bytes_equal": differing_elements == 0,
-        "elements": int(before.numel()),
-        "differing_bytes": 0,
-        "differing_elements": differing_elements,
-        "original_classes": {},
-        "post_bit_patterns": {},
-        "samples": [],
-        "positions": [],
-        "positions_truncated": False,
-        "positions_digest": _digest_text(0),
-    }
+    evidence = _unchanged(int(before.numel()), differing_elements)
     if not differing_elements:
         return evidence
     before_bits, after_bits = before[positions], after[positions]
     codes = _class_codes(before_bits, original.dtype)
     patterns, pattern_counts = torch.unique(after_bits, return_counts=True)
     class_ids = torch.arange(len(CLASS_NAMES), dtype=codes.dtype, device=codes.device)
-    # Everything small goes to the host in one copy: on a GPU each separate .tolist() is
-    # a synchronisation, and with every extra kernel launch it costs more than the
-    # comparison of a tensor of a few MiB.
+    # Everything small goes to the host in one copy (see _to_host).
     parts = [
         ((before_bits ^ after_bits).view(torch.uint8) != 0).sum().reshape(1),
         mix64(positions).sum().reshape(1),
@@ -250,10 +268,6 @@ def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = M
         codes[:max_samples],
         positions[max_samples:MAX_POSITIONS],
     ]
-    host = torch.cat(parts).tolist()
-    bounds = [0]
-    for part in parts:
-        bounds.append(bounds[-1] + part.numel())
     (
         (differing_bytes,),
         (digest,),
@@ -265,7 +279,7 @@ def diff(original: torch.Tensor, observed: torch.Tensor, *, max_samples: int = M
         sample_after,
         sample_codes,
         further_positions,
-    ) = (host[bounds[i] : bounds[i + 1]] for i in range(len(parts)))
+    ) = _to_host(parts)
     evidence.update(
         differing_bytes=differing_bytes,
         original_classes=dict(zip(CLASS_NAMES, class_tallies)),

@@ -52,9 +52,9 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     import torch
 
     from fsdpqdiag import bnb_cpu_path, models
-    from fsdpqdiag.bytes import diff, nan_census, output_delta, plain
+    from fsdpqdiag.bytes import diff, plain
     from fsdpqdiag.fingerprint import classify
-    from fsdpqdiag.probes.common import fsdp_api, local_shard_of
+    from fsdpqdiag.probes.common import fsdp_api
 
     cfg = ForensicsConfig(**config)
     quant = models.QuantConfig(
@@ -76,21 +76,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     kinds = {name: kind for name, _, kind in found}
     original = {name: plain(module.weight).clone() for name, module in targets.items()}
 
-    baseline_model = copy.deepcopy(model)
-    base_weights: dict = {}
-    base_outputs: dict = {}
-    handles = _hooks(
-        baseline_model,
-        {n: m for n, m in baseline_model.named_modules() if n in targets},
-        base_weights,
-        base_outputs,
-    )
-    with torch.no_grad():
-        loss_before = float(baseline_model(input_ids=ids, labels=ids).loss.float())
-    for handle in handles:
-        handle.remove()
-    del baseline_model
-
+    loss_before, base_outputs = _baseline(model, targets, ids)
     evidence: dict[str, Any] = {"loss_before": loss_before, "modules": []}
     ctx.checkpoint("fully_shard", evidence)
     fully_shard, MixedPrecisionPolicy = fsdp_api()
@@ -116,53 +102,16 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     # are like with like either way, and the report says which path was taken.
     evidence["bnb_cpu_repacked_modules"] = len(bnb_cpu_path.repacked(model))
 
-    rows = []
-    for name, before in original.items():
-        local = locals_.get(name)
-        swap = (
-            diff(before, weights[name]) if name in weights else {"comparable": False, "reason": "not called"}
-        )
-        row = {
-            "module": name,
-            "kind": kinds[name],
-            "shape": list(before.shape),
-            "nan_elements": nan_census(before)["nan_elements"],
-            "swap_target": {
-                k: swap.get(k)
-                for k in (
-                    "comparable",
-                    "bytes_equal",
-                    "differing_bytes",
-                    "differing_elements",
-                    "original_classes",
-                    "post_bit_patterns",
-                    "samples",
-                )
-            },
-            "local_tensor": None
-            if local is None
-            else {
-                k: v
-                for k, v in diff(local_shard_of(before, ctx.rank, ctx.world_size), local).items()
-                if k in ("bytes_equal", "differing_elements", "differing_bytes")
-            },
-        }
-        if name in outputs and name in base_outputs:
-            delta = output_delta(base_outputs[name], outputs[name])
-            row.update({k: delta[k] for k in ("max_abs_delta", "mean_abs_delta", "output_bit_equal")})
-        rows.append(row)
+    rows = [
+        _module_row(name, before, kinds[name], weights, outputs, base_outputs, locals_.get(name), ctx)
+        for name, before in original.items()
+    ]
     evidence["modules"] = rows
 
     # Totals and fingerprint before full_tensor(): a rank that dies there (Mechanism B)
     # must not take the forward's evidence with it.
     altered = [r for r in rows if not (r["swap_target"].get("bytes_equal") or False)]
-    evidence["totals"] = {
-        "quantized_modules": len(rows),
-        "nan_elements": sum(r["nan_elements"] for r in rows),
-        "altered_modules": len(altered),
-        "differing_elements": sum(r["swap_target"].get("differing_elements") or 0 for r in rows),
-        "differing_bytes": sum(r["swap_target"].get("differing_bytes") or 0 for r in rows),
-    }
+    evidence["totals"] = _totals(rows, altered)
     evidence["fingerprint"] = classify(altered[0]["swap_target"], ctx.device) if altered else None
 
     model.reshard()
@@ -174,6 +123,75 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
             row["full_tensor"] = {k: result.get(k) for k in ("bytes_equal", "differing_elements")}
     evidence["full_tensor"] = {"status": "completed"}
     return evidence
+
+
+def _baseline(model, targets: dict, ids) -> tuple[float, dict]:
+    """The loss and each target module's output of an unsharded copy of ``model``."""
+    import torch
+
+    baseline_model = copy.deepcopy(model)
+    base_weights: dict = {}
+    base_outputs: dict = {}
+    handles = _hooks(
+        baseline_model,
+        {n: m for n, m in baseline_model.named_modules() if n in targets},
+        base_weights,
+        base_outputs,
+    )
+    with torch.no_grad():
+        loss_before = float(baseline_model(input_ids=ids, labels=ids).loss.float())
+    for handle in handles:
+        handle.remove()
+    del baseline_model
+    return loss_before, base_outputs
+
+
+def _module_row(name, before, kind, weights, outputs, base_outputs, local, ctx) -> dict[str, Any]:
+    """One quantized module: what forward received against the original, its rank's shard,
+    and its output against the baseline's."""
+    from fsdpqdiag.bytes import diff, nan_census, output_delta
+    from fsdpqdiag.probes.common import local_shard_of
+
+    swap = diff(before, weights[name]) if name in weights else {"comparable": False, "reason": "not called"}
+    row = {
+        "module": name,
+        "kind": kind,
+        "shape": list(before.shape),
+        "nan_elements": nan_census(before)["nan_elements"],
+        "swap_target": {
+            k: swap.get(k)
+            for k in (
+                "comparable",
+                "bytes_equal",
+                "differing_bytes",
+                "differing_elements",
+                "original_classes",
+                "post_bit_patterns",
+                "samples",
+            )
+        },
+        "local_tensor": None
+        if local is None
+        else {
+            k: v
+            for k, v in diff(local_shard_of(before, ctx.rank, ctx.world_size), local).items()
+            if k in ("bytes_equal", "differing_elements", "differing_bytes")
+        },
+    }
+    if name in outputs and name in base_outputs:
+        delta = output_delta(base_outputs[name], outputs[name])
+        row.update({k: delta[k] for k in ("max_abs_delta", "mean_abs_delta", "output_bit_equal")})
+    return row
+
+
+def _totals(rows: list[dict], altered: list[dict]) -> dict[str, int]:
+    return {
+        "quantized_modules": len(rows),
+        "nan_elements": sum(r["nan_elements"] for r in rows),
+        "altered_modules": len(altered),
+        "differing_elements": sum(r["swap_target"].get("differing_elements") or 0 for r in rows),
+        "differing_bytes": sum(r["swap_target"].get("differing_bytes") or 0 for r in rows),
+    }
 
 
 def verdict(outcomes) -> Verdict:

@@ -19,35 +19,22 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag.verdict import VerdictKind
+
 SCHEMA = "fsdpqdiag.report/1"
 
-REPRODUCED = "REPRODUCED"
-NOT_REPRODUCED = "NOT REPRODUCED"
-CRASHED = "CRASHED"
-ERROR = "ERROR"
-TIMEOUT = "TIMEOUT"
-SKIPPED = "SKIPPED"
-# The evidence contradicts itself (e.g. the output moved while every byte survived):
-# something is wrong, but not the mechanism this probe detects.
-INCONCLUSIVE = "INCONCLUSIVE"
-# Verdicts of `fix`: a workaround is bit-identical to training without FSDP, or not.
-VERIFIED = "VERIFIED"
-NOT_VERIFIED = "NOT VERIFIED"
-# A precondition of the probe failed in the stack preflight (a collective it relies on fails
-# on ordinary tensors, a device/backend that cannot run it): the stack decided, not the bug.
-UNSUPPORTED = "UNSUPPORTED"
-VERDICTS = (
-    REPRODUCED,
-    NOT_REPRODUCED,
-    CRASHED,
-    ERROR,
-    TIMEOUT,
-    SKIPPED,
-    INCONCLUSIVE,
-    VERIFIED,
-    NOT_VERIFIED,
-    UNSUPPORTED,
-)
+# The verdicts, as names importable from here (fsdpqdiag.verdict holds the Enum and why).
+REPRODUCED = VerdictKind.REPRODUCED
+NOT_REPRODUCED = VerdictKind.NOT_REPRODUCED
+CRASHED = VerdictKind.CRASHED
+ERROR = VerdictKind.ERROR
+TIMEOUT = VerdictKind.TIMEOUT
+SKIPPED = VerdictKind.SKIPPED
+INCONCLUSIVE = VerdictKind.INCONCLUSIVE
+VERIFIED = VerdictKind.VERIFIED
+NOT_VERIFIED = VerdictKind.NOT_VERIFIED
+UNSUPPORTED = VerdictKind.UNSUPPORTED
+VERDICTS = tuple(VerdictKind)
 
 # Exit codes: a contract, printed by --help.
 EXIT_CLEAN = 0

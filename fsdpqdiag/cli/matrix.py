@@ -75,14 +75,34 @@ def matrix(
     wide: Wide = False,
 ) -> None:
     """Sweep #1945's cells A–G (or a --grid) and compute what the outcome is invariant in."""
-    from rich.progress import Progress
+    _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, resume or out, model)
+    report = _run_with_progress(
+        cells=cells or (),
+        grid=grid or (),
+        model=model,
+        preset=preset,
+        lora=lora,
+        world_sizes=ws or (),
+        device=device,
+        timeout_s=timeout,
+        inject=inject,
+        backend=backend,
+        isolate_cells=isolate_cells,
+        out_dir=str(out) if out else None,
+        resume=str(resume) if resume else None,
+        argv=["matrix", *sys.argv[2:]],
+    )
+    write_report(report, json_path, markdown_path)
+    _note_what_resume_set_aside(report, resume)
+    if is_reporting_rank():
+        _write_cell_outputs(report, csv, parquet, plot, quiet, wide)
+    _wait_for_reporting_rank()
+    # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
+    # first would make torchrun SIGTERM rank 0 mid-exit.
+    raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
 
-    from fsdpqdiag import api
-    from fsdpqdiag import matrix as mx
-    from fsdpqdiag.render.matrix_table import heat_map, matrix_table
-    from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
 
-    sweep_dir = resume or out
+def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> None:
     # The sweep's own record is read back by --resume: no other output may land on it.
     check_outputs(
         json_path,
@@ -99,6 +119,15 @@ def matrix(
             from fsdpqdiag.cli.app import fail
 
             raise fail("--parquet needs pyarrow, which is not installed")
+
+
+def _run_with_progress(**options):
+    """``api.matrix(**options)`` with a progress bar that names each cell's verdict."""
+    from rich.progress import Progress
+
+    from fsdpqdiag import api
+    from fsdpqdiag import matrix as mx
+
     # Off a terminal a transient bar draws nothing but a blank line, which would make a
     # refusal two lines on stderr.
     with Progress(console=stderr, transient=True, disable=not stderr.is_terminal) as progress:
@@ -107,47 +136,29 @@ def matrix(
         def on_cell(name: str, row: dict) -> None:
             progress.update(bar, advance=1, description=f"cell {name}: {mx.cell_verdict(row)}")
 
-        report = run_library(
-            lambda status: api.matrix(
-                cells=cells or (),
-                grid=grid or (),
-                model=model,
-                preset=preset,
-                lora=lora,
-                world_sizes=ws or (),
-                device=device,
-                timeout_s=timeout,
-                inject=inject,
-                backend=backend,
-                isolate_cells=isolate_cells,
-                out_dir=str(out) if out else None,
-                resume=str(resume) if resume else None,
-                argv=["matrix", *sys.argv[2:]],
-                on_progress=status,
-                on_cell=on_cell,
-            )
-        )
-    write_report(report, json_path, markdown_path)
-    _note_what_resume_set_aside(report, resume)
-    if is_reporting_rank():
-        cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
-        rows = {
-            ws_: {r.config["cell"]["name"]: r.evidence for r in report.results if r.world_size == ws_}
-            for ws_ in report.world_sizes
-        }
-        frame = mx.dataframe(cells_used, rows)
-        if csv is not None:
-            atomic_write_text(csv, frame.to_csv(index=False))
-        if parquet is not None:
-            atomic_write_bytes(parquet, frame.to_parquet())
-        if plot is not None:
-            heat_map(report, plot)
-        if not quiet:
-            print_tables(matrix_table(report, wide), wide)
-    _wait_for_reporting_rank()
-    # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
-    # first would make torchrun SIGTERM rank 0 mid-exit.
-    raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
+        return run_library(lambda status: api.matrix(**options, on_progress=status, on_cell=on_cell))
+
+
+def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> None:
+    """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
+    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.render.matrix_table import heat_map, matrix_table
+    from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
+
+    cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
+    rows = {
+        ws_: {r.config["cell"]["name"]: r.evidence for r in report.results if r.world_size == ws_}
+        for ws_ in report.world_sizes
+    }
+    frame = mx.dataframe(cells_used, rows)
+    if csv is not None:
+        atomic_write_text(csv, frame.to_csv(index=False))
+    if parquet is not None:
+        atomic_write_bytes(parquet, frame.to_parquet())
+    if plot is not None:
+        heat_map(report, plot)
+    if not quiet:
+        print_tables(matrix_table(report, wide), wide)
 
 
 def _note_what_resume_set_aside(report, resume: Path | None) -> None:

@@ -6,7 +6,6 @@ composition of them, torchtitan-style. The FSDP2 call lives in ``shard``.
 
 from __future__ import annotations
 
-import traceback
 from dataclasses import dataclass
 from typing import Any
 
@@ -15,6 +14,7 @@ import torch
 from fsdpqdiag import bnb_cpu_path
 from fsdpqdiag.bytes import plain
 from fsdpqdiag.config import LinearConfig, torch_dtype
+from fsdpqdiag.probes.raised import RaisedStage
 
 
 def fsdp_api():
@@ -98,30 +98,6 @@ def capture_forward_weight(module: torch.nn.Module) -> tuple[ForwardWeight, Any]
     return captured, module.register_forward_pre_hook(hook)
 
 
-def _frame_text(frame: traceback.FrameSummary) -> str:
-    path = frame.filename.replace("\\", "/")
-    for marker in ("site-packages/", "dist-packages/"):
-        if marker in path:
-            path = path.split(marker, 1)[1]
-            break
-    return f"{path}:{frame.lineno} in {frame.name}"
-
-
-def raised(exc: BaseException) -> dict[str, Any]:
-    """A stage that raised: the exception's first line, the innermost frame it came from,
-    and the innermost FSDP2 frame on the way (the line of FSDP2 that made the failing call,
-    which the innermost frame, often in ``torch/nn/parameter.py``, does not name)."""
-    frames = traceback.extract_tb(exc.__traceback__)
-    fsdp_frames = [f for f in frames if "torch/distributed/fsdp/" in f.filename.replace("\\", "/")]
-    message = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-    return {
-        "status": "raised",
-        "error": f"{type(exc).__name__}: {message}",
-        "where": _frame_text(frames[-1]) if frames else None,
-        "fsdp_frame": _frame_text(fsdp_frames[-1]) if fsdp_frames else None,
-    }
-
-
 class _PlainCarrier(torch.nn.Module):
     """A frozen parameter and nothing else: FSDP2's unshard with no bitsandbytes in the path."""
 
@@ -177,7 +153,7 @@ def unshard_integer_params(cfg: LinearConfig, ctx, evidence: dict[str, Any], che
     try:
         shard(module, ctx, cfg)
     except Exception as exc:  # noqa: BLE001 - the stack's refusal is the finding
-        evidence["fully_shard"] = raised(exc)
+        evidence["fully_shard"] = RaisedStage.of(exc, "fully_shard").to_dict()
         return evidence
     evidence["fully_shard"] = {"status": "completed"}
     evidence["sharded_dtypes"] = {n: str(getattr(module, n).dtype) for n in INTEGER_PARAMS}
@@ -214,7 +190,7 @@ def plain_integer_control(cfg: LinearConfig, ctx, probe_evidence: dict[str, Any]
     measured = unshard_integer_params(cfg, ctx, {}, checkpoint)
     refusal = measured["fully_shard"]
     if refusal.get("status") == "raised":
-        return {"outcome": "raised", "exception": refusal["error"], "fsdp_frame": refusal.get("fsdp_frame")}
+        return {"outcome": "raised", "exception": refusal["exception"], "fsdp_frame": refusal["fsdp_frame"]}
     altered = [name for name in INTEGER_PARAMS if not measured[name].get("bytes_equal")]
     return {
         "outcome": "altered" if altered else "kept",

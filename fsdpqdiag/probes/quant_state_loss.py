@@ -136,12 +136,9 @@ def _record_used(mod, seen: ForwardObservation, fsdp_param) -> None:
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    import gc
-
-    import torch
 
     from fsdpqdiag.bytes import output_delta, plain
-    from fsdpqdiag.probes.common import build_linear4bit, local_shard_of, shard
+    from fsdpqdiag.probes.common import build_linear4bit, shard
 
     cfg = LinearConfig(**config)
     linear, x = build_linear4bit(cfg, ctx.device)
@@ -192,6 +189,19 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     }
 
     ctx.checkpoint("reshard", evidence)
+    evidence["after_reshard"] = _stage_reshard(linear, fsdp_param, first)
+    ctx.checkpoint("update the shard, forward again", evidence)
+    evidence["after_update"] = _stage_update(linear, x, fsdp_param, first, original, cfg, ctx)
+    if "error" in evidence["after_update"]:
+        return evidence
+    linear.reshard()
+    return evidence
+
+
+def _stage_reshard(linear, fsdp_param, first: ForwardObservation) -> dict[str, Any]:
+    """After reshard: is the unsharded storage freed, or does the forward's weight live on?"""
+    import gc
+
     linear.reshard()
     gc.collect()
     retained = first.used_ref()
@@ -208,19 +218,26 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         not after_reshard["fsdp_unsharded_storage_bytes"] and not after_reshard["retained_storage_bytes"]
     )
     del retained, unsharded
-    evidence["after_reshard"] = after_reshard
+    return after_reshard
+
+
+def _stage_update(linear, x, fsdp_param, first: ForwardObservation, original, cfg, ctx) -> dict[str, Any]:
+    """Update the shard in place, forward again: does forward use the update or a stale copy?
+    ``{"error": ...}`` where that forward raised."""
+    import torch
+
+    from fsdpqdiag.bytes import output_delta, plain
+    from fsdpqdiag.probes.common import build_linear4bit, local_shard_of
 
     # An optimizer step writes the sharded parameter in place; reversing each rank's rows
     # is such a write that is recognizable and adds no bit pattern the weight lacked.
-    ctx.checkpoint("update the shard, forward again", evidence)
     with torch.no_grad():
         shard_rows = plain(fsdp_param.sharded_param if fsdp_param is not None else linear.weight)
         shard_rows.copy_(shard_rows.flip(0))
     updated = torch.cat([local_shard_of(original, r, ctx.world_size).flip(0) for r in range(ctx.world_size)])
     second = observe_forward(linear, x, fsdp_param)
     if second.error:
-        evidence["after_update"] = {"error": second.error}
-        return evidence
+        return {"error": second.error}
     used_differs = differing_elements(second.handed_bytes, second.used_bytes)
     updated_elements = differing_elements(original, updated)
     # A copy taken before the update matches what FSDP2 hands in until the shard changes:
@@ -240,9 +257,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     reference_delta = output_delta(reference(x).detach(), second.output)
     after_update["output_bit_equal_to_reference"] = reference_delta["output_bit_equal"]
     after_update["max_abs_delta_to_reference"] = reference_delta["max_abs_delta"]
-    evidence["after_update"] = after_update
-    linear.reshard()
-    return evidence
+    return after_update
 
 
 def _problems(evidence: dict) -> tuple[list[str], list[str]]:

@@ -17,6 +17,7 @@ from typing import Any
 
 from fsdpqdiag.launch import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
+from fsdpqdiag.probes.raised import RaisedStage
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
 # (quant_storage, param_dtype): float and uint8 storage under bf16 mixed precision, then
@@ -53,14 +54,6 @@ def combinations(config: dict[str, Any]) -> list[tuple[str, str | None]]:
 
 def _dtype_name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
-
-
-def _failure(stage: str, exc: BaseException) -> dict[str, Any]:
-    """The exception as evidence: type, first line, and the frame that raised it."""
-    from fsdpqdiag.probes.common import raised
-
-    failure = raised(exc)
-    return {"stage": stage, "exception": failure["error"], "raised_in": failure["where"]}
 
 
 def compare_storage(original, observed) -> dict[str, Any]:
@@ -145,7 +138,7 @@ def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evid
         row["completed_stages"].append(STAGES[2])
         row["output"] = output_delta(baseline, after)
     except Exception as exc:  # noqa: BLE001 - the stack's refusal is this row's finding
-        row["failure"] = _failure(STAGES[len(row["completed_stages"])], exc)
+        row["failure"] = RaisedStage.of(exc, STAGES[len(row["completed_stages"])]).to_dict()
     # Taken even when forward raised: the pre-hook ran first, so this is what it refused.
     if captured is not None and captured.tensor is not None:
         row["forward_weight"] = compare_storage(original, captured.tensor)

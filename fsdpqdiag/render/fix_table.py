@@ -10,7 +10,8 @@ from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
 from fsdpqdiag.report import Report
 
-FIX_STYLE = {**VERDICT_STYLE, "VERIFIED": "bold green", "NOT VERIFIED": "bold red"}
+# VERDICT_STYLE (fsdpqdiag.verdict.STYLE) styles VERIFIED / NOT VERIFIED too.
+FIX_STYLE = VERDICT_STYLE
 
 
 # At 80 columns a row keeps which workaround on which target, its verdict and where it first

@@ -9,17 +9,9 @@ from fsdpqdiag.presentation import Alarm, detail, sections
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
+from fsdpqdiag.verdict import STYLE
 
-VERDICT_STYLE = {
-    "REPRODUCED": "bold red",
-    "CRASHED": "bold magenta",
-    "INCONCLUSIVE": "bold yellow",
-    "NOT REPRODUCED": "bold green",
-    "ERROR": "bold yellow",
-    "TIMEOUT": "bold yellow",
-    "SKIPPED": "dim",
-    "UNSUPPORTED": "bold cyan",
-}
+VERDICT_STYLE = STYLE
 
 
 def _cell(value) -> str:

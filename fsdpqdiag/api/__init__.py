@@ -1,0 +1,52 @@
+"""The library behind the CLI: every command is a function returning a ``Report``.
+
+Input a user can get wrong is checked first (``BadInput``, in ``checks``), before any rank
+starts or any file is written; what the stack under test does becomes a ``ProbeResult``
+(``running``). The commands live in ``commands`` and ``sweep`` (the matrix); import them
+from here, ``fsdpqdiag.api``, the one surface the CLI and the tests use.
+"""
+
+from __future__ import annotations
+
+from fsdpqdiag.api.checks import (
+    BadInput,
+    _runs,
+    check_inject,
+    check_probes,
+    check_world_size,
+    default_world_size,
+    merged,
+    require_stack,
+    resolve_backend,
+    resolve_device,
+    visible_gpus,
+)
+from fsdpqdiag.api.commands import doctor, fix, forensics, localize, reproduce
+from fsdpqdiag.api.running import preflight, preflight_ok, run_checked, run_probe, run_probes, unsupported
+from fsdpqdiag.api.sweep import matrix
+
+__all__ = [
+    "BadInput",
+    "_runs",
+    "check_inject",
+    "check_probes",
+    "check_world_size",
+    "default_world_size",
+    "doctor",
+    "fix",
+    "forensics",
+    "localize",
+    "matrix",
+    "merged",
+    "preflight",
+    "preflight_ok",
+    "reproduce",
+    "require_stack",
+    "resolve_backend",
+    "resolve_device",
+    "run_checked",
+    "run_probe",
+    "run_probes",
+    "unsupported",
+    "visible_gpus",
+]

@@ -1,0 +1,160 @@
+"""Input a user can get wrong, checked before any rank starts or any file is written:
+each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it)."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import math
+from collections.abc import Sequence
+
+from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RunConfig
+
+
+class BadInput(ValueError):
+    """A mistake in what the user asked for: one line, exit 2, nothing run or written."""
+
+
+def require_stack() -> None:
+    """torch with distributed support and an importable bitsandbytes, or a one-line error."""
+    if importlib.util.find_spec("torch") is None:
+        raise BadInput("torch is not installed")
+    import torch.distributed
+
+    if not torch.distributed.is_available():
+        raise BadInput("this torch build has no distributed support (torch.distributed)")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        raise BadInput("bitsandbytes is not installed: pip install bitsandbytes")
+    try:
+        import bitsandbytes  # noqa: F401
+        from bitsandbytes import cextension
+    except Exception as exc:  # noqa: BLE001
+        raise BadInput(f"bitsandbytes does not import: {type(exc).__name__}: {exc}") from exc
+    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    if mock is not None and isinstance(getattr(cextension, "lib", None), mock):
+        # bitsandbytes imports without its native library and fails only at the first kernel
+        # call; a diagnosis on such a stack would blame FSDP2 for a broken install.
+        first_line = (getattr(cextension.lib, "error_msg", "") or "").strip().splitlines()
+        detail = first_line[0] if first_line else "no native library could be loaded"
+        raise BadInput(f"bitsandbytes has no usable native library: {detail}")
+    from fsdpqdiag import bnb_cpu_path
+
+    try:
+        bnb_cpu_path.override()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def visible_gpus() -> int:
+    import torch
+
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
+
+
+def resolve_device(requested: str) -> str:
+    if requested not in DEVICES:
+        raise BadInput(f"unknown device {requested!r} (known: {', '.join(DEVICES)})")
+    gpus = visible_gpus()
+    if requested == "auto":
+        return "cuda" if gpus else "cpu"
+    if requested == "cuda" and gpus == 0:
+        raise BadInput("--device cuda, but no CUDA GPU is visible")
+    return requested
+
+
+def default_world_size(device: str) -> int:
+    """2 where the devices allow, since FSDP2 shards for real only above world size 1."""
+    if device == "cuda":
+        return 2 if visible_gpus() >= 2 else 1
+    return 2
+
+
+def resolve_backend(requested: str, device: str) -> str:
+    if requested not in BACKENDS:
+        raise BadInput(f"unknown backend {requested!r} (known: {', '.join(BACKENDS)})")
+    if requested == "auto":
+        return "nccl" if device == "cuda" else "gloo"
+    if requested == "nccl" and device != "cuda":
+        raise BadInput("--backend nccl needs --device cuda")
+    return requested
+
+
+def check_world_size(world_size: int, device: str, backend: str | None = None) -> None:
+    if world_size < 1:
+        raise BadInput(f"--ws must be >= 1, got {world_size}")
+    backend = backend or ("nccl" if device == "cuda" else "gloo")
+    if device == "cuda" and backend == "nccl" and world_size > visible_gpus():
+        raise BadInput(
+            f"--ws {world_size} needs {world_size} GPUs with NCCL, but {visible_gpus()} are visible "
+            "(--backend gloo lets ranks share GPUs)"
+        )
+
+
+def check_inject(inject: str | None) -> None:
+    from fsdpqdiag import faults
+
+    if inject is not None and inject not in faults.FAULTS:
+        raise BadInput(f"unknown fault {inject!r} for --inject (known: {', '.join(faults.FAULTS)})")
+
+
+def check_probes(names: Sequence[str]) -> list[str]:
+    from fsdpqdiag.probes import PROBES
+
+    unknown = [n for n in names if n not in PROBES]
+    if unknown:
+        raise BadInput(f"unknown probe {unknown[0]!r} (known: {', '.join(PROBES)})")
+    return merged(names) or list(PROBES)
+
+
+def merged(values: Sequence) -> list:
+    """A repeatable option's values with repeats merged, in first-seen order: asking twice
+    for the same probe or world size asks for it once, not for the same work twice."""
+    return list(dict.fromkeys(values))
+
+
+def _runs(
+    world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
+) -> list[RunConfig]:
+    """Validated run configurations, one per world size, or BadInput."""
+    from fsdpqdiag.launch import check_job_environment
+
+    try:
+        check_job_environment()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    check_inject(inject)
+    resolved = resolve_device(device)
+    resolved_backend = resolve_backend(backend, resolved)
+    sizes = merged(world_sizes) or [default_world_size(resolved)]
+    for world_size in sizes:
+        check_world_size(world_size, resolved, resolved_backend)
+    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
+    return [
+        RunConfig(
+            world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend
+        )
+        for ws in sizes
+    ]
+
+
+def _linear(linear: LinearConfig | None) -> LinearConfig:
+    linear = linear or LinearConfig()
+    try:
+        linear.validate()
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+    return linear
+
+
+def _check_storage_pairs(linear: LinearConfig) -> None:
+    """storage-dtype-mismatch packs the layer in every storage dtype of its pairs, not only
+    in --quant-storage: a geometry one of them cannot hold is refused here, not per rank."""
+    from fsdpqdiag.config import packing_problem
+    from fsdpqdiag.probes.storage_dtype_mismatch import combinations
+
+    for storage, _ in combinations(dataclasses.asdict(linear)):
+        problem = packing_problem(linear.in_features, linear.out_features, storage)
+        if problem:
+            raise BadInput(f"{problem} (the storage-dtype-mismatch probe also packs it as {storage})")

@@ -1,0 +1,225 @@
+"""The commands that run probes on one layer or model: reproduce, localize, fix,
+forensics, and doctor (the stack preflight alone)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+
+from fsdpqdiag.api.checks import (
+    BadInput,
+    _check_storage_pairs,
+    _linear,
+    _runs,
+    check_probes,
+    merged,
+    require_stack,
+)
+from fsdpqdiag.api.running import (
+    _one_checked,
+    _run_checked,
+    preflight,
+    run_checked,
+)
+from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.report import Report
+
+
+def reproduce(
+    probes: Sequence[str] = (),
+    linear: LinearConfig | None = None,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Run the selected probes (all by default) at each world size, all of one world size in
+    one launch (relaunching after a probe that kills it)."""
+    from fsdpqdiag import env
+
+    require_stack()
+    linear = _linear(linear)
+    names = check_probes(probes)
+    if "storage-dtype-mismatch" in names:
+        _check_storage_pairs(linear)
+    probe_config = dataclasses.asdict(linear)
+    results, checks = [], []
+    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+
+        def on_start(name: str, run: RunConfig = run) -> None:
+            if on_progress:
+                on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
+
+        ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
+        checks.append(checked)
+        results.extend(ran)
+    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def localize(
+    linear: LinearConfig | None = None,
+    world_sizes: Sequence[int] = (1,),
+    device: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
+    from fsdpqdiag import env
+
+    require_stack()
+    linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
+    # packed bf16 storage; a smaller layer would replay without them and prove nothing.
+    nan_patterns = 254
+    containers = (linear.in_features * linear.out_features + 1) // 2 // 2
+    if containers < nan_patterns:
+        raise BadInput(
+            f"a {linear.out_features}x{linear.in_features} layer packs into {containers} bf16 containers; "
+            f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
+        )
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    results, checks = [], []
+    for run in runs:
+        if on_progress:
+            on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
+        config = dataclasses.asdict(linear)
+        result, checked = _one_checked("localize", config, run, {"linear": config})
+        checks.append(checked)
+        results.append(result)
+    return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def fix(
+    workarounds: Sequence[str] = ("all",),
+    targets: Sequence[str] = ("linear",),
+    steps: int = 3,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Verify each workaround bit for bit next to the unfixed run, per target and world size."""
+    from fsdpqdiag import env, fixes
+    from fsdpqdiag.fixes.verify import TARGETS
+
+    require_stack()
+    names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
+    targets = merged(targets)
+    for name in names:
+        if name not in fixes.FIXES:
+            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
+    for target in targets:
+        if target not in TARGETS:
+            raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
+    if steps < 1:
+        raise BadInput(f"--steps must be >= 1, got {steps}")
+    from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
+
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    for target in targets:
+        if target in PRESETS:
+            try:
+                preset_dir(target)  # built once here, not raced by the ranks
+            except ModelSourceError as exc:
+                raise BadInput(str(exc)) from exc
+    # The FSDP units the preflight reads: the first preset target's model, else the layer.
+    model_targets = [t for t in targets if t in PRESETS]
+    subject = (
+        {"model": {"model": str(preset_dir(model_targets[0])), "label": model_targets[0], "lora": True}}
+        if model_targets
+        else {"linear": dataclasses.asdict(LinearConfig())}
+    )
+    results, checks = [], []
+    for run in runs:
+        checked = preflight(run, subject, on_progress)
+        checks.append(checked)
+        for target in targets:
+            for name in ["none", *names]:
+                if on_progress:
+                    on_progress(f"{name} on {target} at world size {run.world_size}")
+                config = {"workaround": name, "target": target, "steps": steps}
+                results.append(_run_checked("fix-verify", config, run, checked))
+    return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def forensics(
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    bits: int = 4,
+    quant_type: str = "nf4",
+    double_quant: bool = True,
+    quant_storage: str = "bfloat16",
+    lora: bool = False,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 900.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+) -> Report:
+    """Per-module byte forensics of a real quantized causal LM under FSDP2."""
+    from fsdpqdiag import env
+    from fsdpqdiag.config import QUANT_TYPES
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    if bits not in (4, 8):
+        raise BadInput(f"--bits must be 4 or 8, got {bits}")
+    if quant_type not in QUANT_TYPES:
+        raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    config = {
+        "model": str(path),
+        "bits": bits,
+        "quant_type": quant_type,
+        "double_quant": double_quant,
+        "quant_storage": quant_storage,
+        "lora": lora,
+    }
+    subject = {"model": {**config, "label": model or preset}}
+    results, checks = [], []
+    for run in runs:
+        if on_progress:
+            on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
+        result, checked = _one_checked("forensics", config, run, subject)
+        checks.append(checked)
+        result.config["model"] = model or preset
+        results.append(result)
+    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def doctor(
+    world_size: int | None = None,
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    on_progress: Callable[[str], None] | None = None,
+) -> dict:
+    """The stack preflight alone, on one device, backend and world size, for the model under
+    test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
+    from fsdpqdiag.models import ModelSourceError, resolve_model
+
+    require_stack()
+    (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    return preflight(run, {"model": {"model": str(path), "label": model or preset}}, on_progress)

@@ -1,0 +1,213 @@
+"""Running probes and deciding their verdicts: one launch per world size led by the stack
+preflight, a fresh launch after a probe that kills it, and each verdict's attribution."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from fsdpqdiag import attribution
+from fsdpqdiag.config import RankTask, RunConfig
+from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, ProbeResult
+
+
+def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
+    """Launch one probe on ``run.world_size`` ranks and decide its verdict."""
+    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.probes import get_probe
+
+    unmet = get_probe(name).needs.unmet(run)
+    if unmet is not None:
+        return _skipped(name, probe_config, run, unmet)
+    started = time.monotonic()
+    outcomes = run_task(RankTask(probe=name, probe_config=probe_config, run=run))
+    return _decide(name, probe_config, run, outcomes, time.monotonic() - started)
+
+
+def run_probes(
+    names: Sequence[str],
+    probe_config: dict,
+    run: RunConfig,
+    on_start: Callable[[str], None] | None = None,
+) -> list[ProbeResult]:
+    """Several probes in as few launches as their failures allow (see ``probes.batch``):
+    one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
+    launch from the probe after it."""
+    return run_checked(names, probe_config, run, None, on_start)[0]
+
+
+def run_checked(
+    names: Sequence[str],
+    probe_config: dict,
+    run: RunConfig,
+    subject: dict | None,
+    on_start: Callable[[str], None] | None = None,
+) -> tuple[list[ProbeResult], dict | None]:
+    """``run_probes`` led by the stack preflight of ``subject`` (unless None) in the same
+    launch, and the preflight: a launch costs seconds of imports, the preflight's own work
+    a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
+    that shared the preflight's launch already ran, one after it is not run."""
+    from fsdpqdiag import preflight as stack
+    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.probes import batch, get_probe
+
+    results: dict[str, ProbeResult] = {}
+    for name in names:
+        unmet = get_probe(name).needs.unmet(run)
+        if unmet is not None:
+            results[name] = _skipped(name, probe_config, run, unmet)
+    pending = [n for n in names if n not in results]
+    checked: dict | None = None
+    while pending or (subject is not None and checked is None):
+        leading = [stack.NAME] if subject is not None and checked is None else []
+        config = {"probes": leading + pending, "probe_config": probe_config, "configs": {stack.NAME: subject}}
+        started = time.monotonic()
+        watch = batch.watch_progress(on_start) if on_start else None
+        outcomes = run_task(RankTask(probe=batch.NAME, probe_config=config, run=run), watch=watch)
+        split_up, _ = batch.split(leading + pending, outcomes, time.monotonic() - started)
+        for part in split_up:
+            if part.probe == stack.NAME:
+                # Where the launch died inside it, the preflight relaunches for the rest.
+                checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+            else:
+                results[part.probe] = _decide(
+                    part.probe, probe_config, run, part.outcomes, part.duration_s, checked
+                )
+        ran = {part.probe for part in split_up}
+        pending = [n for n in pending if n not in ran]
+        if checked is not None:
+            for name in [n for n in pending if unsupported(n, probe_config, run, checked)]:
+                pending.remove(name)
+                results[name] = unsupported(name, probe_config, run, checked)
+    if checked is not None:
+        for name, result in list(results.items()):
+            refused = result.verdict != UNSUPPORTED and unsupported(name, probe_config, run, checked)
+            if refused:
+                # It ran beside the preflight: its own verdict is kept as evidence, not as the verdict.
+                refused.evidence["measured"] = {"verdict": result.verdict, "summary": result.summary}
+                refused.ranks, refused.duration_s = result.ranks, result.duration_s
+                results[name] = refused
+    return [results[name] for name in names], checked
+
+
+def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
+    """The stack preflight of one run (see ``fsdpqdiag.preflight``): what each report carries."""
+    from fsdpqdiag import preflight as stack
+
+    if on_progress:
+        on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
+    return stack.run_preflight(run, subject)
+
+
+def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult | None:
+    """UNSUPPORTED for a probe whose preconditions failed in the preflight ``checked``, or None.
+
+    Such a probe is not run: on a stack that fails with ordinary tensors it could only
+    report the stack's failure as the bug's.
+    """
+    from fsdpqdiag import preflight as stack
+    from fsdpqdiag.probes import get_probe
+
+    probe = get_probe(name)
+    if probe.needs.unmet(run) is not None:
+        return None  # SKIPPED says more: the probe cannot run here at all
+    decided = stack.unsupported_verdict(name, probe.preconditions, checked, run)
+    if decided is None:
+        return None
+    _attribute(name, decided, run)
+    return ProbeResult(
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        reason=decided.summary,
+        **_common(name, probe_config, run),
+    )
+
+
+def _run_checked(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult:
+    return unsupported(name, probe_config, run, checked) or run_probe(name, probe_config, run)
+
+
+def _one_checked(name: str, probe_config: dict, run: RunConfig, subject: dict) -> tuple[ProbeResult, dict]:
+    """One probe, led by the preflight in its launch."""
+    (result,), checked = run_checked([name], probe_config, run, subject)
+    return result, checked
+
+
+def _common(name: str, probe_config: dict, run: RunConfig) -> dict:
+    return dict(
+        probe=name,
+        world_size=run.world_size,
+        device=run.device,
+        backend=run.backend,
+        config=probe_config,
+        injected=run.inject,
+    )
+
+
+def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> ProbeResult:
+    return ProbeResult(verdict=SKIPPED, summary=reason, reason=reason, **_common(name, probe_config, run))
+
+
+def _attribute(name: str, decided, run: RunConfig, signal: str | None = None) -> None:
+    """Put the attribution record into a verdict that names a culprit (see ``attribution``)."""
+    from fsdpqdiag.probes import get_probe
+
+    if decided.verdict not in attribution.ATTRIBUTED_VERDICTS:
+        return
+    probe = get_probe(name)
+    given = decided.evidence.get("attribution")
+    if given:  # a verdict decided by a control outside the probe (the stack preflight)
+        component, decided_by = given["component"], given.get("decided_by") or []
+    elif probe.attribute:
+        component, decided_by = probe.attribute(decided.evidence)
+    else:
+        component, decided_by = (
+            attribution.UNDETERMINED,
+            ["this task runs no control that separates the suspects"],
+        )
+    decided.evidence["attribution"] = attribution.record(
+        component,
+        decided_by,
+        probe=name,
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        backend=run.backend,
+        device=run.device,
+        signal=signal,
+        injected=run.inject,
+    )
+
+
+def _decide(
+    name: str,
+    probe_config: dict,
+    run: RunConfig,
+    outcomes: list,
+    duration_s: float,
+    checked: dict | None = None,
+) -> ProbeResult:
+    """The verdict of a probe's ranks; ``checked``, the preflight of the same launch, tells
+    the attribution which of the probe's preconditions held on ordinary tensors."""
+    from fsdpqdiag.probes import get_probe
+
+    probe = get_probe(name)
+    decided = probe.verdict(outcomes)
+    if checked is not None:
+        held = {c["name"] for c in checked.get("capabilities", []) if c["ok"]}
+        decided.evidence["preflight_held"] = [name for name in probe.preconditions if name in held]
+    _attribute(name, decided, run, signal=next((o.signal for o in outcomes if o.signal), None))
+    return ProbeResult(
+        verdict=decided.verdict,
+        summary=decided.summary,
+        evidence=decided.evidence,
+        ranks=[o.to_dict() for o in outcomes],
+        reason=decided.summary if decided.verdict not in (REPRODUCED, NOT_REPRODUCED) else None,
+        duration_s=round(duration_s, 3),
+        **_common(name, probe_config, run),
+    )
+
+
+def preflight_ok(checked: dict) -> bool:
+    return all(capability["ok"] for capability in checked.get("capabilities", []))

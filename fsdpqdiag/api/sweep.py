@@ -1,0 +1,298 @@
+"""``matrix``: the configuration-invariance sweep, its on-disk record and ``--resume``."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fsdpqdiag.api.checks import (
+    BadInput,
+    _runs,
+    merged,
+    require_stack,
+)
+from fsdpqdiag.api.running import (
+    _attribute,
+    preflight,
+    unsupported,
+)
+from fsdpqdiag.report import ProbeResult, Report
+
+
+def matrix(
+    cells: Sequence[str] = (),
+    grid: Sequence[str] = (),
+    model: str | None = None,
+    preset: str | None = None,
+    lora: bool | None = None,
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    timeout_s: float = 600.0,
+    inject: str | None = None,
+    backend: str = "auto",
+    isolate_cells: bool = False,
+    out_dir: str | None = None,
+    resume: str | None = None,
+    argv: Sequence[str] = (),
+    on_progress: Callable[[str], None] | None = None,
+    on_cell: Callable[[str, dict], None] | None = None,
+) -> Report:
+    """The configuration-invariance matrix at each world size, with the invariance analysis.
+
+    ``preset`` (tiny-llama) and ``lora`` (True) are None when not given, so that ``resume``
+    can tell an option the user asked for from a default: a resumed sweep runs exactly the
+    plan in its record's header, and an option that contradicts it is refused."""
+    from pathlib import Path
+
+    from fsdpqdiag import env
+    from fsdpqdiag.models import DEFAULT_PRESET, ModelSourceError, resolve_model
+
+    require_stack()
+    recovered = None
+    if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
+        raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
+    if resume is not None:
+        recovered = _recover_sweep(Path(resume))
+        plan = recovered.plan
+        _refuse_conflicts(
+            plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
+        )
+        selected = plan.cell_list()
+        world_sizes, device, backend, inject = plan.world_sizes, plan.device, plan.backend, plan.inject
+        model, preset, lora = plan.model, plan.preset, plan.lora
+    else:
+        selected = _selected_cells(cells, grid)
+        preset = preset or DEFAULT_PRESET
+        lora = True if lora is None else lora
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    directory = resume or out_dir
+    writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
+    if out_dir is not None and resume is None and writes_record:
+        _check_new_sweep_dir(Path(out_dir))
+    try:
+        model_path = resolve_model(model, preset)  # builds the preset once, before any rank
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    # Every check passed: only now is anything written.
+    if writes_record:
+        _write_record(directory, recovered, selected, runs, model, preset, lora, inject)
+    sweep = _Sweep(
+        selected,
+        base_config={"model": str(model_path), "lora": lora, "out_dir": directory},
+        label=model or preset,
+        lora=lora,
+        isolate_cells=isolate_cells,
+        done=recovered.done if recovered is not None else {},
+        on_progress=on_progress,
+        on_cell=on_cell,
+    )
+    for run in runs:
+        sweep.run(run)
+    analysis = sweep.analysis()
+    if recovered is not None:
+        analysis["resume"] = recovered.summary()
+    return Report(
+        command="matrix",
+        argv=list(argv),
+        env=env.capture(),
+        results=sweep.results,
+        analysis=analysis,
+        preflight=sweep.checks,
+    )
+
+
+def _selected_cells(cells: Sequence[str], grid: Sequence[str]) -> list:
+    from fsdpqdiag import matrix as mx
+
+    try:
+        return mx.select_cells(cells, grid)
+    except ValueError as exc:
+        raise BadInput(str(exc)) from exc
+
+
+def _write_record(directory: str, recovered, selected, runs, model, preset, lora, inject) -> None:
+    """Repair the record of a resumed sweep, or start the record of a new one."""
+    from pathlib import Path
+
+    from fsdpqdiag import matrix as mx
+
+    path = Path(directory)
+    if recovered is not None:
+        mx.repair(path, recovered)
+        return
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise BadInput(f"cannot create --out directory {directory}: {exc.strerror}") from exc
+    plan = mx.SweepPlan(
+        cells=[dataclasses.asdict(c) for c in selected],
+        world_sizes=[run.world_size for run in runs],
+        device=runs[0].device,
+        backend=runs[0].backend,
+        model=str(Path(model).resolve()) if model else None,
+        preset=preset,
+        lora=lora,
+        inject=inject,
+    )
+    mx.start_record(path, plan)
+
+
+@dataclasses.dataclass
+class _Sweep:
+    """The selected cells at each world size: the preflight, then the cells (none where the
+    preflight leaves the stack unable to separate the bug from itself), one result each."""
+
+    selected: list
+    base_config: dict[str, Any]
+    label: str | None
+    lora: bool
+    isolate_cells: bool
+    done: dict
+    on_progress: Callable[[str], None] | None
+    on_cell: Callable[[str, dict], None] | None
+    rows_by_ws: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)
+    results: list[ProbeResult] = dataclasses.field(default_factory=list)
+    checks: list[dict] = dataclasses.field(default_factory=list)
+
+    def run(self, run) -> None:
+        from fsdpqdiag import matrix as mx
+        from fsdpqdiag.launch import run_task
+
+        subject = {"model": {"model": self.base_config["model"], "label": self.label, "lora": self.lora}}
+        checked = preflight(run, subject, self.on_progress)
+        self.checks.append(checked)
+        if self.on_progress:
+            self.on_progress(
+                f"{len(self.selected)} cells at world size {run.world_size} on {run.device}/{run.backend}"
+            )
+        refused = unsupported("matrix", {}, run, checked)
+        if refused is not None:
+            # No cell can separate the bug from the stack here: none is run.
+            rows = {cell.name: {"status": "unsupported", "error": refused.summary} for cell in self.selected}
+        else:
+            rows = mx.sweep(
+                self.selected,
+                run,
+                self.base_config,
+                run_task,
+                isolate=self.isolate_cells,
+                done=self.done,
+                on_cell=self.on_cell,
+            )
+        self.rows_by_ws[run.world_size] = rows
+        for cell in self.selected:
+            row = rows[cell.name]
+            result = ProbeResult(
+                probe="matrix",
+                verdict=mx.cell_verdict(row),
+                world_size=run.world_size,
+                device=run.device,
+                backend=run.backend,
+                config={"cell": dataclasses.asdict(cell), "lora": self.lora, "model": self.label},
+                injected=run.inject,
+                summary=row.get("error") or cell.describe() or "defaults",
+                evidence=({**row, **refused.evidence} if refused is not None else row),
+            )
+            _attribute("matrix", result, run, signal=row.get("signal"))
+            self.results.append(result)
+
+    def analysis(self) -> dict[str, Any]:
+        """Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
+        verdict (does the bug show?), which a different baseline model does not move."""
+        from fsdpqdiag import matrix as mx
+
+        analysis: dict[str, Any] = {
+            str(ws): {
+                "exact": mx.invariance(mx.table_rows(self.selected, rows)),
+                "verdict": mx.invariance(mx.table_rows(self.selected, rows, by_verdict=True)),
+            }
+            for ws, rows in self.rows_by_ws.items()
+        }
+        analysis["isolate_cells"] = self.isolate_cells
+        return analysis
+
+
+def _recover_sweep(directory) -> Any:
+    from fsdpqdiag import matrix as mx
+
+    record = directory / mx.RECORD_NAME
+    if not record.is_file():
+        raise BadInput(f"--resume {directory}: no {mx.RECORD_NAME} there to resume from")
+    if not os.access(directory, os.W_OK) or not os.access(record, os.W_OK):
+        raise BadInput(f"--resume {directory}: {mx.RECORD_NAME} or its directory is not writable")
+    try:
+        return mx.recover(directory)
+    except mx.SweepRecordError as exc:
+        raise BadInput(f"--resume {directory}: {record} cannot be resumed: {exc}") from exc
+    except OSError as exc:
+        raise BadInput(f"--resume {directory}: cannot read {record}: {exc.strerror}") from exc
+
+
+def _refuse_conflicts(
+    plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
+) -> None:
+    """BadInput when an option given with --resume contradicts the recorded plan: resuming a
+    LoRA sweep with --no-lora used to reuse the LoRA rows and label them lora: false."""
+    from pathlib import Path
+
+    from fsdpqdiag import matrix as mx
+
+    asked: list[tuple[str, Any, Any]] = []  # (option, recorded, requested)
+    if cells or grid:
+        try:
+            requested = [dataclasses.asdict(c) for c in mx.select_cells(cells, grid)]
+        except ValueError as exc:
+            raise BadInput(str(exc)) from exc
+        if requested != plan.cells:
+            asked.append(("--cells/--grid", [c["name"] for c in plan.cells], [c["name"] for c in requested]))
+    if world_sizes:
+        asked.append(("--ws", plan.world_sizes, merged(world_sizes)))
+    if device != "auto":
+        asked.append(("--device", plan.device, device))
+    if backend != "auto":
+        asked.append(("--backend", plan.backend, backend))
+    if model is not None:
+        asked.append(("--model", plan.model, str(Path(model).resolve())))
+    if preset is not None:
+        asked.append(("--preset", plan.preset, preset))
+    if lora is not None:
+        asked.append(("--lora/--no-lora", plan.lora, lora))
+    if inject is not None:
+        asked.append(("--inject", plan.inject, inject))
+
+    def shown(option: str, value: Any) -> str:
+        if isinstance(value, bool):
+            return "--lora" if value else "--no-lora"
+        if value is None:
+            return f"no {option}"
+        if isinstance(value, list):
+            return f"{option} {' '.join(str(v) for v in value)}"
+        return f"{option} {value}"
+
+    for option, recorded, requested in asked:
+        if requested != recorded:
+            raise BadInput(
+                f"--resume {resume}: the sweep was recorded with {shown(option, recorded)}, this "
+                f"command asks for {shown(option, requested)}; leave {option} out to continue it"
+            )
+
+
+def _check_new_sweep_dir(path) -> None:
+    """A new sweep's --out must not hold another sweep (its records would mix with this
+    one's) and must be creatable; nothing is created here."""
+    from fsdpqdiag import matrix as mx
+
+    if (path / mx.RECORD_NAME).exists():
+        raise BadInput(
+            f"--out {path} already holds a sweep ({mx.RECORD_NAME}): --resume {path} continues it, "
+            "or choose another directory"
+        )
+    if path.exists() and not path.is_dir():
+        raise BadInput(f"--out {path} is not a directory")
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise BadInput(f"cannot create --out directory {path}: {existing} is not writable")
