@@ -26,7 +26,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
