@@ -374,7 +374,7 @@ def _launch_once(
             with open(logs[rank], "wb") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "fsdpqdiag.rank", str(task_path)],
+                        [sys.executable, "-m", "fsdpqdiag.rank_main", str(task_path)],
                         env=_child_env(rank, world_size, port, results[rank]),
                         stdin=subprocess.DEVNULL,
                         stdout=log,

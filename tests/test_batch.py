@@ -1,7 +1,7 @@
 """How one batch launch's outcomes are split among its probes (pure: no ranks started)."""
 
-from fsdpqdiag.launch import RankOutcome
-from fsdpqdiag.probes.batch import split
+from fsdpqdiag.batch import split
+from fsdpqdiag.outcome import RankOutcome
 
 
 def _done(*names):
