@@ -39,3 +39,74 @@ def test_a_rank_that_never_reached_the_casualty_has_no_evidence_of_it():
     assert casualty == "a" and len(parts) == 1
     assert [o.status for o in parts[0].outcomes] == ["timeout", "error"]
     assert parts[0].outcomes[1].evidence == {} and parts[0].outcomes[1].error == "RuntimeError: boom"
+
+
+def _items(*keys):
+    from fsdpqdiag.batch import Item
+
+    return [Item(key, "task", {}) for key in keys]
+
+
+def _fake_launches(script):
+    """An ``execute`` that ends each launch as ``script`` says: the keys every rank
+    finishes, then (optionally) the key rank 1 dies in."""
+    launched: list[list[str]] = []
+
+    def execute(task):
+        keys = [item["key"] for item in task.extra["batch"]]
+        launched.append(keys)
+        finishes, dies_in = script[len(launched) - 1]
+        done = _done(*[k for k in keys if k in finishes])
+        if dies_in is None:
+            return [RankOutcome(r, "ok", {"finished": done}) for r in range(2)]
+        running = {"probe": dies_in, "stage": "s", "evidence": {}}
+        return [
+            RankOutcome(0, "aborted", {"finished": done, "running": running}),
+            RankOutcome(1, "crashed", {"finished": done, "running": running}, signal="SIGSEGV"),
+        ]
+
+    return execute, launched
+
+
+def test_a_casualty_is_charged_and_the_next_launch_starts_after_it():
+    from fsdpqdiag.batch import run_resilient
+    from fsdpqdiag.config import RunConfig
+
+    execute, launched = _fake_launches([({"a"}, "b"), ({"c", "d"}, None)])
+    settled = []
+    run_resilient(
+        _items("a", "b", "c", "d"),
+        RunConfig(world_size=2, device="cpu"),
+        execute,
+        lambda parts: settled.extend(parts) or [],
+    )
+    assert launched == [["a", "b", "c", "d"], ["c", "d"]]
+    assert [p.probe for p in settled] == ["a", "b", "c", "d"]
+    assert [o.status for o in settled[1].outcomes] == ["aborted", "crashed"]
+
+
+def test_settle_drops_items_that_need_not_run_and_isolate_launches_one_each():
+    from fsdpqdiag.batch import run_resilient
+    from fsdpqdiag.config import RunConfig
+
+    execute, launched = _fake_launches([({"a"}, None), ({"c"}, None)])
+    run_resilient(
+        _items("a", "b", "c"),
+        RunConfig(world_size=2, device="cpu"),
+        execute,
+        lambda parts: ["b"],
+        isolate=True,
+    )
+    assert launched == [["a"], ["c"]]
+
+
+def test_rank_0_alone_decides_where_its_row_is_the_record():
+    outcomes = [
+        RankOutcome(0, "aborted", {"finished": _done("a"), "running": {"probe": "b", "stage": "x"}}),
+        RankOutcome(
+            1, "crashed", {"finished": {}, "running": {"probe": "a", "stage": "y"}}, signal="SIGSEGV"
+        ),
+    ]
+    parts, casualty = split(["a", "b"], outcomes, 4.0, lead_rank_decides=True)
+    assert casualty == "b" and [p.probe for p in parts] == ["a", "b"]
+    assert parts[0].outcomes[0].status == "ok" and parts[0].outcomes[1].status == "crashed"
