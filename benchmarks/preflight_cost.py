@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 from fsdpqdiag import api, env, preflight  # noqa: E402
 from fsdpqdiag.config import LinearConfig, RunConfig  # noqa: E402
 from fsdpqdiag.models import preset_dir  # noqa: E402
-from fsdpqdiag.probes import PROBES  # noqa: E402
+from fsdpqdiag.tasks import PROBES  # noqa: E402
 
 
 def main() -> None:

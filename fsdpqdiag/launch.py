@@ -24,11 +24,11 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import NoReturn
 
 from fsdpqdiag.config import RankTask
+from fsdpqdiag.outcome import RankOutcome
 
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
@@ -39,32 +39,6 @@ PORT_RETRIES = 3
 # line; the frames kept in a result are those of the thread the signal hit, innermost first.
 FAULTHANDLER_HEADER = "Fatal Python error:"
 PYTHON_STACK_MAX_FRAMES = 30
-
-
-@dataclass
-class RankOutcome:
-    rank: int
-    status: str  # ok | error | crashed | timeout | aborted
-    evidence: dict = field(default_factory=dict)
-    stage: str | None = None  # the last stage the rank reported before it ended
-    signal: str | None = None
-    exit_code: int | None = None
-    error: str | None = None
-    log_tail: str = ""
-    # For a rank killed by a signal: the Python stack faulthandler wrote as it died, trimmed.
-    python_stack: str | None = None
-    duration_s: float = 0.0
-    # Wall-clock time at which the rank caught its exception. The launcher sees ranks end
-    # only to its 50 ms poll, in which a rank and the peer its failure broke often both end;
-    # this orders them.
-    failed_at: float | None = None
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> RankOutcome:
-        return cls(**data)
 
 
 # SIGTERM (timeout, Slurm, Kubernetes) and SIGHUP (a closed terminal) end a run the way
@@ -400,7 +374,7 @@ def _launch_once(
             with open(logs[rank], "wb") as log:
                 processes.append(
                     subprocess.Popen(
-                        [sys.executable, "-m", "fsdpqdiag.rank", str(task_path)],
+                        [sys.executable, "-m", "fsdpqdiag.rank_main", str(task_path)],
                         env=_child_env(rank, world_size, port, results[rank]),
                         stdin=subprocess.DEVNULL,
                         stdout=log,

@@ -21,13 +21,14 @@ import ast
 import contextlib
 import inspect
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
-
-from fsdpqdiag.bytes import all_nan_patterns, diff, plain
 from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.fingerprint import classify
+from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
+from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
+
+if TYPE_CHECKING:
+    import torch
 
 FSDP_MODULES = ("_fsdp_collectives", "_fsdp_param_group", "_fsdp_param", "_fsdp_common", "_fsdp_api")
 
@@ -61,6 +62,9 @@ def payload_linear(cfg: LinearConfig, device: torch.device):
 
     The patterns are spread evenly over the rows so that every rank's shard carries some.
     """
+    import torch
+
+    from fsdpqdiag.bytes import all_nan_patterns, plain
     from fsdpqdiag.probes.common import build_linear4bit
 
     linear, x = build_linear4bit(cfg, device)
@@ -74,6 +78,10 @@ def payload_linear(cfg: LinearConfig, device: torch.device):
 
 
 def _op_stage(name: str, token: str, run, modules: tuple[str, ...] | None = None) -> dict[str, Any]:
+    import torch
+
+    from fsdpqdiag.bytes import all_nan_patterns, diff
+
     payload = all_nan_patterns(torch.bfloat16, _op_stage.device)
     try:
         out = run(payload)
@@ -85,9 +93,12 @@ def _op_stage(name: str, token: str, run, modules: tuple[str, ...] | None = None
 
 
 def replay_ops(device: torch.device, world_size: int) -> list[dict[str, Any]]:
+    import torch
     import torch.distributed as dist
     import torch.distributed.fsdp._fully_shard._fsdp_collectives  # noqa: F401 registers ops
     from torch.distributed.fsdp._fully_shard._fsdp_common import _to_dtype_if_needed
+
+    from fsdpqdiag.bytes import plain
 
     _op_stage.device = device
 
@@ -167,6 +178,10 @@ class _Recorder:
         self.stages: dict[str, torch.Tensor] = {}
 
     def record(self, stage: str, tensor) -> None:
+        import torch
+
+        from fsdpqdiag.bytes import plain
+
         if stage not in self.stages and tensor is not None:
             if tensor.is_cuda:
                 torch.cuda.synchronize(tensor.device)
@@ -234,6 +249,7 @@ PIPELINE_ORDER = (
 
 
 def replay_pipeline(cfg: LinearConfig, ctx) -> tuple[list[dict[str, Any]], torch.Tensor]:
+    from fsdpqdiag.bytes import diff, plain
     from fsdpqdiag.probes.common import local_shard_of, shard
 
     linear, x = payload_linear(cfg, ctx.device)
@@ -262,6 +278,9 @@ def replay_pipeline(cfg: LinearConfig, ctx) -> tuple[list[dict[str, Any]], torch
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
+    from fsdpqdiag.bytes import all_nan_patterns
+    from fsdpqdiag.fingerprint import classify
+
     cfg = LinearConfig(**config)
     evidence: dict[str, Any] = {
         "payload": {"nan_patterns": int(all_nan_patterns().numel()), "dtype": "bfloat16"},
@@ -289,9 +308,6 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def verdict(outcomes):
-    from fsdpqdiag.probes.base import Verdict, failure_verdict
-    from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
-
     failed = failure_verdict(outcomes, keep_evidence=True)
     if failed is not None:
         return failed
@@ -317,3 +333,14 @@ def verdict(outcomes):
             f"{', '.join(op['post_bit_patterns'])}), called by FSDP2 in {sites or 'no call site found'}"
         )
     return Verdict(REPRODUCED, "; ".join(parts), evidence)
+
+
+PROBE = Probe(
+    name="localize",
+    description=(
+        "Replay FSDP2's unshard op by op on every bf16 NaN pattern; name the first op that alters bytes"
+    ),
+    run=run,
+    verdict=verdict,
+    needs=Needs(),
+)

@@ -1,7 +1,9 @@
 """What runs inside one rank: process group, injected fault, probe, result file.
 
-Started by ``fsdpqdiag.launch`` as ``python -m fsdpqdiag.rank TASK.json``, or entered
-in-process through ``run_in_job`` under torchrun. A probe reports progress with
+Started by ``fsdpqdiag.launch`` as ``python -m fsdpqdiag.rank_main TASK.json``, or entered
+in-process through ``run_in_job`` under torchrun. The task is looked up by name in
+``fsdpqdiag.registry``, which the process's entry point has filled (this module imports no
+task: the tasks' modules sit above it). A probe reports progress with
 ``ctx.checkpoint(stage, evidence)``: the file is rewritten atomically at each stage, so if
 the rank dies by a signal in a later stage the parent still holds everything measured
 before it.
@@ -12,14 +14,14 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import sys
 import time
 import traceback
 from datetime import timedelta
 from pathlib import Path
 
+from fsdpqdiag import batch, registry
 from fsdpqdiag.config import RankTask
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.report import atomic_write_text
 
 
@@ -101,11 +103,9 @@ def _init_process_group(ctx: RankContext) -> None:
 
 def execute(task: RankTask, ctx: RankContext) -> dict:
     """Run the task's probe on this rank with its fault (if any) active."""
-    from fsdpqdiag.probes import get_probe
-
-    probe = get_probe(task.probe)
-    if probe.applies_fault:
-        return probe.run(task.probe_config, ctx)
+    if batch.is_batch(task):
+        return batch.run_on_rank(task, ctx)  # each item in the fault that applies to it
+    probe = registry.get_task(task.probe)
     with ctx.fault_for(probe):
         return probe.run(task.probe_config, ctx)
 
@@ -149,19 +149,3 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
     gathered: list = [None] * ctx.world_size
     dist.all_gather_object(gathered, outcome.to_dict())
     return [RankOutcome.from_dict(item) for item in gathered]
-
-
-if __name__ == "__main__":
-    import faulthandler
-
-    # First, before torch loads: a rank killed by a signal (a native SIGSEGV inside
-    # full_tensor()) then writes its Python stack to stderr, which the launcher captures in
-    # the rank's log and carries into the CRASHED result.
-    faulthandler.enable()
-
-    from fsdpqdiag import stacklog
-    from fsdpqdiag.launch import exit_skipping_teardown
-
-    stacklog.install()
-
-    exit_skipping_teardown(main(sys.argv[1:]))

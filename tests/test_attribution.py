@@ -3,7 +3,7 @@
 import pytest
 
 from fsdpqdiag import attribution
-from fsdpqdiag.probes import PROBES
+from fsdpqdiag.tasks import PROBES
 
 
 def _record(component, *, probe="nan-canonicalization", summary="", evidence=None, **run):

@@ -24,7 +24,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from fsdpqdiag.faults import FAULTS
-from fsdpqdiag.probes import PROBES
+from fsdpqdiag.tasks import PROBES
 
 from .conftest import ROOT
 

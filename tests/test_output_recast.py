@@ -7,7 +7,7 @@ import json
 import torch
 
 from fsdpqdiag.bytes import output_delta
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes import nan_canonicalization
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED
 

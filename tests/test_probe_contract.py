@@ -17,15 +17,15 @@ import pytest
 
 from fsdpqdiag import presentation
 from fsdpqdiag.faults import FAULTS
-from fsdpqdiag.probes import PROBES, tasks
+from fsdpqdiag.registry import all_tasks
+from fsdpqdiag.tasks import PROBES
 
 from .conftest import ROOT
 
 RENDERERS = sorted((ROOT / "fsdpqdiag" / "render").glob("*.py"))
 REPORTS = sorted((ROOT / "reports").glob("*.json"))
-# Rank tasks that never become a result of their own: the batch hands each probe its
-# outcomes, the preflight's go to report.preflight.
-INTERNAL_TASKS = {"probe-batch", "preflight"}
+# A rank task that never becomes a result of its own: its outcomes go to report.preflight.
+INTERNAL_TASKS = {"preflight"}
 
 
 def _probe_names_in_reports() -> set[str]:
@@ -70,7 +70,7 @@ def test_every_result_of_a_committed_report_has_a_presentation():
 def test_every_presentation_belongs_to_a_probe():
     from fsdpqdiag.watch import RESULT_KIND as GUARD_RESULTS  # written by watch, not launched
 
-    known = set(PROBES) | set(tasks()) | {GUARD_RESULTS}
+    known = set(PROBES) | set(all_tasks()) | {GUARD_RESULTS}
     modules = sorted(path.stem for path in (ROOT / "fsdpqdiag/probes/presentation").glob("*.py"))
     orphans = [m for m in modules if m != "__init__" and m.replace("_", "-") not in known]
     assert not orphans, f"presentations of no registered probe or task: {orphans}"
@@ -100,7 +100,7 @@ def test_renderers_name_no_probe_and_no_command(path):
     # Rank tasks and commands are ordinary words too ("matrix", "fix", a report's "preflight"
     # field): a renderer may say them, but not compare a report's fields with them or map
     # them to a view.
-    for name in sorted(set(tasks()) | _command_names()):
+    for name in sorted(set(all_tasks()) | _command_names()):
         quoted = rf"""["']{re.escape(name)}["']"""
         branch = re.search(rf"(==|!=)\s*{quoted}|{quoted}\s*(==|!=|:)|\bin\s*[(\[{{][^)\]}}]*{quoted}", text)
         assert not branch, f"{path.name} branches on the name: {branch.group(0)}"

@@ -14,7 +14,7 @@ import sys
 import jsonschema
 import pytest
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes import int8_params
 from fsdpqdiag.report import Report, json_schema
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes import storage_dtype_mismatch as sdm
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, json_schema
 

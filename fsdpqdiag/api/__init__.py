@@ -8,6 +8,9 @@ from here, ``fsdpqdiag.api``, the one surface the CLI and the tests use.
 
 from __future__ import annotations
 
+# Importing fsdpqdiag.tasks registers every rank task: a task run in this process (under
+# torchrun, ``rank.run_in_job``) is looked up in the registry it fills.
+from fsdpqdiag import tasks as _every_task  # noqa: F401
 from fsdpqdiag.api.checks import (
     BadInput,
     _runs,

@@ -98,7 +98,7 @@ def check_inject(inject: str | None) -> None:
 
 
 def check_probes(names: Sequence[str]) -> list[str]:
-    from fsdpqdiag.probes import PROBES
+    from fsdpqdiag.tasks import PROBES
 
     unknown = [n for n in names if n not in PROBES]
     if unknown:

@@ -109,7 +109,7 @@ def fix(
 ) -> Report:
     """Verify each workaround bit for bit next to the unfixed run, per target and world size."""
     from fsdpqdiag import env, fixes
-    from fsdpqdiag.fixes.verify import TARGETS
+    from fsdpqdiag.fix_verify import TARGETS
 
     require_stack()
     names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)

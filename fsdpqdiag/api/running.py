@@ -14,7 +14,7 @@ from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, P
 def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
     """Launch one probe on ``run.world_size`` ranks and decide its verdict."""
     from fsdpqdiag.launch import run_task
-    from fsdpqdiag.probes import get_probe
+    from fsdpqdiag.tasks import get_probe
 
     unmet = get_probe(name).needs.unmet(run)
     if unmet is not None:
@@ -30,7 +30,7 @@ def run_probes(
     run: RunConfig,
     on_start: Callable[[str], None] | None = None,
 ) -> list[ProbeResult]:
-    """Several probes in as few launches as their failures allow (see ``probes.batch``):
+    """Several probes in as few launches as their failures allow (see ``fsdpqdiag.batch``):
     one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
     launch from the probe after it."""
     return run_checked(names, probe_config, run, None, on_start)[0]
@@ -47,9 +47,10 @@ def run_checked(
     launch, and the preflight: a launch costs seconds of imports, the preflight's own work
     a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
     that shared the preflight's launch already ran, one after it is not run."""
+    from fsdpqdiag import batch
     from fsdpqdiag import preflight as stack
     from fsdpqdiag.launch import run_task
-    from fsdpqdiag.probes import batch, get_probe
+    from fsdpqdiag.tasks import get_probe
 
     results: dict[str, ProbeResult] = {}
     for name in names:
@@ -57,15 +58,13 @@ def run_checked(
         if unmet is not None:
             results[name] = _skipped(name, probe_config, run, unmet)
     pending = [n for n in names if n not in results]
+    items = [batch.Item(stack.NAME, stack.NAME, subject)] if subject is not None else []
+    items += [batch.Item(name, name, probe_config) for name in pending]
     checked: dict | None = None
-    while pending or (subject is not None and checked is None):
-        leading = [stack.NAME] if subject is not None and checked is None else []
-        config = {"probes": leading + pending, "probe_config": probe_config, "configs": {stack.NAME: subject}}
-        started = time.monotonic()
-        watch = batch.watch_progress(on_start) if on_start else None
-        outcomes = run_task(RankTask(probe=batch.NAME, probe_config=config, run=run), watch=watch)
-        split_up, _ = batch.split(leading + pending, outcomes, time.monotonic() - started)
-        for part in split_up:
+
+    def settle(parts: list[batch.ProbeOutcomes]) -> list[str]:
+        nonlocal checked
+        for part in parts:
             if part.probe == stack.NAME:
                 # Where the launch died inside it, the preflight relaunches for the rest.
                 checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
@@ -73,12 +72,18 @@ def run_checked(
                 results[part.probe] = _decide(
                     part.probe, probe_config, run, part.outcomes, part.duration_s, checked
                 )
-        ran = {part.probe for part in split_up}
-        pending = [n for n in pending if n not in ran]
-        if checked is not None:
-            for name in [n for n in pending if unsupported(n, probe_config, run, checked)]:
-                pending.remove(name)
-                results[name] = unsupported(name, probe_config, run, checked)
+        if checked is None:
+            return []
+        # Not run: a probe whose preconditions failed in the preflight.
+        ran = {part.probe for part in parts}
+        refused = [n for n in pending if n not in ran and n not in results]
+        refused = [n for n in refused if unsupported(n, probe_config, run, checked)]
+        for name in refused:
+            results[name] = unsupported(name, probe_config, run, checked)
+        return refused
+
+    new_watch = (lambda: batch.watch_progress(on_start)) if on_start else None
+    batch.run_resilient(items, run, run_task, settle, new_watch)
     if checked is not None:
         for name, result in list(results.items()):
             refused = result.verdict != UNSUPPORTED and unsupported(name, probe_config, run, checked)
@@ -106,7 +111,7 @@ def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) ->
     report the stack's failure as the bug's.
     """
     from fsdpqdiag import preflight as stack
-    from fsdpqdiag.probes import get_probe
+    from fsdpqdiag.tasks import get_probe
 
     probe = get_probe(name)
     if probe.needs.unmet(run) is not None:
@@ -151,7 +156,7 @@ def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> Prob
 
 def _attribute(name: str, decided, run: RunConfig, signal: str | None = None) -> None:
     """Put the attribution record into a verdict that names a culprit (see ``attribution``)."""
-    from fsdpqdiag.probes import get_probe
+    from fsdpqdiag.tasks import get_probe
 
     if decided.verdict not in attribution.ATTRIBUTED_VERDICTS:
         return
@@ -190,7 +195,7 @@ def _decide(
 ) -> ProbeResult:
     """The verdict of a probe's ranks; ``checked``, the preflight of the same launch, tells
     the attribution which of the probe's preconditions held on ordinary tensors."""
-    from fsdpqdiag.probes import get_probe
+    from fsdpqdiag.tasks import get_probe
 
     probe = get_probe(name)
     decided = probe.verdict(outcomes)

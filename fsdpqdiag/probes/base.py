@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from fsdpqdiag.config import RunConfig
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.report import CRASHED, ERROR, TIMEOUT
 
 if TYPE_CHECKING:

@@ -130,13 +130,16 @@ def plain_carrier_control(original: torch.Tensor, ctx, cfg: LinearConfig) -> dic
     }
 
 
+# The frozen integer parameters ``unshard_integer_params`` puts beside the float Linear.
+INTEGER_PARAMS = ("u8", "i8")
+
+
 def unshard_integer_params(cfg: LinearConfig, ctx, evidence: dict[str, Any], checkpoint) -> dict[str, Any]:
     """Frozen uint8 and int8 ``nn.Parameter``s beside a float ``nn.Linear`` through
     ``fully_shard`` and one unshard: a refusal (the exception and FSDP2's line), or each
     one's dtype and bytes after unshard. No bitsandbytes anywhere. ``checkpoint(stage)``
     records the stage about to run."""
     from fsdpqdiag.bytes import diff
-    from fsdpqdiag.probes.non_float_params import INTEGER_PARAMS
 
     torch.manual_seed(cfg.weight_seed)
     module = torch.nn.Module()
@@ -182,7 +185,6 @@ def plain_integer_control(cfg: LinearConfig, ctx, probe_evidence: dict[str, Any]
     """``unshard_integer_params`` as a control: did FSDP2 keep plain frozen integer
     parameters (``kept``), alter them (``altered``), or refuse them (``raised``)? A rank
     that dies in it keeps ``probe_evidence`` and names the control's stage."""
-    from fsdpqdiag.probes.non_float_params import INTEGER_PARAMS
 
     def checkpoint(stage: str) -> None:
         ctx.checkpoint(f"control: plain integer parameters, {stage}", probe_evidence)

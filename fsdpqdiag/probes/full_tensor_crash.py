@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 

@@ -24,7 +24,7 @@ byte-true stack gives bit-equal outputs and gradients.
 
 from __future__ import annotations
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.int8_params_setup import STAGES
 from fsdpqdiag.probes.int8_params_stages import run

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.moe_expert_quant_setup import STORAGE_VIEWS
 from fsdpqdiag.probes.moe_expert_quant_setup import Stages as Stages  # re-exported: tests drive it

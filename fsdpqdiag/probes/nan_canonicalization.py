@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree, unfinished_rank
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 

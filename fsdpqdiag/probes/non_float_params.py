@@ -13,11 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
-
-INTEGER_PARAMS = ("u8", "i8")
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
@@ -37,6 +35,8 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
+    from fsdpqdiag.probes.common import INTEGER_PARAMS
+
     failed = failure_verdict(outcomes)
     if failed is not None:
         return failed

@@ -15,7 +15,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fsdpqdiag.launch import RankOutcome
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.raised import RaisedStage
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED

@@ -40,7 +40,7 @@ def _md_row(cells) -> str:
 
 
 def _reproduce_lines(report: Report) -> list[str]:
-    from fsdpqdiag.probes import PROBES
+    from fsdpqdiag.tasks import PROBES
 
     lines = [f"    fsdpqdiag {' '.join(report.argv) if report.argv else report.command}"]
     scripts = sorted(

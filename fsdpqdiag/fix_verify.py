@@ -1,5 +1,9 @@
 """Verify a workaround bit for bit against training without FSDP, on every rank.
 
+The ``fix`` command's rank task (``fix-verify``). Outside ``fsdpqdiag/fixes/`` so that
+registering it does not import every workaround, and torch with them (the registry stays
+cheap to import: ``--help``, the renderers); the workarounds are imported in ``run``.
+
 The same fixed-seed model is built twice: once trained K steps without FSDP (the
 baseline), once with ``fully_shard`` and the workaround. Forward output, loss, every LoRA
 gradient and every LoRA parameter after each optimizer step are compared as bits. Both
@@ -12,13 +16,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from dataclasses import dataclass
-from typing import Any
-
-import torch
+from typing import TYPE_CHECKING, Any
 
 from fsdpqdiag.config import LinearConfig, torch_dtype
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.report import NOT_VERIFIED, VERIFIED
+
+if TYPE_CHECKING:
+    import torch
 
 TARGETS = ("linear", "tiny-llama")
 
@@ -32,20 +37,20 @@ class FixConfig:
     linear: dict = dataclasses.field(default_factory=lambda: dataclasses.asdict(LinearConfig(256, 256)))
 
 
-class _LinearWithLoRA(torch.nn.Module):
-    """A single Linear4bit as PEFT sees it in a model (its module is named ``proj``)."""
-
-    def __init__(self, linear):
-        super().__init__()
-        self.proj = linear
-
-    def forward(self, x):
-        return self.proj(x)
-
-
 def _build(cfg: FixConfig, overrides: dict, device: torch.device):
     """Model, loss function and fixed input, from seeds alone (so twice gives the same)."""
+    import torch
     from peft import LoraConfig, get_peft_model
+
+    class _LinearWithLoRA(torch.nn.Module):
+        """A single Linear4bit as PEFT sees it in a model (its module is named ``proj``)."""
+
+        def __init__(self, linear):
+            super().__init__()
+            self.proj = linear
+
+        def forward(self, x):
+            return self.proj(x)
 
     if cfg.target == "linear":
         from fsdpqdiag.probes.common import build_linear4bit
@@ -76,6 +81,8 @@ def _build(cfg: FixConfig, overrides: dict, device: torch.device):
 def _as_policy_dtype(model):
     """LoRA weights in bf16, the policy's param_dtype, so FSDP2's cast is a no-op and any
     difference from the baseline is about the packed weights, not about precision."""
+    import torch
+
     with torch.no_grad():
         for param in _trainable(model).values():
             param.data = param.data.to(torch.bfloat16)
@@ -105,6 +112,8 @@ def _full(tensor) -> torch.Tensor:
 
 
 def _train(model, loss_fn, steps: int, lr: float) -> list[dict[str, Any]]:
+    import torch
+
     optimizer = torch.optim.SGD(list(_trainable(model).values()), lr=lr)
     history = []
     for _ in range(steps):
@@ -127,6 +136,8 @@ def _train(model, loss_fn, steps: int, lr: float) -> list[dict[str, Any]]:
 
 
 def _first_divergence(baseline, sharded) -> dict[str, Any] | None:
+    import torch
+
     for step, (a, b) in enumerate(zip(baseline, sharded)):
         for kind in ("loss", "grads", "params"):
             left, right = (a[kind], b[kind]) if kind != "loss" else ({"loss": a[kind]}, {"loss": b[kind]})
@@ -142,6 +153,7 @@ def _int8_state_dict_check(workaround, ctx, fully_shard) -> dict[str, Any]:
     """Does a Linear8bitLt's state dict keep its row scales (SCB) through fully_shard
     with this workaround? Compared bit for bit with the state dict before sharding."""
     import bitsandbytes as bnb
+    import torch
 
     torch.manual_seed(11)
     layer = bnb.nn.Linear8bitLt(64, 64, has_fp16_weights=False)
@@ -163,6 +175,8 @@ def _int8_state_dict_check(workaround, ctx, fully_shard) -> dict[str, Any]:
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
+    import torch
+
     from fsdpqdiag import fixes
     from fsdpqdiag.probes.common import fsdp_api
 

@@ -1,0 +1,36 @@
+"""The types the launcher, the ranks and the probes share, and nothing else.
+
+Standard library only, and imported by every layer: the launcher builds a ``RankOutcome``
+per rank, probes' verdicts read them, reports store them. Keeping them here, below all of
+those, is what lets the package have no import cycle (``tests/test_imports.py``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass
+class RankOutcome:
+    rank: int
+    status: str  # ok | error | crashed | timeout | aborted
+    evidence: dict = field(default_factory=dict)
+    stage: str | None = None  # the last stage the rank reported before it ended
+    signal: str | None = None
+    exit_code: int | None = None
+    error: str | None = None
+    log_tail: str = ""
+    # For a rank killed by a signal: the Python stack faulthandler wrote as it died, trimmed.
+    python_stack: str | None = None
+    duration_s: float = 0.0
+    # Wall-clock time at which the rank caught its exception. The launcher sees ranks end
+    # only to its 50 ms poll, in which a rank and the peer its failure broke often both end;
+    # this orders them.
+    failed_at: float | None = None
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> RankOutcome:
+        return cls(**data)

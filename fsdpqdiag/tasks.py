@@ -1,0 +1,44 @@
+"""Every rank task, registered: adding a probe is one module and one line here.
+
+The composition of ``fsdpqdiag.registry``: this module imports every task module and
+registers its ``PROBE``. Nothing imports it but the composition roots, ``api`` and the rank
+process's entry ``fsdpqdiag.rank_main``, and the task modules import only below them
+(``probes.base``, ``outcome``, ``config``, ...), so it closes no import cycle
+(``tests/test_imports.py``). It lives outside ``fsdpqdiag.probes`` for that reason: the
+package's ``__init__`` runs whenever a task imports ``probes.base``.
+"""
+
+from __future__ import annotations
+
+from fsdpqdiag import fix_verify, forensics, localize, preflight, registry
+from fsdpqdiag.matrix import task as matrix_cell
+from fsdpqdiag.probes import (
+    cpu_weight_repack,
+    full_tensor_crash,
+    int8_params,
+    moe_expert_quant,
+    nan_canonicalization,
+    non_float_params,
+    quant_state_loss,
+    storage_dtype_mismatch,
+)
+
+# The probes `reproduce` runs, in their default order.
+registry.register(nan_canonicalization.PROBE, reproduce=True)
+registry.register(full_tensor_crash.PROBE, reproduce=True)
+registry.register(non_float_params.PROBE, reproduce=True)
+registry.register(quant_state_loss.PROBE, reproduce=True)
+registry.register(storage_dtype_mismatch.PROBE, reproduce=True)
+registry.register(int8_params.PROBE, reproduce=True)
+registry.register(moe_expert_quant.PROBE, reproduce=True)
+registry.register(cpu_weight_repack.PROBE, reproduce=True)
+
+# The other commands' rank tasks.
+registry.register(localize.PROBE)
+registry.register(fix_verify.PROBE)
+registry.register(matrix_cell.PROBE)
+registry.register(forensics.PROBE)
+registry.register(preflight.PROBE)
+
+PROBES = registry.reproduce_probes()
+get_probe = registry.get_task
