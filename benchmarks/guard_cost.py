@@ -33,7 +33,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsdpqdiag import env, models, weight_guard  # noqa: E402
+from fsdpqdiag import env, guard_digest, models, weight_guard  # noqa: E402
 from fsdpqdiag.bytes import plain  # noqa: E402
 from fsdpqdiag.faults import canonicalize_nans_  # noqa: E402
 from fsdpqdiag.probes.common import fsdp_api  # noqa: E402
@@ -85,7 +85,7 @@ def detection(model) -> dict:
     other = int(torch.nonzero(bits != bits[0])[0])
     flat[[0, other]] = flat[[other, 0]]
     found: dict = {"weight": _name, "nan_elements": nan_census(full)["nan_elements"]}
-    hashes = {"fsdpqdiag_digest": lambda t: f"{weight_guard.host(weight_guard.digest(t)):016x}"}
+    hashes = {"fsdpqdiag_digest": lambda t: f"{guard_digest.host(guard_digest.digest(t)):016x}"}
     try:
         from torch.utils._debug_mode import hash_tensor_fn, norm_hash_fn
 
@@ -170,7 +170,7 @@ def main() -> None:
                     peaks[name].append(torch.cuda.max_memory_allocated() - resident)
     names = [name for name in names if name not in failed]
     state = guard.close()
-    table_bytes = sum(t.numel() * t.element_size() for t in weight_guard._TABLES.values())
+    table_bytes = sum(t.numel() * t.element_size() for t in guard_digest._TABLES.values())
     param_bytes = sum(plain(p).numel() * plain(p).element_size() for p in variants["guard"][0].parameters())
     caught = detection(variants["vanilla"][0])
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdpqdiag.report import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
+from fsdpqdiag.verdict import VerdictKind
 
 # The probe name a guard's results carry in a report; its presentation is
 # probes/presentation/guard.py.
@@ -244,47 +245,8 @@ def build_report(
         "command_exit": command_exit,
     }
     modules = merge_modules(states)
-    guarded = {g["parameter"] for s in states for g in s.get("guarded", [])}
-    evidence: dict[str, Any] = {
-        "guarded": len(guarded),
-        "guarded_parameters": sorted(guarded),
-        "skipped": [item for s in states for item in s.get("skipped", [])][:50],
-        "errors": [f"rank {s.get('rank', 0)}: {e}" for s in states for e in s.get("errors", [])][:50],
-        "processes": len(states),
-        "checks": sum(g.get("checks", 0) for s in states for g in s.get("guarded", [])),
-        "steps": max((s.get("steps", 0) for s in states), default=0),
-        "altered_modules": len(modules),
-        "first_step": min((m["first_step"] for m in modules if m["first_step"] is not None), default=None),
-        "modules": modules,
-        "ranks_agree": len(
-            {json.dumps(sorted(f["parameter"] for f in s.get("findings", []))) for s in states}
-        )
-        <= 1,
-    }
-    evidence["fingerprint"] = next((m["fingerprint"] for m in modules if m.get("fingerprint")), None)
-    exit_note = "" if command_exit is None else f"; the command exited with code {command_exit}"
-    if not states:
-        verdict = SKIPPED
-        summary = "the guard never attached: no process of the command called fully_shard" + exit_note
-    elif not guarded and evidence["errors"]:
-        verdict = ERROR
-        summary = evidence["errors"][0] + exit_note
-    elif modules:
-        verdict = REPRODUCED
-        names = ", ".join(m["module"] for m in modules[:8]) + (" …" if len(modules) > 8 else "")
-        summary = (
-            f"{len(modules)} of {len(guarded)} guarded weights reached forward altered, first at step "
-            f"{evidence['first_step']}: {names} ({sum(m['differing_elements'] for m in modules)} elements "
-            f"differ in the ranks' own slices)" + exit_note
-        )
-    else:
-        verdict = NOT_REPRODUCED
-        summary = (
-            f"every one of {len(guarded)} guarded weights reached forward byte-true in {evidence['checks']} "
-            f"checks over {evidence['steps']} optimizer steps" + exit_note
-        )
-        if evidence["errors"]:
-            summary += f"; {len(evidence['errors'])} guard error(s), those weights unverified"
+    evidence = _evidence(states, modules)
+    verdict, summary = _verdict(states, evidence, command_exit)
     result = ProbeResult(
         probe=RESULT_KIND,
         verdict=verdict,
@@ -319,3 +281,50 @@ def build_report(
             injected=injected,
         )
     return Report(command="watch", argv=argv, env=env.capture(), results=[result], world_sizes=[world_size])
+
+
+def _evidence(states: list[dict], modules: list[dict]) -> dict[str, Any]:
+    guarded = {g["parameter"] for s in states for g in s.get("guarded", [])}
+    evidence: dict[str, Any] = {
+        "guarded": len(guarded),
+        "guarded_parameters": sorted(guarded),
+        "skipped": [item for s in states for item in s.get("skipped", [])][:50],
+        "errors": [f"rank {s.get('rank', 0)}: {e}" for s in states for e in s.get("errors", [])][:50],
+        "processes": len(states),
+        "checks": sum(g.get("checks", 0) for s in states for g in s.get("guarded", [])),
+        "steps": max((s.get("steps", 0) for s in states), default=0),
+        "altered_modules": len(modules),
+        "first_step": min((m["first_step"] for m in modules if m["first_step"] is not None), default=None),
+        "modules": modules,
+        "ranks_agree": len(
+            {json.dumps(sorted(f["parameter"] for f in s.get("findings", []))) for s in states}
+        )
+        <= 1,
+    }
+    evidence["fingerprint"] = next((m["fingerprint"] for m in modules if m.get("fingerprint")), None)
+    return evidence
+
+
+def _verdict(
+    states: list[dict], evidence: dict[str, Any], command_exit: int | None
+) -> tuple[VerdictKind, str]:
+    guarded, modules = evidence["guarded"], evidence["modules"]
+    exit_note = "" if command_exit is None else f"; the command exited with code {command_exit}"
+    if not states:
+        return SKIPPED, "the guard never attached: no process of the command called fully_shard" + exit_note
+    if not guarded and evidence["errors"]:
+        return ERROR, evidence["errors"][0] + exit_note
+    if modules:
+        names = ", ".join(m["module"] for m in modules[:8]) + (" …" if len(modules) > 8 else "")
+        return REPRODUCED, (
+            f"{len(modules)} of {guarded} guarded weights reached forward altered, first at step "
+            f"{evidence['first_step']}: {names} ({sum(m['differing_elements'] for m in modules)} elements "
+            f"differ in the ranks' own slices)" + exit_note
+        )
+    summary = (
+        f"every one of {guarded} guarded weights reached forward byte-true in {evidence['checks']} "
+        f"checks over {evidence['steps']} optimizer steps" + exit_note
+    )
+    if evidence["errors"]:
+        summary += f"; {len(evidence['errors'])} guard error(s), those weights unverified"
+    return NOT_REPRODUCED, summary

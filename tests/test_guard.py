@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
+from fsdpqdiag.guard_digest import digest, host
 from fsdpqdiag.report import Report
-from fsdpqdiag.weight_guard import digest, host
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
