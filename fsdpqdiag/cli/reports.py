@@ -22,13 +22,14 @@ def report_tables(report, wide: bool = False):
     from fsdpqdiag.render.forensics_table import forensics_table
     from fsdpqdiag.render.localize_table import localize_table
     from fsdpqdiag.render.matrix_table import matrix_table
-    from fsdpqdiag.render.table import reproduce_table
+    from fsdpqdiag.render.table import findings_table, reproduce_table
 
     views = {
         "matrix": matrix_table,
         "fix": fix_table,
         "localize": localize_table,
         "forensics": forensics_table,
+        "watch": findings_table,
     }
     return views.get(report.command, reproduce_table)(report, wide)
 

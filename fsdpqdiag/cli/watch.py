@@ -42,7 +42,7 @@ def watch(
     """
     from fsdpqdiag import watch as watching
     from fsdpqdiag.faults import FAULTS
-    from fsdpqdiag.render.table import reproduce_table
+    from fsdpqdiag.render.table import findings_table
     from fsdpqdiag.weight_guard import ACTION_CHOICES, PARAM_CHOICES
 
     if params not in PARAM_CHOICES:
@@ -71,5 +71,5 @@ def watch(
 
     write_report(outcome.report, json_path, markdown_path)
     if not quiet:
-        print_tables(reproduce_table(outcome.report, wide), wide)
+        print_tables(findings_table(outcome.report, wide), wide)
     raise typer.Exit(outcome.exit_code)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.presentation import Alarm, detail, sections
+from fsdpqdiag.presentation import Alarm, detail, key_numbers, sections
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
@@ -102,7 +102,38 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
             ]
         )
     table = FittedTable(REPRODUCE_COLUMNS, rows, title=f"fsdpqdiag {report.command}", wide=wide)
-    lines = [table, *detail_tables(report, wide)]
+    return Group(table, *_under_the_table(report, wide))
+
+
+# A result whose evidence is not a weight's views (a guarded training run) reads by its
+# probe's own key numbers; at 80 columns they wrap and the device column goes.
+FINDINGS_COLUMNS = (
+    Column("probe"),
+    Column("ws"),
+    Column("device", priority=1),
+    Column("verdict"),
+    Column("key numbers"),
+)
+
+
+def findings_table(report: Report, wide: bool = False) -> Group:
+    rows = [
+        [
+            Text(_probe_label(result)),
+            str(result.world_size),
+            f"{result.device}/{result.backend}",
+            Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
+            key_numbers(result.probe, result.evidence) or "–",
+        ]
+        for result in report.results
+    ]
+    table = FittedTable(FINDINGS_COLUMNS, rows, title=f"fsdpqdiag {report.command}", wide=wide)
+    return Group(table, *_under_the_table(report, wide))
+
+
+def _under_the_table(report: Report, wide: bool) -> list:
+    """Each result's own table, its verdict line, the preflight and the stack."""
+    lines: list = [*detail_tables(report, wide)]
     for result in report.results:
         style = VERDICT_STYLE.get(result.verdict, "")
         lines.append(
@@ -123,4 +154,4 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
             style="dim",
         )
     )
-    return Group(*lines)
+    return lines
