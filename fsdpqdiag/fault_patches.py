@@ -128,6 +128,18 @@ def stale_recovered_weight(rank: int, world_size: int) -> Callable[[], None]:
     return _patch_attr(modules, "fix_4bit_weight_quant_state_from_module", fix_keeping_a_copy)
 
 
+def keep_unsharded_after_reshard(rank: int, world_size: int) -> Callable[[], None]:
+    # FSDP2's reshard losing its two steps for every parameter, plain ones included: the
+    # module keeps the unsharded parameter and its storage stays allocated. The shard is
+    # still all-gathered into that storage at the next unshard, so updates do arrive.
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam, ShardedState
+
+    def to_sharded_keeping_unsharded(self) -> None:
+        self.sharded_state = ShardedState.SHARDED
+
+    return _patch_attr(FSDPParam, "to_sharded", to_sharded_keeping_unsharded)
+
+
 def cast_mismatched_storage(rank: int, world_size: int) -> Callable[[], None]:
     # FSDPParam.init_dtype_attrs decides what mixed precision does to each parameter: it
     # clears param_dtype (no cast) when the parameter already has it or is not floating

@@ -20,6 +20,7 @@ from fsdpqdiag.fault_patches import (
     drop_module_quant_state,
     every_rank,
     hang,
+    keep_unsharded_after_reshard,
     last_rank,
     nan_canonicalize,
     oom_kill,
@@ -88,6 +89,12 @@ FAULTS: dict[str, Fault] = {
             "bitsandbytes' recovery swaps in a copy of the unsharded weight and reuses it in later "
             "forwards: memory kept after reshard, updates to the shard never seen",
             stale_recovered_weight,
+        ),
+        Fault(
+            "keep-unsharded-after-reshard",
+            "FSDP2's reshard leaves every parameter's unsharded tensor on its module and its storage "
+            "allocated, plain parameters too (the positive control of quant-state-loss's own control)",
+            keep_unsharded_after_reshard,
         ),
         Fault(
             "cast-mismatched-storage",

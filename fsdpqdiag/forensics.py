@@ -115,6 +115,10 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     evidence["fingerprint"] = classify(altered[0]["swap_target"], ctx.device) if altered else None
 
     model.reshard()
+    ctx.checkpoint(f"control: {CONTROL}", evidence)
+    control = _plain_control(rows, original, policy, ctx)
+    if control is not None:
+        evidence["controls"] = {CONTROL: control}
     ctx.checkpoint("full_tensor()", evidence)
     for row in rows:
         weight = targets[row["module"]].weight
@@ -123,6 +127,24 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
             row["full_tensor"] = {k: result.get(k) for k in ("bytes_equal", "differing_elements")}
     evidence["full_tensor"] = {"status": "completed"}
     return evidence
+
+
+# The same bits as the altered weights, in plain parameters through the same fully_shard.
+CONTROL = "plain_parameters_same_bits"
+
+
+def _plain_control(rows: list[dict], original: dict, policy, ctx) -> dict[str, Any] | None:
+    """The control that differs only in bitsandbytes: each weight some rank saw altered, its
+    very bits in a plain ``nn.Parameter`` of one module, through ``fully_shard`` with the
+    same mesh and mixed-precision policy and one unshard. Runs only where a weight was
+    altered (every rank agrees on which, so all enter the same collectives); None otherwise."""
+    from fsdpqdiag.probes.common import agreed_flags, plain_carriers_control
+
+    flags = agreed_flags([not r["swap_target"].get("bytes_equal") for r in rows], ctx.device)
+    altered = {r["module"]: original[r["module"]] for r, flag in zip(rows, flags) if flag}
+    if not altered:
+        return None
+    return plain_carriers_control(altered, ctx.mesh(), mp_policy=policy)
 
 
 def _baseline(model, targets: dict, ids) -> tuple[float, dict]:
@@ -225,8 +247,9 @@ def verdict(outcomes) -> Verdict:
 
 
 def attribute(evidence: dict) -> tuple[str, list[str]]:
-    """Altered bytes with byte-true shards changed on the way into forward (FSDP2's unshard);
-    the fingerprint names the conversion, run on the same device, that leaves those bits."""
+    """The control decides: the same bits in plain parameters through the same unshard
+    altered too (FSDP2's unshard, whatever the parameter) or kept (only the bitsandbytes
+    path alters them). The shards and the fingerprint say where and which conversion."""
     from fsdpqdiag import attribution
 
     rows = evidence.get("modules") or []
@@ -235,13 +258,26 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
         return attribution.UNDETERMINED, ["no weight altered; the loss moved elsewhere"]
     shards_true = all((r.get("local_tensor") or {}).get("bytes_equal") for r in altered)
     matches = (evidence.get("fingerprint") or {}).get("matches") or []
-    decided_by = [
+    evidence_said = [
         f"_local_tensor byte-true in {'all' if shards_true else 'not all'} {len(altered)} altered weights",
         "fingerprint: " + (", ".join(matches) or "no candidate conversion"),
     ]
-    if shards_true and matches:
-        return attribution.TORCH_FSDP, decided_by
-    return attribution.UNDETERMINED, decided_by
+    control = (evidence.get("controls") or {}).get(CONTROL)
+    if control is None:
+        stage = evidence.get("stage") or "setup"
+        return attribution.UNDETERMINED, [f"the run ended in {stage} before its control ran", *evidence_said]
+    result = (
+        f"altered {control['differing_elements']} elements in {len(control['altered_weights'])} weights"
+        if control["outcome"] == "altered"
+        else "kept every byte"
+    )
+    said = (
+        f"control: the same bits of the {control['weights']} altered weights in plain parameters "
+        f"(no bitsandbytes), same fully_shard and unshard, {result}"
+    )
+    if control["outcome"] == "altered":
+        return attribution.TORCH_FSDP, [said, *evidence_said]
+    return attribution.BITSANDBYTES, [said, "only the Params4bit path altered bytes", *evidence_said]
 
 
 PROBE = Probe(

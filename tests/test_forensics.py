@@ -44,6 +44,33 @@ def test_injected_change_is_attributed_to_the_modules_it_went_through(run_cli, w
         assert row["local_tensor"]["bytes_equal"]
     assert not ev["loss_bit_equal"]
     assert ev["totals"]["differing_elements"] == ev["totals"]["nan_elements"]
+    # The fault rewrites every float unshard, plain parameters too: the same-launch control
+    # alters the same elements, and the attribution says the control decided it (torch).
+    control = ev["controls"]["plain_parameters_same_bits"]
+    altered = [row["module"] for row in ev["modules"] if not row["swap_target"]["bytes_equal"]]
+    assert control["outcome"] == "altered" and control["weights"] == len(altered)
+    assert sorted(control["altered_weights"]) == sorted(altered)
+    assert control["differing_elements"] == ev["totals"]["differing_elements"]
+    assert set(control["post_bit_patterns"]) == {"0x7fff"}
+    attribution = ev["attribution"]
+    assert attribution["controls_point_to"] == "torch.distributed.fsdp"
+    assert attribution["decided_by"][0].startswith("control: the same bits")
+
+
+def test_attribution_follows_the_control():
+    # A byte-true control clears FSDP2's unshard; the same altered weights are then bitsandbytes'.
+    from fsdpqdiag import forensics
+
+    row = {"module": "m", "swap_target": {"bytes_equal": False}, "local_tensor": {"bytes_equal": True}}
+    evidence = {"modules": [row], "fingerprint": {"matches": ["torch._foreach_copy_ (bf16)"]}}
+    control = {"weights": 1, "altered_weights": [], "differing_elements": 0}
+    kept = {**evidence, "controls": {"plain_parameters_same_bits": {**control, "outcome": "byte-true"}}}
+    assert forensics.attribute(kept)[0] == "bitsandbytes"
+    changed = {**control, "outcome": "altered", "altered_weights": ["m"], "differing_elements": 3}
+    altered = {**evidence, "controls": {"plain_parameters_same_bits": changed}}
+    component, decided_by = forensics.attribute(altered)
+    assert component == "torch.distributed.fsdp" and "altered 3 elements in 1 weights" in decided_by[0]
+    assert forensics.attribute(evidence)[0] == "undetermined"  # no control ran
 
 
 @pytest.mark.parametrize("repack", ["on", "off"])

@@ -43,6 +43,8 @@ def test_default_matrix_is_self_consistent(run_cli, tmp_path, ws):
         assert ev["loss_bit_equal"] == (ev["delta"] == 0)
         assert (r["verdict"] == "NOT REPRODUCED") == (ev["differing_elements"] == 0 and ev["loss_bit_equal"])
         assert ev["weights_compared"] == 14
+        # the control runs only for a cell that altered bytes
+        assert ("controls" in ev) == (ev["differing_elements"] > 0), name
     assert (
         cells["D"]["evidence"].get("fsdp_units", 0) > cells["A"]["evidence"].get("fsdp_units", 0)
         or cells["D"]["evidence"]["status"] != "ok"
@@ -75,7 +77,35 @@ def test_injected_canonicalization_shows_in_every_cell(run_cli):
         assert ev["differing_elements"] > 0 and not ev["loss_bit_equal"]
         assert set(ev["post_bit_patterns"]) == {"0x7fff"}
         assert ev["differing_nan_class"] == ev["differing_elements"]
+        # The fault rewrites every float unshard: the cell's control, the same bits in plain
+        # parameters through the cell's own fully_shard, alters them too and decides (torch).
+        control = ev["controls"]["plain_parameters_same_bits"]
+        assert control["outcome"] == "altered", name
+        assert sorted(control["altered_weights"]) == sorted(ev["altered_modules"])
+        assert control["differing_elements"] == ev["differing_elements"]
+        assert set(control["post_bit_patterns"]) == {"0x7fff"}
+        attribution = ev["attribution"]
+        assert attribution["controls_point_to"] == "torch.distributed.fsdp", name
+        assert attribution["decided_by"][0].startswith("control: the same bits"), name
     assert result.returncode == 1
+
+
+def test_cell_attribution_follows_its_control():
+    row = {
+        "status": "ok",
+        "differing_elements": 4,
+        "differing_nan_class": 4,
+        "post_bit_patterns": {"0x7fff": 4},
+        "first_altered_module": "m",
+    }
+    control = {"weights": 1, "altered_weights": [], "differing_elements": 0, "outcome": "byte-true"}
+    kept = {**row, "controls": {"plain_parameters_same_bits": control}}
+    # the same signature, yet plain parameters kept every byte: not FSDP2's unshard
+    assert mx.cell_attribution(kept)[0] == "bitsandbytes"
+    raised = {**row, "controls": {"plain_parameters_same_bits": {"outcome": "raised", "exception": "E"}}}
+    assert mx.cell_attribution(raised)[0] == "undetermined"
+    component, decided_by = mx.cell_attribution(row)  # a row recorded before controls existed
+    assert component == "torch.distributed.fsdp" and "no control ran" in decided_by[-1]
 
 
 def test_crashing_cell_leaves_the_others_intact(run_cli, tmp_path):

@@ -85,6 +85,17 @@ def _check_rank_evidence(ev: dict) -> None:
         assert update["output_bit_equal_to_reference"] == (update["handed_differs_from_update"] == 0)
 
 
+def _check_control(ev: dict) -> dict:
+    """The same-launch control's record, consistent with itself whatever the stack does."""
+    control = ev["controls"]["plain_subclass_parameter_same_bits"]
+    assert control["outcome"] in ("kept", "broken"), control
+    assert (control["outcome"] == "kept") == (not control["findings"])
+    not_restored = any("not FSDP2's sharded parameter" in finding for finding in control["findings"])
+    assert control["restored_sharded_param"] == (not not_restored)
+    assert control["differing_bytes"] is not None and control["handed_type"]
+    return control
+
+
 def _check_verdict_matches_evidence(result) -> None:
     assert result.verdict in ("REPRODUCED", "NOT REPRODUCED", "INCONCLUSIVE"), result.summary
     problems = False
@@ -127,6 +138,8 @@ def test_ws2_evidence_consistent_and_matches_standalone():
         _check_rank_evidence(rank["evidence"])
     _check_verdict_matches_evidence(result)
     assert result.evidence["ranks_agree"] is True
+    for rank in result.ranks:
+        assert _check_control(rank["evidence"])["module_copy_survives"]
     _check_matches_standalone(result.ranks, 2)
 
 
@@ -160,6 +173,10 @@ def test_drop_module_quant_state_fault_is_caught():
     assert attribution["component"] == "injected fault" and attribution["report_to"] is None
     assert attribution["controls_point_to"] == "bitsandbytes"
     assert "--inject drop-module-quant-state" in attribution["decided_by"]
+    # the control, no bitsandbytes, keeps its module copy and FSDP2 keeps the weight its own
+    control = _check_control(result.evidence)
+    assert control["outcome"] == "kept" and control["module_copy_survives"]
+    assert attribution["decided_by"][0].startswith("control: the same bits")
 
 
 def test_stale_recovered_weight_fault_is_caught():
@@ -176,3 +193,49 @@ def test_stale_recovered_weight_fault_is_caught():
         assert update["stale"] and update["used_differs_from_handed"] == update["updated_elements"]
         assert update["output_bit_equal_to_first_forward"] and not update["output_bit_equal_to_reference"]
     assert "stale" in result.summary and "after reshard" in result.summary
+    # only bitsandbytes' recovery keeps a copy: the control, with nothing reassigning its
+    # weight, stays FSDP2's (restored, freed, fresh), so the controls point to bitsandbytes
+    for rank in result.ranks:
+        control = _check_control(rank["evidence"])
+        assert control["outcome"] == "kept" and control["stale_elements"] == 0 and control["memory_freed"]
+    attribution = result.evidence["attribution"]
+    assert attribution["controls_point_to"] == "bitsandbytes"
+    assert attribution["decided_by"][0].startswith("control: the same bits")
+
+
+def test_control_shares_a_broken_reshard_and_names_torch():
+    # FSDP2's reshard broken for every parameter: the probe finds the weight kept after
+    # reshard, and so does its control, so the controls point to torch, not bitsandbytes.
+    result = _probe(1, inject="keep-unsharded-after-reshard")
+    assert result.verdict == "REPRODUCED", result.summary
+    ev = result.ranks[0]["evidence"]
+    assert not ev["after_reshard"]["module_weight_is_fsdp_sharded_param"]
+    control = _check_control(ev)
+    assert control["outcome"] == "broken" and not control["restored_sharded_param"]
+    assert not control["memory_freed"] and control["module_copy_survives"]
+    attribution = result.evidence["attribution"]
+    assert attribution["controls_point_to"] == "torch.distributed.fsdp"
+    assert any(line.startswith("shared by the control:") for line in attribution["decided_by"])
+
+
+def test_attribution_names_torch_when_fully_shard_takes_the_recovery_source():
+    from fsdpqdiag.probes import quant_state_loss
+
+    control = {
+        "outcome": "kept",
+        "findings": [],
+        "handed_type": "Parameter",
+        "handed_has_quant_state": False,
+        "module_copy_survives": False,
+    }
+    evidence = {
+        "recovery": {"needed": True, "restored": False},
+        "module_keeps_quant_state": True,
+        "controls": {"plain_subclass_parameter_same_bits": control},
+    }
+    component, decided_by = quant_state_loss.attribute(evidence)
+    assert component == "torch.distributed.fsdp" and "module copy" in decided_by[-1]
+    control["module_copy_survives"] = True
+    assert quant_state_loss.attribute(evidence)[0] == "bitsandbytes"
+    del evidence["controls"]
+    assert quant_state_loss.attribute(evidence)[0] == "undetermined"

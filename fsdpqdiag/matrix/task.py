@@ -37,16 +37,14 @@ def _float_bits(value: float) -> str:
     return struct.pack(">f", value).hex()
 
 
-def _shard(model, cell: Cell, mesh) -> int:
-    """fully_shard by the cell's wrap granularity; returns the number of FSDP units."""
-    import bitsandbytes as bnb
+def _fsdp_kwargs(cell: Cell) -> dict[str, Any]:
+    """The cell's ``fully_shard`` arguments but the mesh: its mixed precision and resharding."""
     import torch
 
-    from fsdpqdiag import models
     from fsdpqdiag.probes.common import fsdp_api
 
-    fully_shard, MixedPrecisionPolicy = fsdp_api()
-    kwargs: dict[str, Any] = {"mesh": mesh, "reshard_after_forward": cell.reshard_after_forward}
+    _, MixedPrecisionPolicy = fsdp_api()
+    kwargs: dict[str, Any] = {"reshard_after_forward": cell.reshard_after_forward}
     dtypes = MP_POLICIES[cell.mp]
     # Cell B passes mp_policy=None literally, as #1945 did, and records what FSDP2 does.
     kwargs["mp_policy"] = (
@@ -58,6 +56,18 @@ def _shard(model, cell: Cell, mesh) -> int:
             cast_forward_inputs=cell.cast_forward_inputs,
         )
     )
+    return kwargs
+
+
+def _shard(model, cell: Cell, mesh) -> int:
+    """fully_shard by the cell's wrap granularity; returns the number of FSDP units."""
+    import bitsandbytes as bnb
+
+    from fsdpqdiag import models
+    from fsdpqdiag.probes.common import fsdp_api
+
+    fully_shard, _ = fsdp_api()
+    kwargs = {"mesh": mesh, **_fsdp_kwargs(cell)}
     if cell.wrap == "layer":
         units = models.decoder_layers(model)
     elif cell.wrap == "linear":
@@ -104,6 +114,7 @@ def _run_cell(cell: Cell, base, original: dict, ids, baseline: float, mesh) -> d
     differing = nan_class = 0
     patterns: dict[str, int] = {}
     first_module = None
+    altered: list[str] = []
     for name, before in original.items():
         after = captured.get(name)
         if after is None:
@@ -111,14 +122,16 @@ def _run_cell(cell: Cell, base, original: dict, ids, baseline: float, mesh) -> d
         result = diff(before, after)
         if not result.get("comparable", True):
             differing += before.numel()
+            altered.append(name)
             first_module = first_module or name
             continue
         differing += result["differing_elements"]
         nan_class += result["original_classes"].get("qNaN", 0) + result["original_classes"].get("sNaN", 0)
         for pattern, count in result["post_bit_patterns"].items():
             patterns[pattern] = patterns.get(pattern, 0) + count
-        if result["differing_elements"] and first_module is None:
-            first_module = name
+        if result["differing_elements"]:
+            altered.append(name)
+            first_module = first_module or name
     delta = loss - baseline
     return {
         "status": "ok",
@@ -134,6 +147,7 @@ def _run_cell(cell: Cell, base, original: dict, ids, baseline: float, mesh) -> d
         "post_bit_patterns": patterns,
         "first_altered_module": first_module,
         "weights_compared": len(captured),
+        "altered_modules": altered,
     }
 
 
@@ -187,9 +201,38 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         row = _run_cell(cell, base, original, ids, baseline, ctx.mesh())
     except Exception as exc:  # noqa: BLE001 - a cell that raises is a row, as #1945's cell B
         row = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "loss_baseline": baseline}
+    else:
+        ctx.checkpoint(f"{cell.name}: control: {CONTROL}", row)
+        control = _plain_control(cell, row, original, ctx)
+        if control is not None:
+            row["controls"] = {CONTROL: control}
     if cfg.out_dir and ctx.rank == 0:
         append_line(Path(cfg.out_dir), cell, row, ctx.world_size)
     return row
+
+
+# The altered weights' bits in plain parameters, through the cell's own fully_shard.
+CONTROL = "plain_parameters_same_bits"
+
+
+def _plain_control(cell: Cell, row: dict, original: dict, ctx) -> dict[str, Any] | None:
+    """The control that differs from the cell only in bitsandbytes: the very bits of each
+    weight the cell altered, in plain ``nn.Parameter``s of one module, through ``fully_shard``
+    with the cell's mesh, mixed precision and resharding (the wrap is that one module), and
+    one unshard. Run only for a cell that altered bytes on some rank, so a clean sweep pays
+    nothing; the ranks agree first, so that all enter the same collectives. None: nothing to
+    control. A control that raises is recorded as ``raised``, like a cell."""
+    from fsdpqdiag.probes.common import agreed_flags, plain_carriers_control
+
+    names = list(original)
+    flags = agreed_flags([name in row["altered_modules"] for name in names], ctx.device)
+    altered = {name: original[name] for name, flag in zip(names, flags) if flag}
+    if not altered:
+        return None
+    try:
+        return plain_carriers_control(altered, ctx.mesh(), **_fsdp_kwargs(cell))
+    except Exception as exc:  # noqa: BLE001 - the stack's refusal is the control's result
+        return {"outcome": "raised", "exception": f"{type(exc).__name__}: {exc}", "weights": len(altered)}
 
 
 def verdict(outcomes) -> Verdict:
@@ -203,22 +246,40 @@ def verdict(outcomes) -> Verdict:
 
 
 def cell_attribution(row: dict) -> tuple[str, list[str]]:
-    """A cell runs no control of its own; its byte signature says whose copy altered the
-    weights: NaN-class containers only, all rewritten, is a float-value copy in the unshard
-    (the nan-canonicalization probe's plain-parameter control decides that for one layer)."""
+    """The cell's control decides whose copy altered the weights: the same bits in plain
+    parameters through the cell's own fully_shard altered too (FSDP2's unshard) or kept
+    (the bitsandbytes path). The byte signature (NaN-class containers only, all rewritten:
+    a float-value copy) is said beside it, and decides alone only in a row from before the
+    control existed."""
     from fsdpqdiag import attribution
 
     altered, nan_class = row.get("differing_elements") or 0, row.get("differing_nan_class") or 0
     if row.get("status") != "ok" or not altered:
-        return attribution.UNDETERMINED, ["a cell runs no control that separates the suspects"]
+        return attribution.UNDETERMINED, ["no weight altered in the cell: nothing for a control to separate"]
     patterns = ", ".join(row.get("post_bit_patterns") or {}) or "other bits"
     said = (
         f"{nan_class} of {altered} altered elements were NaN-class containers, now {patterns}; "
         f"first in {row.get('first_altered_module')}"
     )
-    if nan_class == altered:
-        return attribution.TORCH_FSDP, [said, "byte signature of a float-value copy (no control in the cell)"]
-    return attribution.UNDETERMINED, [said]
+    control = (row.get("controls") or {}).get(CONTROL)
+    if control is None:
+        if nan_class == altered:
+            return attribution.TORCH_FSDP, [said, "byte signature of a float-value copy (no control ran)"]
+        return attribution.UNDETERMINED, [said, "no control ran"]
+    if control["outcome"] == "raised":
+        return attribution.UNDETERMINED, [f"control raised {control['exception']}", said]
+    result = (
+        f"altered {control['differing_elements']} elements in {len(control['altered_weights'])} weights"
+        if control["outcome"] == "altered"
+        else "kept every byte"
+    )
+    control_said = (
+        f"control: the same bits of the {control['weights']} altered weights in plain parameters "
+        f"(no bitsandbytes), the cell's fully_shard and unshard, {result}"
+    )
+    if control["outcome"] == "altered":
+        return attribution.TORCH_FSDP, [control_said, said]
+    return attribution.BITSANDBYTES, [control_said, "only the Params4bit path altered bytes", said]
 
 
 PROBE = Probe(

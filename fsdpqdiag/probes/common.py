@@ -130,6 +130,69 @@ def plain_carrier_control(original: torch.Tensor, ctx, cfg: LinearConfig) -> dic
     }
 
 
+def agreed_flags(flags: list[bool], device) -> list[bool]:
+    """``flags`` OR-ed over every rank, so that all ranks run the same control collectives
+    (a rank that skipped one would leave its peers waiting in FSDP2's all-gather)."""
+    import torch.distributed as dist
+
+    if not flags or not dist.is_initialized() or dist.get_world_size() == 1:
+        return list(flags)
+    votes = torch.tensor([int(f) for f in flags], dtype=torch.int32, device=device)
+    dist.all_reduce(votes, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in votes.tolist()]
+
+
+class _PlainCarriers(torch.nn.Module):
+    """Frozen plain parameters (``w0``, ``w1``, ...) and nothing else: many weights' bits
+    through one FSDP2 unshard, no bitsandbytes in the path."""
+
+    def __init__(self, tensors: list[torch.Tensor]):
+        super().__init__()
+        for index, data in enumerate(tensors):
+            setattr(self, f"w{index}", torch.nn.Parameter(data, requires_grad=False))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
+
+
+def plain_carriers_control(originals: dict[str, torch.Tensor], mesh, **fsdp_kwargs) -> dict[str, Any]:
+    """``plain_carrier_control`` for several weights at once, sharded with the caller's own
+    ``fully_shard`` arguments (``mp_policy``, ``reshard_after_forward``): each weight's very
+    bits, in its storage dtype, in a plain ``nn.Parameter`` of one module, one unshard.
+    ``byte-true`` or ``altered`` overall, with the names of the weights it altered."""
+    from fsdpqdiag.bytes import diff
+
+    fully_shard, _ = fsdp_api()
+    names = list(originals)
+    carriers = _PlainCarriers([originals[name].clone() for name in names])
+    fully_shard(carriers, mesh=mesh, **fsdp_kwargs)
+    seen: dict[str, torch.Tensor] = {}
+
+    def hook(mod, args) -> None:  # runs after FSDP2's pre-forward unshard
+        for index, name in enumerate(names):
+            seen[name] = plain(getattr(mod, f"w{index}")).clone()
+
+    handle = carriers.register_forward_pre_hook(hook)
+    first = next(iter(originals.values()))
+    carriers(torch.zeros(1, device=first.device))
+    handle.remove()
+    carriers.reshard()
+    found = {name: diff(originals[name], seen[name]) for name in names}
+    altered = [name for name in names if not found[name].get("bytes_equal")]
+    patterns: dict[str, int] = {}
+    for name in altered:
+        for pattern, count in (found[name].get("post_bit_patterns") or {}).items():
+            patterns[pattern] = patterns.get(pattern, 0) + count
+    return {
+        "outcome": "altered" if altered else "byte-true",
+        "weights": len(names),
+        "altered_weights": altered,
+        "differing_bytes": sum(found[n].get("differing_bytes") or 0 for n in names),
+        "differing_elements": sum(found[n].get("differing_elements") or 0 for n in names),
+        "post_bit_patterns": patterns,
+    }
+
+
 # The frozen integer parameters ``unshard_integer_params`` puts beside the float Linear.
 INTEGER_PARAMS = ("u8", "i8")
 

@@ -18,6 +18,15 @@ from typing import Any
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
+from fsdpqdiag.probes.quant_state_loss_control import (
+    CONTROL,
+    differing_elements,
+    fsdp_param_of,
+    plain_subclass_control,
+    same_storage,
+    storage_bytes,
+    unsharded_of,
+)
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 
@@ -42,46 +51,6 @@ class ForwardObservation:
     error: str | None = None
 
 
-def fsdp_param_of(module, param_name: str):
-    """FSDP2's ``FSDPParam`` for ``module.<param_name>`` (private torch API), or None."""
-    state = module._get_fsdp_state()
-    group = getattr(state, "_fsdp_param_group", None)
-    for fsdp_param in getattr(group, "fsdp_params", None) or []:
-        info = fsdp_param._module_info
-        if info.module is module and info.param_name == param_name:
-            return fsdp_param
-    return None
-
-
-def _unsharded(fsdp_param):
-    return getattr(fsdp_param, "_unsharded_param", None) if fsdp_param is not None else None
-
-
-def storage_bytes(tensor) -> int:
-    from fsdpqdiag.bytes import plain
-
-    return int(plain(tensor).untyped_storage().nbytes())
-
-
-def same_storage(a, b) -> bool | None:
-    """Whether two tensors share one allocated storage (None if either is missing)."""
-    from fsdpqdiag.bytes import plain
-
-    if a is None or b is None:
-        return None
-    first, second = plain(a).untyped_storage(), plain(b).untyped_storage()
-    return first.nbytes() > 0 and first.data_ptr() == second.data_ptr()
-
-
-def differing_elements(a, b) -> int:
-    """Containers whose bits differ (every one, if shape or dtype changed)."""
-    from fsdpqdiag.bytes import element_bits
-
-    if a.dtype != b.dtype or a.numel() != b.numel():
-        return max(a.numel(), b.numel())
-    return int((element_bits(a) != element_bits(b)).sum())
-
-
 def observe_forward(module, x, fsdp_param) -> ForwardObservation:
     from fsdpqdiag.probes.common import capture_forward_weight
 
@@ -89,7 +58,7 @@ def observe_forward(module, x, fsdp_param) -> ForwardObservation:
     captured, capture_handle = capture_forward_weight(module)
 
     def before(mod, args):
-        seen.handed["is_fsdp_unsharded_param"] = mod.weight is _unsharded(fsdp_param)
+        seen.handed["is_fsdp_unsharded_param"] = mod.weight is unsharded_of(fsdp_param)
 
     def after(mod, args, output):
         _record_used(mod, seen, fsdp_param)
@@ -129,19 +98,30 @@ def _record_used(mod, seen: ForwardObservation, fsdp_param) -> None:
             "has_quant_state": seen.used_quant_state is not None,
             "quant_state_is_module_copy": seen.used_quant_state is not None
             and seen.used_quant_state is getattr(mod, "quant_state", None),
-            "is_fsdp_unsharded_param": weight is _unsharded(fsdp_param),
-            "uses_fsdp_storage": same_storage(weight, _unsharded(fsdp_param)),
+            "is_fsdp_unsharded_param": weight is unsharded_of(fsdp_param),
+            "uses_fsdp_storage": same_storage(weight, unsharded_of(fsdp_param)),
         }
     )
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-
-    from fsdpqdiag.bytes import output_delta, plain
-    from fsdpqdiag.probes.common import build_linear4bit, shard
+    """The probe's stages, then its control in every case (a forward that raised is a
+    finding too): see ``quant_state_loss_control`` for what it separates, and why."""
+    from fsdpqdiag.probes.common import build_linear4bit
 
     cfg = LinearConfig(**config)
     linear, x = build_linear4bit(cfg, ctx.device)
+    evidence, original = _stages(linear, x, cfg, ctx)
+    ctx.checkpoint(f"control: {CONTROL}", evidence)
+    evidence["controls"] = {CONTROL: plain_subclass_control(original, ctx, cfg)}
+    return evidence
+
+
+def _stages(linear, x, cfg: LinearConfig, ctx) -> tuple[dict[str, Any], Any]:
+    """The probe's evidence, and the packed weight's bytes as the first forward left them."""
+    from fsdpqdiag.bytes import output_delta, plain
+    from fsdpqdiag.probes.common import shard
+
     original_quant_state = getattr(linear.weight, "quant_state", None)
     baseline = linear(x).detach().clone()
     original = plain(linear.weight).clone()
@@ -181,7 +161,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
         "uses_fsdp_storage": first.used["uses_fsdp_storage"],
     }
     if first.error:
-        return evidence
+        return evidence, original
     evidence.update(output_delta(baseline, first.output))
     evidence["after_forward"] = {
         "module_weight_is_fsdp_unsharded_param": first.used["is_fsdp_unsharded_param"],
@@ -193,9 +173,9 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     ctx.checkpoint("update the shard, forward again", evidence)
     evidence["after_update"] = _stage_update(linear, x, fsdp_param, first, original, cfg, ctx)
     if "error" in evidence["after_update"]:
-        return evidence
+        return evidence, original
     linear.reshard()
-    return evidence
+    return evidence, original
 
 
 def _stage_reshard(linear, fsdp_param, first: ForwardObservation) -> dict[str, Any]:
@@ -205,7 +185,7 @@ def _stage_reshard(linear, fsdp_param, first: ForwardObservation) -> dict[str, A
     linear.reshard()
     gc.collect()
     retained = first.used_ref()
-    unsharded = _unsharded(fsdp_param)
+    unsharded = unsharded_of(fsdp_param)
     after_reshard = {
         "module_weight_is_fsdp_sharded_param": fsdp_param is not None
         and linear.weight is fsdp_param.sharded_param,
@@ -345,22 +325,34 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
 
 
 def attribute(evidence: dict) -> tuple[str, list[str]]:
-    """FSDP2 hands forward a plain Parameter by design (Params4bit defines no
-    fsdp_pre_all_gather); what must bring the QuantState back, and keep the weight FSDP2's,
-    is bitsandbytes' recovery, so findings past that point are bitsandbytes'."""
+    """The control decides (see ``quant_state_loss_control``): a finding the plain subclass
+    parameter shares, with nothing reassigning its ``module.weight``, is FSDP2's; so is a
+    recovery left without its source by ``fully_shard``. Otherwise the loss is FSDP2's
+    documented swap and what failed after it is bitsandbytes' recovery."""
     from fsdpqdiag import attribution
 
-    if "recovery" not in evidence:
+    control = (evidence.get("controls") or {}).get(CONTROL)
+    if "recovery" not in evidence or control is None:
         return attribution.UNDETERMINED, [f"the run ended in {evidence.get('stage') or 'setup'}"]
+    if control["outcome"] == "raised":
+        return attribution.UNDETERMINED, [f"control {CONTROL} raised {control['exception']}"]
     lost, ownership = _problems(evidence)
-    handed = evidence.get("forward_weight") or {}
-    decided_by = [
-        f"forward received a {handed.get('type')} without the Params4bit subclass (FSDP2's documented swap)",
-        *(f"bitsandbytes' fix_4bit_weight_quant_state_from_module: {phrase}" for phrase in lost + ownership),
-    ]
+    findings = control["findings"]
+    said = (
+        "control: the same bits in a Parameter subclass with a quant_state attribute, no "
+        f"bitsandbytes, same fully_shard cycle: forward received a {control['handed_type']} "
+        f"{'with' if control['handed_has_quant_state'] else 'without'} the attribute, the module's "
+        f"copy {'survived' if control['module_copy_survives'] else 'was lost'}, FSDP2 "
+        + ("kept the weight its own" if control["outcome"] == "kept" else "failed: " + "; ".join(findings))
+    )
+    if ownership and control["outcome"] == "broken":
+        return attribution.TORCH_FSDP, [said, *(f"shared by the control: {p}" for p in ownership)]
+    if lost and not control["module_copy_survives"]:
+        return attribution.TORCH_FSDP, [said, "fully_shard removed the module copy the recovery reads"]
     if lost or ownership:
-        return attribution.BITSANDBYTES, decided_by
-    return attribution.UNDETERMINED, [*decided_by, "the recovery kept quant_state and FSDP2's storage"]
+        recovery = "bitsandbytes' fix_4bit_weight_quant_state_from_module"
+        return attribution.BITSANDBYTES, [said, *(f"{recovery}: {phrase}" for phrase in lost + ownership)]
+    return attribution.UNDETERMINED, [said, "the recovery kept quant_state and FSDP2's storage"]
 
 
 PROBE = Probe(
@@ -371,5 +363,7 @@ PROBE = Probe(
     needs=Needs(),
     standalone="reproducers/quant_state_loss.py",
     attribute=attribute,
-    controls=("drop-module-quant-state", "stale-recovered-weight"),
+    # The first two break bitsandbytes' recovery only; the third FSDP2's reshard for every
+    # parameter, which the same-launch control must then share (-> torch).
+    controls=("drop-module-quant-state", "stale-recovered-weight", "keep-unsharded-after-reshard"),
 )
