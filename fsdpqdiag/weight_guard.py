@@ -196,7 +196,7 @@ class Guard:
 
     def _verify(self, module, entries: list[GuardedParam]) -> None:
         """The hot path, every forward of every guarded module: no import, string, lookup or
-        (on a GPU) host sync; per weight two kernels per chunk of ``guard_digest.CHUNK``."""
+        (on a GPU) host sync; per chunk of ``guard_digest.CHUNK`` a multiply and a sum."""
         self.forward_calls += 1
         for entry in entries:
             tensor = getattr(module, entry.param_name)
