@@ -56,20 +56,59 @@ def bit_words(tensor):
     return bits, 1
 
 
-def digest_words(words, start: int, table=None):
-    """Device int64 scalar: sum of ``wrap32(words[j] * m[start + j])``, no host sync."""
+def word_dtype(element_size: int):
+    """The integer word ``bit_words`` views an element of ``element_size`` bytes as."""
+    import torch
+
+    return {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int32}[element_size]
+
+
+def received_words(tensor, words):
+    """``bit_words`` for the guard's hot path: the tensor forward receives, viewed as ``words``
+    (``word_dtype``) with no import, lookup or copy where the tensor is contiguous."""
+    import torch
+
+    tensor = tensor.detach()
+    if type(tensor) is not torch.Tensor:
+        tensor = tensor.as_subclass(torch.Tensor)  # Params4bit & co.: the storage, not their ops
+    if not tensor.is_contiguous():
+        tensor = tensor.contiguous()
+    return tensor.view(-1).view(words)
+
+
+def digest_words(words, start: int, table=None, scratch=None):
+    """Device int64 scalar: sum of ``wrap32(words[j] * m[start + j])``, no host sync.
+
+    ``table``: the multipliers from position ``start`` on (else looked up); ``scratch``: an int32
+    buffer of at least ``min(words.numel(), CHUNK)`` elements for the products (CPU only: else
+    they are allocated)."""
     import torch
 
     count = words.numel()
-    table = multipliers(start + count, words.device) if table is None else table
-    sums = []
-    for begin in range(0, max(count, 1), CHUNK):
-        end = min(begin + CHUNK, count)
-        # int8/int16 * int32 promotes to int32 inside the one multiply kernel; never in place:
-        # the words are the weight itself.
-        product = words[begin:end] * table[start + begin : start + end]
-        sums.append(product.sum(dtype=torch.int64))
-    return sums[0] if len(sums) == 1 else torch.stack(sums).sum()
+    if table is None:
+        table = multipliers(start + count, words.device)[start:]
+    if count <= CHUNK:
+        return _product_sum(words, table if table.numel() == count else table[:count], scratch)
+    sums = [
+        _product_sum(words[begin : begin + CHUNK], table[begin : min(begin + CHUNK, count)], scratch)
+        for begin in range(0, count, CHUNK)
+    ]
+    return torch.stack(sums).sum()
+
+
+def _product_sum(words, table, scratch):
+    """``sum(wrap32(words * table))`` in int64. Never in place on ``words``: they are the weight.
+    ``sum()`` of int32 accumulates in int64 without the cast copy ``sum(dtype=int64)`` makes."""
+    import torch
+
+    if scratch is None:
+        # int8/int16 * int32 promotes to int32; on a GPU the cast is inside the one kernel.
+        return torch.mul(words, table).sum()
+    # On a CPU a mixed-dtype multiply casts through a temporary it allocates: copying the words
+    # into the int32 scratch (the same sign or zero extension) and multiplying there does not.
+    if scratch.numel() != words.numel():
+        scratch = scratch[: words.numel()]
+    return scratch.copy_(words).mul_(table).sum()
 
 
 def digest(tensor, start_element: int = 0):

@@ -45,6 +45,13 @@ class GuardedParam:
     last_step: int | None = None
     localize_pending: bool = False
     warned: bool = False
+    # The hot path's precomputed pieces (``Guard``): the torch dtype forward must receive, the
+    # word dtype its bits are viewed as, the multipliers of the unsharded tensor's words and (on
+    # a CPU) the int32 scratch its products are written into.
+    torch_dtype: Any = None
+    words: Any = None
+    table: Any = None
+    scratch: Any = None
 
     def shard(self):
         local = self.fsdp_param.sharded_param._local_tensor
@@ -171,6 +178,7 @@ def _digest_group(members: list[GuardedParam]) -> None:
     for entry in members:
         shard = entry.shard()
         entry.dtype = str(shard.dtype).removeprefix("torch.")
+        entry.torch_dtype = shard.dtype
         entry.shard_numel = shard.numel()
         digests.append(digest(shard, entry.start))
     # Where each shard lies never changes: it travels with the digests at set-up only.

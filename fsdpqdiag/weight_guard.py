@@ -29,8 +29,8 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fsdpqdiag.guard_digest import digest, host, signed
-from fsdpqdiag.guard_localize import localize, same_form, unlocalized
+from fsdpqdiag.guard_digest import digest, digest_words, host, received_words
+from fsdpqdiag.guard_localize import localize, unlocalized
 from fsdpqdiag.guard_params import GuardedParam, collect, digest_shards
 
 PARAM_CHOICES = ("quantized", "all")
@@ -105,6 +105,7 @@ class Guard:
         self.device = self.guarded[0].fsdp_param.sharded_param.device if self.guarded else torch.device("cpu")
         began = time.perf_counter()
         digest_shards(self.guarded)
+        self._prepare_hot_path()
         self.setup_s = time.perf_counter() - began
         by_module: dict[int, list[GuardedParam]] = {}
         for entry in self.guarded:
@@ -117,6 +118,33 @@ class Guard:
             self.handles.append(register_optimizer_step_post_hook(self._count_step))
         atexit.register(self._at_exit)
         self.write_state()
+
+    def _prepare_hot_path(self) -> None:
+        """What each verification needs, once: every entry's word dtype, multipliers (one table
+        per device, grown once, then views of it) and, on a CPU, its view of one int32 scratch
+        for the products. Not on a GPU: the caching allocator hands a freed block back as cheaply
+        and keeps it stream-safe, which one shared buffer would not be across streams."""
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        from fsdpqdiag.guard_digest import CHUNK, multipliers, word_dtype
+
+        self._dtensor = DTensor
+        counts: dict[Any, int] = {}
+        for entry in self.guarded:
+            entry.words = word_dtype(entry.torch_dtype.itemsize)
+            device = entry.fsdp_param.sharded_param.device
+            counts[device] = max(
+                counts.get(device, 0), entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
+            )
+        tables = {device: multipliers(count, device) for device, count in counts.items()}
+        cpu = torch.device("cpu")
+        scratch = torch.empty(min(counts.get(cpu, 0), CHUNK), dtype=torch.int32)
+        for entry in self.guarded:
+            device = entry.fsdp_param.sharded_param.device
+            count = entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
+            entry.table = tables[device][:count]
+            entry.scratch = scratch[: min(count, CHUNK)] if device == cpu else None
 
     # -- optimizer steps: counted, and trainable shards digested again --------------------
     def _steps_this_model(self, optimizer) -> bool:
@@ -167,19 +195,22 @@ class Guard:
         return verify
 
     def _verify(self, module, entries: list[GuardedParam]) -> None:
-        from torch.distributed.tensor import DTensor
-
+        """The hot path, every forward of every guarded module: no import, string, lookup or
+        (on a GPU) host sync; per chunk of ``guard_digest.CHUNK`` a multiply and a sum."""
         self.forward_calls += 1
         for entry in entries:
             tensor = getattr(module, entry.param_name)
-            if isinstance(tensor, DTensor):
+            if isinstance(tensor, self._dtensor):
                 continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
             entry.checks += 1
-            if entry.localize_pending or not same_form(entry, tensor):
+            if entry.localize_pending or tensor.dtype != entry.torch_dtype or tensor.numel() != entry.numel:
                 self._trip(entry, tensor, self.step)
                 continue
-            observed = digest(tensor, 0)
-            if observed.device.type == "cpu":
+            if tensor.device == entry.table.device:
+                observed = digest_words(received_words(tensor, entry.words), 0, entry.table, entry.scratch)
+            else:
+                observed = digest(tensor, 0)  # not where its shard lives: the general path
+            if observed.is_cpu:
                 if host(observed) != entry.expected:
                     self._trip(entry, tensor, self.step)
             else:
@@ -187,33 +218,32 @@ class Guard:
                 self.pending.append((entry, self.step, observed))
 
     def _drain(self, block: bool) -> None:
-        """Compare the digests taken on a GPU: launch this step's comparison and copy it to the
-        host without waiting; read the comparisons whose copy has landed (all, when ``block``)."""
+        """Compare the digests taken on a GPU: copy this step's to the host without waiting;
+        compare those whose copy has landed (all, when ``block``)."""
         import torch
 
         if self.pending:
-            entries = [(entry, step) for entry, step, _ in self.pending]
+            # The digests go to the host, not the expected ones to the GPU: a blocking copy from
+            # host memory synchronizes the stream, a full sync per step. Each is compared there
+            # with its expected digest of now (a trainable weight's changes after this step).
+            entries = [(entry, step, entry.expected) for entry, step, _ in self.pending]
             observed = torch.stack([value for _, _, value in self.pending])
-            expected = torch.tensor(
-                [signed(entry.expected) for entry, _ in entries], dtype=torch.int64, device=observed.device
-            )
-            differs = observed != expected
             # Into pinned memory: a copy to pageable host memory would wait for the GPU.
-            flags = torch.empty(differs.shape, dtype=torch.bool, pin_memory=True)
-            flags.copy_(differs, non_blocking=True)
+            digests = torch.empty(observed.shape, dtype=torch.int64, pin_memory=True)
+            digests.copy_(observed, non_blocking=True)
             event = torch.cuda.Event()
             event.record()
-            self.in_flight.append((entries, flags, event))
+            self.in_flight.append((entries, digests, event))
             self.pending = []
         still = []
-        for entries, flags, event in self.in_flight:
+        for entries, digests, event in self.in_flight:
             if block:
                 event.synchronize()
             elif not event.query():
-                still.append((entries, flags, event))
+                still.append((entries, digests, event))
                 continue
-            for (entry, step), differs in zip(entries, flags.tolist()):
-                if differs and entry.first_step is None:
+            for (entry, step, expected), value in zip(entries, digests.tolist()):
+                if host(value) != expected and entry.first_step is None:
                     # The bytes of that unshard are gone: localize at this module's next unshard.
                     entry.first_step = step
                     entry.localize_pending = True
