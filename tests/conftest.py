@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -22,6 +23,15 @@ sys.path.insert(0, str(ROOT))
 os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "fsdpqdiag-hypothesis")
 )
+
+# A suite started in the background (`cmd &` in a script, nohup, some CI runners) inherits
+# SIGINT and SIGHUP ignored, and so would every command the tests start: the tests that
+# interrupt a run would wait out their timeouts. Python's own dispositions, as a terminal
+# gives them; the test of an ignored SIGHUP ignores it itself.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 # Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
 SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]
