@@ -41,7 +41,7 @@ def watch(
     Example: fsdpqdiag watch --json w.json -- torchrun --nproc-per-node 2 train.py
     """
     from fsdpqdiag import watch as watching
-    from fsdpqdiag.faults import FAULTS
+    from fsdpqdiag.api import BadInput, check_inject
     from fsdpqdiag.render.table import findings_table
     from fsdpqdiag.weight_guard import ACTION_CHOICES, PARAM_CHOICES
 
@@ -51,8 +51,10 @@ def watch(
         raise fail(f"unknown --action {action!r} (known: {', '.join(ACTION_CHOICES)})")
     if every < 1:
         raise fail(f"--every must be at least 1, got {every}")
-    if inject is not None and inject not in FAULTS:
-        raise fail(f"unknown fault {inject!r} (known: {', '.join(FAULTS)})")
+    try:
+        check_inject(inject)  # the message every other command gives
+    except BadInput as exc:
+        raise fail(str(exc)) from None
     check_outputs(json_path, markdown_path)
     command = list(command or [])
     try:
