@@ -4,7 +4,7 @@ A probe is one module with its presentation, one registry line, its standalone s
 its tests. The parts nothing else would enforce are checked here: its key numbers and
 detail table, declared in its own module (so no renderer needs a branch for it), the faults
 that must flip it (its positive controls) and its reproducer. And the renderers name no
-probe and no command.
+probe and no command, and drawing a report imports no torch.
 """
 
 from __future__ import annotations
@@ -136,3 +136,38 @@ def test_renderers_import_no_torch():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# Reports whose results draw detail tables of their own (storage-dtype-mismatch's, the guard's).
+RENDERED = (
+    ("report", "reports/reproduce-ws2-cpu-2core-torch2.14.1-bnb0.50.2.json"),
+    ("report", "reports/watch-ws2-cpu-2core-torch2.14.1-bnb0.50.2-nan-canonicalize.json", "-f", "table"),
+    (
+        "compare",
+        "reports/reproduce-ws2-cpu-2core-torch2.13-bnb0.50.2.json",
+        "reports/reproduce-ws2-cpu-2core-torch2.14.1-bnb0.50.2.json",
+    ),
+)
+
+
+@pytest.mark.parametrize("argv", RENDERED, ids=[" ".join(argv[:1] + argv[-1:]) for argv in RENDERED])
+def test_drawing_a_report_from_the_command_line_imports_no_torch(argv):
+    """The renderers find presentations through every task module (fsdpqdiag.tasks): none of
+    them may pull in torch, bitsandbytes or transformers at import: reading a report must
+    need none of them installed, and not wait seconds for them to load."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv, code = ['fsdpqdiag', *{list(argv)!r}], None\n"
+        "try:\n"
+        "    runpy.run_module('fsdpqdiag', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    code = done.code\n"
+        "heavy = sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules)\n"
+        "print(f'exit {code} heavy {heavy}', file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("heavy []"), done.stderr
+    assert last.startswith(("exit 0", "exit 1")), done.stderr  # compare: 1 lists the differences
