@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from fsdpqdiag.config import LinearConfig, torch_dtype
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.report import NOT_VERIFIED, VERIFIED
 
@@ -249,6 +250,11 @@ def verdict(outcomes):
     )
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a workaround's verification reads: where it first diverged from the baseline."""
+    return f"first divergence: {evidence.get('first_divergence') or 'none'}"
+
+
 PROBE = Probe(
     name="fix-verify",
     description="train K steps with and without FSDP2 + a workaround; compare every bit",
@@ -259,4 +265,5 @@ PROBE = Probe(
     # and the comparison itself reads every sharded gradient and parameter with full_tensor()
     # (on one H200 with gloo, that is where every workaround's ranks died, ordinary tensors too).
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor", "DTensor.full_tensor()"),
+    presentation=Presentation(key_numbers),
 )

@@ -14,6 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
+from fsdpqdiag.presentation import Presentation, default_key_numbers
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, unfinished_rank
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
@@ -280,6 +281,19 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     return attribution.BITSANDBYTES, [said, "only the Params4bit path altered bytes", *evidence_said]
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: altered weights, the loss, and how full_tensor() ended."""
+    if "totals" not in evidence:  # the ranks ended before the totals
+        return default_key_numbers(evidence)
+    totals, ended = evidence["totals"], (evidence.get("full_tensor") or {})
+    return (
+        f"{totals['altered_modules']} of {totals['quantized_modules']} weights altered, "
+        f"{totals['differing_elements']} elements; "
+        f"loss {evidence.get('loss_before')} → {evidence.get('loss_after')}; "
+        f"full_tensor(): {ended.get('signal') or ended.get('status')}"
+    )
+
+
 PROBE = Probe(
     name="forensics",
     description="per-module byte forensics of a real quantized causal LM under FSDP2",
@@ -287,4 +301,5 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "transformers")),
     attribute=attribute,
+    presentation=Presentation(key_numbers),
 )

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from fsdpqdiag.config import LinearConfig
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
@@ -335,6 +336,13 @@ def verdict(outcomes):
     return Verdict(REPRODUCED, "; ".join(parts), evidence)
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: the first stage and the first op that alter bytes."""
+    stage = (evidence.get("first_altering_stage") or {}).get("stage")
+    op = (evidence.get("first_altering_op") or {}).get("stage")
+    return f"first altering stage: {stage or 'none'}; first altering op: {op or 'none'}"
+
+
 PROBE = Probe(
     name="localize",
     description=(
@@ -343,4 +351,5 @@ PROBE = Probe(
     run=run,
     verdict=verdict,
     needs=Needs(),
+    presentation=Presentation(key_numbers),
 )

@@ -1,61 +1,19 @@
 """What a probe gives the renderers to draw its result: plain data, no torch, no rich.
 
-A probe owns its presentation, beside it in ``fsdpqdiag/probes/presentation/<probe>.py``:
-a one-line ``key_numbers(evidence) -> str`` and, where its evidence is a table of its own,
-a ``detail(evidence) -> DetailTable``. The Markdown and rich renderers find it by the
-probe's name (:func:`of`) and draw any of them without knowing the probe.
+A probe owns its presentation, in its own module: a one-line ``key_numbers(evidence) -> str``
+and, where its evidence is a table of its own, a ``detail(evidence) -> DetailTable``, handed
+to its ``Probe`` as a :class:`Presentation`. The renderers find it by the probe name a result
+carries (``fsdpqdiag.tasks.presentation_of``) and draw any of them without knowing the probe.
 
-This module imports nothing of the package, and :func:`of` imports only the presentation
-modules, which import only this one: never the probe itself, its rank code or torch
-(``fix-verify``'s module imports torch at import time), and never anything that imports a
-renderer back. So renderers, probes and ranks may all use it without an import cycle.
+This module imports nothing of the package, so the probe modules that declare their
+presentation with it, the registry's composition and the renderers may all import it
+without an import cycle.
 """
 
 from __future__ import annotations
 
-import importlib
-from collections.abc import Sequence
-from dataclasses import dataclass
-from types import ModuleType
-
-PRESENTATIONS = "fsdpqdiag.probes.presentation"
-
-
-def module_name(probe: str) -> str:
-    """The module of a probe's presentation: its name with dashes as underscores."""
-    return f"{PRESENTATIONS}.{probe.replace('-', '_')}"
-
-
-def of(probe: str) -> ModuleType | None:
-    """The presentation of the probe named ``probe`` (as a report names it), or None where
-    it has none: a result of an older or foreign probe is drawn from its verdict alone."""
-    if not probe or not probe.replace("-", "").replace("_", "").isalnum():
-        return None
-    try:
-        return importlib.import_module(module_name(probe))
-    except ModuleNotFoundError as exc:
-        if exc.name != module_name(probe):  # the module exists, an import inside it failed
-            raise
-        return None
-
-
-def key_numbers(probe: str, evidence: dict) -> str:
-    """The few numbers of a result's evidence that matter, in one line of plain text, as the
-    probe named ``probe`` words them (its stages, or nothing, where it has no presentation)."""
-    return getattr(of(probe), "key_numbers", default_key_numbers)(evidence)
-
-
-def detail(probe: str, evidence: dict) -> DetailTable | None:
-    """The probe's own table of a result's evidence (a row per configuration it tried), or None."""
-    draw = getattr(of(probe), "detail", None)
-    return draw(evidence) if draw else None
-
-
-def sections(probe: str) -> dict[str, str]:
-    """Where the probe keeps the standard views of the weight under keys of its own: the
-    evidence key of each of "swap_target", "local_tensor", ... (its presentation's
-    ``SECTION_KEYS``); empty where it uses the standard keys."""
-    return dict(getattr(of(probe), "SECTION_KEYS", None) or {})
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field
 
 
 @dataclass(frozen=True)
@@ -125,3 +83,21 @@ def default_key_numbers(evidence: dict) -> str:
     if isinstance(evidence.get("stages"), dict):
         return "; ".join(f"{name}: {stage_summary(entry)}" for name, entry in evidence["stages"].items())
     return ""
+
+
+def no_detail(evidence: dict) -> DetailTable | None:
+    """A result whose evidence has no table of its own beside the summary row."""
+    return None
+
+
+# Compared by identity: a Probe (frozen, hashable) carries one, and its sections are a dict.
+@dataclass(frozen=True, eq=False)
+class Presentation:
+    """How a probe's result reads. The default is how a result of a probe without one, or of
+    an older or foreign probe, reads: from its verdict and its stages alone."""
+
+    key_numbers: Callable[[dict], str] = default_key_numbers
+    detail: Callable[[dict], DetailTable | None] = no_detail
+    # Where the probe keeps the standard views of the weight under keys of its own: the
+    # evidence key of each of "swap_target", "local_tensor", ...; empty where it uses those.
+    sections: Mapping[str, str] = field(default_factory=dict)

@@ -3,7 +3,8 @@
 A task is anything with a ``name`` that a rank can run (in practice a
 ``fsdpqdiag.probes.base.Probe``): the probes ``reproduce`` runs, and the rank tasks of the
 other commands (localize, forensics, matrix, fix verification, the stack preflight). A rank
-process gets a task's name in task.json and looks it up here.
+process gets a task's name in task.json and looks it up here. A report's result carries the
+same name, by which the renderers find how it reads (:func:`presentation`).
 
 This module imports nothing from the package, so every layer may import it without an
 import cycle. It is filled by ``fsdpqdiag.tasks``, the one module that imports every task
@@ -18,6 +19,9 @@ from typing import Any
 _TASKS: dict[str, Any] = {}
 # The probes `reproduce` runs by default, in the order they were registered.
 _REPRODUCE: list[str] = []
+# How results read that carry a probe name but no rank task wrote (the guard's, merged by
+# `watch`): a task's own presentation travels with the task.
+_PRESENTATIONS: dict[str, Any] = {}
 
 
 def register(task: Any, *, reproduce: bool = False) -> Any:
@@ -38,6 +42,25 @@ def unregister(name: str) -> None:
     _TASKS.pop(name, None)
     if name in _REPRODUCE:
         _REPRODUCE.remove(name)
+
+
+def present(name: str, presentation: Any) -> None:
+    """How the results that carry the probe name ``name`` read, where no rank task writes them.
+
+    A name already a task's, or already given, would leave two ways to read one result: refused.
+    """
+    if name in _TASKS or name in _PRESENTATIONS:
+        raise ValueError(f"results named {name!r} already have a presentation")
+    _PRESENTATIONS[name] = presentation
+
+
+def presentation(name: str) -> Any | None:
+    """How a result that carries the probe name ``name`` reads: its task's presentation, or
+    the one given with :func:`present`; None for a name nothing registered (an older or
+    foreign report's probe)."""
+    if name in _TASKS:
+        return getattr(_TASKS[name], "presentation", None)
+    return _PRESENTATIONS.get(name)
 
 
 def get_task(name: str) -> Any:

@@ -1,17 +1,20 @@
 """Every rank task, registered: adding a probe is one module and one line here.
 
 The composition of ``fsdpqdiag.registry``: this module imports every task module and
-registers its ``PROBE``. Nothing imports it but the composition roots, ``api`` and the rank
-process's entry ``fsdpqdiag.rank_main``, and the task modules import only below them
-(``probes.base``, ``outcome``, ``config``, ...), so it closes no import cycle
-(``tests/test_imports.py``). It lives outside ``fsdpqdiag.probes`` for that reason: the
-package's ``__init__`` runs whenever a task imports ``probes.base``.
+registers its ``PROBE``, which carries its presentation, and the presentation of the
+guard's results, which ``watch`` writes. It is imported by the composition roots, ``api``
+and the rank process's entry ``fsdpqdiag.rank_main``, and by the renderers, which find how
+a result reads by its probe's name (:func:`presentation_of`). The modules it imports import
+only below all of them (``probes.base``, ``presentation``, ``outcome``, ``config``, ...), so
+it closes no import cycle (``tests/test_imports.py``). It lives outside ``fsdpqdiag.probes``
+for that reason: the package's ``__init__`` runs whenever a task imports ``probes.base``.
 """
 
 from __future__ import annotations
 
-from fsdpqdiag import fix_verify, forensics, localize, preflight, registry
+from fsdpqdiag import fix_verify, forensics, localize, preflight, registry, watch
 from fsdpqdiag.matrix import task as matrix_cell
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes import (
     cpu_weight_repack,
     full_tensor_crash,
@@ -40,5 +43,14 @@ registry.register(matrix_cell.PROBE)
 registry.register(forensics.PROBE)
 registry.register(preflight.PROBE)
 
+# Results no rank task writes: the guard's, merged by `watch` from the processes it guarded.
+registry.present(watch.RESULT_KIND, watch.PRESENTATION)
+
 PROBES = registry.reproduce_probes()
 get_probe = registry.get_task
+
+
+def presentation_of(probe: str) -> Presentation:
+    """How a result that carries the probe name ``probe`` reads; a result of an older or
+    foreign probe reads from its verdict alone (the default presentation)."""
+    return registry.presentation(probe) or Presentation()

@@ -23,11 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag.presentation import Column, DetailTable, Presentation
 from fsdpqdiag.report import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
 from fsdpqdiag.verdict import VerdictKind
 
-# The probe name a guard's results carry in a report; its presentation is
-# probes/presentation/guard.py.
+# The probe name a guard's results carry in a report. No rank task writes them, so the
+# renderers find PRESENTATION (at the end) by this name through fsdpqdiag.tasks.
 RESULT_KIND = "guard"
 
 SITE_DIR = Path(__file__).with_name("_watch_site")
@@ -328,3 +329,46 @@ def _verdict(
     if evidence["errors"]:
         summary += f"; {len(evidence['errors'])} guard error(s), those weights unverified"
     return NOT_REPRODUCED, summary
+
+
+# The module and its first step are always shown; a narrow console drops the post bits first.
+DETAIL_COLUMNS = (
+    Column("module"),
+    Column("first step"),
+    Column("ranks", priority=2),
+    Column("elements", priority=1),
+    Column("post bits", priority=3),
+)
+
+
+def key_numbers(evidence: dict) -> str:
+    """How a guard result reads: how many guarded weights were altered, from which optimizer step."""
+    if "modules" not in evidence:
+        return ""
+    first = evidence.get("first_step")
+    return (
+        f"{evidence['altered_modules']} of {evidence['guarded']} guarded weights altered, first at step "
+        f"{first if first is not None else '–'}; {evidence['checks']} checks over "
+        f"{evidence['steps']} optimizer steps"
+    )
+
+
+def detail(evidence: dict) -> DetailTable | None:
+    """A row per altered module."""
+    modules = evidence.get("modules")
+    if not modules:
+        return None
+    return DetailTable(DETAIL_COLUMNS, [_cells(m) for m in modules])
+
+
+def _cells(module: dict) -> list[str]:
+    return [
+        module["module"],
+        str(module["first_step"]),
+        ", ".join(map(str, module["ranks"])),
+        str(module["differing_elements"]),
+        ", ".join(module["post_bit_patterns"]) or module.get("reason") or "–",
+    ]
+
+
+PRESENTATION = Presentation(key_numbers, detail)

@@ -2,8 +2,9 @@
 
 A probe is one module with its presentation, one registry line, its standalone script and
 its tests. The parts nothing else would enforce are checked here: its key numbers and
-detail table (so no renderer needs a branch for it), the faults that must flip it (its
-positive controls) and its reproducer. And the renderers name no probe and no command.
+detail table, declared in its own module (so no renderer needs a branch for it), the faults
+that must flip it (its positive controls) and its reproducer. And the renderers name no
+probe and no command, and drawing a report imports no torch.
 """
 
 from __future__ import annotations
@@ -15,10 +16,11 @@ import sys
 
 import pytest
 
-from fsdpqdiag import presentation
+from fsdpqdiag import presentation, registry
 from fsdpqdiag.faults import FAULTS
+from fsdpqdiag.probes.base import Probe
 from fsdpqdiag.registry import all_tasks
-from fsdpqdiag.tasks import PROBES
+from fsdpqdiag.tasks import PROBES, presentation_of
 
 from .conftest import ROOT
 
@@ -32,13 +34,23 @@ def _probe_names_in_reports() -> set[str]:
     return {result["probe"] for path in REPORTS for result in json.loads(path.read_text())["results"]}
 
 
-@pytest.mark.parametrize("name", sorted(PROBES))
-def test_probe_has_its_presentation(name):
-    probe = PROBES[name]
-    module = probe.presentation
-    assert module is not None, f"{name} has no {presentation.module_name(name)}"
-    assert callable(getattr(module, "key_numbers", None)), f"{module.__name__} has no key_numbers"
-    assert module is presentation.of(name)  # what the renderers find is what the probe carries
+def _module_of(probe: Probe):
+    """The module whose PROBE it is."""
+    return next(m for m in list(sys.modules.values()) if getattr(m, "PROBE", None) is probe)
+
+
+@pytest.mark.parametrize("name", sorted(set(all_tasks()) - INTERNAL_TASKS))
+def test_probe_has_its_presentation_in_its_own_module(name):
+    probe = all_tasks()[name]
+    module = _module_of(probe)
+    declared = probe.presentation
+    assert declared is not Probe.__dataclass_fields__["presentation"].default, (
+        f"{module.__name__} gives its PROBE no presentation"
+    )
+    assert callable(declared.key_numbers), f"{module.__name__}: no key_numbers"
+    # Where the module words its key numbers, they are the ones its probe carries.
+    assert getattr(module, "key_numbers", declared.key_numbers) is declared.key_numbers
+    assert presentation_of(name) is declared  # what the renderers find is what the probe carries
     # A rank that died before measuring leaves sparse evidence: the result must still render.
     assert isinstance(probe.key_numbers({}), str)
     assert probe.detail({}) is None or isinstance(probe.detail({}), presentation.DetailTable)
@@ -63,27 +75,28 @@ def test_probe_declares_a_standalone_script_that_exists(name):
 def test_every_result_of_a_committed_report_has_a_presentation():
     """The rank tasks of other commands (matrix cells, fix-verify, ...) word their key
     numbers the same way; a name a report holds that no probe presents would render blank."""
-    missing = [name for name in sorted(_probe_names_in_reports()) if presentation.of(name) is None]
+    missing = [name for name in sorted(_probe_names_in_reports()) if registry.presentation(name) is None]
     assert not missing, f"no presentation for {missing}"
 
 
-def test_every_presentation_belongs_to_a_probe():
-    from fsdpqdiag.watch import RESULT_KIND as GUARD_RESULTS  # written by watch, not launched
+def test_the_guards_results_have_a_presentation_without_being_a_task():
+    from fsdpqdiag import watch  # written by watch, not launched
 
-    known = set(PROBES) | set(all_tasks()) | {GUARD_RESULTS}
-    modules = sorted(path.stem for path in (ROOT / "fsdpqdiag/probes/presentation").glob("*.py"))
-    orphans = [m for m in modules if m != "__init__" and m.replace("_", "-") not in known]
-    assert not orphans, f"presentations of no registered probe or task: {orphans}"
-    for name in sorted(known - INTERNAL_TASKS):
-        assert presentation.of(name) is not None, f"{name} has no presentation"
+    assert watch.RESULT_KIND not in all_tasks()
+    assert presentation_of(watch.RESULT_KIND) is watch.PRESENTATION
+    with pytest.raises(ValueError, match="already have a presentation"):
+        registry.present(watch.RESULT_KIND, presentation.Presentation())
+    with pytest.raises(ValueError, match="already have a presentation"):
+        registry.present("nan-canonicalization", presentation.Presentation())
 
 
 def test_a_result_of_an_unknown_probe_renders_from_its_verdict_alone():
-    # an older or foreign report's probe; a name is never a path to import
+    # an older or foreign report's probe, or a name that only looks like a module path
     for name in ("no-such-probe", "", "..render", "os.path", "probe-batch"):
-        assert presentation.of(name) is None
-        assert presentation.detail(name, {"rows": [{}]}) is None
-    assert presentation.key_numbers("no-such-probe", {"stages": {"load": {"ok": True}}}) == "load: ok"
+        assert registry.presentation(name) is None
+        assert presentation_of(name).detail({"rows": [{}]}) is None
+        assert not presentation_of(name).sections
+    assert presentation_of("no-such-probe").key_numbers({"stages": {"load": {"ok": True}}}) == "load: ok"
 
 
 def _command_names() -> set[str]:
@@ -123,3 +136,38 @@ def test_renderers_import_no_torch():
         [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120, check=True
     )
     assert done.stdout.strip() == "[]", done.stdout + done.stderr
+
+
+# Reports whose results draw detail tables of their own (storage-dtype-mismatch's, the guard's).
+RENDERED = (
+    ("report", "reports/reproduce-ws2-cpu-2core-torch2.14.1-bnb0.50.2.json"),
+    ("report", "reports/watch-ws2-cpu-2core-torch2.14.1-bnb0.50.2-nan-canonicalize.json", "-f", "table"),
+    (
+        "compare",
+        "reports/reproduce-ws2-cpu-2core-torch2.13-bnb0.50.2.json",
+        "reports/reproduce-ws2-cpu-2core-torch2.14.1-bnb0.50.2.json",
+    ),
+)
+
+
+@pytest.mark.parametrize("argv", RENDERED, ids=[" ".join(argv[:1] + argv[-1:]) for argv in RENDERED])
+def test_drawing_a_report_from_the_command_line_imports_no_torch(argv):
+    """The renderers find presentations through every task module (fsdpqdiag.tasks): none of
+    them may pull in torch, bitsandbytes or transformers at import: reading a report must
+    need none of them installed, and not wait seconds for them to load."""
+    script = (
+        "import runpy, sys\n"
+        f"sys.argv, code = ['fsdpqdiag', *{list(argv)!r}], None\n"
+        "try:\n"
+        "    runpy.run_module('fsdpqdiag', run_name='__main__')\n"
+        "except SystemExit as done:\n"
+        "    code = done.code\n"
+        "heavy = sorted(m for m in ('torch', 'bitsandbytes', 'transformers') if m in sys.modules)\n"
+        "print(f'exit {code} heavy {heavy}', file=sys.stderr)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", script], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.endswith("heavy []"), done.stderr
+    assert last.startswith(("exit 0", "exit 1")), done.stderr  # compare: 1 lists the differences

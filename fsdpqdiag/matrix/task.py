@@ -16,6 +16,7 @@ from typing import Any
 
 from fsdpqdiag.matrix.cells import MP_POLICIES, Cell, cell_verdict
 from fsdpqdiag.matrix.record import append_line
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 
 NAME = "matrix"
@@ -282,6 +283,12 @@ def cell_attribution(row: dict) -> tuple[str, list[str]]:
     return attribution.BITSANDBYTES, [control_said, "only the Params4bit path altered bytes", said]
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a cell reads: its loss against the unsharded baseline, and the differing elements."""
+    loss, baseline = evidence.get("loss_fsdp2"), evidence.get("loss_baseline")
+    return f"loss {loss} vs {baseline}; differing {evidence.get('differing_elements')}"
+
+
 PROBE = Probe(
     NAME,
     "the configuration-invariance sweep of #1945: one cell",
@@ -289,4 +296,5 @@ PROBE = Probe(
     verdict,
     Needs(("bitsandbytes",)),
     attribute=cell_attribution,
+    presentation=Presentation(key_numbers),
 )

@@ -11,16 +11,12 @@ from __future__ import annotations
 import importlib.util
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from fsdpqdiag.config import RunConfig
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import DetailTable, Presentation
 from fsdpqdiag.report import CRASHED, ERROR, TIMEOUT
-
-if TYPE_CHECKING:
-    from types import ModuleType
-
-    from fsdpqdiag.presentation import DetailTable
 
 
 @dataclass(frozen=True)
@@ -72,25 +68,17 @@ class Probe:
     # verdict (tests/test_probe_contract.py checks they exist; the probe's tests flip it).
     controls: tuple[str, ...] = ()
 
-    @property
-    def presentation(self) -> ModuleType | None:
-        """How its result reads: fsdpqdiag/probes/presentation/<its name>.py, found by name as
-        the renderers find it (they may not import the probe itself; see that package)."""
-        from fsdpqdiag.presentation import of
-
-        return of(self.name)
+    # How its result reads: key numbers, its own table (see fsdpqdiag.presentation). The
+    # renderers find it by the probe name a result carries, never by naming the probe.
+    presentation: Presentation = Presentation()
 
     def key_numbers(self, evidence: dict[str, Any]) -> str:
         """The few numbers of its evidence that matter, in one line of plain text."""
-        from fsdpqdiag import presentation
-
-        return presentation.key_numbers(self.name, evidence)
+        return self.presentation.key_numbers(evidence)
 
     def detail(self, evidence: dict[str, Any]) -> DetailTable | None:
         """Its own table of the evidence (a row per configuration it tried), or None."""
-        from fsdpqdiag import presentation
-
-        return presentation.detail(self.name, evidence)
+        return self.presentation.detail(evidence)
 
 
 def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) -> Verdict | None:

@@ -20,6 +20,7 @@ from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation, default_key_numbers
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
@@ -182,6 +183,17 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     return Verdict(REPRODUCED, f"{detail}; {where}{flag}", evidence)
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: which path bitsandbytes took, and each forward."""
+    if "forwards" not in evidence:  # the run ended before its forwards
+        return default_key_numbers(evidence)
+    path = "repack" if evidence.get("repack_path") else "dequantize"
+    return f"{path} path; " + "; ".join(
+        f"forward {i + 1}: bytes equal {f['received']['bytes_equal']}, max |Δy| {f['max_abs_delta']}"
+        for i, f in enumerate(evidence["forwards"])
+    )
+
+
 PROBE = Probe(
     name="cpu-weight-repack",
     description="bitsandbytes' in-place CPU weight repack under FSDP2: bytes and output across forwards",
@@ -192,4 +204,5 @@ PROBE = Probe(
     attribute=attribute,
     # On the path where nothing breaks (FSDPQDIAG_BNB_CPU_REPACK=off), it must flip the probe.
     controls=("nan-canonicalize",),
+    presentation=Presentation(key_numbers),
 )

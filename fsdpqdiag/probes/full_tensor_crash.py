@@ -11,7 +11,9 @@ from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
+from fsdpqdiag.probes.nan_canonicalization import key_numbers
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
 CALLS = ("full_tensor()", "redistribute([Replicate()])")
@@ -99,4 +101,6 @@ PROBE = Probe(
     attribute=attribute,
     # Each kills the ranks inside full_tensor()/redistribute(): CRASHED, not NOT REPRODUCED.
     controls=("segfault", "abort", "oom-kill"),
+    # It reads as Mechanism A's result: the bytes of the same views of the weight.
+    presentation=Presentation(key_numbers),
 )

@@ -25,6 +25,7 @@ byte-true stack gives bit-equal outputs and gradients.
 from __future__ import annotations
 
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation, default_key_numbers
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.int8_params_setup import STAGES
 from fsdpqdiag.probes.int8_params_stages import run
@@ -116,4 +117,6 @@ PROBE = Probe(
     # Its backward reduce-scatters the LoRA gradients.
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
     controls=("cast-mismatched-storage",),
+    # It reads as its stages, each ok, altered, raised or not run: the default key numbers.
+    presentation=Presentation(default_key_numbers),
 )

@@ -18,6 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation, bytes_summary
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.moe_expert_quant_setup import STORAGE_VIEWS
 from fsdpqdiag.probes.moe_expert_quant_setup import Stages as Stages  # re-exported: tests drive it
@@ -168,6 +169,29 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     return attribution.UNDETERMINED, [said] + ([f"first failing stage: {stage}"] if stage else [])
 
 
+# How the key numbers name each of the STORAGE_VIEWS.
+VIEW_LABELS = {"forward": "in forward", "local": "shard", "unsharded": "after unshard"}
+# The expert storage stands for the packed weight of the summary table: what dequantize
+# receives in forward is its swap target, the rank's shard its _local_tensor.
+SECTION_KEYS = {"swap_target": "expert_storage_forward", "local_tensor": "expert_storage_local"}
+
+
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: loss against the baseline, the expert storage's bytes in each
+    view, LoRA gradients, the first failed stage."""
+    loss = evidence.get("loss", "– (no forward)")
+    parts = [f"loss {loss} vs baseline {evidence.get('baseline_loss', '–')}"]
+    parts += [
+        f"experts {label}: {bytes_summary(evidence.get(f'expert_storage_{view}'))}"
+        for view, label in VIEW_LABELS.items()
+    ]
+    grads = evidence.get("lora_grads")
+    if grads:
+        parts.append(f"LoRA grads bit-equal {grads['bit_equal']}/{grads['trainable']}")
+    parts += [f"{f['stage']} failed: {f['exception']}" for f in evidence.get("failures", [])[:1]]
+    return "; ".join(parts)
+
+
 PROBE = Probe(
     name="moe-expert-quant",
     description="Qwen3-MoE fused 3-D experts quantized via bnb parametrize + LoRA under fully_shard: "
@@ -180,4 +204,5 @@ PROBE = Probe(
     # Its backward reduce-scatters the LoRA gradients.
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
     controls=("swap-packed-nibbles",),
+    presentation=Presentation(key_numbers, sections=SECTION_KEYS),
 )

@@ -13,6 +13,7 @@ from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation, bytes_summary
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree, unfinished_rank
 from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
@@ -156,6 +157,18 @@ def _output_recast(evidence: dict) -> bool:
     return evidence.get("reference_dtype") != evidence.get("observed_dtype")
 
 
+# The evidence sections of the weight's views, in the order a reader follows the weight.
+SECTIONS = ("swap_target", "local_tensor", "full_tensor", "full_tensor()", "redistribute([Replicate()])")
+
+
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: the bytes of each view of the packed weight."""
+    parts = [f"{name}: {bytes_summary(evidence.get(name))}" for name in SECTIONS if name in evidence]
+    if "max_abs_delta" in evidence:
+        parts.append(f"max |Δy| {evidence['max_abs_delta']}")
+    return "; ".join(parts)
+
+
 PROBE = Probe(
     name="nan-canonicalization",
     description="Mechanism A: does the weight Linear4bit.forward sees after fully_shard keep every byte?",
@@ -165,4 +178,5 @@ PROBE = Probe(
     standalone="reproducers/nan_canonicalization.py",
     attribute=attribute,
     controls=("nan-canonicalize",),
+    presentation=Presentation(key_numbers),
 )

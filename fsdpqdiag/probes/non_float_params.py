@@ -14,6 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
 
@@ -65,6 +66,22 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
     return Verdict(NOT_REPRODUCED, f"after unshard {detail}; dtype and every byte preserved", evidence)
 
 
+INTEGER_PARAMS = ("u8", "i8")
+
+
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: fully_shard's refusal, or each integer parameter's dtype and
+    bytes after unshard."""
+    refusal = evidence.get("fully_shard") or {}
+    if refusal.get("status") == "raised":
+        return f"fully_shard raised {refusal['error']} ({refusal.get('fsdp_frame') or refusal.get('where')})"
+    return "; ".join(
+        f"{name}: {evidence[name]['unsharded_dtype']}, bytes equal {evidence[name].get('bytes_equal')}"
+        for name in INTEGER_PARAMS
+        if name in evidence
+    )
+
+
 PROBE = Probe(
     name="non-float-params",
     description="uint8/int8 frozen params beside float ones under fully_shard + bf16: dtype and bytes kept?",
@@ -74,4 +91,5 @@ PROBE = Probe(
     standalone="reproducers/non_float_params.py",
     attribute=attribute,
     controls=("cast-integer-params", "refuse-integer-params"),
+    presentation=Presentation(key_numbers),
 )

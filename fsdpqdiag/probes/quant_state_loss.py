@@ -17,6 +17,7 @@ from typing import Any
 
 from fsdpqdiag.config import LinearConfig
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.quant_state_loss_control import (
     CONTROL,
@@ -355,6 +356,24 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     return attribution.UNDETERMINED, [said, "the recovery kept quant_state and FSDP2's storage"]
 
 
+def key_numbers(evidence: dict) -> str:
+    """How a result reads: what forward got, what the recovery did, and after."""
+    handed, recovery = evidence.get("forward_weight") or {}, evidence.get("recovery") or {}
+    reshard, update = evidence.get("after_reshard") or {}, evidence.get("after_update") or {}
+    parts = [
+        f"forward gets {handed.get('type')} quant_state={handed.get('has_quant_state')}",
+        f"recovered={recovery.get('restored')} replaced weight={recovery.get('replaced_module_weight')} "
+        f"shares FSDP2 storage={recovery.get('uses_fsdp_storage')}",
+    ]
+    if (evidence.get("forward") or {}).get("error"):
+        parts.append(f"forward raised {evidence['forward']['error']}")
+    if reshard:
+        parts.append(f"freed on reshard={reshard.get('memory_freed')}")
+    if update:
+        parts.append(f"stale after update={update.get('stale')}")
+    return "; ".join(parts)
+
+
 PROBE = Probe(
     name="quant-state-loss",
     description="Linear4bit under fully_shard: quant_state kept or recovered, weight still FSDP2's?",
@@ -366,4 +385,5 @@ PROBE = Probe(
     # The first two break bitsandbytes' recovery only; the third FSDP2's reshard for every
     # parameter, which the same-launch control must then share (-> torch).
     controls=("drop-module-quant-state", "stale-recovered-weight", "keep-unsharded-after-reshard"),
+    presentation=Presentation(key_numbers),
 )

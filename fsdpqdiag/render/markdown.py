@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import json
 
-from fsdpqdiag import presentation
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
 from fsdpqdiag.report import Report
+from fsdpqdiag.tasks import PROBES, presentation_of
 
 GITHUB_COMMENT_LIMIT = 65_536
 
@@ -32,7 +32,7 @@ def _key_numbers(r) -> str:
     ev = r.evidence
     if ev.get("failed_preconditions"):  # UNSUPPORTED: the probe was not run
         return "failed in preflight: " + ", ".join(c["name"] for c in ev["failed_preconditions"])
-    return presentation.key_numbers(r.probe, ev).replace("|", "\\|")
+    return presentation_of(r.probe).key_numbers(ev).replace("|", "\\|")
 
 
 def _md_row(cells) -> str:
@@ -40,8 +40,6 @@ def _md_row(cells) -> str:
 
 
 def _reproduce_lines(report: Report) -> list[str]:
-    from fsdpqdiag.tasks import PROBES
-
     lines = [f"    fsdpqdiag {' '.join(report.argv) if report.argv else report.command}"]
     scripts = sorted(
         {
@@ -98,7 +96,7 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
             head.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
         else:
             head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
-        table = presentation.detail(r.probe, r.evidence)
+        table = presentation_of(r.probe).detail(r.evidence)
         if table is not None:  # the probe's own table, e.g. a row per configuration it tried
             headers = [column.header for column in table.columns]
             head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]

@@ -5,10 +5,11 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.presentation import Alarm, detail, key_numbers, sections
+from fsdpqdiag.presentation import Alarm
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report import Report
+from fsdpqdiag.tasks import presentation_of
 from fsdpqdiag.verdict import STYLE
 
 VERDICT_STYLE = STYLE
@@ -49,7 +50,7 @@ def detail_tables(report: Report, wide: bool = False) -> list[FittedTable]:
     configuration it tried); a cell marked as an alarm is drawn in red."""
     tables = []
     for result in report.results:
-        table = detail(result.probe, result.evidence)
+        table = presentation_of(result.probe).detail(result.evidence)
         if table is None:
             continue
         title = Text(f"{_probe_label(result)} (ws={result.world_size})", style="italic")
@@ -85,7 +86,7 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
         ev = result.evidence
         # Where a probe keeps a view of the weight under its own key, its presentation says
         # which (fused expert storage: what dequantize receives in forward is its swap target).
-        views = sections(result.probe)
+        views = presentation_of(result.probe).sections
         rows.append(
             [
                 Text(_probe_label(result)),
@@ -123,7 +124,7 @@ def findings_table(report: Report, wide: bool = False) -> Group:
             str(result.world_size),
             f"{result.device}/{result.backend}",
             Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
-            key_numbers(result.probe, result.evidence) or "–",
+            presentation_of(result.probe).key_numbers(result.evidence) or "–",
         ]
         for result in report.results
     ]
