@@ -110,3 +110,36 @@ def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(run_cli, ws)
     # the unfixed row is the stack's answer: its evidence must only be self-consistent
     unfixed = rows["none"]["evidence"]
     assert unfixed["int8_scb_saved"] == (not any(k.endswith("SCB") for k in unfixed["int8_keys_missing"]))
+
+
+def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(monkeypatch):
+    # The workarounds of one world size share a launch; a workaround whose undo left a patch
+    # behind would have changed the runs after it in that launch.
+    from fsdpqdiag import batch
+    from fsdpqdiag.api import commands
+    from fsdpqdiag.report import ProbeResult
+
+    def shared_launch_result(restored):
+        return ProbeResult(
+            "fix-verify", "VERIFIED", 1, "cpu", "gloo", {}, None, "", {"restored_after_undo": restored}
+        )
+
+    keys = ["none on linear", "leaky on linear", "after on linear", "last on linear"]
+    items = [batch.Item(key, "fix-verify", {"workaround": key.split()[0]}) for key in keys]
+    ran = {key: shared_launch_result(key != "leaky on linear") for key in keys}
+    relaunched = []
+
+    def own_launch(task, config, run, checked):
+        relaunched.append(config["workaround"])
+        return f"{config['workaround']} in its own launch"
+
+    monkeypatch.setattr(commands, "_run_checked", own_launch)
+    commands._rerun_after_an_unrestored_undo(items, ran, run=None, checked={})
+    assert relaunched == ["after", "last"]
+    assert ran["after on linear"] == "after in its own launch"
+    assert ran["leaky on linear"].evidence["restored_after_undo"] is False  # its own row stays
+    assert ran["none on linear"].verdict == "VERIFIED"
+    ran_clean = {key: shared_launch_result(True) for key in keys}
+    relaunched.clear()
+    commands._rerun_after_an_unrestored_undo(items, ran_clean, run=None, checked={})
+    assert relaunched == []

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from fsdpqdiag import batch
 from fsdpqdiag.api.checks import (
     BadInput,
     _check_storage_pairs,
@@ -20,6 +21,8 @@ from fsdpqdiag.api.running import (
     _run_checked,
     preflight,
     run_checked,
+    run_items_checked,
+    run_probe,
 )
 from fsdpqdiag.config import LinearConfig, RunConfig
 from fsdpqdiag.report import Report
@@ -138,17 +141,38 @@ def fix(
         if model_targets
         else {"linear": dataclasses.asdict(LinearConfig())}
     )
+    items = [
+        batch.Item(f"{w} on {target}", "fix-verify", {"workaround": w, "target": target, "steps": steps})
+        for target in targets
+        for w in ["none", *names]
+    ]
     results, checks = [], []
     for run in runs:
-        checked = preflight(run, subject, on_progress)
+
+        def on_start(key: str, run: RunConfig = run) -> None:
+            if on_progress:
+                on_progress(f"{key} at world size {run.world_size}")
+
+        ran, checked = run_items_checked(items, run, subject, on_start)
         checks.append(checked)
-        for target in targets:
-            for name in ["none", *names]:
-                if on_progress:
-                    on_progress(f"{name} on {target} at world size {run.world_size}")
-                config = {"workaround": name, "target": target, "steps": steps}
-                results.append(_run_checked("fix-verify", config, run, checked))
+        _rerun_after_an_unrestored_undo(items, ran, run, checked)
+        results.extend(ran[item.key] for item in items)
     return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+
+
+def _rerun_after_an_unrestored_undo(items: list, ran: dict, run: RunConfig, checked: dict | None) -> None:
+    """The workarounds share a launch, each undone before the next is applied. One whose undo
+    left bitsandbytes or FSDP2 patched (``restored_after_undo`` false) would have changed the
+    runs after it: those are run again, each in a launch of its own."""
+    keys = [item.key for item in items]
+    unrestored = [k for k in keys if ran[k].evidence.get("restored_after_undo") is False]
+    if not unrestored:
+        return
+    for item in items[keys.index(unrestored[0]) + 1 :]:
+        if checked is not None:
+            ran[item.key] = _run_checked(item.task, item.config, run, checked)
+        else:
+            ran[item.key] = run_probe(item.task, item.config, run)
 
 
 def forensics(
