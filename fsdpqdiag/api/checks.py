@@ -54,10 +54,12 @@ def visible_gpus() -> int:
 def resolve_device(requested: str) -> str:
     if requested not in DEVICES:
         raise BadInput(f"unknown device {requested!r} (known: {', '.join(DEVICES)})")
+    if requested == "cpu":  # asking torch would import it, seconds before any rank needs it
+        return requested
     gpus = visible_gpus()
     if requested == "auto":
         return "cuda" if gpus else "cpu"
-    if requested == "cuda" and gpus == 0:
+    if gpus == 0:
         raise BadInput("--device cuda, but no CUDA GPU is visible")
     return requested
 
@@ -123,14 +125,20 @@ def _runs(
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     check_inject(inject)
+    if backend not in BACKENDS:
+        raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    for world_size in world_sizes:
+        if world_size < 1:
+            raise BadInput(f"--ws must be >= 1, got {world_size}")
+    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
+    # Last: where the device is "auto" or "cuda", resolving it imports torch.
     resolved = resolve_device(device)
     resolved_backend = resolve_backend(backend, resolved)
     sizes = merged(world_sizes) or [default_world_size(resolved)]
     for world_size in sizes:
         check_world_size(world_size, resolved, resolved_backend)
-    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
     return [
         RunConfig(
             world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend

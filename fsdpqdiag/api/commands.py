@@ -43,14 +43,15 @@ def reproduce(
     one launch (relaunching after a probe that kills it)."""
     from fsdpqdiag import env
 
-    require_stack()
     linear = _linear(linear)
     names = check_probes(probes)
     if "storage-dtype-mismatch" in names:
         _check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
     results, checks = [], []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
 
         def on_start(name: str, run: RunConfig = run) -> None:
             if on_progress:
@@ -75,7 +76,6 @@ def localize(
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
     from fsdpqdiag import env
 
-    require_stack()
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
     # packed bf16 storage; a smaller layer would replay without them and prove nothing.
@@ -87,6 +87,7 @@ def localize(
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
     results, checks = [], []
     for run in runs:
         if on_progress:
@@ -114,7 +115,6 @@ def fix(
     from fsdpqdiag import env, fixes
     from fsdpqdiag.fix_verify import TARGETS
 
-    require_stack()
     names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
     targets = merged(targets)
     for name in names:
@@ -128,6 +128,7 @@ def fix(
     from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
     for target in targets:
         if target in PRESETS:
             try:
@@ -196,12 +197,12 @@ def forensics(
     from fsdpqdiag.config import QUANT_TYPES
     from fsdpqdiag.models import ModelSourceError, resolve_model
 
-    require_stack()
     if bits not in (4, 8):
         raise BadInput(f"--bits must be 4 or 8, got {bits}")
     if quant_type not in QUANT_TYPES:
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:
@@ -240,8 +241,8 @@ def doctor(
     test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
     from fsdpqdiag.models import ModelSourceError, resolve_model
 
-    require_stack()
     (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    require_stack()
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:

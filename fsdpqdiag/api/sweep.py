@@ -49,7 +49,6 @@ def matrix(
     from fsdpqdiag import env
     from fsdpqdiag.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
-    require_stack()
     recovered = None
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
         raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
@@ -71,6 +70,7 @@ def matrix(
     writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
     if out_dir is not None and resume is None and writes_record:
         _check_new_sweep_dir(Path(out_dir))
+    require_stack()
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank
     except ModelSourceError as exc:
