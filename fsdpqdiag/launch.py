@@ -5,6 +5,7 @@ them under a timeout, and turns every way a rank can end into data: a result, an
 exception (ERROR), a signal (CRASHED), a hang (TIMEOUT) or a kill because a peer died
 first (ABORTED). Every child runs in its own process session and is reaped on every path,
 Ctrl-C included, so the caller never dies with its ranks and nothing is left behind.
+How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``.
 
 When the current process already is a rank of a launched job (torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK), ``run_task`` runs the probe in-process on that job instead;
@@ -13,7 +14,6 @@ ranks then cannot be isolated from a crash, which the README says.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,14 +21,14 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from fsdpqdiag.config import RankTask
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
@@ -39,107 +39,6 @@ PORT_RETRIES = 3
 # line; the frames kept in a result are those of the thread the signal hit, innermost first.
 FAULTHANDLER_HEADER = "Fatal Python error:"
 PYTHON_STACK_MAX_FRAMES = 30
-
-
-# SIGTERM (timeout, Slurm, Kubernetes) and SIGHUP (a closed terminal) end a run the way
-# Ctrl-C does: ranks killed and reaped, the launch directory removed, nothing half-written;
-# the exit code is 128 + the signal's number (130, 143, 129).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Python raises KeyboardInterrupt for SIGINT, so every
-    path that cleans up after Ctrl-C cleans up after them too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_signal_of(exc: BaseException) -> int:
-    """The signal that raised ``exc`` (a KeyboardInterrupt): SIGINT unless it says otherwise."""
-    return getattr(exc, "signum", signal.SIGINT)
-
-
-def _stop_exception(signum: int) -> KeyboardInterrupt:
-    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
-
-
-# The signal the process-wide handler saw last: the CLI reads it where typer has already
-# turned the exception into its own exit 130.
-_stop_received: int | None = None
-
-
-def raise_stop(signum, frame) -> None:
-    """The process-wide SIGTERM/SIGHUP handler the CLI installs (see ``install_stop_handlers``)."""
-    global _stop_received
-    _stop_received = signum
-    raise Stopped(signum)
-
-
-def install_stop_handlers() -> None:
-    """SIGTERM and SIGHUP raise ``Stopped`` from now on, where their action is the default
-    (a SIGHUP ignored by nohup stays ignored)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, raise_stop)
-
-
-def stop_received() -> int | None:
-    return _stop_received
-
-
-# A stop must never be lost. Python raises KeyboardInterrupt between bytecodes, and when that
-# happens inside one of the at-fork callbacks subprocess.Popen runs (logging's _releaseLock),
-# the exception is printed as "Exception ignored" and dropped: a sweep interrupted while
-# spawning a rank ran on to the end (seen about one run in three). The latch remembers the
-# signal, and the launch loop raises it again at its next step.
-_interrupt_pending: int | None = None
-
-
-def _latch_interrupt(signum, frame) -> None:
-    global _interrupt_pending, _stop_received
-    _interrupt_pending = signum
-    if signum != signal.SIGINT:
-        _stop_received = signum
-    raise _stop_exception(signum)
-
-
-def _raise_if_interrupted() -> None:
-    if _interrupt_pending is not None:
-        raise _stop_exception(_interrupt_pending)
-
-
-def _handler_is_pythons_own(signum: int) -> bool:
-    """SIGINT with Python's KeyboardInterrupt handler; SIGTERM/SIGHUP with their default
-    action (which would kill the launcher with its temporary directory in place) or the
-    CLI's ``raise_stop``. A caller that ignores or handles a signal itself keeps its choice."""
-    handler = signal.getsignal(signum)
-    if signum == signal.SIGINT:
-        return handler is signal.default_int_handler
-    return handler is signal.SIG_DFL or handler is raise_stop
-
-
-@contextlib.contextmanager
-def _interrupts_latched() -> Iterator[None]:
-    """Latch the stop signals while ranks run, where their handler is Python's own."""
-    global _interrupt_pending
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {
-        signum: signal.signal(signum, _latch_interrupt)
-        for signum in STOP_SIGNALS
-        if _handler_is_pythons_own(signum)
-    }
-    try:
-        yield
-    except KeyboardInterrupt:
-        _interrupt_pending = None
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def exit_skipping_teardown(code: int) -> NoReturn:
@@ -383,10 +282,10 @@ def _launch_once(
                         preexec_fn=_die_with_parent,
                     )
                 )
-                _raise_if_interrupted()
+                raise_if_interrupted()
         first_failure_at: float | None = None
         while len(ended_at) < world_size:
-            _raise_if_interrupted()
+            raise_if_interrupted()
             now = time.monotonic()
             for rank, process in enumerate(processes):
                 if rank not in ended_at and process.poll() is not None:
@@ -456,11 +355,11 @@ def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[
     the rank rewrites it while the launch runs, so multi-step tasks can report steps live.
     """
     outcomes: list[RankOutcome] = []
-    with _interrupts_latched():
+    with interrupts_latched():
         for _ in range(PORT_RETRIES):
             with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
                 outcomes = _launch_once(task, free_port(), Path(workdir), watch)
-            _raise_if_interrupted()
+            raise_if_interrupted()
             if not _port_collision(outcomes):
                 break
     return outcomes

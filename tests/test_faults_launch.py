@@ -305,15 +305,15 @@ def test_ctrl_c_swallowed_by_an_at_fork_callback_is_raised_again():
     # signal is real. The launcher must still stop at its next step.
     import signal
 
-    from fsdpqdiag import launch
+    from fsdpqdiag import stop_signals
 
     with pytest.raises(KeyboardInterrupt):
-        with launch._interrupts_latched():
+        with stop_signals.interrupts_latched():
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1.0)
             except KeyboardInterrupt:
                 pass  # swallowed, as the at-fork hook does
-            launch._raise_if_interrupted()
+            stop_signals.raise_if_interrupted()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    launch._raise_if_interrupted()  # the latch is cleared once the interrupt got out
+    stop_signals.raise_if_interrupted()  # the latch is cleared once the interrupt got out
