@@ -5,7 +5,8 @@ them under a timeout, and turns every way a rank can end into data: a result, an
 exception (ERROR), a signal (CRASHED), a hang (TIMEOUT) or a kill because a peer died
 first (ABORTED). Every child runs in its own process session and is reaped on every path,
 Ctrl-C included, so the caller never dies with its ranks and nothing is left behind.
-How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``.
+How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``; what a
+crashed rank's log says (its tail, faulthandler's Python stack) is ``rank_log``.
 
 When the current process already is a rank of a launched job (torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK), ``run_task`` runs the probe in-process on that job instead;
@@ -28,17 +29,13 @@ from typing import NoReturn
 
 from fsdpqdiag.config import RankTask
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack, read_log
 from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
 PEER_GRACE_S = 5.0
-LOG_TAIL_CHARS = 4000
 PORT_RETRIES = 3
-# faulthandler (enabled first thing in every rank) opens its dump of a fatal signal with this
-# line; the frames kept in a result are those of the thread the signal hit, innermost first.
-FAULTHANDLER_HEADER = "Fatal Python error:"
-PYTHON_STACK_MAX_FRAMES = 30
 
 
 def exit_skipping_teardown(code: int) -> NoReturn:
@@ -114,48 +111,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def python_stack(log_text: str) -> str | None:
-    """The Python stack faulthandler wrote into a rank's log when a signal killed it, or None.
-
-    Kept: the "Fatal Python error" line and the frames of the thread the signal hit (the
-    native crash site's Python callers, e.g. ``full_tensor``); dropped: other threads and the
-    list of extension modules, which can run to thousands of characters and would push the
-    frames out of the log tail. The whole dump stays in the rank's log.
-    """
-    start = log_text.rfind(FAULTHANDLER_HEADER)
-    if start < 0:
-        return None
-    lines = log_text[start:].splitlines()
-    # all_threads=True marks the signalled thread "Current thread …"; a single-thread dump
-    # says "Stack (most recent call first):". A signal in a thread that runs no Python (a
-    # collective's native worker, as gloo's on CUDA tensors) marks none: then the waiting
-    # main thread, listed last, is what says which call the rank was in.
-    headers = [i for i, line in enumerate(lines) if line.startswith(("Current thread", "Stack (most recent"))]
-    note = []
-    if not headers:
-        headers = [i for i, line in enumerate(lines) if line.startswith("Thread 0x")][-1:]
-        note = ["(the signal hit a thread without Python frames; the main thread was in:)"]
-    if not headers:
-        return lines[0]
-    thread = headers[0]
-    frames = []
-    for line in lines[thread + 1 :]:
-        if not line.startswith("  "):
-            break
-        frames.append(line)
-    hidden = len(frames) - PYTHON_STACK_MAX_FRAMES
-    if hidden > 0:
-        frames = frames[:PYTHON_STACK_MAX_FRAMES] + [f"  … {hidden} outer frames in the rank's log"]
-    return "\n".join([lines[0], *note, lines[thread], *frames])
-
-
 def _die_with_parent() -> None:
     """In the child: SIGKILL me when the launcher dies, even by SIGKILL (Linux prctl).
 
@@ -211,7 +166,7 @@ def _outcome_for(
     written = _read_json(result_path) or {}
     stage = written.get("stage")
     evidence = written.get("evidence", {})
-    log_text = _read_log(log_path)
+    log_text = read_log(log_path)
     log_tail = log_text[-LOG_TAIL_CHARS:]
     code = process.returncode
     if forced is not None:

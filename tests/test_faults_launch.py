@@ -8,8 +8,10 @@ import pytest
 
 from fsdpqdiag import api
 from fsdpqdiag.config import LinearConfig, RunConfig
-from fsdpqdiag.launch import PYTHON_STACK_MAX_FRAMES, RankOutcome, in_launched_job, python_stack
+from fsdpqdiag.launch import in_launched_job
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import failure_verdict
+from fsdpqdiag.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 
 from .conftest import SMALL_LINEAR
 
