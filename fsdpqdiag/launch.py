@@ -5,6 +5,8 @@ them under a timeout, and turns every way a rank can end into data: a result, an
 exception (ERROR), a signal (CRASHED), a hang (TIMEOUT) or a kill because a peer died
 first (ABORTED). Every child runs in its own process session and is reaped on every path,
 Ctrl-C included, so the caller never dies with its ranks and nothing is left behind.
+How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``; what a
+crashed rank's log says (its tail, faulthandler's Python stack) is ``rank_log``.
 
 When the current process already is a rank of a launched job (torchrun sets RANK,
 WORLD_SIZE and LOCAL_RANK), ``run_task`` runs the probe in-process on that job instead;
@@ -13,7 +15,6 @@ ranks then cannot be isolated from a crash, which the README says.
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -21,125 +22,20 @@ import socket
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
 from fsdpqdiag.config import RankTask
 from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack, read_log
+from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
 PEER_GRACE_S = 5.0
-LOG_TAIL_CHARS = 4000
 PORT_RETRIES = 3
-# faulthandler (enabled first thing in every rank) opens its dump of a fatal signal with this
-# line; the frames kept in a result are those of the thread the signal hit, innermost first.
-FAULTHANDLER_HEADER = "Fatal Python error:"
-PYTHON_STACK_MAX_FRAMES = 30
-
-
-# SIGTERM (timeout, Slurm, Kubernetes) and SIGHUP (a closed terminal) end a run the way
-# Ctrl-C does: ranks killed and reaped, the launch directory removed, nothing half-written;
-# the exit code is 128 + the signal's number (130, 143, 129).
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
-
-
-class Stopped(KeyboardInterrupt):
-    """SIGTERM or SIGHUP, raised where Python raises KeyboardInterrupt for SIGINT, so every
-    path that cleans up after Ctrl-C cleans up after them too."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(signal.Signals(signum).name)
-        self.signum = signum
-
-
-def stop_signal_of(exc: BaseException) -> int:
-    """The signal that raised ``exc`` (a KeyboardInterrupt): SIGINT unless it says otherwise."""
-    return getattr(exc, "signum", signal.SIGINT)
-
-
-def _stop_exception(signum: int) -> KeyboardInterrupt:
-    return KeyboardInterrupt() if signum == signal.SIGINT else Stopped(signum)
-
-
-# The signal the process-wide handler saw last: the CLI reads it where typer has already
-# turned the exception into its own exit 130.
-_stop_received: int | None = None
-
-
-def raise_stop(signum, frame) -> None:
-    """The process-wide SIGTERM/SIGHUP handler the CLI installs (see ``install_stop_handlers``)."""
-    global _stop_received
-    _stop_received = signum
-    raise Stopped(signum)
-
-
-def install_stop_handlers() -> None:
-    """SIGTERM and SIGHUP raise ``Stopped`` from now on, where their action is the default
-    (a SIGHUP ignored by nohup stays ignored)."""
-    for signum in (signal.SIGTERM, signal.SIGHUP):
-        if signal.getsignal(signum) is signal.SIG_DFL:
-            signal.signal(signum, raise_stop)
-
-
-def stop_received() -> int | None:
-    return _stop_received
-
-
-# A stop must never be lost. Python raises KeyboardInterrupt between bytecodes, and when that
-# happens inside one of the at-fork callbacks subprocess.Popen runs (logging's _releaseLock),
-# the exception is printed as "Exception ignored" and dropped: a sweep interrupted while
-# spawning a rank ran on to the end (seen about one run in three). The latch remembers the
-# signal, and the launch loop raises it again at its next step.
-_interrupt_pending: int | None = None
-
-
-def _latch_interrupt(signum, frame) -> None:
-    global _interrupt_pending, _stop_received
-    _interrupt_pending = signum
-    if signum != signal.SIGINT:
-        _stop_received = signum
-    raise _stop_exception(signum)
-
-
-def _raise_if_interrupted() -> None:
-    if _interrupt_pending is not None:
-        raise _stop_exception(_interrupt_pending)
-
-
-def _handler_is_pythons_own(signum: int) -> bool:
-    """SIGINT with Python's KeyboardInterrupt handler; SIGTERM/SIGHUP with their default
-    action (which would kill the launcher with its temporary directory in place) or the
-    CLI's ``raise_stop``. A caller that ignores or handles a signal itself keeps its choice."""
-    handler = signal.getsignal(signum)
-    if signum == signal.SIGINT:
-        return handler is signal.default_int_handler
-    return handler is signal.SIG_DFL or handler is raise_stop
-
-
-@contextlib.contextmanager
-def _interrupts_latched() -> Iterator[None]:
-    """Latch the stop signals while ranks run, where their handler is Python's own."""
-    global _interrupt_pending
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
-    previous = {
-        signum: signal.signal(signum, _latch_interrupt)
-        for signum in STOP_SIGNALS
-        if _handler_is_pythons_own(signum)
-    }
-    try:
-        yield
-    except KeyboardInterrupt:
-        _interrupt_pending = None
-        raise
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
 
 
 def exit_skipping_teardown(code: int) -> NoReturn:
@@ -215,48 +111,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _read_log(path: Path) -> str:
-    try:
-        return path.read_text(errors="replace")
-    except OSError:
-        return ""
-
-
-def python_stack(log_text: str) -> str | None:
-    """The Python stack faulthandler wrote into a rank's log when a signal killed it, or None.
-
-    Kept: the "Fatal Python error" line and the frames of the thread the signal hit (the
-    native crash site's Python callers, e.g. ``full_tensor``); dropped: other threads and the
-    list of extension modules, which can run to thousands of characters and would push the
-    frames out of the log tail. The whole dump stays in the rank's log.
-    """
-    start = log_text.rfind(FAULTHANDLER_HEADER)
-    if start < 0:
-        return None
-    lines = log_text[start:].splitlines()
-    # all_threads=True marks the signalled thread "Current thread …"; a single-thread dump
-    # says "Stack (most recent call first):". A signal in a thread that runs no Python (a
-    # collective's native worker, as gloo's on CUDA tensors) marks none: then the waiting
-    # main thread, listed last, is what says which call the rank was in.
-    headers = [i for i, line in enumerate(lines) if line.startswith(("Current thread", "Stack (most recent"))]
-    note = []
-    if not headers:
-        headers = [i for i, line in enumerate(lines) if line.startswith("Thread 0x")][-1:]
-        note = ["(the signal hit a thread without Python frames; the main thread was in:)"]
-    if not headers:
-        return lines[0]
-    thread = headers[0]
-    frames = []
-    for line in lines[thread + 1 :]:
-        if not line.startswith("  "):
-            break
-        frames.append(line)
-    hidden = len(frames) - PYTHON_STACK_MAX_FRAMES
-    if hidden > 0:
-        frames = frames[:PYTHON_STACK_MAX_FRAMES] + [f"  … {hidden} outer frames in the rank's log"]
-    return "\n".join([lines[0], *note, lines[thread], *frames])
-
-
 def _die_with_parent() -> None:
     """In the child: SIGKILL me when the launcher dies, even by SIGKILL (Linux prctl).
 
@@ -312,7 +166,7 @@ def _outcome_for(
     written = _read_json(result_path) or {}
     stage = written.get("stage")
     evidence = written.get("evidence", {})
-    log_text = _read_log(log_path)
+    log_text = read_log(log_path)
     log_tail = log_text[-LOG_TAIL_CHARS:]
     code = process.returncode
     if forced is not None:
@@ -383,10 +237,10 @@ def _launch_once(
                         preexec_fn=_die_with_parent,
                     )
                 )
-                _raise_if_interrupted()
+                raise_if_interrupted()
         first_failure_at: float | None = None
         while len(ended_at) < world_size:
-            _raise_if_interrupted()
+            raise_if_interrupted()
             now = time.monotonic()
             for rank, process in enumerate(processes):
                 if rank not in ended_at and process.poll() is not None:
@@ -456,11 +310,11 @@ def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[
     the rank rewrites it while the launch runs, so multi-step tasks can report steps live.
     """
     outcomes: list[RankOutcome] = []
-    with _interrupts_latched():
+    with interrupts_latched():
         for _ in range(PORT_RETRIES):
             with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
                 outcomes = _launch_once(task, free_port(), Path(workdir), watch)
-            _raise_if_interrupted()
+            raise_if_interrupted()
             if not _port_collision(outcomes):
                 break
     return outcomes

@@ -8,19 +8,7 @@ import pytest
 PACKAGE = Path(__file__).resolve().parent.parent / "fsdpqdiag"
 MAX_MODULE_LINES = 400
 MAX_FUNCTION_LINES = 80
-# Being split in parallel by other branches of issue #12 (the registry and RankOutcome,
-# the matrix, per-probe presentation); remove each entry when its split lands.
-IN_PROGRESS = ("launch.py", "rank.py", "render/")
-
-
-def _modules():
-    for path in sorted(PACKAGE.rglob("*.py")):
-        relative = path.relative_to(PACKAGE).as_posix()
-        if not relative.startswith(IN_PROGRESS):
-            yield relative, path.read_text()
-
-
-MODULES = list(_modules())
+MODULES = [(path.relative_to(PACKAGE).as_posix(), path.read_text()) for path in sorted(PACKAGE.rglob("*.py"))]
 
 
 @pytest.mark.parametrize(("relative", "source"), MODULES, ids=[relative for relative, _ in MODULES])
@@ -33,9 +21,3 @@ def test_module_and_function_length(relative, source):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, f"{relative}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
-
-
-def test_in_progress_entries_still_exist():
-    """An exception for a module that no longer exists (or was renamed) is stale."""
-    for entry in IN_PROGRESS:
-        assert (PACKAGE / entry).exists(), entry

@@ -8,8 +8,10 @@ import pytest
 
 from fsdpqdiag import api
 from fsdpqdiag.config import LinearConfig, RunConfig
-from fsdpqdiag.launch import PYTHON_STACK_MAX_FRAMES, RankOutcome, in_launched_job, python_stack
+from fsdpqdiag.launch import in_launched_job
+from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import failure_verdict
+from fsdpqdiag.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 
 from .conftest import SMALL_LINEAR
 
@@ -305,15 +307,15 @@ def test_ctrl_c_swallowed_by_an_at_fork_callback_is_raised_again():
     # signal is real. The launcher must still stop at its next step.
     import signal
 
-    from fsdpqdiag import launch
+    from fsdpqdiag import stop_signals
 
     with pytest.raises(KeyboardInterrupt):
-        with launch._interrupts_latched():
+        with stop_signals.interrupts_latched():
             try:
                 os.kill(os.getpid(), signal.SIGINT)
                 time.sleep(1.0)
             except KeyboardInterrupt:
                 pass  # swallowed, as the at-fork hook does
-            launch._raise_if_interrupted()
+            stop_signals.raise_if_interrupted()
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    launch._raise_if_interrupted()  # the latch is cleared once the interrupt got out
+    stop_signals.raise_if_interrupted()  # the latch is cleared once the interrupt got out

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import launch
+from fsdpqdiag import stop_signals
 from fsdpqdiag.report import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 from .conftest import ROOT
@@ -30,25 +30,25 @@ def test_exit_codes_are_128_plus_the_signal():
 def test_a_stop_swallowed_by_an_at_fork_callback_is_raised_again(signum):
     # As for Ctrl-C (test_faults_launch): the latch keeps a stop that an at-fork callback drops.
     previous = signal.getsignal(signum)
-    with pytest.raises(launch.Stopped) as stopped:
-        with launch._interrupts_latched():
+    with pytest.raises(stop_signals.Stopped) as stopped:
+        with stop_signals.interrupts_latched():
             try:
                 os.kill(os.getpid(), signum)
                 time.sleep(1.0)
             except KeyboardInterrupt:
                 pass
-            launch._raise_if_interrupted()
-    assert stopped.value.signum == signum and launch.stop_signal_of(stopped.value) == signum
+            stop_signals.raise_if_interrupted()
+    assert stopped.value.signum == signum and stop_signals.stop_signal_of(stopped.value) == signum
     assert signal.getsignal(signum) is previous
-    launch._raise_if_interrupted()  # cleared once it got out
+    stop_signals.raise_if_interrupted()  # cleared once it got out
 
 
 def test_an_ignored_hangup_stays_ignored():
     # nohup: SIGHUP is ignored on purpose; neither the CLI nor the launcher may undo that.
     previous = signal.signal(signal.SIGHUP, signal.SIG_IGN)
     try:
-        launch.install_stop_handlers()
-        with launch._interrupts_latched():
+        stop_signals.install_stop_handlers()
+        with stop_signals.interrupts_latched():
             assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
         assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
     finally:

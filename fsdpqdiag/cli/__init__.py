@@ -15,8 +15,9 @@ from fsdpqdiag.cli.app import app
 
 def main() -> None:
     from fsdpqdiag import stacklog
-    from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job, install_stop_handlers, stop_received
+    from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job
     from fsdpqdiag.report import EXIT_INTERRUPTED
+    from fsdpqdiag.stop_signals import install_stop_handlers, stop_received
 
     if in_launched_job():
         import faulthandler

@@ -184,7 +184,7 @@ def run_library(call, status_text: str = "starting…"):
         # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.
         import signal
 
-        from fsdpqdiag.launch import stop_signal_of
+        from fsdpqdiag.stop_signals import stop_signal_of
 
         signum = stop_signal_of(exc)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"

@@ -53,22 +53,26 @@ def _reproduce_lines(report: Report) -> list[str]:
     return lines
 
 
-def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
-    torch_info = report.env.get("torch", {})
-    bnb = report.env.get("bitsandbytes", {})
-    gpus = ", ".join(g["name"] for g in report.env.get("gpus", [])) or "no GPU"
-    env = report.env
-    stack = (
+def _software_stack(env: dict) -> str:
+    torch_info = env.get("torch", {})
+    bnb = env.get("bitsandbytes", {})
+    gpus = ", ".join(g["name"] for g in env.get("gpus", [])) or "no GPU"
+    return (
         f"torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}), "
         f"bitsandbytes {bnb.get('version')} ({bnb.get('backend')}), transformers {env.get('transformers')}, "
         f"peft {env.get('peft')}, {gpus}, driver {env.get('driver')}, Python {env.get('python')}"
     )
+
+
+def _summary_lines(report: Report) -> list[str]:
+    """The title, the stack with every verdict, the commands that reproduce them and the
+    summary table: what a reader of the issue sees before anything folds."""
     verdicts = "; ".join(f"**{r.verdict}** {_label(r)} (ws={r.world_size})" for r in report.results)
     injected = {r.injected for r in report.results if r.injected}
-    head = [
+    lines = [
         f"## fsdpqdiag {report.command}",
         "",
-        f"On {stack}: {verdicts}."
+        f"On {_software_stack(report.env)}: {verdicts}."
         + (f" Positive control: the fault `{', '.join(sorted(injected))}` was injected." if injected else ""),
         "",
         "To reproduce:",
@@ -78,45 +82,61 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
         "| run | ws | device | injected | verdict | key numbers |",
         "| --- | --- | --- | --- | --- | --- |",
     ]
-    head += [
+    lines += [
         f"| {_label(r)} | {r.world_size} | {r.device}/{r.backend} | {r.injected or '–'} | **{r.verdict}** | "
         f"{_key_numbers(r)} |"
         for r in report.results
     ]
-    head.append("")
-    for r in report.results:
-        attribution = r.evidence.get("attribution")
-        if attribution:
-            target = attribution.get("report_to") or "nobody upstream"
-            known = ", ".join(attribution.get("known_issues") or []) or "no known upstream issue"
-            head.append(
-                f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): File against: {target} "
-                f"({attribution['component']}); {known}. {r.summary}"
-            )
-            head.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
-        else:
-            head.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
-        table = presentation_of(r.probe).detail(r.evidence)
-        if table is not None:  # the probe's own table, e.g. a row per configuration it tried
-            headers = [column.header for column in table.columns]
-            head += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
-            head += [_md_row(row) for row in table.rows]
-        samples = (r.evidence.get("swap_target") or {}).get("samples") or []
-        if samples:
-            head += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]
-            head += [
-                f"  | {s['index']} | {s['original_bits']} | {s['original_class']} | {s['post_bits']} |"
-                for s in samples
-            ]
-        stack = r.evidence.get("python_stack")
-        if stack:  # where a rank died by a signal: readable here, not only inside the JSON
-            head += ["", "  ```", *(f"  {line}" for line in stack.splitlines()), "  ```"]
-    head += preflight_lines(report)
+    lines.append("")
+    return lines
+
+
+def _result_lines(r) -> list[str]:
+    """One result's bullet: its verdict and summary (with whom to file it against, where
+    attributed), then its probe's own table, sample elements and a crashed rank's stack."""
+    lines = []
+    attribution = r.evidence.get("attribution")
+    if attribution:
+        target = attribution.get("report_to") or "nobody upstream"
+        known = ", ".join(attribution.get("known_issues") or []) or "no known upstream issue"
+        lines.append(
+            f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): File against: {target} "
+            f"({attribution['component']}); {known}. {r.summary}"
+        )
+        lines.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
+    else:
+        lines.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+    table = presentation_of(r.probe).detail(r.evidence)
+    if table is not None:  # the probe's own table, e.g. a row per configuration it tried
+        headers = [column.header for column in table.columns]
+        lines += ["", _md_row(headers), "  |" + " --- |" * len(headers)]
+        lines += [_md_row(row) for row in table.rows]
+    samples = (r.evidence.get("swap_target") or {}).get("samples") or []
+    if samples:
+        lines += ["", "  | element | original bits | class | post bits |", "  | --- | --- | --- | --- |"]
+        lines += [
+            f"  | {s['index']} | {s['original_bits']} | {s['original_class']} | {s['post_bits']} |"
+            for s in samples
+        ]
+    stack = r.evidence.get("python_stack")
+    if stack:  # where a rank died by a signal: readable here, not only inside the JSON
+        lines += ["", "  ```", *(f"  {line}" for line in stack.splitlines()), "  ```"]
+    return lines
+
+
+def _invariance_lines(report: Report) -> list[str]:
+    lines = []
     for world_size, analysis in report.analysis.items():
         if isinstance(analysis, dict):
             for reading, claims in analysis.items():
                 if isinstance(claims, dict) and "summary" in claims:
-                    head.append(f"- invariance at ws={world_size} ({reading}): {claims['summary']}")
+                    lines.append(f"- invariance at ws={world_size} ({reading}): {claims['summary']}")
+    return lines
+
+
+def _details(report: Report) -> list[tuple[str, str]]:
+    """The full JSON blocks, each (title, body): every result's evidence, every preflight,
+    the environment."""
     details = [
         (f"evidence: {_label(r)} ws={r.world_size}", json.dumps(r.evidence, indent=1)) for r in report.results
     ]
@@ -125,29 +145,44 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
         for checked in report.preflight
     ]
     details.append(("environment", json.dumps(report.env, indent=1)))
-    folded: list[str] = []
+    return details
 
-    def assemble() -> str:
-        blocks = [
-            f"<details><summary>{title}</summary>\n\n```json\n{body}\n```\n</details>"
-            for title, body in details
+
+def _assemble(head: list[str], details: list[tuple[str, str]], folded: list[str], limit: int) -> str:
+    blocks = [
+        f"<details><summary>{title}</summary>\n\n```json\n{body}\n```\n</details>" for title, body in details
+    ]
+    note = (
+        [
+            f"_Folded to fit GitHub's {limit:,}-character limit: {', '.join(folded)} "
+            "(the JSON report has them)._"
         ]
-        note = (
-            [
-                f"_Folded to fit GitHub's {limit:,}-character limit: {', '.join(folded)} "
-                "(the JSON report has them)._"
-            ]
-            if folded
-            else []
-        )
-        return "\n".join([*head, "", *blocks, *note, ""])
+        if folded
+        else []
+    )
+    return "\n".join([*head, "", *blocks, *note, ""])
 
-    text = assemble()
+
+def _fold_to_fit(head: list[str], details: list[tuple[str, str]], limit: int) -> str:
+    """Fold the largest JSON block, then the next largest, until the text fits ``limit``:
+    the summary and every result's bullet always stay."""
+    details = list(details)
+    folded: list[str] = []
+    text = _assemble(head, details, folded, limit)
     while len(text) > limit and any(body != "(folded)" for _, body in details):
         index = max(
             range(len(details)), key=lambda i: len(details[i][1]) if details[i][1] != "(folded)" else -1
         )
         folded.append(details[index][0])
         details[index] = (details[index][0], "(folded)")
-        text = assemble()
+        text = _assemble(head, details, folded, limit)
     return text
+
+
+def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
+    head = _summary_lines(report)
+    for r in report.results:
+        head += _result_lines(r)
+    head += preflight_lines(report)
+    head += _invariance_lines(report)
+    return _fold_to_fit(head, _details(report), limit)
