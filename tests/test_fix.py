@@ -7,6 +7,8 @@ import pytest
 from fsdpqdiag import fixes
 from fsdpqdiag.report import json_schema
 
+from .conftest import fix_all
+
 
 def _rows(report):
     return {r["config"]["workaround"]: r for r in report["results"]}
@@ -41,9 +43,11 @@ def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(run_cli, ws):
     assert result.returncode == 0, result.stderr
 
 
-def test_fixes_verified_without_injection_at_ws2(run_cli):
-    result = run_cli("fix", "--ws", "2", "--device", "cpu", "--steps", "2", "-q", json=True)
+@pytest.mark.parametrize("ws", [1, 2])
+def test_fixes_verified_without_injection(shared_cli, ws):
+    result = shared_cli(*fix_all(ws))
     rows = _rows(result.report)
+    assert set(rows) == {"none", *fixes.FIXES}
     for name in fixes.FIXES:
         assert rows[name]["verdict"] == "VERIFIED", rows[name]["summary"]
     # the unfixed row is the stack's own answer; its evidence must agree with its verdict
@@ -87,21 +91,9 @@ def test_fix_bad_input(run_cli, args, message):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(run_cli, ws):
-    result = run_cli(
-        "fix",
-        "--workaround",
-        "axolotl-int8",
-        "--ws",
-        str(ws),
-        "--device",
-        "cpu",
-        "--steps",
-        "1",
-        "-q",
-        json=True,
-    )
-    rows = _rows(result.report)
+def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(shared_cli, ws):
+    # Its row of the uninjected run of every workaround: that run asks this of each row.
+    rows = _rows(shared_cli(*fix_all(ws)).report)
     fixed = rows["axolotl-int8"]
     assert fixed["verdict"] == "VERIFIED", fixed["summary"]
     assert fixed["evidence"]["int8_scb_saved"] is True
