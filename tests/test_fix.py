@@ -81,6 +81,8 @@ def test_apply_then_undo_restores_bitsandbytes_and_fsdp2():
     "args, message",
     [
         (["--workaround", "duct-tape"], "unknown workaround"),
+        # found by test_fuzz: "all" beside a typo ran every workaround
+        (["--workaround", "all", "--workaround", "duct-tape"], "unknown workaround"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--target", "gpt5"], "unknown fix target"),
     ],

@@ -115,11 +115,12 @@ def fix(
     from fsdpqdiag import env, fixes
     from fsdpqdiag.fix_verify import TARGETS
 
+    # Every name given is checked, "all" beside it too: a typo is never run as "all".
+    for name in workarounds:
+        if name != "all" and name not in fixes.FIXES:
+            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
     names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
     targets = merged(targets)
-    for name in names:
-        if name not in fixes.FIXES:
-            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
     for target in targets:
         if target not in TARGETS:
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
