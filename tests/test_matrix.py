@@ -222,6 +222,7 @@ def test_invariance_on_synthetic_tables():
         (["--cells", "Z"], "unknown cell"),
         (["--grid", "colour=red"], "bad --grid"),
         (["--grid", "quant_storage=bf17"], "unknown dtype"),
+        (["--grid", "quant_type=nf4,fp4", "--cells", "B"], "give --cells or --grid, not both"),
         (["--model", "/nonexistent/model"], "does not exist"),
         (["--resume", "/nonexistent/sweep"], "no cells.jsonl"),
     ],
