@@ -50,6 +50,7 @@ def reproduce(
     probe_config = dataclasses.asdict(linear)
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
+    env.remember(None)
     results, checks = [], []
     for run in runs:
 
@@ -60,7 +61,7 @@ def reproduce(
         ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
         checks.append(checked)
         results.extend(ran)
-    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="reproduce", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def localize(
@@ -88,6 +89,7 @@ def localize(
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
+    env.remember(None)
     results, checks = [], []
     for run in runs:
         if on_progress:
@@ -96,7 +98,7 @@ def localize(
         result, checked = _one_checked("localize", config, run, {"linear": config})
         checks.append(checked)
         results.append(result)
-    return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="localize", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def fix(
@@ -130,6 +132,7 @@ def fix(
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
+    env.remember(None)
     for target in targets:
         if target in PRESETS:
             try:
@@ -159,7 +162,7 @@ def fix(
         checks.append(checked)
         _rerun_after_an_unrestored_undo(items, ran, run, checked)
         results.extend(ran[item.key] for item in items)
-    return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="fix", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def _rerun_after_an_unrestored_undo(items: list, ran: dict, run: RunConfig, checked: dict | None) -> None:
@@ -204,6 +207,7 @@ def forensics(
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
+    env.remember(None)
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:
@@ -225,7 +229,7 @@ def forensics(
         checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)
-    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="forensics", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def doctor(
