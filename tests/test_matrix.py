@@ -55,23 +55,43 @@ def test_default_matrix_is_self_consistent(shared_cli, ws):
     assert len(csv.read_text().splitlines()) == 8
 
 
-def test_injected_canonicalization_shows_in_every_cell(run_cli):
-    result = run_cli(
-        "matrix",
-        "--ws",
-        "2",
-        "--device",
-        "cpu",
-        "--cells",
-        "A",
-        "--cells",
-        "E",
-        "--inject",
-        "nan-canonicalize",
-        "-q",
-        json=True,
-    )
-    for name, r in _cells(result.report).items():
+# The two sweeps test_two_sweeps_at_once_both_complete starts side by side: the first is
+# the injected sweep whose cells test_injected_canonicalization_shows_in_every_cell reads.
+CONCURRENT_SWEEPS = (
+    ["--cells", "A", "--cells", "E", "--inject", "nan-canonicalize"],
+    ["--cells", "A"],
+)
+
+
+@pytest.fixture(scope="module")
+def two_sweeps_at_once(tmp_path_factory):
+    """(exit code, stderr, report, --out directory) of two WS=2 sweeps run at once."""
+    tmp_path = tmp_path_factory.mktemp("two-sweeps")
+    env = dict(os.environ, PYTHONPATH=str(ROOT))
+    sweeps = [
+        subprocess.Popen(
+            [sys.executable, "-m", "fsdpqdiag", "matrix", "--ws", "2", "--device", "cpu", *extra]
+            + ["--out", str(tmp_path / f"out{i}"), "--json", str(tmp_path / f"m{i}.json"), "-q"],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i, extra in enumerate(CONCURRENT_SWEEPS)
+    ]
+    done = []
+    for i, sweep in enumerate(sweeps):
+        _, stderr = sweep.communicate(timeout=600)
+        path = tmp_path / f"m{i}.json"
+        report = json.loads(path.read_text()) if path.exists() else {"results": []}
+        done.append((sweep.returncode, stderr, report, tmp_path / f"out{i}"))
+    return done
+
+
+def test_injected_canonicalization_shows_in_every_cell(two_sweeps_at_once):
+    code, stderr, report, _ = two_sweeps_at_once[0]
+    assert set(_cells(report)) == {"A", "E"}, stderr
+    for name, r in _cells(report).items():
         ev = r["evidence"]
         assert r["verdict"] == "REPRODUCED", name
         assert ev["differing_elements"] > 0 and not ev["loss_bit_equal"]
@@ -87,7 +107,7 @@ def test_injected_canonicalization_shows_in_every_cell(run_cli):
         attribution = ev["attribution"]
         assert attribution["controls_point_to"] == "torch.distributed.fsdp", name
         assert attribution["decided_by"][0].startswith("control: the same bits"), name
-    assert result.returncode == 1
+    assert code == 1
 
 
 def test_cell_attribution_follows_its_control():
@@ -310,38 +330,9 @@ def test_cells_are_reported_while_their_launch_still_runs():
     assert seen["A"] < returned[0] and seen["C"] < returned[0]
 
 
-def test_two_sweeps_at_once_both_complete(tmp_path):
-    env = dict(os.environ, PYTHONPATH=str(ROOT))
-    sweeps = [
-        subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "fsdpqdiag",
-                "matrix",
-                "--ws",
-                "2",
-                "--device",
-                "cpu",
-                "--cells",
-                "A",
-                "--out",
-                str(tmp_path / f"out{i}"),
-                "--json",
-                str(tmp_path / f"m{i}.json"),
-                "-q",
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
-    for sweep in sweeps:
-        _, stderr = sweep.communicate(timeout=600)
-        assert sweep.returncode in (0, 1), stderr
-    for i in range(2):
-        cells = _cells(json.loads((tmp_path / f"m{i}.json").read_text()))
+def test_two_sweeps_at_once_both_complete(two_sweeps_at_once):
+    for i, (code, stderr, report, out) in enumerate(two_sweeps_at_once):
+        assert code in (0, 1), stderr
+        cells = _cells(report)
         assert cells["A"]["evidence"]["status"] == "ok"
-        assert len(_record_lines(tmp_path / f"out{i}" / "cells.jsonl")) == 1
+        assert len(_record_lines(out / "cells.jsonl")) == len(cells), i
