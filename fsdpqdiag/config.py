@@ -32,6 +32,9 @@ STORAGE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4, "uint8": 1, "int8": 
 QUANT_TYPES = ("nf4", "fp4")
 DEVICES = ("auto", "cpu", "cuda")
 BACKENDS = ("auto", "gloo", "nccl")
+# The plain frozen integer parameters the non-float probe carries beside a float Linear (and
+# its verdict reads by name, in the parent, where torch is not imported).
+INTEGER_PARAMS = ("u8", "i8")
 
 
 def canonical_dtype(name: str, *, allow_none: bool = False) -> str | None:

@@ -99,6 +99,12 @@ def _bitsandbytes_info() -> dict[str, Any]:
         info["import_error"] = f"{type(exc).__name__}: {exc}"
         return info
     info["backend"] = getattr(cextension, "BNB_BACKEND", None)
+    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
+    if mock is not None and isinstance(getattr(cextension, "lib", None), mock):
+        # bitsandbytes imports without its native library and fails only at the first kernel
+        # call; a diagnosis on such a stack would blame FSDP2 for a broken install.
+        first_line = (getattr(cextension.lib, "error_msg", "") or "").strip().splitlines()
+        info["native_library_error"] = first_line[0] if first_line else "no native library could be loaded"
     try:
         info["cpu_path"] = bnb_cpu_path.describe()
     except ValueError as exc:
@@ -111,6 +117,7 @@ def _bitsandbytes_info() -> dict[str, Any]:
 
 
 def capture() -> dict[str, Any]:
+    """The stack as this process sees it (imports torch and bitsandbytes: seconds)."""
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
@@ -123,3 +130,33 @@ def capture() -> dict[str, Any]:
         "gpus": _gpus(),
         "driver": _driver(),
     }
+
+
+# The stack as the last launch's first rank captured it (see ``fsdpqdiag.launch``): the
+# same interpreter, packages and environment as this process, without importing them here.
+_from_rank: dict[str, Any] | None = None
+
+
+def remember(captured: dict[str, Any] | None) -> None:
+    """Keep the stack a rank captured, for the report this process writes; None forgets it
+    (a command starts with that, so that one which launches nothing captures its own)."""
+    global _from_rank
+    _from_rank = captured
+
+
+def stack() -> dict[str, Any]:
+    """The stack for a report: as a rank of this run captured it, else captured here."""
+    return _from_rank if _from_rank is not None else capture()
+
+
+def problem(captured: dict[str, Any]) -> str | None:
+    """Why nothing can run on the stack ``captured`` describes, in one line, or None."""
+    torch_info = captured.get("torch") or {}
+    if torch_info.get("version") and not torch_info.get("distributed_available", True):
+        return "this torch build has no distributed support (torch.distributed)"
+    bnb = captured.get("bitsandbytes") or {}
+    if bnb.get("import_error"):
+        return f"bitsandbytes does not import: {bnb['import_error']}"
+    if bnb.get("native_library_error"):
+        return f"bitsandbytes has no usable native library: {bnb['native_library_error']}"
+    return None

@@ -27,11 +27,16 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from fsdpqdiag import env
 from fsdpqdiag.config import RankTask
+from fsdpqdiag.errors import BadInput
 from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack, read_log
 from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
+# Rank 0 writes the stack it runs on (fsdpqdiag.env.capture) to the file this variable names.
+STACK_ENV = "FSDPQDIAG_STACK_ENV"
+STACK_FILE = "stack.json"
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
 PEER_GRACE_S = 5.0
@@ -137,6 +142,7 @@ def _kill_session(process: subprocess.Popen) -> None:
 
 def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict[str, str]:
     env = dict(os.environ)
+    env.pop(STACK_ENV, None)
     for key in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     package_root = str(Path(__file__).resolve().parent.parent)
@@ -225,11 +231,14 @@ def _launch_once(
     watched_mtime: int | None = None
     try:
         for rank in range(world_size):
+            child_env = _child_env(rank, world_size, port, results[rank])
+            if rank == 0:
+                child_env[STACK_ENV] = str(workdir / STACK_FILE)
             with open(logs[rank], "wb") as log:
                 processes.append(
                     subprocess.Popen(
                         [sys.executable, "-m", "fsdpqdiag.rank_main", str(task_path)],
-                        env=_child_env(rank, world_size, port, results[rank]),
+                        env=child_env,
                         stdin=subprocess.DEVNULL,
                         stdout=log,
                         stderr=subprocess.STDOUT,
@@ -314,10 +323,24 @@ def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[
         for _ in range(PORT_RETRIES):
             with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
                 outcomes = _launch_once(task, free_port(), Path(workdir), watch)
+                captured = _read_json(Path(workdir) / STACK_FILE)
             raise_if_interrupted()
+            _learn_the_stack(captured)
             if not _port_collision(outcomes):
                 break
     return outcomes
+
+
+def _learn_the_stack(captured: dict | None) -> None:
+    """The stack rank 0 captured: kept for the report; a stack that cannot run anything
+    (bitsandbytes without its native library, torch without distributed support) ends the
+    command as bad input, as the parent's own import of them used to, nothing written."""
+    if captured is None:  # rank 0 died before capturing it; the report captures it here
+        return
+    env.remember(captured)
+    problem = env.problem(captured)
+    if problem is not None:
+        raise BadInput(problem)
 
 
 def run_task(

@@ -110,9 +110,22 @@ def execute(task: RankTask, ctx: RankContext) -> dict:
         return probe.run(task.probe_config, ctx)
 
 
+def capture_stack() -> None:
+    """Where the launcher asks for it (the first rank), the stack this rank runs on, for the
+    report and for the launcher's check that it can run at all: captured here, where torch
+    and bitsandbytes are imported anyway, and before the process group, which a torch without
+    distributed support could not form."""
+    path = os.environ.get("FSDPQDIAG_STACK_ENV")
+    if path:
+        from fsdpqdiag import env
+
+        atomic_write_text(Path(path), json.dumps(env.capture()))
+
+
 def main(argv: list[str]) -> int:
     task = RankTask.from_dict(json.loads(Path(argv[0]).read_text()))
     ctx = RankContext(task, Path(os.environ["FSDPQDIAG_RESULT"]))
+    capture_stack()
     try:
         _init_process_group(ctx)
         evidence = execute(task, ctx)

@@ -7,6 +7,8 @@ of fsdpqdiag is installed.
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import json
 import os
 import signal
@@ -36,6 +38,24 @@ if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
 # Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
 SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]
 
+# Command lines several test modules ask questions of, each run once (``shared_cli``).
+LOCALIZE_WS1 = ("localize", "--device", "cpu", "--in-features", "128", "--out-features", "128", "--ws", "1")
+
+
+def fix_all(ws: int) -> tuple[str, ...]:
+    """Every workaround, uninjected."""
+    return ("fix", "--ws", str(ws), "--device", "cpu", "--steps", "2", "-q")
+
+
+def matrix_default(ws: int) -> tuple[str, ...]:
+    """Every default cell, uninjected; its CSV in the run's directory."""
+    return ("matrix", "--ws", str(ws), "--device", "cpu", "--csv", "{out}/m.csv", "-q")
+
+
+def forensics_default(ws: int) -> tuple[str, ...]:
+    """The tiny-llama preset, uninjected, on this CPU's own bitsandbytes path."""
+    return ("forensics", "--device", "cpu", "--ws", str(ws), "-q")
+
 
 def cuda_available() -> bool:
     import torch
@@ -53,11 +73,17 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
 
 
 class CliResult:
-    def __init__(self, completed: subprocess.CompletedProcess, json_path: Path | None):
+    def __init__(
+        self,
+        completed: subprocess.CompletedProcess,
+        json_path: Path | None,
+        markdown_path: Path | None = None,
+    ):
         self.returncode = completed.returncode
         self.stdout = completed.stdout
         self.stderr = completed.stderr
         self.json_path = json_path
+        self.markdown_path = markdown_path
 
     @property
     def report(self) -> dict:
@@ -77,5 +103,50 @@ def run_cli(tmp_path):
         env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
         completed = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env)
         return CliResult(completed, json_path)
+
+    return run
+
+
+@pytest.fixture(scope="session")
+def shared_cli(tmp_path_factory):
+    """Run ``python -m fsdpqdiag ARGS`` once for the whole session, with ``--json`` and
+    ``--markdown``: every test that asks a question of the same command line reads the same
+    run. Starting ranks is what the suite's time goes to, so tests in different modules that
+    need, say, an uninjected forensics run at world size 1 share one. The result is read-only.
+
+    Under pytest-xdist the runs are shared by all workers (a lock per command line in the
+    session's common directory), so a run is never made twice in parallel either.
+    """
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    root = (root.parent if worker else root) / "shared-runs"
+    root.mkdir(parents=True, exist_ok=True)
+
+    def run(*args: str, env: dict | None = None, timeout: float = 900) -> CliResult:
+        """``{out}`` in ARGS is the run's own directory (``CliResult.out``), for other files it writes."""
+        key = json.dumps([args, sorted((env or {}).items())])
+        out = root / hashlib.sha256(key.encode()).hexdigest()[:16]
+        out.mkdir(exist_ok=True)
+        args = tuple(arg.replace("{out}", str(out)) for arg in args)
+        json_path, markdown_path, done = out / "report.json", out / "report.md", out / "completed.json"
+        with open(out / "lock", "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's run
+            if not done.exists():
+                argv = [sys.executable, "-m", "fsdpqdiag", *args]
+                argv += ["--json", str(json_path), "--markdown", str(markdown_path)]
+                # The preset cache of the worker that runs it; a preset is built once per cache.
+                full_env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
+                completed = subprocess.run(
+                    argv, capture_output=True, text=True, timeout=timeout, env=full_env
+                )
+                fields = {"returncode": completed.returncode, "stdout": completed.stdout}
+                done.write_text(json.dumps({**fields, "stderr": completed.stderr, "args": argv}))
+        recorded = json.loads(done.read_text())
+        completed = subprocess.CompletedProcess(
+            recorded["args"], recorded["returncode"], recorded["stdout"], recorded["stderr"]
+        )
+        result = CliResult(completed, json_path, markdown_path)
+        result.out = out
+        return result
 
     return run

@@ -1,5 +1,6 @@
 """CLI contract: fast help without torch, exit codes, one-line errors that write nothing."""
 
+import json
 import os
 import subprocess
 import sys
@@ -98,3 +99,43 @@ def test_missing_bitsandbytes_is_a_clear_error(tmp_path):
         env=dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{ROOT}"),
     )
     assert done.returncode == 2 and "bitsandbytes does not import" in done.stderr
+
+
+def test_a_cpu_run_imports_neither_torch_nor_bitsandbytes_in_the_parent(tmp_path):
+    # The ranks import them anyway, and the first one captures the stack for the report:
+    # importing them in the parent too cost every command seconds.
+    report = tmp_path / "r.json"
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "fsdpqdiag", "reproduce", "--device", "cpu"]
+        + ["--ws", "1", "--probe", "non-float-params", "-q", "--json", str(report)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+    assert done.returncode in (0, 1, 3), done.stderr[-2000:]
+    imported = {line.rsplit("|", 1)[-1].strip() for line in done.stderr.splitlines() if "|" in line}
+    assert "fsdpqdiag.api" in imported  # the lines are the parent's imports
+    assert not imported & {"torch", "bitsandbytes", "transformers"}
+    stack = json.loads(report.read_text())["env"]
+    assert stack["torch"]["version"] and stack["bitsandbytes"]["version"]
+    assert stack["bitsandbytes"].get("native_library") and "import_error" not in stack["bitsandbytes"]
+
+
+SOUND_TORCH = {"version": "2.13.0", "distributed_available": True}
+
+
+@pytest.mark.parametrize(
+    "stack, message",
+    [
+        ({"torch": {**SOUND_TORCH, "distributed_available": False}}, "no distributed support"),
+        ({"bitsandbytes": {"import_error": "ImportError: libcuda.so"}}, "does not import: ImportError"),
+        ({"bitsandbytes": {"native_library_error": "cannot open libbitsandbytes"}}, "no usable native"),
+        ({"torch": SOUND_TORCH, "bitsandbytes": {"version": "0.50.2"}}, None),
+    ],
+)
+def test_a_stack_that_cannot_run_is_named_from_what_a_rank_captured(stack, message):
+    from fsdpqdiag import env
+
+    problem = env.problem(stack)
+    assert problem is None if message is None else message in problem

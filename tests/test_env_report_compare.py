@@ -7,11 +7,13 @@ import jsonschema
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
 from fsdpqdiag.report import Report, json_schema
 
+from .conftest import forensics_default
 
-def test_forensics_report_renders_and_compares(run_cli, tmp_path):
-    path = tmp_path / "forensics.json"
-    made = run_cli("forensics", "--device", "cpu", "--ws", "1", "-q", "--json", str(path))
+
+def test_forensics_report_renders_and_compares(run_cli, shared_cli, tmp_path):
+    made = shared_cli(*forensics_default(1))
     assert made.returncode in (0, 1), made.stderr
+    path = made.json_path
     data = json.loads(path.read_text())
     jsonschema.validate(data, json_schema())
     report = Report.from_dict(data)

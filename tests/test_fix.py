@@ -7,6 +7,8 @@ import pytest
 from fsdpqdiag import fixes
 from fsdpqdiag.report import json_schema
 
+from .conftest import fix_all
+
 
 def _rows(report):
     return {r["config"]["workaround"]: r for r in report["results"]}
@@ -41,9 +43,11 @@ def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(run_cli, ws):
     assert result.returncode == 0, result.stderr
 
 
-def test_fixes_verified_without_injection_at_ws2(run_cli):
-    result = run_cli("fix", "--ws", "2", "--device", "cpu", "--steps", "2", "-q", json=True)
+@pytest.mark.parametrize("ws", [1, 2])
+def test_fixes_verified_without_injection(shared_cli, ws):
+    result = shared_cli(*fix_all(ws))
     rows = _rows(result.report)
+    assert set(rows) == {"none", *fixes.FIXES}
     for name in fixes.FIXES:
         assert rows[name]["verdict"] == "VERIFIED", rows[name]["summary"]
     # the unfixed row is the stack's own answer; its evidence must agree with its verdict
@@ -77,6 +81,8 @@ def test_apply_then_undo_restores_bitsandbytes_and_fsdp2():
     "args, message",
     [
         (["--workaround", "duct-tape"], "unknown workaround"),
+        # found by test_fuzz: "all" beside a typo ran every workaround
+        (["--workaround", "all", "--workaround", "duct-tape"], "unknown workaround"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--target", "gpt5"], "unknown fix target"),
     ],
@@ -87,21 +93,9 @@ def test_fix_bad_input(run_cli, args, message):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(run_cli, ws):
-    result = run_cli(
-        "fix",
-        "--workaround",
-        "axolotl-int8",
-        "--ws",
-        str(ws),
-        "--device",
-        "cpu",
-        "--steps",
-        "1",
-        "-q",
-        json=True,
-    )
-    rows = _rows(result.report)
+def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(shared_cli, ws):
+    # Its row of the uninjected run of every workaround: that run asks this of each row.
+    rows = _rows(shared_cli(*fix_all(ws)).report)
     fixed = rows["axolotl-int8"]
     assert fixed["verdict"] == "VERIFIED", fixed["summary"]
     assert fixed["evidence"]["int8_scb_saved"] is True
@@ -110,3 +104,36 @@ def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(run_cli, ws)
     # the unfixed row is the stack's answer: its evidence must only be self-consistent
     unfixed = rows["none"]["evidence"]
     assert unfixed["int8_scb_saved"] == (not any(k.endswith("SCB") for k in unfixed["int8_keys_missing"]))
+
+
+def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(monkeypatch):
+    # The workarounds of one world size share a launch; a workaround whose undo left a patch
+    # behind would have changed the runs after it in that launch.
+    from fsdpqdiag import batch
+    from fsdpqdiag.api import commands
+    from fsdpqdiag.report import ProbeResult
+
+    def shared_launch_result(restored):
+        return ProbeResult(
+            "fix-verify", "VERIFIED", 1, "cpu", "gloo", {}, None, "", {"restored_after_undo": restored}
+        )
+
+    keys = ["none on linear", "leaky on linear", "after on linear", "last on linear"]
+    items = [batch.Item(key, "fix-verify", {"workaround": key.split()[0]}) for key in keys]
+    ran = {key: shared_launch_result(key != "leaky on linear") for key in keys}
+    relaunched = []
+
+    def own_launch(task, config, run, checked):
+        relaunched.append(config["workaround"])
+        return f"{config['workaround']} in its own launch"
+
+    monkeypatch.setattr(commands, "_run_checked", own_launch)
+    commands._rerun_after_an_unrestored_undo(items, ran, run=None, checked={})
+    assert relaunched == ["after", "last"]
+    assert ran["after on linear"] == "after in its own launch"
+    assert ran["leaky on linear"].evidence["restored_after_undo"] is False  # its own row stays
+    assert ran["none on linear"].verdict == "VERIFIED"
+    ran_clean = {key: shared_launch_result(True) for key in keys}
+    relaunched.clear()
+    commands._rerun_after_an_unrestored_undo(items, ran_clean, run=None, checked={})
+    assert relaunched == []

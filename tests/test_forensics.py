@@ -5,6 +5,8 @@ import pytest
 
 from fsdpqdiag.report import json_schema
 
+from .conftest import forensics_default
+
 
 def _forensics(run_cli, *args):
     result = run_cli("forensics", "--device", "cpu", *args, "-q", json=True)
@@ -13,9 +15,15 @@ def _forensics(run_cli, *args):
     return result, report["results"][0]
 
 
+def _shared(shared_cli, ws):
+    result = shared_cli(*forensics_default(ws))
+    jsonschema.validate(result.report, json_schema())
+    return result, result.report["results"][0]
+
+
 @pytest.mark.parametrize("ws", [1, 2])
-def test_uninjected_forensics_is_self_consistent(run_cli, ws):
-    result, r = _forensics(run_cli, "--ws", str(ws))
+def test_uninjected_forensics_is_self_consistent(shared_cli, ws):
+    result, r = _shared(shared_cli, ws)
     ev = r["evidence"]
     assert len(ev["modules"]) == ev["totals"]["quantized_modules"] == 14
     for row in ev["modules"]:
@@ -74,11 +82,18 @@ def test_attribution_follows_the_control():
 
 
 @pytest.mark.parametrize("repack", ["on", "off"])
-def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, monkeypatch, repack):
+def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, shared_cli, monkeypatch, repack):
     # On a CPU with AVX512-BF16, bitsandbytes rewrites Linear4bit weights in place at the
-    # first inference forward; the switch takes either path on any CPU.
-    monkeypatch.setenv("FSDPQDIAG_BNB_CPU_REPACK", repack)
-    result, r = _forensics(run_cli, "--ws", "2")
+    # first inference forward; the switch takes either path on any CPU. This CPU's own path
+    # is the uninjected run's: only the other one needs a run of its own.
+    from fsdpqdiag import bnb_cpu_path
+
+    unforced = bnb_cpu_path.override() is None
+    if unforced and bnb_cpu_path.describe()["inference_repacks_weight"] is (repack == "on"):
+        result, r = _shared(shared_cli, 2)
+    else:
+        monkeypatch.setenv(bnb_cpu_path.ENV, repack)
+        result, r = _forensics(run_cli, "--ws", "2")
     report = result.report
     assert report["env"]["bitsandbytes"]["cpu_path"]["inference_repacks_weight"] is (repack == "on")
     assert r["verdict"] in ("NOT REPRODUCED", "REPRODUCED", "INCONCLUSIVE"), r["summary"]

@@ -294,6 +294,8 @@ def refused_launch(draw):
 @example((["reproduce", "--timeout", "nan"], None))  # ran ranks that failed in set-up
 @example((["reproduce", "--json", "/dev/full"], None))  # replaced the device node (as root)
 @example((["reproduce"], {"RANK": "5", "WORLD_SIZE": "2", **TORCHRUN}))  # a minute, then a traceback
+@example((["fix", "--workaround", "all", "--workaround", "duct-tape"], None))  # ran "all"
+@example((["matrix", "--grid", "quant_type=nf4,fp4", "--cells", "Z"], None))  # --cells dropped
 def test_launching_commands_refuse_before_any_rank(cli, case):
     tokens, env = case
     result = cli(tokens, env)

@@ -9,7 +9,7 @@ import pytest
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
 from fsdpqdiag.report import Report, json_schema
 
-from .conftest import ROOT, SMALL_LINEAR
+from .conftest import LOCALIZE_WS1, ROOT, SMALL_LINEAR, fix_all, matrix_default
 
 GPU_REPORTS = sorted((ROOT / "reports").glob("*.json"))
 
@@ -149,17 +149,19 @@ def test_env_command(run_cli):
     assert "| torch.version |" in run_cli("env", "--markdown").stdout
 
 
-def test_every_command_output_validates(run_cli, tmp_path):
-    for args in (
-        ["localize", "--ws", "1", "--device", "cpu", "--in-features", "64", "--out-features", "64"],
-        ["fix", "--ws", "1", "--device", "cpu", "-w", "fsdp2-bytes", "--steps", "1"],
-        ["matrix", "--ws", "1", "--device", "cpu", "--cells", "A"],
-    ):
-        result = run_cli(*args, "-q", json=True)
-        jsonschema.validate(result.report, json_schema())
-        md = tmp_path / "x.md"
-        run_cli(*args, "-q", "--markdown", str(md))
-        assert md.read_text().startswith(f"## fsdpqdiag {args[0]}")
+# The runs test_localize, test_fix and test_matrix ask their own questions of.
+EVERY_COMMAND = {
+    "localize": LOCALIZE_WS1,
+    "fix": fix_all(1),
+    "matrix": matrix_default(1),
+}
+
+
+@pytest.mark.parametrize("command", EVERY_COMMAND)
+def test_every_command_output_validates(shared_cli, command):
+    result = shared_cli(*EVERY_COMMAND[command])
+    jsonschema.validate(result.report, json_schema())
+    assert result.markdown_path.read_text().startswith(f"## fsdpqdiag {command}")
 
 
 def test_unknown_schema_version_is_refused_by_the_loader(tmp_path):

@@ -4,8 +4,6 @@ Verdicts of uninjected runs belong to the stack: the tests check that the eviden
 self-consistent, and that injected faults are caught.
 """
 
-import json
-
 import jsonschema
 import pytest
 
@@ -25,44 +23,26 @@ def _expected_exit_code(report) -> int:
 
 
 @pytest.fixture(scope="module")
-def reports(tmp_path_factory):
-    """Each (world size, fault) run once for the module: every run starts real ranks."""
-    import os
-    import subprocess
-    import sys
-
-    from .conftest import ROOT
-
-    out = tmp_path_factory.mktemp("reproduce")
+def runs(shared_cli):
+    """Each (world size, fault) run once: every run starts real ranks. The table on stdout
+    and the Markdown report are kept for the tests of the outputs."""
     made = {}
     for ws in (1, 2):
         for inject in (None, "nan-canonicalize", "segfault"):
-            path = out / f"ws{ws}-{inject}.json"
-            argv = [
-                sys.executable,
-                "-m",
-                "fsdpqdiag",
-                "reproduce",
-                "--ws",
-                str(ws),
-                "--device",
-                "cpu",
-                *SMALL_LINEAR,
-                "--json",
-                str(path),
-                "-q",
-            ]
+            argv = ["reproduce", "--ws", str(ws), "--device", "cpu", *SMALL_LINEAR]
             if inject:
                 argv += ["--inject", inject]
             if inject == "segfault":
                 # Mechanism B's probe between two others: its crash must cost only itself.
                 for name in BATCH_AROUND_CRASH:
                     argv += ["--probe", name]
-            done = subprocess.run(
-                argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, PYTHONPATH=str(ROOT))
-            )
-            made[(ws, inject)] = (done.returncode, json.loads(path.read_text()), done.stderr)
+            made[(ws, inject)] = shared_cli(*argv, timeout=600)
     return made
+
+
+@pytest.fixture(scope="module")
+def reports(runs):
+    return {key: (run.returncode, run.report, run.stderr) for key, run in runs.items()}
 
 
 def _result(report, probe):
@@ -138,44 +118,19 @@ def test_injected_segfault_is_a_crashed_result(reports, ws):
     assert [r["status"] for r in after["ranks"]] == ["ok"] * ws and after["evidence"]["u8"]
 
 
-def test_segfault_in_mechanism_b_keeps_mechanism_a_evidence(run_cli):
-    result = run_cli(
-        "reproduce",
-        "--ws",
-        "1",
-        "--device",
-        "cpu",
-        *SMALL_LINEAR,
-        "--probe",
-        "nan-canonicalization",
-        "--inject",
-        "segfault",
-        "-q",
-        json=True,
-    )
-    nan = result.report["results"][0]
+def test_segfault_in_mechanism_b_keeps_mechanism_a_evidence(reports):
+    # The segfault run's first probe is Mechanism A's, whose last stage is Mechanism B's
+    # full_tensor(): the launch dies there, the evidence taken before it is kept.
+    _, report, _ = reports[(1, "segfault")]
+    nan = _result(report, "nan-canonicalization")
     assert nan["evidence"]["full_tensor"]["status"] == "crashed"
     assert nan["evidence"]["full_tensor"]["signal"] == "SIGSEGV"
     assert "swap_target" in nan["evidence"] and nan["verdict"] in ("REPRODUCED", "NOT REPRODUCED")
 
 
-def test_markdown_and_table_outputs(run_cli, tmp_path):
-    md = tmp_path / "r.md"
-    result = run_cli(
-        "reproduce",
-        "--ws",
-        "1",
-        "--device",
-        "cpu",
-        *SMALL_LINEAR,
-        "--probe",
-        "nan-canonicalization",
-        "--inject",
-        "nan-canonicalize",
-        "--markdown",
-        str(md),
-    )
+def test_markdown_and_table_outputs(runs):
+    result = runs[(1, "nan-canonicalize")]
     assert result.returncode == 1
     assert "REPRODUCED" in result.stdout and "nan-canonicalization" in result.stdout
-    text = md.read_text()
+    text = result.markdown_path.read_text()
     assert "**REPRODUCED**" in text and "0x7fff" in text and "inject" in text.lower()

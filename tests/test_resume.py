@@ -247,7 +247,9 @@ def test_killed_sweep_resumes_exactly_its_recorded_plan(run_cli, tmp_path, small
         time.sleep(0.02)
     sweep.send_signal(signal.SIGKILL)
     sweep.communicate(timeout=60)
+    at_kill = record.read_bytes()
     time.sleep(1.0)  # its rank dies with it (PR_SET_PDEATHSIG) and appends nothing more
+    assert record.read_bytes() == at_kill
     finished = mx.recover(out)
     assert 1 <= len(finished.done) < 3
     if not finished.torn_tail:  # a kill inside the next append, made certain

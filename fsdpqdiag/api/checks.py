@@ -1,5 +1,7 @@
 """Input a user can get wrong, checked before any rank starts or any file is written:
-each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it)."""
+each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it). A stack that
+imports but cannot run (bitsandbytes without its native library) is learned from the first
+rank, before anything is written (see ``require_stack``)."""
 
 from __future__ import annotations
 
@@ -9,40 +11,33 @@ import math
 from collections.abc import Sequence
 
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RunConfig
-
-
-class BadInput(ValueError):
-    """A mistake in what the user asked for: one line, exit 2, nothing run or written."""
+from fsdpqdiag.errors import BadInput
 
 
 def require_stack() -> None:
-    """torch with distributed support and an importable bitsandbytes, or a one-line error."""
+    """torch and bitsandbytes installed, or a one-line error; checked without importing them.
+
+    Importing them takes seconds that the ranks spend anyway: whether torch has distributed
+    support and whether bitsandbytes imports with its native library is learned from the
+    first rank that starts (it captures the stack for the report, see ``fsdpqdiag.env``), and
+    the launcher raises the same one-line ``BadInput`` for it. Under torchrun this process is
+    a rank itself and checks them here.
+    """
     if importlib.util.find_spec("torch") is None:
         raise BadInput("torch is not installed")
-    import torch.distributed
-
-    if not torch.distributed.is_available():
-        raise BadInput("this torch build has no distributed support (torch.distributed)")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BadInput("bitsandbytes is not installed: pip install bitsandbytes")
-    try:
-        import bitsandbytes  # noqa: F401
-        from bitsandbytes import cextension
-    except Exception as exc:  # noqa: BLE001
-        raise BadInput(f"bitsandbytes does not import: {type(exc).__name__}: {exc}") from exc
-    mock = getattr(cextension, "ErrorHandlerMockBNBNativeLibrary", None)
-    if mock is not None and isinstance(getattr(cextension, "lib", None), mock):
-        # bitsandbytes imports without its native library and fails only at the first kernel
-        # call; a diagnosis on such a stack would blame FSDP2 for a broken install.
-        first_line = (getattr(cextension.lib, "error_msg", "") or "").strip().splitlines()
-        detail = first_line[0] if first_line else "no native library could be loaded"
-        raise BadInput(f"bitsandbytes has no usable native library: {detail}")
-    from fsdpqdiag import bnb_cpu_path
+    from fsdpqdiag import bnb_cpu_path, env
+    from fsdpqdiag.launch import in_launched_job
 
     try:
         bnb_cpu_path.override()
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
+    if in_launched_job():
+        problem = env.problem(env.stack())
+        if problem is not None:
+            raise BadInput(problem)
 
 
 def visible_gpus() -> int:
@@ -54,10 +49,12 @@ def visible_gpus() -> int:
 def resolve_device(requested: str) -> str:
     if requested not in DEVICES:
         raise BadInput(f"unknown device {requested!r} (known: {', '.join(DEVICES)})")
+    if requested == "cpu":  # asking torch would import it, seconds before any rank needs it
+        return requested
     gpus = visible_gpus()
     if requested == "auto":
         return "cuda" if gpus else "cpu"
-    if requested == "cuda" and gpus == 0:
+    if gpus == 0:
         raise BadInput("--device cuda, but no CUDA GPU is visible")
     return requested
 
@@ -123,14 +120,20 @@ def _runs(
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     check_inject(inject)
+    if backend not in BACKENDS:
+        raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
+    for world_size in world_sizes:
+        if world_size < 1:
+            raise BadInput(f"--ws must be >= 1, got {world_size}")
+    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    if not math.isfinite(timeout_s) or timeout_s <= 0:
+        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
+    # Last: where the device is "auto" or "cuda", resolving it imports torch.
     resolved = resolve_device(device)
     resolved_backend = resolve_backend(backend, resolved)
     sizes = merged(world_sizes) or [default_world_size(resolved)]
     for world_size in sizes:
         check_world_size(world_size, resolved, resolved_backend)
-    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
-    if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
     return [
         RunConfig(
             world_size=ws, device=resolved, timeout_s=timeout_s, inject=inject, backend=resolved_backend

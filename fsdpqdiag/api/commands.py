@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from fsdpqdiag import batch
 from fsdpqdiag.api.checks import (
     BadInput,
     _check_storage_pairs,
@@ -20,6 +21,8 @@ from fsdpqdiag.api.running import (
     _run_checked,
     preflight,
     run_checked,
+    run_items_checked,
+    run_probe,
 )
 from fsdpqdiag.config import LinearConfig, RunConfig
 from fsdpqdiag.report import Report
@@ -40,14 +43,16 @@ def reproduce(
     one launch (relaunching after a probe that kills it)."""
     from fsdpqdiag import env
 
-    require_stack()
     linear = _linear(linear)
     names = check_probes(probes)
     if "storage-dtype-mismatch" in names:
         _check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
+    env.remember(None)
     results, checks = [], []
-    for run in _runs(world_sizes, device, backend, timeout_s, inject):
+    for run in runs:
 
         def on_start(name: str, run: RunConfig = run) -> None:
             if on_progress:
@@ -56,7 +61,7 @@ def reproduce(
         ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
         checks.append(checked)
         results.extend(ran)
-    return Report(command="reproduce", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="reproduce", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def localize(
@@ -72,7 +77,6 @@ def localize(
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
     from fsdpqdiag import env
 
-    require_stack()
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
     # packed bf16 storage; a smaller layer would replay without them and prove nothing.
@@ -84,6 +88,8 @@ def localize(
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
+    env.remember(None)
     results, checks = [], []
     for run in runs:
         if on_progress:
@@ -92,7 +98,7 @@ def localize(
         result, checked = _one_checked("localize", config, run, {"linear": config})
         checks.append(checked)
         results.append(result)
-    return Report(command="localize", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="localize", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def fix(
@@ -111,12 +117,12 @@ def fix(
     from fsdpqdiag import env, fixes
     from fsdpqdiag.fix_verify import TARGETS
 
-    require_stack()
+    # Every name given is checked, "all" beside it too: a typo is never run as "all".
+    for name in workarounds:
+        if name != "all" and name not in fixes.FIXES:
+            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
     names = list(fixes.FIXES) if "all" in workarounds or not workarounds else merged(workarounds)
     targets = merged(targets)
-    for name in names:
-        if name not in fixes.FIXES:
-            raise BadInput(f"unknown workaround {name!r} (known: {', '.join(fixes.FIXES)}, all)")
     for target in targets:
         if target not in TARGETS:
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
@@ -125,6 +131,8 @@ def fix(
     from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
+    env.remember(None)
     for target in targets:
         if target in PRESETS:
             try:
@@ -138,17 +146,38 @@ def fix(
         if model_targets
         else {"linear": dataclasses.asdict(LinearConfig())}
     )
+    items = [
+        batch.Item(f"{w} on {target}", "fix-verify", {"workaround": w, "target": target, "steps": steps})
+        for target in targets
+        for w in ["none", *names]
+    ]
     results, checks = [], []
     for run in runs:
-        checked = preflight(run, subject, on_progress)
+
+        def on_start(key: str, run: RunConfig = run) -> None:
+            if on_progress:
+                on_progress(f"{key} at world size {run.world_size}")
+
+        ran, checked = run_items_checked(items, run, subject, on_start)
         checks.append(checked)
-        for target in targets:
-            for name in ["none", *names]:
-                if on_progress:
-                    on_progress(f"{name} on {target} at world size {run.world_size}")
-                config = {"workaround": name, "target": target, "steps": steps}
-                results.append(_run_checked("fix-verify", config, run, checked))
-    return Report(command="fix", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+        _rerun_after_an_unrestored_undo(items, ran, run, checked)
+        results.extend(ran[item.key] for item in items)
+    return Report(command="fix", argv=list(argv), env=env.stack(), results=results, preflight=checks)
+
+
+def _rerun_after_an_unrestored_undo(items: list, ran: dict, run: RunConfig, checked: dict | None) -> None:
+    """The workarounds share a launch, each undone before the next is applied. One whose undo
+    left bitsandbytes or FSDP2 patched (``restored_after_undo`` false) would have changed the
+    runs after it: those are run again, each in a launch of its own."""
+    keys = [item.key for item in items]
+    unrestored = [k for k in keys if ran[k].evidence.get("restored_after_undo") is False]
+    if not unrestored:
+        return
+    for item in items[keys.index(unrestored[0]) + 1 :]:
+        if checked is not None:
+            ran[item.key] = _run_checked(item.task, item.config, run, checked)
+        else:
+            ran[item.key] = run_probe(item.task, item.config, run)
 
 
 def forensics(
@@ -172,12 +201,13 @@ def forensics(
     from fsdpqdiag.config import QUANT_TYPES
     from fsdpqdiag.models import ModelSourceError, resolve_model
 
-    require_stack()
     if bits not in (4, 8):
         raise BadInput(f"--bits must be 4 or 8, got {bits}")
     if quant_type not in QUANT_TYPES:
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    require_stack()
+    env.remember(None)
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:
@@ -199,7 +229,7 @@ def forensics(
         checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)
-    return Report(command="forensics", argv=list(argv), env=env.capture(), results=results, preflight=checks)
+    return Report(command="forensics", argv=list(argv), env=env.stack(), results=results, preflight=checks)
 
 
 def doctor(
@@ -216,8 +246,8 @@ def doctor(
     test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
     from fsdpqdiag.models import ModelSourceError, resolve_model
 
-    require_stack()
     (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    require_stack()
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:

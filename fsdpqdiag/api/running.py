@@ -48,51 +48,71 @@ def run_checked(
     a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
     that shared the preflight's launch already ran, one after it is not run."""
     from fsdpqdiag import batch
+
+    items = [batch.Item(name, name, probe_config) for name in names]
+    results, checked = run_items_checked(items, run, subject, on_start)
+    return [results[name] for name in names], checked
+
+
+def run_items_checked(
+    items: Sequence,
+    run: RunConfig,
+    subject: dict | None,
+    on_start: Callable[[str], None] | None = None,
+) -> tuple[dict[str, ProbeResult], dict | None]:
+    """``run_checked`` for items (``fsdpqdiag.batch.Item``) that may run one task under
+    several configurations (``fix``: one ``fix-verify`` per workaround): each result under
+    its item's key."""
+    from fsdpqdiag import batch
     from fsdpqdiag import preflight as stack
     from fsdpqdiag.launch import run_task
     from fsdpqdiag.tasks import get_probe
 
+    by_key = {item.key: item for item in items}
     results: dict[str, ProbeResult] = {}
-    for name in names:
-        unmet = get_probe(name).needs.unmet(run)
+    for item in items:
+        unmet = get_probe(item.task).needs.unmet(run)
         if unmet is not None:
-            results[name] = _skipped(name, probe_config, run, unmet)
-    pending = [n for n in names if n not in results]
-    items = [batch.Item(stack.NAME, stack.NAME, subject)] if subject is not None else []
-    items += [batch.Item(name, name, probe_config) for name in pending]
+            results[item.key] = _skipped(item.task, item.config, run, unmet)
+    pending = [item for item in items if item.key not in results]
+    launched = [batch.Item(stack.NAME, stack.NAME, subject)] if subject is not None else []
+    launched += pending
     checked: dict | None = None
+
+    def refusal(item) -> ProbeResult | None:
+        return unsupported(item.task, item.config, run, checked) if checked is not None else None
 
     def settle(parts: list[batch.ProbeOutcomes]) -> list[str]:
         nonlocal checked
         for part in parts:
-            if part.probe == stack.NAME:
+            if part.probe == stack.NAME and subject is not None:
                 # Where the launch died inside it, the preflight relaunches for the rest.
                 checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
             else:
-                results[part.probe] = _decide(
-                    part.probe, probe_config, run, part.outcomes, part.duration_s, checked
+                item = by_key[part.probe]
+                results[item.key] = _decide(
+                    item.task, item.config, run, part.outcomes, part.duration_s, checked
                 )
         if checked is None:
             return []
-        # Not run: a probe whose preconditions failed in the preflight.
+        # Not run: an item whose preconditions failed in the preflight.
         ran = {part.probe for part in parts}
-        refused = [n for n in pending if n not in ran and n not in results]
-        refused = [n for n in refused if unsupported(n, probe_config, run, checked)]
-        for name in refused:
-            results[name] = unsupported(name, probe_config, run, checked)
-        return refused
+        refused = [i for i in pending if i.key not in ran and i.key not in results and refusal(i)]
+        for item in refused:
+            results[item.key] = refusal(item)
+        return [item.key for item in refused]
 
     new_watch = (lambda: batch.watch_progress(on_start)) if on_start else None
-    batch.run_resilient(items, run, run_task, settle, new_watch)
+    batch.run_resilient(launched, run, run_task, settle, new_watch)
     if checked is not None:
-        for name, result in list(results.items()):
-            refused = result.verdict != UNSUPPORTED and unsupported(name, probe_config, run, checked)
+        for key, result in list(results.items()):
+            refused = result.verdict != UNSUPPORTED and refusal(by_key[key])
             if refused:
                 # It ran beside the preflight: its own verdict is kept as evidence, not as the verdict.
                 refused.evidence["measured"] = {"verdict": result.verdict, "summary": result.summary}
                 refused.ranks, refused.duration_s = result.ranks, result.duration_s
-                results[name] = refused
-    return [results[name] for name in names], checked
+                results[key] = refused
+    return results, checked
 
 
 def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:

@@ -49,7 +49,6 @@ def matrix(
     from fsdpqdiag import env
     from fsdpqdiag.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
-    require_stack()
     recovered = None
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
         raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
@@ -71,6 +70,8 @@ def matrix(
     writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
     if out_dir is not None and resume is None and writes_record:
         _check_new_sweep_dir(Path(out_dir))
+    require_stack()
+    env.remember(None)
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank
     except ModelSourceError as exc:
@@ -93,14 +94,8 @@ def matrix(
     analysis = sweep.analysis()
     if recovered is not None:
         analysis["resume"] = recovered.summary()
-    return Report(
-        command="matrix",
-        argv=list(argv),
-        env=env.capture(),
-        results=sweep.results,
-        analysis=analysis,
-        preflight=sweep.checks,
-    )
+    results, checks = sweep.results, sweep.checks
+    return Report("matrix", list(argv), env.stack(), results, analysis=analysis, preflight=checks)
 
 
 def _selected_cells(cells: Sequence[str], grid: Sequence[str]) -> list:

@@ -13,7 +13,7 @@ import torch
 
 from fsdpqdiag import bnb_cpu_path
 from fsdpqdiag.bytes import plain
-from fsdpqdiag.config import LinearConfig, torch_dtype
+from fsdpqdiag.config import INTEGER_PARAMS, LinearConfig, torch_dtype
 from fsdpqdiag.probes.raised import RaisedStage
 
 
@@ -194,9 +194,6 @@ def plain_carriers_control(originals: dict[str, torch.Tensor], mesh, **fsdp_kwar
 
 
 # The frozen integer parameters ``unshard_integer_params`` puts beside the float Linear.
-INTEGER_PARAMS = ("u8", "i8")
-
-
 def unshard_integer_params(cfg: LinearConfig, ctx, evidence: dict[str, Any], checkpoint) -> dict[str, Any]:
     """Frozen uint8 and int8 ``nn.Parameter``s beside a float ``nn.Linear`` through
     ``fully_shard`` and one unshard: a refusal (the exception and FSDP2's line), or each

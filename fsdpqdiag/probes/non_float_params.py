@@ -36,7 +36,7 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
-    from fsdpqdiag.probes.common import INTEGER_PARAMS
+    from fsdpqdiag.config import INTEGER_PARAMS
 
     failed = failure_verdict(outcomes)
     if failed is not None:
