@@ -166,6 +166,11 @@ def _int8_state_dict_check(workaround, ctx, fully_shard) -> dict[str, Any]:
         fully_shard(model, mesh=ctx.mesh())
         handle.apply()
         after = {k: _full(v) for k, v in model.state_dict().items()}
+    except Exception as exc:  # noqa: BLE001 - the stack's refusal is this check's finding
+        # torch 2.11 refuses the frozen int8 weight in fully_shard itself (on every rank,
+        # before any collective): the row's training comparison stands, this check cannot.
+        message = f"{type(exc).__name__}: {exc}".strip().splitlines()[0][:300]
+        return {"int8_scb_saved": None, "int8_keys_missing": None, "int8_check_error": message}
     finally:
         handle.undo()
     scb = next((k for k in before if k.endswith("SCB")), None)
@@ -233,11 +238,13 @@ def verdict(outcomes):
     evidence = dict(outcomes[0].evidence)
     evidence["ranks_agree"] = len({str(o.evidence.get("losses_fsdp")) for o in outcomes}) == 1
     bad = [o for o in outcomes if not o.evidence["verified"]]
+    unchecked = evidence.get("int8_check_error")
+    unchecked = f"; Linear8bitLt state dict not checked: fully_shard raised {unchecked}" if unchecked else ""
     if not bad:
         return Verdict(
             VERIFIED,
             f"{evidence['steps']} steps bit-identical to training without FSDP (loss, "
-            f"{evidence['lora_tensors_compared']} LoRA gradients, parameters) on every rank",
+            f"{evidence['lora_tensors_compared']} LoRA gradients, parameters) on every rank{unchecked}",
             evidence,
         )
     first = bad[0].evidence["first_divergence"]
@@ -245,7 +252,7 @@ def verdict(outcomes):
     return Verdict(
         NOT_VERIFIED,
         f"rank {bad[0].rank} diverges at step {first['step']} in {first['kind']} {first['tensor']} "
-        f"(max |Δ| {first['max_abs_delta']})",
+        f"(max |Δ| {first['max_abs_delta']}){unchecked}",
         evidence,
     )
 

@@ -137,3 +137,29 @@ def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(mon
     relaunched.clear()
     commands._rerun_after_an_unrestored_undo(items, ran_clean, run=None, checked={})
     assert relaunched == []
+
+
+def test_a_refused_int8_state_dict_check_is_recorded_not_fatal_to_the_row():
+    # torch 2.11 refuses the frozen int8 weight in fully_shard: every fix row used to end as
+    # ERROR there, its training comparison lost with it. A refusing fully_shard stands in.
+    import torch
+
+    from fsdpqdiag import fix_verify
+
+    class OneRank:
+        device = torch.device("cpu")
+
+        def mesh(self):
+            return None
+
+    def refusing_fully_shard(module, mesh=None):
+        raise RuntimeError("only Tensors of floating point dtype can require gradients")
+
+    before = fix_verify._patch_points()
+    checked = fix_verify._int8_state_dict_check(fixes.get("axolotl-int8"), OneRank(), refusing_fully_shard)
+    assert checked == {
+        "int8_scb_saved": None,
+        "int8_keys_missing": None,
+        "int8_check_error": "RuntimeError: only Tensors of floating point dtype can require gradients",
+    }
+    assert fix_verify._patch_points() == before  # undone on the way out
