@@ -76,9 +76,13 @@ def resolve_backend(requested: str, device: str) -> str:
     return requested
 
 
-def check_world_size(world_size: int, device: str, backend: str | None = None) -> None:
+def _check_positive(world_size: int) -> None:
     if world_size < 1:
         raise BadInput(f"--ws must be >= 1, got {world_size}")
+
+
+def check_world_size(world_size: int, device: str, backend: str | None = None) -> None:
+    _check_positive(world_size)
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if device == "cuda" and backend == "nccl" and world_size > visible_gpus():
         raise BadInput(
@@ -123,8 +127,7 @@ def _runs(
     if backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     for world_size in world_sizes:
-        if world_size < 1:
-            raise BadInput(f"--ws must be >= 1, got {world_size}")
+        _check_positive(world_size)
     # nan compares false with everything, so "<= 0" alone let it through to the ranks.
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")

@@ -97,10 +97,10 @@ def run_items_checked(
             return []
         # Not run: an item whose preconditions failed in the preflight.
         ran = {part.probe for part in parts}
-        refused = [i for i in pending if i.key not in ran and i.key not in results and refusal(i)]
-        for item in refused:
-            results[item.key] = refusal(item)
-        return [item.key for item in refused]
+        not_run = [i for i in pending if i.key not in ran and i.key not in results]
+        refused = {i.key: result for i in not_run if (result := refusal(i)) is not None}
+        results.update(refused)
+        return list(refused)
 
     new_watch = (lambda: batch.watch_progress(on_start)) if on_start else None
     batch.run_resilient(launched, run, run_task, settle, new_watch)
