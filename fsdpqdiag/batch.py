@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
 from typing import Any
 
@@ -104,18 +104,21 @@ class ProbeOutcomes:
 
 
 def split(
-    names: list[str], outcomes: list[RankOutcome], launch_s: float, lead_rank_decides: bool = False
+    names: list[str],
+    outcomes: list[RankOutcome],
+    launch_s: float,
+    lead_rank_decides: Collection[str] = (),
 ) -> tuple[list[ProbeOutcomes], str | None]:
     """Each item's per-rank outcomes from a batch launch, in order, up to and including the
     casualty: the first item that not every rank finished (None when all finished).
 
-    ``lead_rank_decides``: an item is finished when rank 0 finished it (the matrix reads
-    only rank 0's row, and rank 0 has already recorded it).
+    ``lead_rank_decides``: the keys of items that are finished when rank 0 finished them (a
+    matrix cell: the matrix reads only rank 0's row, and rank 0 has already recorded it).
     """
     split_up: list[ProbeOutcomes] = []
     for name in names:
         done = [_finished(o).get(name) for o in outcomes]
-        if all(done) or (lead_rank_decides and done[0]):
+        if all(done) or (name in lead_rank_decides and done[0]):
             ranks = [
                 RankOutcome(o.rank, "ok", d["evidence"], d["stage"], exit_code=0, duration_s=d["duration_s"])
                 if d
@@ -164,7 +167,7 @@ def run_resilient(
     settle: Callable[[list[ProbeOutcomes]], Iterable[str]],
     new_watch: Callable[[], Callable[[dict], None]] | None = None,
     isolate: bool = False,
-    lead_rank_decides: bool = False,
+    lead_rank_decides: Collection[str] = (),
 ) -> None:
     """Run ``items`` in one launch (one launch each with ``isolate``); after a launch that
     ended inside an item, that item is charged with it and a fresh launch runs the items

@@ -107,6 +107,64 @@ def test_rank_0_alone_decides_where_its_row_is_the_record():
             1, "crashed", {"finished": {}, "running": {"probe": "a", "stage": "y"}}, signal="SIGSEGV"
         ),
     ]
-    parts, casualty = split(["a", "b"], outcomes, 4.0, lead_rank_decides=True)
+    parts, casualty = split(["a", "b"], outcomes, 4.0, lead_rank_decides={"a", "b"})
     assert casualty == "b" and [p.probe for p in parts] == ["a", "b"]
     assert parts[0].outcomes[0].status == "ok" and parts[0].outcomes[1].status == "crashed"
+    # an item outside the set (the preflight that leads a sweep's launch) needs every rank
+    parts, casualty = split(["a", "b"], outcomes, 4.0, lead_rank_decides={"b"})
+    assert casualty == "a" and [p.probe for p in parts] == ["a"]
+
+
+def _cells(*names):
+    from fsdpqdiag.matrix import Cell
+
+    return [Cell(name) for name in names]
+
+
+def test_a_sweep_led_by_the_preflight_runs_it_in_the_cells_launch():
+    from fsdpqdiag.batch import Item
+    from fsdpqdiag.config import RunConfig
+    from fsdpqdiag.matrix.sweep import sweep
+
+    run = RunConfig(world_size=2, device="cpu")
+    execute, launched = _fake_launches([({"preflight", "A", "C"}, None)])
+    led: list[str] = []
+    lead = (Item("preflight", "preflight", {}), lambda part: led.append(part.probe) or False)
+    rows = sweep(_cells("A", "C"), run, {}, execute, lead=lead)
+    assert launched == [["preflight", "A", "C"]] and led == ["preflight"]
+    assert rows == {"A": {"probe": "A"}, "C": {"probe": "C"}}
+
+    # The launch dies inside the preflight: the cells run in a fresh launch.
+    execute, launched = _fake_launches([(set(), "preflight"), ({"A", "C"}, None)])
+    rows = sweep(_cells("A", "C"), run, {}, execute, lead=(lead[0], lambda part: False))
+    assert launched == [["preflight", "A", "C"], ["A", "C"]] and set(rows) == {"A", "C"}
+
+
+def test_a_preflight_that_refuses_the_cells_stops_the_ones_not_yet_run():
+    from fsdpqdiag.batch import Item
+    from fsdpqdiag.config import RunConfig
+    from fsdpqdiag.matrix.sweep import sweep
+
+    # The preflight and A finish, C kills the launch: E is not relaunched.
+    execute, launched = _fake_launches([({"preflight", "A"}, "C")])
+    lead = (Item("preflight", "preflight", {}), lambda part: True)
+    rows = sweep(_cells("A", "C", "E"), RunConfig(world_size=2, device="cpu"), {}, execute, lead=lead)
+    assert launched == [["preflight", "A", "C", "E"]]
+    assert rows["A"] == {"probe": "A"} and rows["C"]["status"] == "crashed" and "E" not in rows
+
+
+def test_a_cells_casualty_row_is_the_rank_that_died_not_the_one_killed_after_it():
+    from fsdpqdiag.matrix.sweep import casualty_row
+
+    running = {"probe": "D", "stage": "forward", "evidence": {}}
+    outcomes = [
+        RankOutcome(0, "aborted", {"running": running}, error="killed: a peer rank ended first"),
+        RankOutcome(1, "crashed", {"running": running}, signal="SIGSEGV"),
+    ]
+    row = casualty_row(outcomes)
+    assert row["status"] == "crashed" and row["signal"] == "SIGSEGV"
+    raised = [
+        RankOutcome(0, "error", {}, error="RuntimeError: second", failed_at=2.0),
+        RankOutcome(1, "error", {}, error="RuntimeError: first", failed_at=1.0),
+    ]
+    assert casualty_row(raised) == {"status": "error", "signal": None, "error": "RuntimeError: first"}

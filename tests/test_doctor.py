@@ -201,3 +201,40 @@ def test_doctor_bad_input_is_one_line_exit_2(run_cli, args, message):
     result = run_cli("doctor", "--device", "cpu", *args)
     assert result.returncode == 2 and message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and result.stdout == ""
+
+
+def test_a_matrix_whose_preflight_fails_all_gather_runs_no_cell_as_its_row(monkeypatch):
+    """The preflight leads the cells' launch: where it finds all_gather failing on ordinary
+    tensors, every cell is UNSUPPORTED, the cells not yet run are not run, and one that ran
+    beside it keeps its row as ``measured``. The launcher is replaced by a script of what
+    its ranks report (no ranks start): the stack's failure is the premise, not a finding."""
+    from fsdpqdiag import api, launch
+    from fsdpqdiag.outcome import RankOutcome
+
+    healthy = {"dtypes": {"bfloat16": {"bytes_equal": True}}}
+    capabilities = {name: healthy for name in preflight.CAPABILITIES}
+    capabilities[preflight.ALL_GATHER] = {"status": "raised", "error": "RuntimeError: gather broke"}
+    checked = {"capabilities": capabilities, preflight.UNITS_STAGE: {}, "bitsandbytes_path": None}
+    launched = []
+
+    def run_task(task, watch=None):
+        keys = [item["key"] for item in task.extra["batch"]]
+        launched.append(keys)
+        finished = {
+            preflight.NAME: {"evidence": checked, "stage": "done", "duration_s": 0.1},
+            "A": {"evidence": {"status": "ok", "loss": 1.0}, "stage": "done", "duration_s": 0.1},
+        }
+        # the launch ends inside C: the casualty, and E after it is never relaunched
+        running = {"probe": "C", "stage": "forward", "evidence": {}}
+        return [RankOutcome(0, "crashed", {"finished": finished, "running": running}, signal="SIGSEGV")]
+
+    monkeypatch.setattr(launch, "run_task", run_task)
+    report = api.matrix(cells=["A", "C", "E"], world_sizes=[1], device="cpu")
+    assert launched == [[preflight.NAME, "A", "C", "E"]]
+    (ran,) = report.preflight
+    assert ran["shared_launch"] and not ran["capabilities"][0]["ok"]
+    rows = {r.config["cell"]["name"]: r for r in report.results}
+    assert {name: r.verdict for name, r in rows.items()} == dict.fromkeys("ACE", UNSUPPORTED)
+    assert rows["A"].evidence["measured"] == {"status": "ok", "loss": 1.0}
+    assert rows["C"].evidence["measured"]["status"] == "crashed" and "measured" not in rows["E"].evidence
+    assert rows["E"].evidence["attribution"]["component"] == preflight.COMPONENT

@@ -15,7 +15,6 @@ from fsdpqdiag.api.checks import (
 )
 from fsdpqdiag.api.running import (
     _attribute,
-    preflight,
     unsupported,
 )
 from fsdpqdiag.report import ProbeResult, Report
@@ -152,30 +151,48 @@ class _Sweep:
     checks: list[dict] = dataclasses.field(default_factory=list)
 
     def run(self, run) -> None:
+        from fsdpqdiag import batch
         from fsdpqdiag import matrix as mx
+        from fsdpqdiag import preflight as stack
         from fsdpqdiag.launch import run_task
 
         subject = {"model": {"model": self.base_config["model"], "label": self.label, "lora": self.lora}}
-        checked = preflight(run, subject, self.on_progress)
-        self.checks.append(checked)
         if self.on_progress:
+            self.on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
             self.on_progress(
                 f"{len(self.selected)} cells at world size {run.world_size} on {run.device}/{run.backend}"
             )
-        refused = unsupported("matrix", {}, run, checked)
+        decided: dict[str, Any] = {}
+
+        def refuses_the_cells(part) -> bool:
+            # The preflight leads the cells' launch: a launch costs seconds of imports.
+            decided["checked"] = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+            decided["refused"] = unsupported("matrix", {}, run, decided["checked"])
+            return decided["refused"] is not None
+
+        rows = mx.sweep(
+            self.selected,
+            run,
+            self.base_config,
+            run_task,
+            isolate=self.isolate_cells,
+            done=self.done,
+            on_cell=self.on_cell,
+            lead=(batch.Item(stack.NAME, stack.NAME, subject), refuses_the_cells),
+        )
+        self.checks.append(decided["checked"])
+        refused = decided["refused"]
         if refused is not None:
-            # No cell can separate the bug from the stack here: none is run.
-            rows = {cell.name: {"status": "unsupported", "error": refused.summary} for cell in self.selected}
-        else:
-            rows = mx.sweep(
-                self.selected,
-                run,
-                self.base_config,
-                run_task,
-                isolate=self.isolate_cells,
-                done=self.done,
-                on_cell=self.on_cell,
-            )
+            # No cell can separate the bug from the stack here. A cell that ran beside the
+            # preflight keeps its row as evidence, not as its row.
+            rows = {
+                cell.name: {
+                    "status": "unsupported",
+                    "error": refused.summary,
+                    **({"measured": rows[cell.name]} if cell.name in rows else {}),
+                }
+                for cell in self.selected
+            }
         self.rows_by_ws[run.world_size] = rows
         for cell in self.selected:
             row = rows[cell.name]

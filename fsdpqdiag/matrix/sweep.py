@@ -1,8 +1,8 @@
 """The sweep (parent side): every cell's row at one world size.
 
-All cells of one world size run in one launch (``fsdpqdiag.batch``); each finished cell is
-checkpointed, and recorded by rank 0. If a cell kills the launch, the sweep records it and
-relaunches from the next cell.
+All cells of one world size run in one launch (``fsdpqdiag.batch``), led by the stack
+preflight; each finished cell is checkpointed, and recorded by rank 0. If a cell kills the
+launch, the sweep records it and relaunches from the next cell.
 """
 
 from __future__ import annotations
@@ -19,8 +19,8 @@ from fsdpqdiag.matrix.task import NAME
 
 
 def casualty_row(outcomes: list) -> dict[str, Any]:
-    """The row of a cell in which its launch ended: how the first rank that failed ended."""
-    failed = next((o for o in outcomes if o.status != "ok"), outcomes[0])
+    """The row of a cell in which its launch ended: how the rank that ended it ended."""
+    failed = _cause(outcomes)
     row = {
         "status": failed.status if failed.status in ("crashed", "timeout") else "error",
         "signal": failed.signal,
@@ -33,6 +33,18 @@ def casualty_row(outcomes: list) -> dict[str, Any]:
     return row
 
 
+def _cause(outcomes: list) -> Any:
+    """The rank whose end ended the launch: one that died, else one that hung, else the one
+    that raised first; a rank the launcher killed after its peer ended (aborted) only where
+    no other failed. Rank 0 is usually the aborted one: taking the first rank that is not
+    "ok" made a cell whose rank 1 died by SIGSEGV an ERROR row "killed: a peer rank ended"."""
+    for status in ("crashed", "timeout", "error", "aborted"):
+        failed = [o for o in outcomes if o.status == status]
+        if failed:
+            return min(failed, key=lambda o: (o.failed_at is None, o.failed_at or 0.0))
+    return outcomes[0]
+
+
 def sweep(
     cells: list[Cell],
     run,
@@ -41,9 +53,13 @@ def sweep(
     isolate: bool = False,
     done: dict[tuple[str, int], dict] | None = None,
     on_cell: Callable[[str, dict], None] | None = None,
+    lead: tuple[batch.Item, Callable[[batch.ProbeOutcomes], bool]] | None = None,
 ) -> dict[str, dict]:
     """Every cell's row at one world size: one launch for all cells, relaunching after a
-    crash from the next cell (or one launch per cell with ``isolate``)."""
+    crash from the next cell (or one launch per cell with ``isolate``).
+
+    ``lead``: an item (the stack preflight) that runs first in the same launch, and what
+    decides from its outcomes whether the cells still to run must not run (True)."""
     rows: dict[str, dict] = {}
     for cell in cells:
         if done and (cell.name, run.world_size) in done:
@@ -56,6 +72,9 @@ def sweep(
         for cell in cells
         if cell.name not in rows
     ]
+    cell_keys = [item.key for item in items]
+    if lead is not None:
+        items.insert(0, lead[0])
     reported: set[str] = set()
 
     def report(name: str, row: dict) -> None:
@@ -66,10 +85,14 @@ def sweep(
                 on_cell(name, row)
 
     def settle(parts: list[batch.ProbeOutcomes]) -> list[str]:
+        stop = False
         for part in parts:
-            lead = part.outcomes[0]
-            if lead.status == "ok":  # rank 0 finished the cell: its row, as recorded
-                rows[part.probe] = lead.evidence
+            if lead is not None and part.probe == lead[0].key:
+                stop = lead[1](part)
+                continue
+            first = part.outcomes[0]
+            if first.status == "ok":  # rank 0 finished the cell: its row, as recorded
+                rows[part.probe] = first.evidence
             else:  # the launch ended inside this cell: it is the casualty
                 rows[part.probe] = casualty_row(part.outcomes)
                 if base_config.get("out_dir"):
@@ -77,7 +100,7 @@ def sweep(
                         Path(base_config["out_dir"]), by_name[part.probe], rows[part.probe], run.world_size
                     )
             report(part.probe, rows[part.probe])
-        return []
+        return [key for key in cell_keys if key not in rows] if stop else []
 
     batch.run_resilient(
         items,
@@ -86,6 +109,6 @@ def sweep(
         settle,
         new_watch=lambda: batch.watch_progress(on_finish=report),
         isolate=isolate,
-        lead_rank_decides=True,
+        lead_rank_decides=cell_keys,
     )
     return rows
