@@ -24,6 +24,29 @@ def test_help_does_not_import_torch():
     subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
 
 
+def test_a_typo_is_refused_before_torch_loads():
+    # Every command checks its options before the stack: a typo costs a second, not the
+    # seconds of importing torch (fix's workarounds used to import it when listed).
+    code = (
+        "import sys\n"
+        "from typer.testing import CliRunner\n"
+        "from fsdpqdiag.cli import app\n"
+        "for argv in (\n"
+        "    ['fix', '--device', 'cpu', '--workaround', 'duct-tape'],\n"
+        "    ['fix', '--device', 'cpu', '--ws', '0'],\n"
+        "    ['matrix', '--device', 'cpu', '--cells', 'Z'],\n"
+        "    ['reproduce', '--device', 'cpu', '--probe', 'no-such-probe'],\n"
+        "    ['forensics', '--device', 'cpu', '--preset', 'no-such-preset'],\n"
+        "    ['localize', '--device', 'cpu', '--ws', '0'],\n"
+        "    ['doctor', '--device', 'cpu', '--ws', '0'],\n"
+        "):\n"
+        "    result = CliRunner().invoke(app, argv)\n"
+        "    assert result.exit_code == 2, (argv, result.output)\n"
+        "    assert 'torch' not in sys.modules, f'{argv} imported torch'\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+
+
 def test_exit_codes_are_documented(run_cli):
     result = run_cli("--help")
     assert result.returncode == 0

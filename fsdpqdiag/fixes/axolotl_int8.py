@@ -23,8 +23,6 @@ from __future__ import annotations
 
 import weakref
 
-import torch
-
 from fsdpqdiag.fixes.base import Handle, Workaround
 
 
@@ -49,6 +47,8 @@ def _dtensor_save_to_state_dict(captured_scb: weakref.WeakKeyDictionary):
             if scb is None or prefix + "SCB" in destination:
                 return
             if not self.state.has_fp16_weights:
+                import torch
+
                 destination[prefix + "SCB"] = scb if keep_vars else scb.detach()
                 destination[prefix + "weight_format"] = torch.tensor(0, dtype=torch.uint8)
 

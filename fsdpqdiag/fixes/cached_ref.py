@@ -10,12 +10,16 @@ still all-gathers them too (unused), and the manual gather has no prefetch.
 
 from __future__ import annotations
 
-import torch
+from typing import TYPE_CHECKING
 
 from fsdpqdiag.fixes.base import Handle, Workaround
 
+if TYPE_CHECKING:
+    import torch
+
 
 def _gather_rows(local: torch.Tensor, total_rows: int) -> torch.Tensor:
+    import torch
     import torch.distributed as dist
 
     world_size = dist.get_world_size() if dist.is_initialized() else 1

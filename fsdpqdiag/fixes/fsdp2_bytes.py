@@ -18,19 +18,18 @@ as axolotl's ``init_dtype_attrs`` guard also concludes.
 
 from __future__ import annotations
 
-import torch
-
 from fsdpqdiag.fixes.base import Handle, Workaround
 
-_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 _MARK = "_fsdpqdiag_bytes_all_gather"
 _HOOKS = ("fsdp_pre_all_gather", "fsdp_post_all_gather")
 
 
 def _install(fsdp_param) -> None:
     local = fsdp_param._sharded_local_tensor
+    import torch
+
     storage_dtype = local.dtype
-    carrier = _SAME_WIDTH_INT[local.element_size()]
+    carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
 
     def fsdp_pre_all_gather(mesh, outer_size, outer_stride, module, mp_policy):
         padded = fsdp_param._sharded_param_data.view(fsdp_param.padded_sharded_param_size)
