@@ -168,10 +168,12 @@ def run_resilient(
     new_watch: Callable[[], Callable[[dict], None]] | None = None,
     isolate: bool = False,
     lead_rank_decides: Collection[str] = (),
+    riders: Collection[str] = (),
 ) -> None:
-    """Run ``items`` in one launch (one launch each with ``isolate``); after a launch that
-    ended inside an item, that item is charged with it and a fresh launch runs the items
-    after it.
+    """Run ``items`` in one launch (one launch each with ``isolate``, where the keys in
+    ``riders`` share the launch of the item after them: the preflight leads the first
+    cell's); after a launch that ended inside an item, that item is charged with it and a
+    fresh launch runs the items after it.
 
     ``execute(task[, watch=])`` runs a ``RankTask`` and returns its outcomes (the launcher's
     ``run_task``). ``settle`` receives each launch's items, in order, up to the casualty; it
@@ -180,7 +182,7 @@ def run_resilient(
     """
     pending = list(items)
     while pending:
-        batch = pending[:1] if isolate else pending
+        batch = pending[: 1 + (pending[0].key in riders)] if isolate else pending
         task = batch_task(batch, run)
         started = time.monotonic()
         if new_watch is not None and "watch" in inspect.signature(execute).parameters:

@@ -139,6 +139,11 @@ def test_a_sweep_led_by_the_preflight_runs_it_in_the_cells_launch():
     rows = sweep(_cells("A", "C"), run, {}, execute, lead=(lead[0], lambda part: False))
     assert launched == [["preflight", "A", "C"], ["A", "C"]] and set(rows) == {"A", "C"}
 
+    # One launch per cell: the preflight still leads the first cell's.
+    execute, launched = _fake_launches([({"preflight", "A"}, None), ({"C"}, None)])
+    rows = sweep(_cells("A", "C"), run, {}, execute, isolate=True, lead=(lead[0], lambda part: False))
+    assert launched == [["preflight", "A"], ["C"]] and set(rows) == {"A", "C"}
+
 
 def test_a_preflight_that_refuses_the_cells_stops_the_ones_not_yet_run():
     from fsdpqdiag.batch import Item

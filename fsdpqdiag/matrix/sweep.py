@@ -110,5 +110,6 @@ def sweep(
         new_watch=lambda: batch.watch_progress(on_finish=report),
         isolate=isolate,
         lead_rank_decides=cell_keys,
+        riders=[lead[0].key] if lead is not None else [],
     )
     return rows
