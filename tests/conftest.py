@@ -36,10 +36,16 @@ if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
 # Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
-SMALL_LINEAR = ["--in-features", "256", "--out-features", "256"]
+SMALL_FEATURES = 256
+SMALL_LINEAR = ["--in-features", str(SMALL_FEATURES), "--out-features", str(SMALL_FEATURES)]
 
 # Command lines several test modules ask questions of, each run once (``shared_cli``).
 LOCALIZE_WS1 = ("localize", "--device", "cpu", "--in-features", "128", "--out-features", "128", "--ws", "1")
+
+
+def reproduce_small(ws: int) -> tuple[str, ...]:
+    """Every probe at world size ``ws``, uninjected, on the small layer (``shared_probe``)."""
+    return ("reproduce", "--ws", str(ws), "--device", "cpu", *SMALL_LINEAR)
 
 
 def fix_all(ws: int) -> tuple[str, ...]:
@@ -150,3 +156,30 @@ def shared_cli(tmp_path_factory):
         return result
 
     return run
+
+
+@pytest.fixture(scope="session")
+def shared_probe(shared_cli):
+    """``shared_probe(NAME, WS)``: probe NAME's result in the shared uninjected
+    ``reproduce_small(WS)`` run, as the ``ProbeResult`` that
+    ``test_reproducers.cpu_probe(NAME, WS)`` returns: the same question (the same probe, layer,
+    world size and device, no fault, no environment of its own), answered by the run every
+    module shares instead of a launch of its own. Where the run asked anything else, this
+    fails rather than hand a test another question's answer."""
+    from fsdpqdiag.config import LinearConfig
+    from fsdpqdiag.report import UNSUPPORTED, ProbeResult
+
+    expected = dict(LinearConfig(in_features=SMALL_FEATURES, out_features=SMALL_FEATURES).__dict__)
+
+    def get(name: str, ws: int) -> ProbeResult:
+        run = shared_cli(*reproduce_small(ws), timeout=600)
+        assert run.json_path.exists(), run.stderr[-3000:]
+        (found,) = [r for r in run.report["results"] if r["probe"] == name]
+        result = ProbeResult(**found)
+        assert result.config == expected, (name, result.config, expected)
+        assert (result.world_size, result.device, result.injected) == (ws, "cpu", None), name
+        # cpu_probe runs no preflight: a probe it refused answers another question.
+        assert result.verdict != UNSUPPORTED, (name, result.summary)
+        return result
+
+    return get

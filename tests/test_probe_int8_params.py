@@ -41,8 +41,8 @@ def cli_ws1(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def ws2():
-    return _probe(2)
+def ws2(shared_probe):
+    return shared_probe("int8-params", 2)
 
 
 def _probe(ws: int, inject: str | None = None, **config):

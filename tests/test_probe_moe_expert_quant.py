@@ -45,10 +45,10 @@ def cli_ws1(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def results(cli_ws1):
+def results(cli_ws1, shared_probe):
     done, path = cli_ws1
     assert path.exists(), done.stderr[-3000:]
-    return {1: json.loads(path.read_text())["results"][0], 2: dataclasses.asdict(_probe(2))}
+    return {1: json.loads(path.read_text())["results"][0], 2: dataclasses.asdict(shared_probe(PROBE, 2))}
 
 
 @pytest.fixture(scope="module")

@@ -130,8 +130,8 @@ def test_ws1_evidence_consistent_and_matches_standalone(cli_report):
     _check_matches_standalone(result["ranks"], 1)
 
 
-def test_ws2_evidence_consistent_and_matches_standalone():
-    result = _probe(2)
+def test_ws2_evidence_consistent_and_matches_standalone(shared_probe):
+    result = shared_probe(PROBE, 2)
     assert len(result.ranks) == 2
     for rank in result.ranks:
         assert rank["status"] == "ok", rank.get("error")

@@ -29,13 +29,14 @@ def _probe(ws: int, inject: str | None = None, **config):
 
 
 @pytest.fixture(scope="module")
-def results():
-    """Each (world size, fault) launched once for the module: every launch starts real ranks."""
+def results(shared_probe):
+    """Each (world size, fault) launched once for the module: every launch starts real ranks.
+    Uninjected, the probe's result in the reproduce run every module shares."""
     made = {}
 
     def get(ws: int, inject: str | None = None):
         if (ws, inject) not in made:
-            made[(ws, inject)] = _probe(ws, inject)
+            made[(ws, inject)] = shared_probe(PROBE, ws) if inject is None else _probe(ws, inject)
         return made[(ws, inject)]
 
     return get

@@ -10,8 +10,8 @@ INTEGER_PARAMS = ("u8", "i8")
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_non_float_params_evidence_consistent_and_matches_standalone(ws):
-    result = _probe("non-float-params", ws)
+def test_non_float_params_evidence_consistent_and_matches_standalone(shared_probe, ws):
+    result = shared_probe("non-float-params", ws)
     assert len(result.ranks) == ws
     script_ranks = _standalone("non_float_params.py", ws)
     assert len(script_ranks) == ws

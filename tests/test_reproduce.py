@@ -9,7 +9,7 @@ import pytest
 
 from fsdpqdiag.report import json_schema
 
-from .conftest import SMALL_LINEAR
+from .conftest import reproduce_small
 
 BATCH_AROUND_CRASH = ("nan-canonicalization", "full-tensor-crash", "non-float-params")
 
@@ -29,7 +29,7 @@ def runs(shared_cli):
     made = {}
     for ws in (1, 2):
         for inject in (None, "nan-canonicalize", "segfault"):
-            argv = ["reproduce", "--ws", str(ws), "--device", "cpu", *SMALL_LINEAR]
+            argv = list(reproduce_small(ws))
             if inject:
                 argv += ["--inject", inject]
             if inject == "segfault":

@@ -10,9 +10,9 @@ import pytest
 from fsdpqdiag import api
 from fsdpqdiag.config import LinearConfig, RunConfig
 
-from .conftest import ROOT
+from .conftest import ROOT, SMALL_FEATURES
 
-FEATURES = 256
+FEATURES = SMALL_FEATURES
 
 
 def _json_objects(text: str) -> list[dict]:
@@ -55,9 +55,9 @@ def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_nan_canonicalization_reproducer_matches_probe(ws):
+def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
     script_ranks = _standalone("nan_canonicalization.py", ws)
-    result = cpu_probe("nan-canonicalization", ws)
+    result = shared_probe("nan-canonicalization", ws)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
@@ -69,9 +69,9 @@ def test_nan_canonicalization_reproducer_matches_probe(ws):
             assert line[key] == ev[key], key
 
 
-def test_full_tensor_reproducer_matches_probe():
+def test_full_tensor_reproducer_matches_probe(shared_probe):
     script_ranks = _standalone("full_tensor_crash.py", 2)
-    result = cpu_probe("full-tensor-crash", 2)
+    result = shared_probe("full-tensor-crash", 2)
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
