@@ -20,6 +20,7 @@ from __future__ import annotations
 import ast
 import contextlib
 import inspect
+import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -32,6 +33,22 @@ if TYPE_CHECKING:
     import torch
 
 FSDP_MODULES = ("_fsdp_collectives", "_fsdp_param_group", "_fsdp_param", "_fsdp_common", "_fsdp_api")
+
+
+def _source_lines(source: str) -> list[str]:
+    """The lines of ``source`` with their endings, split where the parser splits them."""
+    return re.findall(r"[^\r\n]*(?:\r\n|\r|\n)|[^\r\n]+$", source)
+
+
+def _segment(lines: list[str], node: ast.AST) -> str:
+    """``ast.get_source_segment(source, node)`` from lines split once: it splits the whole
+    file again on every call, which made localize spend seconds per stage (1230 calls)."""
+    first, last = node.lineno - 1, node.end_lineno - 1
+    if first == last:
+        return lines[first].encode()[node.col_offset : node.end_col_offset].decode()
+    head = lines[first].encode()[node.col_offset :].decode()
+    tail = lines[last].encode()[: node.end_col_offset].decode()
+    return "".join([head, *lines[first + 1 : last], tail])
 
 
 def call_sites(token: str, modules: tuple[str, ...] | None = None) -> list[dict[str, Any]]:
@@ -48,9 +65,10 @@ def call_sites(token: str, modules: tuple[str, ...] | None = None) -> list[dict[
             continue
         path = Path(inspect.getsourcefile(module))
         source = path.read_text()
+        lines = _source_lines(source)
         for node in ast.walk(ast.parse(source)):
             if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
-                segment = ast.get_source_segment(source, node) or ""
+                segment = _segment(lines, node)
                 if token in segment:
                     offset = segment[: segment.index(token)].count("\n")
                     rel = path.as_posix().split("site-packages/")[-1]

@@ -73,3 +73,27 @@ def test_localize_names_the_injected_stage_at_ws2(run_cli):
     assert by_stage["all-gather output (collective)"]["bytes_equal"]
     assert by_stage["copy-out into the unsharded buffer"]["bytes_equal"]
     assert not by_stage["parameter swap (weight forward receives)"]["bytes_equal"]
+
+
+def test_call_sites_read_each_function_as_the_parser_delimits_it():
+    import ast
+    import inspect
+    from pathlib import Path
+
+    from fsdpqdiag import localize
+    from fsdpqdiag.localize import _segment, _source_lines
+
+    # Line endings the parser splits on (not \f or \v), and columns counted in UTF-8 bytes.
+    source = (
+        'def f(x):\r\n    y = "é\f"; return x  # torch._foreach_copy_\r'
+        "def g():\n    pass\n\ndef h(): return 1"
+    )
+    fsdp = "torch.distributed.fsdp._fully_shard"
+    modules = [__import__(f"{fsdp}.{m}", fromlist=["_"]) for m in localize.FSDP_MODULES[:3]]
+    for text in [source] + [Path(inspect.getsourcefile(m)).read_text() for m in modules]:
+        lines = _source_lines(text)
+        assert lines == ast._splitlines_no_ff(text)
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                assert _segment(lines, node) == ast.get_source_segment(text, node), node.name
+    assert localize.call_sites("world_size == 1")  # FSDP2's own shortcut is still found
