@@ -9,23 +9,23 @@ import pytest
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
 from fsdpqdiag.report import Report, json_schema
 
-from .conftest import LOCALIZE_WS1, ROOT, SMALL_LINEAR, fix_all, matrix_default
+from .conftest import LOCALIZE_WS1, ROOT, SMALL_LINEAR, fix_all, matrix_default, reproduce_small
 
 GPU_REPORTS = sorted((ROOT / "reports").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
-def cpu_reports(tmp_path_factory):
+def cpu_reports(tmp_path_factory, shared_cli):
     import os
     import subprocess
     import sys
 
     out = tmp_path_factory.mktemp("reports")
-    made = {}
+    # At WS=2, the run of every probe that test_reproduce and the probe tests share.
+    made = {"ws2": shared_cli(*reproduce_small(2)).json_path}
     for label, args in {
         "ws1": ["--ws", "1"],
         "ws1-again": ["--ws", "1"],
-        "ws2": ["--ws", "2"],
         "ws1-seed7": ["--ws", "1", "--weight-seed", "7"],
     }.items():
         path = out / f"{label}.json"
@@ -131,13 +131,18 @@ def test_byte_map_of_a_report_with_positions(run_cli, tmp_path):
     assert result.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
 
 
-def test_oversized_report_is_folded_under_the_github_limit(cpu_reports):
-    report = Report.load(cpu_reports["ws2"])
+# ws1: one probe, whose results fit once their JSON blocks fold; ws2: every probe, whose
+# tables alone outgrow the limit 60 times over, so the lines are cut too.
+@pytest.mark.parametrize("label", ["ws1", "ws2"])
+def test_oversized_report_is_folded_under_the_github_limit(cpu_reports, label):
+    report = Report.load(cpu_reports[label])
     report.results = report.results * 60
     text = render(report)
     assert len(text) <= GITHUB_COMMENT_LIMIT
     assert "Folded to fit GitHub" in text
     assert text.count("**NOT REPRODUCED**") + text.count("**REPRODUCED**") >= 60
+    assert text.startswith("## fsdpqdiag reproduce")
+    assert ("lines (the JSON report" in text) == (label == "ws2")
 
 
 def test_env_command(run_cli):
@@ -146,7 +151,13 @@ def test_env_command(run_cli):
     assert result.returncode == 0
     for key in ("python", "torch", "bitsandbytes", "transformers", "peft", "gpus", "driver"):
         assert key in data
-    assert "| torch.version |" in run_cli("env", "--markdown").stdout
+    # In-process: a second interpreter would import torch and bitsandbytes again (seconds).
+    from typer.testing import CliRunner
+
+    from fsdpqdiag.cli import app
+
+    markdown = CliRunner().invoke(app, ["env", "--markdown"])
+    assert markdown.exit_code == 0 and "| torch.version |" in markdown.stdout
 
 
 # The runs test_localize, test_fix and test_matrix ask their own questions of.

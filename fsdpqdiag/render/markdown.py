@@ -3,7 +3,8 @@
 A summary paragraph with each verdict, the commands that reproduce it (fsdpqdiag and the
 standalone script), one table, sample elements, the full evidence inside <details>, and
 the environment. GitHub refuses comments over 65,536 characters: the largest evidence
-blocks are folded first, with a note saying what was cut.
+blocks are folded first, with a note saying what was cut; where the results' own lines
+still exceed it (hundreds of results), the lines that do not fit are cut too.
 """
 
 from __future__ import annotations
@@ -176,7 +177,28 @@ def _fold_to_fit(head: list[str], details: list[tuple[str, str]], limit: int) ->
         folded.append(details[index][0])
         details[index] = (details[index][0], "(folded)")
         text = _assemble(head, details, folded, limit)
-    return text
+    return text if len(text) <= limit else _cut_to_fit(head, limit)
+
+
+def _cut_to_fit(head: list[str], limit: int) -> str:
+    """Where the lines of the results alone exceed ``limit`` (hundreds of results, each
+    with its probe's table): no JSON block, and the lines from the first that does not
+    fit on, with a note. The title, the stack and every verdict come first."""
+    kept: list[str] = []
+    size = 0
+    reserve = 400  # the note, and a code fence to close
+    for line in head:
+        if size + len(line) + 1 > limit - reserve:
+            break
+        kept.append(line)
+        size += len(line) + 1
+    if sum(line.strip().startswith("```") for line in kept) % 2:
+        kept.append("  ```")
+    note = (
+        f"_Folded to fit GitHub's {limit:,}-character limit: every JSON block, and the last "
+        f"{len(head) - len(kept):,} of {len(head):,} lines (the JSON report has them)._"
+    )
+    return "\n".join([*kept, "", note, ""])
 
 
 def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
