@@ -16,11 +16,14 @@ from fsdpqdiag import batch
 from fsdpqdiag.matrix.cells import Cell
 from fsdpqdiag.matrix.record import append_line
 from fsdpqdiag.matrix.task import NAME
+from fsdpqdiag.probes.base import failing_rank
 
 
 def casualty_row(outcomes: list) -> dict[str, Any]:
-    """The row of a cell in which its launch ended: how the rank that ended it ended."""
-    failed = _cause(outcomes)
+    """The row of a cell in which its launch ended: how the rank that ended it ended (the
+    same rank a probe's verdict reads; rank 0 is usually one the launcher killed after its
+    peer died, and taking it made a SIGSEGV cell an ERROR row "killed: a peer rank ended")."""
+    failed = failing_rank(outcomes) or outcomes[0]
     row = {
         "status": failed.status if failed.status in ("crashed", "timeout") else "error",
         "signal": failed.signal,
@@ -31,18 +34,6 @@ def casualty_row(outcomes: list) -> dict[str, Any]:
     if failed.python_stack:
         row["python_stack"] = failed.python_stack
     return row
-
-
-def _cause(outcomes: list) -> Any:
-    """The rank whose end ended the launch: one that died, else one that hung, else the one
-    that raised first; a rank the launcher killed after its peer ended (aborted) only where
-    no other failed. Rank 0 is usually the aborted one: taking the first rank that is not
-    "ok" made a cell whose rank 1 died by SIGSEGV an ERROR row "killed: a peer rank ended"."""
-    for status in ("crashed", "timeout", "error", "aborted"):
-        failed = [o for o in outcomes if o.status == status]
-        if failed:
-            return min(failed, key=lambda o: (o.failed_at is None, o.failed_at or 0.0))
-    return outcomes[0]
 
 
 def sweep(

@@ -94,39 +94,48 @@ def failure_verdict(outcomes: list[RankOutcome], keep_evidence: bool = False) ->
     return failed
 
 
+def failing_rank(outcomes: list[RankOutcome]) -> RankOutcome | None:
+    """The rank whose end decides a launch in which a rank did not finish, or None if all
+    finished: the first that died by a signal, else the first that hung, else the one that
+    raised first (later ones usually report the broken collective it left behind; ranks
+    that wrote when they failed are ordered by that, the rest by when the launcher saw them
+    end). A rank the launcher killed after a peer ended (aborted) only where none raised."""
+    for status in ("crashed", "timeout"):
+        ended = [o for o in outcomes if o.status == status]
+        if ended:
+            return ended[0]
+    errored = [o for o in outcomes if o.status in ("error", "aborted")]
+    if not errored:
+        return None
+    raised = [o for o in errored if o.status == "error"] or errored
+    return min(raised, key=lambda o: (o.failed_at is None, o.failed_at or 0.0, o.duration_s))
+
+
 def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
-    crashed = [o for o in outcomes if o.status == "crashed"]
-    if crashed:
-        first = crashed[0]
-        ranks = ", ".join(str(o.rank) for o in crashed)
+    first = failing_rank(outcomes)
+    if first is None:
+        return None
+    if first.status == "crashed":
+        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == "crashed")
         return Verdict(
             CRASHED,
             f"rank(s) {ranks} died by {first.signal} during {first.stage or 'setup'}",
             {"signal": first.signal, "stage": first.stage, **_stack_of(first)},
         )
-    timed_out = [o for o in outcomes if o.status == "timeout"]
-    if timed_out:
-        first = timed_out[0]
+    if first.status == "timeout":
+        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == "timeout")
         return Verdict(
             TIMEOUT,
-            f"rank(s) {', '.join(str(o.rank) for o in timed_out)} did not finish "
+            f"rank(s) {ranks} did not finish "
             f"(last stage: {first.stage or 'setup'}); every rank was killed and reaped",
             {"stage": first.stage},
         )
-    errored = [o for o in outcomes if o.status in ("error", "aborted")]
-    if errored:
-        # The rank that failed first is the cause; later ones usually report the broken
-        # collective it left behind. Ranks that wrote when they failed are ordered by that,
-        # the rest by when the launcher saw them end.
-        raised = [o for o in errored if o.status == "error"] or errored
-        first = min(raised, key=lambda o: (o.failed_at is None, o.failed_at or 0.0, o.duration_s))
-        last_line = first_line(first.error) or first.status
-        return Verdict(
-            ERROR,
-            f"rank {first.rank} failed during {first.stage or 'setup'}: {last_line}",
-            {"stage": first.stage, "exception": last_line},
-        )
-    return None
+    last_line = first_line(first.error) or first.status
+    return Verdict(
+        ERROR,
+        f"rank {first.rank} failed during {first.stage or 'setup'}: {last_line}",
+        {"stage": first.stage, "exception": last_line},
+    )
 
 
 def first_line(text: str | None) -> str | None:
