@@ -29,13 +29,13 @@ from typing import NoReturn
 
 from fsdpqdiag import env
 from fsdpqdiag.config import RankTask
+from fsdpqdiag.env import STACK_ENV
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack, read_log
 from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
-# Rank 0 writes the stack it runs on (fsdpqdiag.env.capture) to the file this variable names.
-STACK_ENV = "FSDPQDIAG_STACK_ENV"
+# Where in a launch's directory rank 0 writes the stack it runs on (``env.STACK_ENV``).
 STACK_FILE = "stack.json"
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.

@@ -115,10 +115,10 @@ def capture_stack() -> None:
     report and for the launcher's check that it can run at all: captured here, where torch
     and bitsandbytes are imported anyway, and before the process group, which a torch without
     distributed support could not form."""
-    path = os.environ.get("FSDPQDIAG_STACK_ENV")
-    if path:
-        from fsdpqdiag import env
+    from fsdpqdiag import env
 
+    path = os.environ.get(env.STACK_ENV)
+    if path:
         atomic_write_text(Path(path), json.dumps(env.capture()))
 
 
