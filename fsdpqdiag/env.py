@@ -142,7 +142,8 @@ _from_rank: dict[str, Any] | None = None
 
 def remember(captured: dict[str, Any] | None) -> None:
     """Keep the stack a rank captured, for the report this process writes; None forgets it
-    (a command starts with that, so that one which launches nothing captures its own)."""
+    (``require_stack`` starts every command with that, so that one which launches nothing
+    captures its own)."""
     global _from_rank
     _from_rank = captured
 

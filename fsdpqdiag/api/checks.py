@@ -21,13 +21,17 @@ def require_stack() -> None:
     support and whether bitsandbytes imports with its native library is learned from the
     first rank that starts (it captures the stack for the report, see ``fsdpqdiag.env``), and
     the launcher raises the same one-line ``BadInput`` for it. Under torchrun this process is
-    a rank itself and checks them here.
+    a rank itself and checks them here. A stack an earlier command's ranks captured (this
+    process may be a library caller running several) is forgotten first.
     """
+    from fsdpqdiag import env
+
+    env.remember(None)
     if importlib.util.find_spec("torch") is None:
         raise BadInput("torch is not installed")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BadInput("bitsandbytes is not installed: pip install bitsandbytes")
-    from fsdpqdiag import bnb_cpu_path, env
+    from fsdpqdiag import bnb_cpu_path
     from fsdpqdiag.launch import in_launched_job
 
     try:

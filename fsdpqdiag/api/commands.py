@@ -50,7 +50,6 @@ def reproduce(
     probe_config = dataclasses.asdict(linear)
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
-    env.remember(None)
     results, checks = [], []
     for run in runs:
 
@@ -89,7 +88,6 @@ def localize(
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
-    env.remember(None)
     results, checks = [], []
     for run in runs:
         if on_progress:
@@ -132,7 +130,6 @@ def fix(
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
-    env.remember(None)
     for target in targets:
         if target in PRESETS:
             try:
@@ -207,7 +204,6 @@ def forensics(
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
-    env.remember(None)
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:

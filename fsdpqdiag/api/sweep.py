@@ -70,7 +70,6 @@ def matrix(
     if out_dir is not None and resume is None and writes_record:
         _check_new_sweep_dir(Path(out_dir))
     require_stack()
-    env.remember(None)
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank
     except ModelSourceError as exc:
