@@ -156,10 +156,10 @@ class _Sweep:
         from fsdpqdiag.launch import run_task
 
         subject = {"model": {"model": self.base_config["model"], "label": self.label, "lora": self.lora}}
-        if self.on_progress:
-            self.on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
+        if self.on_progress:  # one launch: the preflight, then the cells
             self.on_progress(
-                f"{len(self.selected)} cells at world size {run.world_size} on {run.device}/{run.backend}"
+                f"preflight and {len(self.selected)} cells at world size {run.world_size} "
+                f"on {run.device}/{run.backend}"
             )
         decided: dict[str, Any] = {}
 

@@ -25,9 +25,9 @@ _HOOKS = ("fsdp_pre_all_gather", "fsdp_post_all_gather")
 
 
 def _install(fsdp_param) -> None:
-    local = fsdp_param._sharded_local_tensor
     import torch
 
+    local = fsdp_param._sharded_local_tensor
     storage_dtype = local.dtype
     carrier = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[local.element_size()]
 
