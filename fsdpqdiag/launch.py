@@ -1,9 +1,10 @@
 """The one place that owns rank processes.
 
-``launch`` spawns N ranks of one host (a free port, gloo on CPU, NCCL on GPU), waits for
-them under a timeout, and turns every way a rank can end into data: a result, an
+``launch`` starts N ranks of one host (a free port, gloo on CPU, NCCL on GPU; how they are
+started, forked from a zygote on CPU or spawned, is ``rank_start``), waits for them under a
+timeout, and turns every way a rank can end into data: a result, an
 exception (ERROR), a signal (CRASHED), a hang (TIMEOUT) or a kill because a peer died
-first (ABORTED). Every child runs in its own process session and is reaped on every path,
+first (ABORTED). Every rank runs in its own process session and is reaped on every path,
 Ctrl-C included, so the caller never dies with its ranks and nothing is left behind.
 How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``; what a
 crashed rank's log says (its tail, faulthandler's Python stack) is ``rank_log``.
@@ -19,7 +20,6 @@ import json
 import os
 import signal
 import socket
-import subprocess
 import sys
 import tempfile
 import time
@@ -27,12 +27,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
-from fsdpqdiag import env
+from fsdpqdiag import env, rank_start
 from fsdpqdiag.config import RankTask
 from fsdpqdiag.env import STACK_ENV
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack, read_log
+from fsdpqdiag.rank_log import LOG_TAIL_CHARS, python_stack
 from fsdpqdiag.stop_signals import interrupts_latched, raise_if_interrupted
 
 # Where in a launch's directory rank 0 writes the stack it runs on (``env.STACK_ENV``).
@@ -116,30 +116,6 @@ def _read_json(path: Path) -> dict | None:
         return None
 
 
-def _die_with_parent() -> None:
-    """In the child: SIGKILL me when the launcher dies, even by SIGKILL (Linux prctl).
-
-    Ranks live in their own sessions so a Ctrl-C reaches only the launcher, which then
-    stops them; if the launcher itself is killed outright, this keeps them from running on.
-    """
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
-
-
-def _kill_session(process: subprocess.Popen) -> None:
-    if process.poll() is not None:
-        return
-    try:
-        os.killpg(process.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-    process.wait()
-
-
 def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.pop(STACK_ENV, None)
@@ -163,16 +139,15 @@ def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict
 
 def _outcome_for(
     rank: int,
-    process: subprocess.Popen,
+    process,
     result_path: Path,
-    log_path: Path,
     forced: str | None,
     duration_s: float,
 ) -> RankOutcome:
     written = _read_json(result_path) or {}
     stage = written.get("stage")
     evidence = written.get("evidence", {})
-    log_text = read_log(log_path)
+    log_text = process.log_text()
     log_tail = log_text[-LOG_TAIL_CHARS:]
     code = process.returncode
     if forced is not None:
@@ -220,33 +195,19 @@ def _launch_once(
     task: RankTask, port: int, workdir: Path, watch: Callable[[dict], None] | None = None
 ) -> list[RankOutcome]:
     world_size = task.run.world_size
+    method = rank_start.start_method(task.run.device)
     task_path = workdir / "task.json"
     task_path.write_text(json.dumps(task.to_dict()))
-    processes: list[subprocess.Popen] = []
     results = [workdir / f"rank{rank}.json" for rank in range(world_size)]
-    logs = [workdir / f"rank{rank}.log" for rank in range(world_size)]
+    envs = [_child_env(rank, world_size, port, results[rank]) for rank in range(world_size)]
+    envs[0][STACK_ENV] = str(workdir / STACK_FILE)
     started = time.monotonic()
     ended_at: dict[int, float] = {}
     forced: dict[int, str] = {}
     watched_mtime: int | None = None
+    group = rank_start.start(method, task_path, envs, workdir, raise_if_interrupted)
+    processes = group.ranks
     try:
-        for rank in range(world_size):
-            child_env = _child_env(rank, world_size, port, results[rank])
-            if rank == 0:
-                child_env[STACK_ENV] = str(workdir / STACK_FILE)
-            with open(logs[rank], "wb") as log:
-                processes.append(
-                    subprocess.Popen(
-                        [sys.executable, "-m", "fsdpqdiag.rank_main", str(task_path)],
-                        env=child_env,
-                        stdin=subprocess.DEVNULL,
-                        stdout=log,
-                        stderr=subprocess.STDOUT,
-                        start_new_session=True,
-                        preexec_fn=_die_with_parent,
-                    )
-                )
-                raise_if_interrupted()
         first_failure_at: float | None = None
         while len(ended_at) < world_size:
             raise_if_interrupted()
@@ -263,26 +224,23 @@ def _launch_once(
             if now - started > task.run.timeout_s:
                 for rank, process in enumerate(processes):
                     if rank not in ended_at:
-                        _kill_session(process)
+                        process.kill_session()
                         forced[rank] = "timeout"
                         ended_at[rank] = now - started
                 break
             if first_failure_at is not None and now - first_failure_at > PEER_GRACE_S:
                 for rank, process in enumerate(processes):
                     if rank not in ended_at:
-                        _kill_session(process)
+                        process.kill_session()
                         forced[rank] = "aborted"
                         ended_at[rank] = now - started
                 break
             time.sleep(0.05)
     finally:
         # Reached normally, on timeout, and on Ctrl-C alike: no rank outlives its launch.
-        for process in processes:
-            _kill_session(process)
+        group.close()
     outcomes = [
-        _outcome_for(
-            rank, processes[rank], results[rank], logs[rank], forced.get(rank), ended_at.get(rank, 0.0)
-        )
+        _outcome_for(rank, processes[rank], results[rank], forced.get(rank), ended_at.get(rank, 0.0))
         for rank in range(world_size)
     ]
     for outcome in outcomes:

@@ -66,6 +66,7 @@ BAD_INPUTS = [
     (["compare", "{report}", "{binary}"], "not UTF-8"),
     (["localize", "--in-features", "16", "--out-features", "16"], "the payload needs 254"),
     (["reproduce", "--weight-seed", str(1 << 64)], "--weight-seed must fit in 64 bits"),
+    (["reproduce", "--json", "{tmp}/r.json"], "expected fork or spawn", {"FSDPQDIAG_RANK_START": "vfork"}),
 ]
 
 

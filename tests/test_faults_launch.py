@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import api
+from fsdpqdiag import api, rank_start
 from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.errors import BadInput
 from fsdpqdiag.launch import in_launched_job
 from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import failure_verdict
@@ -16,6 +17,13 @@ from fsdpqdiag.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 from .conftest import SMALL_LINEAR
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
+
+
+def _descendants_of(pid: int) -> list[int]:
+    found = []
+    for child in _children_of(pid):
+        found += [child, *_descendants_of(child)]
+    return found
 
 
 def _children_of(pid: int) -> list[int]:
@@ -40,6 +48,41 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
     assert _children_of(os.getpid()) == []
+
+
+def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypatch):
+    # GPU ranks are spawned, not forked: the same ending, read from a child of the launcher.
+    monkeypatch.setenv(rank_start.START_ENV, rank_start.SPAWN)
+    run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="abort")
+    result = api.run_probe("full-tensor-crash", SMALL, run)
+    assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
+    assert {r["status"] for r in result.ranks} <= {"crashed", "aborted"}
+    assert _children_of(os.getpid()) == []
+
+
+@pytest.mark.parametrize(
+    "chosen, device, method",
+    [
+        (None, "cpu", "fork"),
+        (None, "cuda", "spawn"),
+        ("spawn", "cpu", "spawn"),
+        (" Fork ", "cpu", "fork"),
+        ("spawn", "cuda", "spawn"),
+    ],
+)
+def test_cpu_ranks_are_forked_and_gpu_ranks_spawned(monkeypatch, chosen, device, method):
+    if chosen is None:
+        monkeypatch.delenv(rank_start.START_ENV, raising=False)
+    else:
+        monkeypatch.setenv(rank_start.START_ENV, chosen)
+    assert rank_start.start_method(device) == method
+
+
+@pytest.mark.parametrize("chosen, device", [("fork", "cuda"), ("vfork", "cpu")])
+def test_a_start_method_that_cannot_be_is_bad_input(monkeypatch, chosen, device):
+    monkeypatch.setenv(rank_start.START_ENV, chosen)
+    with pytest.raises(BadInput, match=rank_start.START_ENV):
+        rank_start.start_method(device)
 
 
 def test_crashed_rank_carries_the_python_stack_of_the_signal(run_cli):
@@ -214,7 +257,8 @@ def test_reproduce_runs_under_torchrun(tmp_path):
     assert result["verdict"] == "REPRODUCED"
 
 
-def test_ctrl_c_stops_every_rank_and_writes_nothing(tmp_path):
+@pytest.mark.parametrize("method", [rank_start.FORK, rank_start.SPAWN])
+def test_ctrl_c_stops_every_rank_and_writes_nothing(tmp_path, method):
     import signal
     import subprocess
     import sys
@@ -239,16 +283,18 @@ def test_ctrl_c_stops_every_rank_and_writes_nothing(tmp_path):
             "--json",
             str(out),
         ],
-        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+        env=dict(os.environ, PYTHONPATH=str(ROOT), **{rank_start.START_ENV: method}),
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
     )
+    # Forked ranks are the children of the zygote that forked them, itself the CLI's child.
+    started = 3 if method == rank_start.FORK else 2
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_children_of(cli.pid)) < 2:
+    while time.monotonic() < deadline and len(_descendants_of(cli.pid)) < started:
         time.sleep(0.2)
-    ranks = _children_of(cli.pid)
-    assert len(ranks) == 2
+    ranks = _descendants_of(cli.pid)
+    assert len(ranks) == started
     time.sleep(1.0)
     cli.send_signal(signal.SIGINT)
     _, stderr = cli.communicate(timeout=60)

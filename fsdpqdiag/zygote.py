@@ -1,0 +1,101 @@
+"""A launch's zygote: ``python -m fsdpqdiag.zygote SPEC.json``, as ``fsdpqdiag.rank_start``
+starts it for ranks on CPU.
+
+It imports once what every rank imports (torch, torch.distributed, bitsandbytes, the rank
+machinery and its tasks), then forks the ranks, as PyTorch's own c10d tests fork theirs
+after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank_main`` would have
+been: a session of its own, the environment a spawned rank gets (the zygote's own is the
+part every rank shares, so what torch and bitsandbytes read at import is the same), its
+stdout and stderr in its own log, faulthandler on, killed when the zygote dies. The zygote
+writes each rank's pid when it forks it and its exit status (negative: the signal, as
+``subprocess`` reports it) when it reaps it; the launcher reads both.
+
+It runs no task itself and touches no tensor, so every rank starts from the state right
+after the imports; a zygote is never reused for another launch.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import sys
+from pathlib import Path
+
+
+def _preload() -> None:
+    import torch  # noqa: F401
+    import torch.distributed  # noqa: F401
+
+    from fsdpqdiag import rank, tasks  # noqa: F401 - importing tasks registers every task
+
+    try:
+        import bitsandbytes  # noqa: F401
+    except Exception:  # noqa: BLE001 - each rank imports it again and meets the same error
+        pass
+
+
+def _become_rank(entry: dict, task_path: str, zygote_pid: int) -> None:
+    """In the forked child: turn into the rank ``entry`` describes, run it, exit."""
+    from fsdpqdiag.launch import exit_skipping_teardown
+    from fsdpqdiag.rank_start import die_with_parent
+
+    code = 1
+    try:
+        os.setsid()
+        die_with_parent()
+        if os.getppid() != zygote_pid:  # the zygote died before the line above took effect
+            os._exit(code)
+        log = os.open(entry["log"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(log, 1)
+        os.dup2(log, 2)
+        os.close(log)
+        devnull = os.open(os.devnull, os.O_RDONLY)
+        os.dup2(devnull, 0)
+        os.close(devnull)
+        os.environ.clear()
+        os.environ.update(entry["env"])
+        sys.argv = [sys.argv[0], task_path]
+
+        from fsdpqdiag import rank
+
+        code = rank.main([task_path])
+    except BaseException:  # noqa: BLE001 - as an uncaught exception ends a spawned rank
+        import traceback
+
+        traceback.print_exc()
+    finally:
+        exit_skipping_teardown(code)
+
+
+def main(argv: list[str]) -> None:
+    faulthandler.enable()  # first, as in a spawned rank: a crash while importing has a stack
+
+    from fsdpqdiag import stacklog
+    from fsdpqdiag.report import atomic_write_text
+
+    stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
+    spec = json.loads(Path(argv[0]).read_text())
+    _preload()
+    zygote_pid = os.getpid()
+    children: dict[int, dict] = {}
+    for entry in spec["ranks"]:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        pid = os.fork()
+        if pid == 0:
+            _become_rank(entry, spec["task"], zygote_pid)
+        children[pid] = entry
+        atomic_write_text(Path(entry["pid"]), str(pid))
+    while children:
+        pid, status = os.waitpid(-1, 0)
+        entry = children.pop(pid, None)
+        if entry is not None:
+            atomic_write_text(Path(entry["exit"]), str(os.waitstatus_to_exitcode(status)))
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)  # no interpreter teardown of torch: nothing is left to write
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
