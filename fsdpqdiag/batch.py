@@ -46,6 +46,13 @@ def is_batch(task: RankTask) -> bool:
     return "batch" in task.extra
 
 
+def task_names(task: RankTask) -> list[str]:
+    """The registered tasks a launch of ``task`` runs: a batch's items, or the task itself."""
+    if is_batch(task):
+        return [item["task"] for item in task.extra["batch"]]
+    return [task.probe]
+
+
 # --- on the ranks -------------------------------------------------------------------
 
 

@@ -1,8 +1,9 @@
 """A launch's zygote: ``python -m fsdpqdiag.zygote SPEC.json``, as ``fsdpqdiag.rank_start``
 starts it for ranks on CPU.
 
-It imports once what every rank imports (torch, torch.distributed, bitsandbytes, the rank
-machinery and its tasks), then forks the ranks, as PyTorch's own c10d tests fork theirs
+It imports once what every rank imports (torch, torch.distributed, the rank machinery and
+its tasks, and the packages the launch's tasks declare they need: bitsandbytes, transformers,
+peft), then forks the ranks, as PyTorch's own c10d tests fork theirs
 after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank_main`` would have
 been: a session of its own, the environment a spawned rank gets (the zygote's own is the
 part every rank shares, so what torch and bitsandbytes read at import is the same), its
@@ -23,16 +24,29 @@ import sys
 from pathlib import Path
 
 
-def _preload() -> None:
+def _preload(task_path: str) -> None:
+    """torch, bitsandbytes (the first rank imports it to capture the stack in any case), and
+    the packages the launch's tasks declare they need (``Probe.needs``)."""
+    import importlib
+
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
 
-    from fsdpqdiag import rank, tasks  # noqa: F401 - importing tasks registers every task
+    from fsdpqdiag import batch, registry, tasks  # noqa: F401 - importing tasks registers every task
+    from fsdpqdiag.config import RankTask
 
-    try:
-        import bitsandbytes  # noqa: F401
-    except Exception:  # noqa: BLE001 - each rank imports it again and meets the same error
-        pass
+    task = RankTask.from_dict(json.loads(Path(task_path).read_text()))
+    packages: dict[str, None] = {"bitsandbytes": None}
+    for name in batch.task_names(task):
+        try:
+            packages.update(dict.fromkeys(registry.get_task(name).needs.packages))
+        except ValueError:  # an unknown task: its rank says so
+            pass
+    for package in packages:
+        try:
+            importlib.import_module(package)
+        except Exception:  # noqa: BLE001 - each rank imports it again and meets the same error
+            pass
 
 
 def _become_rank(entry: dict, task_path: str, zygote_pid: int) -> None:
@@ -76,7 +90,7 @@ def main(argv: list[str]) -> None:
 
     stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
     spec = json.loads(Path(argv[0]).read_text())
-    _preload()
+    _preload(spec["task"])
     zygote_pid = os.getpid()
     children: dict[int, dict] = {}
     for entry in spec["ranks"]:
