@@ -33,11 +33,17 @@ FORK, SPAWN = "fork", "spawn"
 REAP_WAIT_S = 10.0
 
 
-def start_method(device: str) -> str:
-    """``fork`` on CPU, ``spawn`` on GPUs, unless ``FSDPQDIAG_RANK_START`` says otherwise."""
+def requested_start() -> str | None:
+    """What ``FSDPQDIAG_RANK_START`` asks for (None: the default), or BadInput."""
     chosen = os.environ.get(START_ENV, "").strip().lower()
     if chosen not in ("", FORK, SPAWN):
         raise BadInput(f"{START_ENV}={chosen!r}: expected {FORK} or {SPAWN}")
+    return chosen or None
+
+
+def start_method(device: str) -> str:
+    """``fork`` on CPU, ``spawn`` on GPUs, unless ``FSDPQDIAG_RANK_START`` says otherwise."""
+    chosen = requested_start()
     if chosen == FORK and device != "cpu":
         raise BadInput(f"{START_ENV}={FORK}: only CPU ranks can be forked (CUDA does not survive a fork)")
     return chosen or (FORK if device == "cpu" else SPAWN)
@@ -213,8 +219,9 @@ def start(
     return group
 
 
-def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGroup:
-    spec = {
+def zygote_spec(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> dict:
+    """What the zygote reads: the task, and per rank its environment and its files."""
+    return {
         "task": str(task_path),
         "ranks": [
             {
@@ -226,8 +233,11 @@ def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGro
             for index, env in enumerate(envs)
         ],
     }
+
+
+def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGroup:
     spec_path = workdir / "zygote.json"
-    spec_path.write_text(json.dumps(spec))
+    spec_path.write_text(json.dumps(zygote_spec(task_path, envs, workdir)))
     with open(workdir / "zygote.log", "wb") as log:
         process = _popen([sys.executable, "-m", "fsdpqdiag.zygote", str(spec_path)], _shared_env(envs), log)
     zygote = Zygote(workdir, process)

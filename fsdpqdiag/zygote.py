@@ -12,7 +12,11 @@ writes each rank's pid when it forks it and its exit status (negative: the signa
 ``subprocess`` reports it) when it reaps it; the launcher reads both.
 
 It runs no task itself and touches no tensor, so every rank starts from the state right
-after the imports; a zygote is never reused for another launch.
+after the imports; a zygote is never reused for another launch. Where its imports have
+initialized CUDA (bitsandbytes' import does on a machine with a GPU, even for a CPU run),
+a fork could not use the GPU, so each rank execs a fresh ``python -m fsdpqdiag.rank_main``
+instead, as a spawned one; a spec with ``"fresh": true`` asks for that too (the tests' way to
+take this path on a machine without a GPU).
 """
 
 from __future__ import annotations
@@ -49,8 +53,21 @@ def _preload(task_path: str) -> None:
             pass
 
 
-def _become_rank(entry: dict, task_path: str, zygote_pid: int) -> None:
-    """In the forked child: turn into the rank ``entry`` describes, run it, exit."""
+def fork_safe() -> bool:
+    """Whether a fork of this process can still use the GPU: not once CUDA (or XPU) is
+    initialized, which bitsandbytes' import does on a machine with a GPU, even for a CPU run.
+    A rank of a CPU run there still asks the GPU what it is, for the report."""
+    import torch
+
+    if torch.cuda.is_initialized():
+        return False
+    xpu = getattr(torch, "xpu", None)
+    return not (xpu is not None and hasattr(xpu, "is_initialized") and xpu.is_initialized())
+
+
+def _become_rank(entry: dict, task_path: str, zygote_pid: int, fresh: bool) -> None:
+    """In the forked child: turn into the rank ``entry`` describes and run it, in this
+    process or, ``fresh``, as a new ``python -m fsdpqdiag.rank_main``; then exit."""
     from fsdpqdiag.launch import exit_skipping_teardown
     from fsdpqdiag.rank_start import die_with_parent
 
@@ -67,6 +84,9 @@ def _become_rank(entry: dict, task_path: str, zygote_pid: int) -> None:
         devnull = os.open(os.devnull, os.O_RDONLY)
         os.dup2(devnull, 0)
         os.close(devnull)
+        if fresh:
+            argv = [sys.executable, "-m", "fsdpqdiag.rank_main", task_path]
+            os.execve(sys.executable, argv, entry["env"])
         os.environ.clear()
         os.environ.update(entry["env"])
         sys.argv = [sys.argv[0], task_path]
@@ -91,6 +111,7 @@ def main(argv: list[str]) -> None:
     stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
     spec = json.loads(Path(argv[0]).read_text())
     _preload(spec["task"])
+    fresh = bool(spec.get("fresh")) or not fork_safe()
     zygote_pid = os.getpid()
     children: dict[int, dict] = {}
     for entry in spec["ranks"]:
@@ -98,7 +119,7 @@ def main(argv: list[str]) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _become_rank(entry, spec["task"], zygote_pid)
+            _become_rank(entry, spec["task"], zygote_pid, fresh)
         children[pid] = entry
         atomic_write_text(Path(entry["pid"]), str(pid))
     while children:

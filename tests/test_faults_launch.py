@@ -47,6 +47,8 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject=fault)
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
+    if signal_name == "SIGABRT":  # faulthandler's stack: the rank ran in its zygote's fork
+        assert "fsdpqdiag/zygote.py" in result.evidence["python_stack"]
     assert _children_of(os.getpid()) == []
 
 
@@ -57,6 +59,20 @@ def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypat
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
     assert {r["status"] for r in result.ranks} <= {"crashed", "aborted"}
+    assert _children_of(os.getpid()) == []
+
+
+def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(monkeypatch):
+    # On a machine with a GPU, bitsandbytes' import initializes CUDA in the zygote of a CPU
+    # run, and a fork could not ask the GPU what it is: each rank execs a fresh interpreter.
+    # "fresh" takes that path here; a signal still reaches the launcher as the rank's own.
+    spec = rank_start.zygote_spec
+    monkeypatch.setattr(rank_start, "zygote_spec", lambda *args: {**spec(*args), "fresh": True})
+    run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="abort")
+    result = api.run_probe("full-tensor-crash", SMALL, run)
+    assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
+    stack = result.evidence["python_stack"]
+    assert "in full_tensor" in stack and "fsdpqdiag/rank_main.py" in stack and "zygote" not in stack
     assert _children_of(os.getpid()) == []
 
 

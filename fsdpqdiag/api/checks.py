@@ -10,6 +10,7 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
+from fsdpqdiag import rank_start
 from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RunConfig
 from fsdpqdiag.errors import BadInput
 
@@ -128,6 +129,7 @@ def _runs(
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     check_inject(inject)
+    rank_start.requested_start()
     if backend not in BACKENDS:
         raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     for world_size in world_sizes:
@@ -137,6 +139,7 @@ def _runs(
         raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
     # Last: where the device is "auto" or "cuda", resolving it imports torch.
     resolved = resolve_device(device)
+    rank_start.start_method(resolved)
     resolved_backend = resolve_backend(backend, resolved)
     sizes = merged(world_sizes) or [default_world_size(resolved)]
     for world_size in sizes:
