@@ -5,9 +5,9 @@ bitsandbytes itself: on a 2-core machine about 7 s of CPU per rank, 3 s of it th
 ``torch.compile`` that bitsandbytes runs at import. On CPU one zygote
 (``fsdpqdiag.zygote``) imports them once per launch and forks every rank, as PyTorch's c10d
 tests fork theirs. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
-import queries the GPU. Either way a rank is a process of its own, in a session of its own,
-with the same environment and its own log; ``FSDPQDIAG_RANK_START=spawn`` takes the spawn
-path on CPU too.
+import initializes one, so not for CPU runs on a machine with a GPU either. Either way a
+rank is a process of its own, in a session of its own, with the same environment and its
+own log; ``FSDPQDIAG_RANK_START=spawn`` takes the spawn path on CPU too.
 
 The launcher sees either kind through the same handle: ``poll()``, ``returncode``,
 ``kill_session()`` (SIGKILL to the rank's session, then reap) and ``log_text()``.
@@ -15,6 +15,7 @@ The launcher sees either kind through the same handle: ``poll()``, ``returncode`
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import signal
@@ -41,12 +42,23 @@ def requested_start() -> str | None:
     return chosen or None
 
 
+def gpu_visible() -> bool:
+    """Whether this machine shows an NVIDIA or AMD GPU, asked of /dev without importing torch.
+
+    There, bitsandbytes' import initializes CUDA even for a CPU run, so the zygote could not
+    fork its ranks and would start each fresh (``zygote.fork_safe``) after importing for
+    nothing: seconds more before every launch.
+    """
+    return bool(glob.glob("/dev/nvidia[0-9]*")) or os.path.exists("/dev/kfd")
+
+
 def start_method(device: str) -> str:
-    """``fork`` on CPU, ``spawn`` on GPUs, unless ``FSDPQDIAG_RANK_START`` says otherwise."""
+    """``fork`` on CPU, ``spawn`` on GPUs (and on CPU where a GPU is visible), unless
+    ``FSDPQDIAG_RANK_START`` says otherwise."""
     chosen = requested_start()
     if chosen == FORK and device != "cpu":
         raise BadInput(f"{START_ENV}={FORK}: only CPU ranks can be forked (CUDA does not survive a fork)")
-    return chosen or (FORK if device == "cpu" else SPAWN)
+    return chosen or (FORK if device == "cpu" and not gpu_visible() else SPAWN)
 
 
 def die_with_parent() -> None:

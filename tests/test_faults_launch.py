@@ -14,7 +14,7 @@ from fsdpqdiag.outcome import RankOutcome
 from fsdpqdiag.probes.base import failure_verdict
 from fsdpqdiag.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 
-from .conftest import SMALL_LINEAR
+from .conftest import SMALL_LINEAR, cuda_available
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
 
@@ -47,8 +47,12 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject=fault)
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
-    if signal_name == "SIGABRT":  # faulthandler's stack: the rank ran in its zygote's fork
-        assert "fsdpqdiag/zygote.py" in result.evidence["python_stack"]
+    if signal_name == "SIGABRT":
+        # faulthandler's stack: the rank ran in its zygote's fork, or where bitsandbytes'
+        # import initialized CUDA in the zygote (a machine with a GPU), in a fresh rank_main.
+        forked = rank_start.start_method("cpu") == rank_start.FORK and not cuda_available()
+        entry = "fsdpqdiag/zygote.py" if forked else "fsdpqdiag/rank_main.py"
+        assert entry in result.evidence["python_stack"]
     assert _children_of(os.getpid()) == []
 
 
@@ -87,11 +91,20 @@ def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(m
     ],
 )
 def test_cpu_ranks_are_forked_and_gpu_ranks_spawned(monkeypatch, chosen, device, method):
+    monkeypatch.setattr(rank_start, "gpu_visible", lambda: False)
     if chosen is None:
         monkeypatch.delenv(rank_start.START_ENV, raising=False)
     else:
         monkeypatch.setenv(rank_start.START_ENV, chosen)
     assert rank_start.start_method(device) == method
+
+
+def test_cpu_ranks_are_spawned_where_a_gpu_is_visible(monkeypatch):
+    monkeypatch.delenv(rank_start.START_ENV, raising=False)
+    monkeypatch.setattr(rank_start, "gpu_visible", lambda: True)
+    assert rank_start.start_method("cpu") == rank_start.SPAWN
+    monkeypatch.setenv(rank_start.START_ENV, "fork")  # asked for: the zygote decides then
+    assert rank_start.start_method("cpu") == rank_start.FORK
 
 
 @pytest.mark.parametrize("chosen, device", [("fork", "cuda"), ("vfork", "cpu")])
