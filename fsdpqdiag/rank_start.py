@@ -15,16 +15,20 @@ The launcher sees either kind through the same handle: ``poll()``, ``returncode`
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fsdpqdiag.env import STACK_ENV
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.rank_log import read_log
 
@@ -116,11 +120,11 @@ def _read_int(path: Path) -> int | None:
 class ForkedRank:
     """A rank forked by a zygote: its pid and exit status arrive as files the zygote writes."""
 
-    def __init__(self, zygote: Zygote, index: int):
+    def __init__(self, zygote: Zygote, workdir: Path, index: int):
         self._zygote = zygote
-        self._pid_path = zygote.workdir / f"rank{index}.pid"
-        self._exit_path = zygote.workdir / f"rank{index}.exit"
-        self._log_path = zygote.workdir / f"rank{index}.log"
+        self._pid_path = workdir / f"rank{index}.pid"
+        self._exit_path = workdir / f"rank{index}.exit"
+        self._log_path = workdir / f"rank{index}.log"
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -156,11 +160,16 @@ class ForkedRank:
 
 
 class Zygote:
-    """The process that imports what ranks import once and forks them (``fsdpqdiag.zygote``)."""
+    """The process that imports what ranks import once and forks them (``fsdpqdiag.zygote``),
+    a launch at a time, each sent as a line on its stdin."""
 
-    def __init__(self, workdir: Path, process: subprocess.Popen):
-        self.workdir = workdir
-        self._process = process
+    def __init__(self, import_env: dict[str, str]):
+        self.import_env = import_env
+        self._directory = Path(tempfile.mkdtemp(prefix="fsdpqdiag-zygote-"))
+        with open(self._directory / "zygote.log", "wb") as log:
+            self._process = _popen(
+                [sys.executable, "-m", "fsdpqdiag.zygote"], import_env, log, stdin=subprocess.PIPE
+            )
 
     @property
     def returncode(self) -> int | None:
@@ -169,18 +178,124 @@ class Zygote:
     def poll(self) -> int | None:
         return self._process.poll()
 
+    def serve(self, spec: dict) -> bool:
+        """Hand the zygote a launch; False if it is gone."""
+        try:
+            self._process.stdin.write((json.dumps(spec) + "\n").encode())
+            self._process.stdin.flush()
+        except OSError:
+            return False
+        return True
+
     def kill(self) -> None:
         if self._process.poll() is None:
             _kill_group(self._process.pid)
             self._process.wait()
 
+    def close(self) -> None:
+        """Let it end (stdin closed: it serves no more launches), kill it if it does not."""
+        with contextlib.suppress(OSError):
+            self._process.stdin.close()
+        try:
+            self._process.wait(timeout=REAP_WAIT_S)
+        except subprocess.TimeoutExpired:
+            self.kill()
+        shutil.rmtree(self._directory, ignore_errors=True)
+
     def log_text(self) -> str:
-        return read_log(self.workdir / "zygote.log")
+        return read_log(self._directory / "zygote.log")
 
 
-def _shared_env(envs: list[dict[str, str]]) -> dict[str, str]:
-    """What every rank's environment holds alike: the environment their imports run in."""
-    return {key: value for key, value in envs[0].items() if all(env.get(key) == value for env in envs)}
+# What a launch sets in each rank's environment: read when the rank runs (the process group's
+# rendezvous, the result and stack files), never at import, so a zygote imports without them
+# and serves every launch whose ranks differ from it only in these.
+LAUNCH_VARIABLES = (
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "FSDPQDIAG_RESULT",
+    STACK_ENV,
+)
+
+
+# Rewritten by pytest for every test and read by no package of the stack: the launches of a
+# test session differ in it, and their zygotes need not.
+UNREAD_AT_IMPORT = ("PYTEST_CURRENT_TEST",)
+
+
+def _import_env(envs: list[dict[str, str]]) -> dict[str, str]:
+    """What every rank's environment holds alike, less what a launch sets in each: the
+    environment their imports run in."""
+    return {
+        key: value
+        for key, value in envs[0].items()
+        if key not in LAUNCH_VARIABLES and all(env.get(key) == value for env in envs)
+    }
+
+
+def _key(import_env: dict[str, str]) -> tuple:
+    return tuple(sorted((k, v) for k, v in import_env.items() if k not in UNREAD_AT_IMPORT))
+
+
+# Zygotes kept between the launches of one command (``reusing_zygotes``), by the environment
+# they imported in; None outside such a command: a launch's zygote ends with it.
+_idle: dict[tuple, Zygote] | None = None
+# Each idle zygote holds torch and bitsandbytes imported (a few hundred MB): kept for so many
+# import environments at most (world sizes 1 and 2 differ in OMP_NUM_THREADS).
+MAX_IDLE_ZYGOTES = 3
+
+
+@contextlib.contextmanager
+def reusing_zygotes() -> Iterator[None]:
+    """Within it, a CPU launch's zygote serves the next launch whose ranks import in the same
+    environment, instead of ending with its launch; all end when it exits. Nested: the
+    outermost one decides."""
+    global _idle
+    if _idle is not None:
+        yield
+        return
+    _idle = {}
+    try:
+        yield
+    finally:
+        idle, _idle = _idle, None
+        for zygote in idle.values():
+            zygote.close()
+
+
+@contextlib.contextmanager
+def single_use_zygotes() -> Iterator[None]:
+    """Within it, a launch's zygote ends with its launch even inside ``reusing_zygotes``
+    (the zygotes kept so far end first): a launch then leaves no process of its own behind."""
+    global _idle
+    kept, _idle = _idle, None
+    for zygote in (kept or {}).values():
+        zygote.close()
+    try:
+        yield
+    finally:
+        _idle = {} if kept is not None else None
+
+
+def _take_zygote(import_env: dict[str, str]) -> Zygote:
+    zygote = _idle.pop(_key(import_env), None) if _idle is not None else None
+    if zygote is not None:
+        if zygote.poll() is None:
+            return zygote
+        zygote.close()  # ended while it waited (killed from outside)
+    return Zygote(import_env)
+
+
+def _give_back(zygote: Zygote, finished: bool) -> None:
+    """After a launch: keep a zygote that served it to the end, if zygotes are kept."""
+    if _idle is None or not finished or zygote.poll() is not None:
+        zygote.close()
+        return
+    _idle[_key(zygote.import_env)] = zygote
+    while len(_idle) > MAX_IDLE_ZYGOTES:
+        _idle.pop(next(iter(_idle))).close()
 
 
 class RankGroup:
@@ -195,10 +310,8 @@ class RankGroup:
         for handle in self.ranks:
             handle.kill_session()
         if self._zygote is not None:
-            deadline = time.monotonic() + REAP_WAIT_S
-            while self._zygote.poll() is None and time.monotonic() < deadline:
-                time.sleep(0.01)
-            self._zygote.kill()
+            finished = all(handle.poll() is not None for handle in self.ranks)
+            _give_back(self._zygote, finished and self._zygote.poll() is None)
 
 
 def start(
@@ -248,19 +361,20 @@ def zygote_spec(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> d
 
 
 def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGroup:
-    spec_path = workdir / "zygote.json"
-    spec_path.write_text(json.dumps(zygote_spec(task_path, envs, workdir)))
-    with open(workdir / "zygote.log", "wb") as log:
-        process = _popen([sys.executable, "-m", "fsdpqdiag.zygote", str(spec_path)], _shared_env(envs), log)
-    zygote = Zygote(workdir, process)
-    return RankGroup([ForkedRank(zygote, index) for index in range(len(envs))], zygote)
+    spec = zygote_spec(task_path, envs, workdir)
+    zygote = _take_zygote(_import_env(envs))
+    if not zygote.serve(spec):  # a kept zygote that ended meanwhile: a new one
+        zygote.close()
+        zygote = Zygote(zygote.import_env)
+        zygote.serve(spec)
+    return RankGroup([ForkedRank(zygote, workdir, index) for index in range(len(envs))], zygote)
 
 
-def _popen(argv: list[str], env: dict[str, str], log) -> subprocess.Popen:
+def _popen(argv: list[str], env: dict[str, str], log, stdin=subprocess.DEVNULL) -> subprocess.Popen:
     return subprocess.Popen(
         argv,
         env=env,
-        stdin=subprocess.DEVNULL,
+        stdin=stdin,
         stdout=log,
         stderr=subprocess.STDOUT,
         start_new_session=True,

@@ -1,18 +1,21 @@
-"""A launch's zygote: ``python -m fsdpqdiag.zygote SPEC.json``, as ``fsdpqdiag.rank_start``
-starts it for ranks on CPU.
+"""A zygote: ``python -m fsdpqdiag.zygote``, as ``fsdpqdiag.rank_start`` starts it for ranks
+on CPU. Each line on its stdin is a launch's spec (the task, and per rank its environment and
+its files); it serves them one after another until stdin closes.
 
 It imports once what every rank imports (torch, torch.distributed, the rank machinery and
 its tasks, and the packages the launch's tasks declare they need: bitsandbytes, transformers,
 peft), then forks the ranks, as PyTorch's own c10d tests fork theirs
 after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank_main`` would have
 been: a session of its own, the environment a spawned rank gets (the zygote's own is the
-part every rank shares, so what torch and bitsandbytes read at import is the same), its
+part every rank shares, less the variables a launch sets for each rank, which are read when
+a rank runs, not at import: what torch and bitsandbytes read at import is the same), its
 stdout and stderr in its own log, faulthandler on, killed when the zygote dies. The zygote
 writes each rank's pid when it forks it and its exit status (negative: the signal, as
 ``subprocess`` reports it) when it reaps it; the launcher reads both.
 
-It runs no task itself and touches no tensor, so every rank starts from the state right
-after the imports; a zygote is never reused for another launch. Where its imports have
+It runs no task itself and touches no tensor, so every rank of every launch it serves starts
+from the state right after the imports; the launcher gives it only launches whose ranks
+import in the environment it imported in (``rank_start``). Where its imports have
 initialized CUDA (bitsandbytes' import does on a machine with a GPU, even for a CPU run),
 a fork could not use the GPU, so each rank execs a fresh ``python -m fsdpqdiag.rank_main``
 instead, as a spawned one; a spec with ``"fresh": true`` asks for that too (the tests' way to
@@ -102,16 +105,16 @@ def _become_rank(entry: dict, task_path: str, zygote_pid: int, fresh: bool) -> N
         exit_skipping_teardown(code)
 
 
-def main(argv: list[str]) -> None:
-    faulthandler.enable()  # first, as in a spawned rank: a crash while importing has a stack
+def _next_spec() -> dict | None:
+    """The next launch's spec, one JSON line on stdin; None once the launcher closed it."""
+    line = sys.stdin.readline()
+    return json.loads(line) if line.strip() else None
 
-    from fsdpqdiag import stacklog
+
+def _serve(spec: dict, fresh: bool) -> None:
+    """Fork the launch's ranks, write each one's pid, reap them all, write each one's status."""
     from fsdpqdiag.report import atomic_write_text
 
-    stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
-    spec = json.loads(Path(argv[0]).read_text())
-    _preload(spec["task"])
-    fresh = bool(spec.get("fresh")) or not fork_safe()
     zygote_pid = os.getpid()
     children: dict[int, dict] = {}
     for entry in spec["ranks"]:
@@ -119,7 +122,7 @@ def main(argv: list[str]) -> None:
         sys.stderr.flush()
         pid = os.fork()
         if pid == 0:
-            _become_rank(entry, spec["task"], zygote_pid, fresh)
+            _become_rank(entry, spec["task"], zygote_pid, fresh or bool(spec.get("fresh")))
         children[pid] = entry
         atomic_write_text(Path(entry["pid"]), str(pid))
     while children:
@@ -127,10 +130,25 @@ def main(argv: list[str]) -> None:
         entry = children.pop(pid, None)
         if entry is not None:
             atomic_write_text(Path(entry["exit"]), str(os.waitstatus_to_exitcode(status)))
+
+
+def main() -> None:
+    faulthandler.enable()  # first, as in a spawned rank: a crash while importing has a stack
+
+    from fsdpqdiag import stacklog
+
+    stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
+    spec = _next_spec()
+    if spec is not None:
+        _preload(spec["task"])  # what the first launch's tasks need; later ones import the rest
+        fresh = not fork_safe()
+    while spec is not None:
+        _serve(spec, fresh)
+        spec = _next_spec()
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)  # no interpreter teardown of torch: nothing is left to write
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

@@ -72,6 +72,27 @@ def cuda_available() -> bool:
 gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _zygotes_kept_between_tests():
+    """Launches made in a test's own process (the API called directly) keep their zygotes
+    between tests, as the launches of one command do (``rank_start.reusing_zygotes``): torch
+    and bitsandbytes are imported once per import environment in a worker, not per launch.
+    Tests of what a launch leaves behind ask for ``single_use_zygotes``."""
+    from fsdpqdiag import rank_start
+
+    with rank_start.reusing_zygotes():
+        yield
+
+
+@pytest.fixture
+def single_use_zygotes():
+    """A launch's zygote ends with it, as for a library call outside any command."""
+    from fsdpqdiag import rank_start
+
+    with rank_start.single_use_zygotes():
+        yield
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Presets are built once per test session, never in the user's real cache.

@@ -43,7 +43,7 @@ def _children_of(pid: int) -> list[int]:
     "fault, signal_name",
     [("abort", "SIGABRT"), ("oom-kill", "SIGKILL")],
 )
-def test_rank_killed_by_signal_is_crashed(fault, signal_name):
+def test_rank_killed_by_signal_is_crashed(fault, signal_name, single_use_zygotes):
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject=fault)
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
@@ -56,7 +56,7 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     assert _children_of(os.getpid()) == []
 
 
-def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypatch):
+def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypatch, single_use_zygotes):
     # GPU ranks are spawned, not forked: the same ending, read from a child of the launcher.
     monkeypatch.setenv(rank_start.START_ENV, rank_start.SPAWN)
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="abort")
@@ -66,7 +66,9 @@ def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypat
     assert _children_of(os.getpid()) == []
 
 
-def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(monkeypatch):
+def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(
+    monkeypatch, single_use_zygotes
+):
     # On a machine with a GPU, bitsandbytes' import initializes CUDA in the zygote of a CPU
     # run, and a fork could not ask the GPU what it is: each rank execs a fresh interpreter.
     # "fresh" takes that path here; a signal still reaches the launcher as the rank's own.
@@ -190,7 +192,7 @@ def test_python_stack_of_a_signal_in_a_native_thread_is_the_main_threads():
     assert "foreach_reduce" in stack[3] and not any("wait" in line for line in stack)
 
 
-def test_hung_rank_times_out_and_every_rank_is_reaped():
+def test_hung_rank_times_out_and_every_rank_is_reaped(single_use_zygotes):
     run = RunConfig(world_size=2, device="cpu", timeout_s=20, inject="hang")
     started = time.monotonic()
     result = api.run_probe("full-tensor-crash", SMALL, run)
@@ -201,7 +203,7 @@ def test_hung_rank_times_out_and_every_rank_is_reaped():
     assert _children_of(os.getpid()) == []
 
 
-def test_exception_on_one_rank_only_is_an_error():
+def test_exception_on_one_rank_only_is_an_error(single_use_zygotes):
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="raise")
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "ERROR"

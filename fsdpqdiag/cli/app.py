@@ -172,10 +172,12 @@ def write_report(report, json_path: Path | None, markdown_path: Path | None) -> 
 def run_library(call, status_text: str = "starting…"):
     """Call the library with a progress line on stderr; map its failures to exit codes."""
     from fsdpqdiag.api import BadInput
+    from fsdpqdiag.rank_start import reusing_zygotes
     from fsdpqdiag.report import EXIT_INTERRUPTED
 
     try:
-        with stderr.status(status_text) as status:
+        # A command's launches (a relaunch after a casualty, isolated cells) share zygotes.
+        with stderr.status(status_text) as status, reusing_zygotes():
             return call(lambda text: status.update(f"running {text}…"))
     except BadInput as exc:
         raise fail(str(exc)) from None
