@@ -3,8 +3,9 @@
 A spawned rank is ``python -m fsdpqdiag.rank_main`` of its own and imports torch and
 bitsandbytes itself: on a 2-core machine about 7 s of CPU per rank, 3 s of it the
 ``torch.compile`` that bitsandbytes runs at import. On CPU one zygote
-(``fsdpqdiag.zygote``) imports them once per launch and forks every rank, as PyTorch's c10d
-tests fork theirs. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
+(``fsdpqdiag.zygote``) imports them once and forks every rank, as PyTorch's c10d tests fork
+theirs; within ``reusing_zygotes`` (a CLI command) it serves the command's later launches
+too. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
 import initializes one, so not for CPU runs on a machine with a GPU either. Either way a
 rank is a process of its own, in a session of its own, with the same environment and its
 own log; ``FSDPQDIAG_RANK_START=spawn`` takes the spawn path on CPU too.
