@@ -88,6 +88,13 @@ def _kill_group(pid: int) -> None:
         pass
 
 
+def _end_session(process: subprocess.Popen) -> None:
+    """SIGKILL a child's session (it leads one) unless it ended, then reap it."""
+    if process.poll() is None:
+        _kill_group(process.pid)
+        process.wait()
+
+
 class SpawnedRank:
     """A rank that is a child of this process."""
 
@@ -103,9 +110,7 @@ class SpawnedRank:
         return self._process.poll()
 
     def kill_session(self) -> None:
-        if self._process.poll() is None:
-            _kill_group(self._process.pid)
-            self._process.wait()
+        _end_session(self._process)
 
     def log_text(self) -> str:
         return read_log(self._log_path)
@@ -121,11 +126,12 @@ def _read_int(path: Path) -> int | None:
 class ForkedRank:
     """A rank forked by a zygote: its pid and exit status arrive as files the zygote writes."""
 
-    def __init__(self, zygote: Zygote, workdir: Path, index: int):
+    def __init__(self, zygote: Zygote, entry: dict):
+        """``entry``: the rank's entry in the spec the zygote serves (``zygote_spec``)."""
         self._zygote = zygote
-        self._pid_path = workdir / f"rank{index}.pid"
-        self._exit_path = workdir / f"rank{index}.exit"
-        self._log_path = workdir / f"rank{index}.log"
+        self._pid_path = Path(entry["pid"])
+        self._exit_path = Path(entry["exit"])
+        self._log_path = Path(entry["log"])
         self.returncode: int | None = None
 
     def poll(self) -> int | None:
@@ -189,9 +195,7 @@ class Zygote:
         return True
 
     def kill(self) -> None:
-        if self._process.poll() is None:
-            _kill_group(self._process.pid)
-            self._process.wait()
+        _end_session(self._process)
 
     def close(self) -> None:
         """Let it end (stdin closed: it serves no more launches), kill it if it does not."""
@@ -315,6 +319,10 @@ class RankGroup:
             _give_back(self._zygote, finished and self._zygote.poll() is None)
 
 
+def _rank_file(workdir: Path, index: int, suffix: str) -> Path:
+    return workdir / f"rank{index}.{suffix}"
+
+
 def start(
     method: str,
     task_path: Path,
@@ -334,7 +342,7 @@ def start(
             between_starts()
             return group
         for index, env in enumerate(envs):
-            log_path = workdir / f"rank{index}.log"
+            log_path = _rank_file(workdir, index, "log")
             with open(log_path, "wb") as log:
                 process = _popen([sys.executable, "-m", "fsdpqdiag.rank_main", str(task_path)], env, log)
             group.ranks.append(SpawnedRank(process, log_path))
@@ -352,9 +360,9 @@ def zygote_spec(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> d
         "ranks": [
             {
                 "env": env,
-                "log": str(workdir / f"rank{index}.log"),
-                "pid": str(workdir / f"rank{index}.pid"),
-                "exit": str(workdir / f"rank{index}.exit"),
+                "log": str(_rank_file(workdir, index, "log")),
+                "pid": str(_rank_file(workdir, index, "pid")),
+                "exit": str(_rank_file(workdir, index, "exit")),
             }
             for index, env in enumerate(envs)
         ],
@@ -368,7 +376,7 @@ def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGro
         zygote.close()
         zygote = Zygote(zygote.import_env)
         zygote.serve(spec)
-    return RankGroup([ForkedRank(zygote, workdir, index) for index in range(len(envs))], zygote)
+    return RankGroup([ForkedRank(zygote, entry) for entry in spec["ranks"]], zygote)
 
 
 def _popen(argv: list[str], env: dict[str, str], log, stdin=subprocess.DEVNULL) -> subprocess.Popen:
