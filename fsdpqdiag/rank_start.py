@@ -293,9 +293,10 @@ def _take_zygote(import_env: dict[str, str]) -> Zygote:
     return Zygote(import_env)
 
 
-def _give_back(zygote: Zygote, finished: bool) -> None:
-    """After a launch: keep a zygote that served it to the end, if zygotes are kept."""
-    if _idle is None or not finished or zygote.poll() is not None:
+def _give_back(zygote: Zygote) -> None:
+    """After a launch: keep a zygote that served it to the end (it is still running once
+    every rank it forked was reported), if zygotes are kept."""
+    if _idle is None or zygote.poll() is not None:
         zygote.close()
         return
     _idle[_key(zygote.import_env)] = zygote
@@ -313,10 +314,9 @@ class RankGroup:
     def close(self) -> None:
         """Kill whatever still runs and reap it all: no rank outlives its launch."""
         for handle in self.ranks:
-            handle.kill_session()
+            handle.kill_session()  # returns once the zygote reported the rank, or ended
         if self._zygote is not None:
-            finished = all(handle.poll() is not None for handle in self.ranks)
-            _give_back(self._zygote, finished and self._zygote.poll() is None)
+            _give_back(self._zygote)
 
 
 def _rank_file(workdir: Path, index: int, suffix: str) -> Path:
