@@ -1,4 +1,4 @@
-"""Bandwidth of the byte diff (fsdpqdiag.bytes.diff) against a same-run clone().
+"""Bandwidth of the byte diff (fsdpqdiag.evidence.bytes.diff) against a same-run clone().
 
     python benchmarks/bytediff.py --device cuda --max-mib 4096
     python benchmarks/bytediff.py --device cpu --max-mib 256
@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsdpqdiag import env  # noqa: E402
-from fsdpqdiag.bytes import diff  # noqa: E402
+from fsdpqdiag.evidence.bytes import diff  # noqa: E402
+from fsdpqdiag.rank import env
 
 
 def timed(fn, device: str, repeats: int) -> float:

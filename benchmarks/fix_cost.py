@@ -28,8 +28,10 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsdpqdiag import env, fixes, models  # noqa: E402
+from fsdpqdiag import fixes
 from fsdpqdiag.probes.common import fsdp_api  # noqa: E402
+from fsdpqdiag.rank import env
+from fsdpqdiag.stack import models
 
 
 def build(preset: str, storage: str, device: torch.device):

@@ -33,10 +33,13 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from fsdpqdiag import env, guard_digest, models, weight_guard  # noqa: E402
-from fsdpqdiag.bytes import plain  # noqa: E402
-from fsdpqdiag.faults import canonicalize_nans_  # noqa: E402
+from fsdpqdiag.evidence.bytes import plain  # noqa: E402
 from fsdpqdiag.probes.common import fsdp_api  # noqa: E402
+from fsdpqdiag.rank import env
+from fsdpqdiag.stack import models
+from fsdpqdiag.stack.faults import canonicalize_nans_  # noqa: E402
+from fsdpqdiag.weightguard import digest as guard_digest
+from fsdpqdiag.weightguard import guard as weight_guard
 
 
 def build(preset: str, device: torch.device, mesh, policy):
@@ -66,7 +69,7 @@ def debug_mode_context():
 
 def detection(model) -> dict:
     """The same tensor, original and altered two ways: which hash tells them apart?"""
-    from fsdpqdiag.bytes import nan_census
+    from fsdpqdiag.evidence.bytes import nan_census
 
     full = None
     for _name, module in model.named_modules():

@@ -20,7 +20,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fsdpqdiag import env  # noqa: E402
+from fsdpqdiag.rank import env  # noqa: E402
 
 
 def sweep(args, isolate: bool) -> tuple[float, dict]:
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--preset", default="tiny-llama")
     args = parser.parse_args()
     # Build the preset first so neither sweep pays for it.
-    from fsdpqdiag.models import preset_dir
+    from fsdpqdiag.stack.models import preset_dir
 
     preset_dir(args.preset)
     one_launch, verdicts = sweep(args, isolate=False)

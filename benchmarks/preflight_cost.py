@@ -22,9 +22,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fsdpqdiag import api, env, preflight  # noqa: E402
-from fsdpqdiag.config import LinearConfig, RunConfig  # noqa: E402
-from fsdpqdiag.models import preset_dir  # noqa: E402
+from fsdpqdiag import api  # noqa: E402
+from fsdpqdiag.analyses import preflight  # noqa: E402
+from fsdpqdiag.core.config import LinearConfig, RunConfig  # noqa: E402
+from fsdpqdiag.rank import env  # noqa: E402
+from fsdpqdiag.stack.models import preset_dir  # noqa: E402
 from fsdpqdiag.tasks import PROBES  # noqa: E402
 
 

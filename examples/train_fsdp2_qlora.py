@@ -51,7 +51,7 @@ def main() -> None:
     if args.model:
         path = args.model
     else:
-        from fsdpqdiag.models import preset_dir
+        from fsdpqdiag.stack.models import preset_dir
 
         if rank == 0:  # built once, offline, on first use; the other ranks wait for it
             preset_dir(args.preset)

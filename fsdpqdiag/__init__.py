@@ -8,11 +8,11 @@ __version__ = "0.1.0"
 
 
 def guard(model, **options):
-    """Guard a model's weights after ``fully_shard``: see ``fsdpqdiag.weight_guard.guard``.
+    """Guard a model's weights after ``fully_shard``: see ``fsdpqdiag.weightguard.guard.guard``.
 
     Defined here so that ``fsdpqdiag.guard(model)`` works while ``import fsdpqdiag`` stays
     torch-free.
     """
-    from fsdpqdiag.weight_guard import guard as guard_model
+    from fsdpqdiag.weightguard.guard import guard as guard_model
 
     return guard_model(model, **options)

@@ -1,9 +1,9 @@
 """Every rank task, registered: adding a probe is one module and one line here.
 
-The composition of ``fsdpqdiag.registry``: this module imports every task module and
+The composition of ``fsdpqdiag.core.registry``: this module imports every task module and
 registers its ``PROBE``, which carries its presentation, and the presentation of the
 guard's results, which ``watch`` writes. It is imported by the composition roots, ``api``
-and the rank process's entry ``fsdpqdiag.rank_main``, and by the renderers, which find how
+and the rank process's entry ``fsdpqdiag.rank.main``, and by the renderers, which find how
 a result reads by its probe's name (:func:`presentation_of`). The modules it imports import
 only below all of them (``probes.base``, ``presentation``, ``outcome``, ``config``, ...), so
 it closes no import cycle (``tests/test_imports.py``). It lives outside ``fsdpqdiag.probes``
@@ -12,19 +12,21 @@ for that reason: the package's ``__init__`` runs whenever a task imports ``probe
 
 from __future__ import annotations
 
-from fsdpqdiag import fix_verify, forensics, localize, preflight, registry, watch
-from fsdpqdiag.matrix import task as matrix_cell
-from fsdpqdiag.presentation import Presentation
+from fsdpqdiag.analyses import fix_verify, forensics, localize, preflight
+from fsdpqdiag.analyses.matrix import task as matrix_cell
+from fsdpqdiag.core import registry
+from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes import (
     cpu_weight_repack,
     full_tensor_crash,
-    int8_params,
-    moe_expert_quant,
     nan_canonicalization,
     non_float_params,
-    quant_state_loss,
     storage_dtype_mismatch,
 )
+from fsdpqdiag.probes.int8_params import probe as int8_params
+from fsdpqdiag.probes.moe_expert_quant import probe as moe_expert_quant
+from fsdpqdiag.probes.quant_state_loss import probe as quant_state_loss
+from fsdpqdiag.weightguard import watch
 
 # The probes `reproduce` runs, in their default order.
 registry.register(nan_canonicalization.PROBE, reproduce=True)

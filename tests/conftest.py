@@ -78,7 +78,7 @@ def _zygotes_kept_between_tests():
     between tests, as the launches of one command do (``rank_start.reusing_zygotes``): torch
     and bitsandbytes are imported once per import environment in a worker, not per launch.
     Tests of what a launch leaves behind ask for ``single_use_zygotes``."""
-    from fsdpqdiag import rank_start
+    from fsdpqdiag.launcher import rank_start
 
     with rank_start.reusing_zygotes():
         yield
@@ -87,7 +87,7 @@ def _zygotes_kept_between_tests():
 @pytest.fixture
 def single_use_zygotes():
     """A launch's zygote ends with it, as for a library call outside any command."""
-    from fsdpqdiag import rank_start
+    from fsdpqdiag.launcher import rank_start
 
     with rank_start.single_use_zygotes():
         yield
@@ -187,8 +187,8 @@ def shared_probe(shared_cli):
     world size and device, no fault, no environment of its own), answered by the run every
     module shares instead of a launch of its own. Where the run asked anything else, this
     fails rather than hand a test another question's answer."""
-    from fsdpqdiag.config import LinearConfig
-    from fsdpqdiag.report import UNSUPPORTED, ProbeResult
+    from fsdpqdiag.core.config import LinearConfig
+    from fsdpqdiag.report.model import UNSUPPORTED, ProbeResult
 
     expected = dict(LinearConfig(in_features=SMALL_FEATURES, out_features=SMALL_FEATURES).__dict__)
 

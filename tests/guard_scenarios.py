@@ -16,9 +16,9 @@ from torch import nn
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 from torch.optim.optimizer import _global_optimizer_post_hooks
 
-from fsdpqdiag import faults
-from fsdpqdiag.bytes import nan_census, plain
-from fsdpqdiag.weight_guard import Guard, GuardTripped, guard
+from fsdpqdiag.evidence.bytes import nan_census, plain
+from fsdpqdiag.stack import faults
+from fsdpqdiag.weightguard.guard import Guard, GuardTripped, guard
 
 BLOCKS = 3
 WIDTH = 256

@@ -2,7 +2,7 @@
 
 import pytest
 
-from fsdpqdiag import attribution
+from fsdpqdiag.evidence import attribution
 from fsdpqdiag.tasks import PROBES
 
 
@@ -92,7 +92,7 @@ def test_markdown_leads_an_attributed_finding_with_where_to_file_it():
     from pathlib import Path
 
     from fsdpqdiag.render.markdown import render
-    from fsdpqdiag.report import Report
+    from fsdpqdiag.report.model import Report
 
     source = (
         Path(__file__).resolve().parent.parent / "reports/reproduce-ws2-h200x2-torch2.11-bnb0.50.2-none.json"
@@ -115,7 +115,7 @@ def test_markdown_leads_an_attributed_finding_with_where_to_file_it():
 
 
 def test_a_matrix_cell_blames_fsdp2_only_on_a_pure_nan_signature():
-    from fsdpqdiag.matrix import cell_attribution
+    from fsdpqdiag.analyses.matrix import cell_attribution
 
     pure = {
         "status": "ok",

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import faults
+from fsdpqdiag.stack import faults
 
 from .conftest import ROOT
 
@@ -168,7 +168,7 @@ def test_readme_fault_figures_are_true():
 
 
 def test_readme_exit_codes_are_the_documented_set():
-    from fsdpqdiag.report import EXIT_CODES_HELP
+    from fsdpqdiag.report.model import EXIT_CODES_HELP
 
     from .test_fuzz import DOCUMENTED_EXIT_CODES
 
@@ -181,7 +181,7 @@ def test_full_disk_is_refused_before_work(monkeypatch, tmp_path):
     import shutil
     from collections import namedtuple
 
-    from fsdpqdiag.report import check_writable
+    from fsdpqdiag.report.model import check_writable
 
     usage = namedtuple("usage", "total used free")
     monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(1 << 30, 1 << 30, 0))

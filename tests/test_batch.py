@@ -1,7 +1,7 @@
 """How one batch launch's outcomes are split among its probes (pure: no ranks started)."""
 
-from fsdpqdiag.batch import split
-from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.launcher.batch import split
 
 
 def _done(*names):
@@ -42,7 +42,7 @@ def test_a_rank_that_never_reached_the_casualty_has_no_evidence_of_it():
 
 
 def _items(*keys):
-    from fsdpqdiag.batch import Item
+    from fsdpqdiag.launcher.batch import Item
 
     return [Item(key, "task", {}) for key in keys]
 
@@ -69,8 +69,8 @@ def _fake_launches(script):
 
 
 def test_a_casualty_is_charged_and_the_next_launch_starts_after_it():
-    from fsdpqdiag.batch import run_resilient
-    from fsdpqdiag.config import RunConfig
+    from fsdpqdiag.core.config import RunConfig
+    from fsdpqdiag.launcher.batch import run_resilient
 
     execute, launched = _fake_launches([({"a"}, "b"), ({"c", "d"}, None)])
     settled = []
@@ -86,8 +86,8 @@ def test_a_casualty_is_charged_and_the_next_launch_starts_after_it():
 
 
 def test_settle_drops_items_that_need_not_run_and_isolate_launches_one_each():
-    from fsdpqdiag.batch import run_resilient
-    from fsdpqdiag.config import RunConfig
+    from fsdpqdiag.core.config import RunConfig
+    from fsdpqdiag.launcher.batch import run_resilient
 
     execute, launched = _fake_launches([({"a"}, None), ({"c"}, None)])
     run_resilient(
@@ -116,15 +116,15 @@ def test_rank_0_alone_decides_where_its_row_is_the_record():
 
 
 def _cells(*names):
-    from fsdpqdiag.matrix import Cell
+    from fsdpqdiag.analyses.matrix import Cell
 
     return [Cell(name) for name in names]
 
 
 def test_a_sweep_led_by_the_preflight_runs_it_in_the_cells_launch():
-    from fsdpqdiag.batch import Item
-    from fsdpqdiag.config import RunConfig
-    from fsdpqdiag.matrix.sweep import sweep
+    from fsdpqdiag.analyses.matrix.sweep import sweep
+    from fsdpqdiag.core.config import RunConfig
+    from fsdpqdiag.launcher.batch import Item
 
     run = RunConfig(world_size=2, device="cpu")
     execute, launched = _fake_launches([({"preflight", "A", "C"}, None)])
@@ -146,9 +146,9 @@ def test_a_sweep_led_by_the_preflight_runs_it_in_the_cells_launch():
 
 
 def test_a_preflight_that_refuses_the_cells_stops_the_ones_not_yet_run():
-    from fsdpqdiag.batch import Item
-    from fsdpqdiag.config import RunConfig
-    from fsdpqdiag.matrix.sweep import sweep
+    from fsdpqdiag.analyses.matrix.sweep import sweep
+    from fsdpqdiag.core.config import RunConfig
+    from fsdpqdiag.launcher.batch import Item
 
     # The preflight and A finish, C kills the launch: E is not relaunched.
     execute, launched = _fake_launches([({"preflight", "A"}, "C")])
@@ -159,7 +159,7 @@ def test_a_preflight_that_refuses_the_cells_stops_the_ones_not_yet_run():
 
 
 def test_a_cells_casualty_row_is_the_rank_that_died_not_the_one_killed_after_it():
-    from fsdpqdiag.matrix.sweep import casualty_row
+    from fsdpqdiag.analyses.matrix.sweep import casualty_row
 
     running = {"probe": "D", "stage": "forward", "evidence": {}}
     outcomes = [

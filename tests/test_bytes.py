@@ -2,8 +2,8 @@
 
 import torch
 
-from fsdpqdiag import bytes as fb
-from fsdpqdiag.faults import canonicalize_nans_
+from fsdpqdiag.evidence import bytes as fb
+from fsdpqdiag.stack.faults import canonicalize_nans_
 
 
 def test_every_bf16_nan_pattern_is_classified():
@@ -77,7 +77,7 @@ def test_subclasses_are_compared_by_storage():
 
 
 def _mix64_reference(x: int) -> int:
-    """fsdpqdiag.bytes.mix64 in Python integers: two's-complement wrap, arithmetic shifts."""
+    """fsdpqdiag.evidence.bytes.mix64 in Python integers: two's-complement wrap, arithmetic shifts."""
 
     def signed(v: int) -> int:
         v &= (1 << 64) - 1

@@ -158,7 +158,7 @@ SOUND_TORCH = {"version": "2.13.0", "distributed_available": True}
     ],
 )
 def test_a_stack_that_cannot_run_is_named_from_what_a_rank_captured(stack, message):
-    from fsdpqdiag import env
+    from fsdpqdiag.rank import env
 
     problem = env.problem(stack)
     assert problem is None if message is None else message in problem

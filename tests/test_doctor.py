@@ -13,9 +13,9 @@ import json
 import jsonschema
 import pytest
 
-from fsdpqdiag import preflight
-from fsdpqdiag.config import RunConfig
-from fsdpqdiag.report import EXIT_PROBE_FAILED, UNSUPPORTED, VERDICTS, ProbeResult, Report, json_schema
+from fsdpqdiag.analyses import preflight
+from fsdpqdiag.core.config import RunConfig
+from fsdpqdiag.report.model import EXIT_PROBE_FAILED, UNSUPPORTED, VERDICTS, ProbeResult, Report, json_schema
 
 
 def _assert_consistent(checked: dict) -> None:
@@ -152,7 +152,7 @@ def test_a_report_made_before_the_preflight_still_loads_validates_and_renders():
 
 
 def test_every_probe_names_preconditions_the_preflight_checks():
-    from fsdpqdiag import registry, tasks  # noqa: F401 - importing tasks registers every task
+    from fsdpqdiag.core import registry
 
     for probe in registry.all_tasks().values():
         assert set(probe.preconditions) <= set(preflight.CAPABILITIES), probe.name
@@ -176,7 +176,7 @@ def test_byte_check_sees_a_canonicalized_nan_payload():
     """Positive control of the comparison the capabilities rest on."""
     import torch
 
-    from fsdpqdiag.faults import canonicalize_nans_
+    from fsdpqdiag.stack.faults import canonicalize_nans_
 
     payload = preflight._bf16_payload(rank=0)
     assert int(payload.view(torch.int16)[0]) == 0x7F81  # the first NaN payload
@@ -208,8 +208,9 @@ def test_a_matrix_whose_preflight_fails_all_gather_runs_no_cell_as_its_row(monke
     tensors, every cell is UNSUPPORTED, the cells not yet run are not run, and one that ran
     beside it keeps its row as ``measured``. The launcher is replaced by a script of what
     its ranks report (no ranks start): the stack's failure is the premise, not a finding."""
-    from fsdpqdiag import api, launch
-    from fsdpqdiag.outcome import RankOutcome
+    from fsdpqdiag import api
+    from fsdpqdiag.core.outcome import RankOutcome
+    from fsdpqdiag.launcher import launch
 
     healthy = {"dtypes": {"bfloat16": {"bytes_equal": True}}}
     capabilities = {name: healthy for name in preflight.CAPABILITIES}

@@ -5,7 +5,7 @@ import json
 import jsonschema
 
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
-from fsdpqdiag.report import Report, json_schema
+from fsdpqdiag.report.model import Report, json_schema
 
 from .conftest import forensics_default
 

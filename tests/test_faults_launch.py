@@ -6,13 +6,14 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import api, rank_start
-from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag import api
+from fsdpqdiag.core.config import LinearConfig, RunConfig
+from fsdpqdiag.core.outcome import RankOutcome
 from fsdpqdiag.errors import BadInput
-from fsdpqdiag.launch import in_launched_job
-from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.launcher import rank_start
+from fsdpqdiag.launcher.launch import in_launched_job
+from fsdpqdiag.launcher.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 from fsdpqdiag.probes.base import failure_verdict
-from fsdpqdiag.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 
 from .conftest import SMALL_LINEAR, cuda_available
 
@@ -51,7 +52,7 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name, single_use_zygotes
         # faulthandler's stack: the rank ran in its zygote's fork, or where bitsandbytes'
         # import initialized CUDA in the zygote (a machine with a GPU), in a fresh rank_main.
         forked = rank_start.start_method("cpu") == rank_start.FORK and not cuda_available()
-        entry = "fsdpqdiag/zygote.py" if forked else "fsdpqdiag/rank_main.py"
+        entry = "fsdpqdiag/launcher/zygote.py" if forked else "fsdpqdiag/rank/main.py"
         assert entry in result.evidence["python_stack"]
     assert _children_of(os.getpid()) == []
 
@@ -78,7 +79,7 @@ def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
     stack = result.evidence["python_stack"]
-    assert "in full_tensor" in stack and "fsdpqdiag/rank_main.py" in stack and "zygote" not in stack
+    assert "in full_tensor" in stack and "fsdpqdiag/rank/main.py" in stack and "zygote" not in stack
     assert _children_of(os.getpid()) == []
 
 
@@ -139,7 +140,7 @@ def test_crashed_rank_carries_the_python_stack_of_the_signal(run_cli):
     assert crashed["ranks"][0]["python_stack"] == stack
     # the report still validates: the stack lives where the schema leaves room
     from fsdpqdiag.render.markdown import render
-    from fsdpqdiag.report import Report
+    from fsdpqdiag.report.model import Report
 
     markdown = render(Report.load(result.json_path))
     assert "  Fatal Python error: Segmentation fault" in markdown  # readable, not only in the JSON
@@ -384,7 +385,7 @@ def test_ctrl_c_swallowed_by_an_at_fork_callback_is_raised_again():
     # signal is real. The launcher must still stop at its next step.
     import signal
 
-    from fsdpqdiag import stop_signals
+    from fsdpqdiag.launcher import stop_signals
 
     with pytest.raises(KeyboardInterrupt):
         with stop_signals.interrupts_latched():

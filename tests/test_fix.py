@@ -5,7 +5,7 @@ import jsonschema
 import pytest
 
 from fsdpqdiag import fixes
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import fix_all
 
@@ -109,9 +109,9 @@ def test_axolotl_int8_keeps_linear8bitlt_row_scales_through_dtensor(shared_cli, 
 def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(monkeypatch):
     # The workarounds of one world size share a launch; a workaround whose undo left a patch
     # behind would have changed the runs after it in that launch.
-    from fsdpqdiag import batch
     from fsdpqdiag.api import commands
-    from fsdpqdiag.report import ProbeResult
+    from fsdpqdiag.launcher import batch
+    from fsdpqdiag.report.model import ProbeResult
 
     def shared_launch_result(restored):
         return ProbeResult(
@@ -144,7 +144,7 @@ def test_a_refused_int8_state_dict_check_is_recorded_not_fatal_to_the_row():
     # ERROR there, its training comparison lost with it. A refusing fully_shard stands in.
     import torch
 
-    from fsdpqdiag import fix_verify
+    from fsdpqdiag.analyses import fix_verify
 
     class OneRank:
         device = torch.device("cpu")

@@ -3,7 +3,7 @@
 import jsonschema
 import pytest
 
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import forensics_default
 
@@ -67,7 +67,7 @@ def test_injected_change_is_attributed_to_the_modules_it_went_through(run_cli, w
 
 def test_attribution_follows_the_control():
     # A byte-true control clears FSDP2's unshard; the same altered weights are then bitsandbytes'.
-    from fsdpqdiag import forensics
+    from fsdpqdiag.analyses import forensics
 
     row = {"module": "m", "swap_target": {"bytes_equal": False}, "local_tensor": {"bytes_equal": True}}
     evidence = {"modules": [row], "fingerprint": {"matches": ["torch._foreach_copy_ (bf16)"]}}
@@ -86,7 +86,7 @@ def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, shared_cli, mon
     # On a CPU with AVX512-BF16, bitsandbytes rewrites Linear4bit weights in place at the
     # first inference forward; the switch takes either path on any CPU. This CPU's own path
     # is the uninjected run's: only the other one needs a run of its own.
-    from fsdpqdiag import bnb_cpu_path
+    from fsdpqdiag.stack import bnb_cpu_path
 
     unforced = bnb_cpu_path.override() is None
     if unforced and bnb_cpu_path.describe()["inference_repacks_weight"] is (repack == "on"):

@@ -23,7 +23,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from fsdpqdiag.faults import FAULTS
+from fsdpqdiag.stack.faults import FAULTS
 from fsdpqdiag.tasks import PROBES
 
 from .conftest import ROOT
@@ -103,8 +103,9 @@ def _snapshot(root: Path) -> dict[str, tuple]:
 @pytest.fixture
 def cli(tmp_path, monkeypatch):
     """Run one generated command line in a fresh sandbox; check the contract; return it."""
-    from fsdpqdiag import launch, rank
     from fsdpqdiag.cli import app
+    from fsdpqdiag.launcher import launch
+    from fsdpqdiag.rank import runtime as rank
 
     def tripwire(*args, **kwargs):
         raise AssertionError("a generated input that should be refused would have started a rank")

@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch
 
-from fsdpqdiag.guard_digest import digest, host
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
+from fsdpqdiag.weightguard.digest import digest, host
 from tests.conftest import ROOT
 
 pytestmark = pytest.mark.slow
@@ -122,7 +122,7 @@ def test_transformers_callback_attaches_and_closes(scenarios):
 
 
 def test_digest_is_position_aware_exact_on_bits_and_splits_over_shards():
-    from fsdpqdiag.bytes import all_nan_patterns
+    from fsdpqdiag.evidence.bytes import all_nan_patterns
 
     payload = all_nan_patterns(torch.bfloat16)
     whole = host(digest(payload))

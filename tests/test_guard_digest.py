@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from fsdpqdiag.guard_digest import (
+from fsdpqdiag.weightguard.digest import (
     CHUNK,
     MASK64,
     bit_words,

@@ -12,7 +12,7 @@ One kind of edge is left out: a module's own packages. ``a/__init__`` has starte
 before any ``a.x`` runs, so a package whose ``__init__`` imports its own submodules (``cli``,
 ``fixes``, ``render``: the ordinary pattern) is not reported; what they take from each other
 is that package's own affair. A package ``__init__`` that imports a module outside it,
-which imports a submodule of the package back, is not (``import fsdpqdiag.preflight``
+which imports a submodule of the package back, is not (``import fsdpqdiag.analyses.preflight``
 would then start the package's ``__init__``, which finds ``preflight`` half-initialised):
 that cycle is counted.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import registry
+from fsdpqdiag.core import registry
 
 PACKAGE = "fsdpqdiag"
 ROOT = Path(__file__).resolve().parent.parent / PACKAGE
@@ -136,10 +136,10 @@ def _a_cycle(component: list[str], graph: dict[str, set[str]]) -> list[str]:
 
 def test_the_graph_sees_function_local_and_relative_imports():
     graph = import_graph()
-    assert "fsdpqdiag.outcome" in graph["fsdpqdiag.launch"]
+    assert "fsdpqdiag.core.outcome" in graph["fsdpqdiag.launcher.launch"]
     # `from fsdpqdiag.probes.common import fsdp_api` inside forensics.run(): the module, and
     # the package whose __init__ runs first
-    assert {"fsdpqdiag.probes", "fsdpqdiag.probes.common"} <= graph["fsdpqdiag.forensics"]
+    assert {"fsdpqdiag.probes", "fsdpqdiag.probes.common"} <= graph["fsdpqdiag.analyses.forensics"]
     # fixes/__init__ imports its own submodules, which import fixes.base: not an edge back
     assert "fsdpqdiag.fixes.axolotl_int8" in graph["fsdpqdiag.fixes"]
     assert "fsdpqdiag.fixes" not in graph["fsdpqdiag.fixes.axolotl_int8"]
@@ -163,8 +163,8 @@ def test_no_import_cycle():
 
 def test_the_core_imports_only_the_standard_library():
     graph = import_graph()
-    assert graph["fsdpqdiag.outcome"] <= {"fsdpqdiag"}
-    assert graph["fsdpqdiag.registry"] <= {"fsdpqdiag", "fsdpqdiag.outcome"}
+    assert graph["fsdpqdiag.core.outcome"] <= {"fsdpqdiag"}
+    assert graph["fsdpqdiag.core.registry"] <= {"fsdpqdiag", "fsdpqdiag.core.outcome"}
 
 
 def test_register_refuses_a_duplicate_name():

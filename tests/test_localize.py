@@ -2,9 +2,9 @@
 
 import torch
 
-from fsdpqdiag import bytes as fb
-from fsdpqdiag import fingerprint
-from fsdpqdiag.faults import canonicalize_nans_
+from fsdpqdiag.analyses import fingerprint
+from fsdpqdiag.evidence import bytes as fb
+from fsdpqdiag.stack.faults import canonicalize_nans_
 
 from .conftest import LOCALIZE_WS1
 
@@ -33,7 +33,7 @@ def test_fingerprint_of_untouched_bytes_is_none_and_controls_are_reported():
 
 
 def test_call_sites_are_read_from_the_installed_torch():
-    from fsdpqdiag.localize import call_sites
+    from fsdpqdiag.analyses.localize import call_sites
 
     sites = call_sites("_foreach_copy_(")
     assert sites and all(s["file"].startswith("torch/distributed/fsdp/_fully_shard/") for s in sites)
@@ -80,8 +80,8 @@ def test_call_sites_read_each_function_as_the_parser_delimits_it():
     import inspect
     from pathlib import Path
 
-    from fsdpqdiag import localize
-    from fsdpqdiag.localize import _segment, _source_lines
+    from fsdpqdiag.analyses import localize
+    from fsdpqdiag.analyses.localize import _segment, _source_lines
 
     # Line endings the parser splits on (not \f or \v), and columns counted in UTF-8 bytes.
     source = (

@@ -10,8 +10,8 @@ import time
 import jsonschema
 import pytest
 
-from fsdpqdiag import matrix as mx
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.analyses import matrix as mx
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import ROOT, matrix_default
 
@@ -303,9 +303,9 @@ def test_matrix_runs_under_torchrun_and_rank0_writes_before_anyone_exits(tmp_pat
 def test_cells_are_reported_while_their_launch_still_runs():
     """One launch runs every cell; each finished cell reaches the caller (progress bar)
     before the launch ends, not all at once after it."""
-    from fsdpqdiag import models
-    from fsdpqdiag.config import RunConfig
-    from fsdpqdiag.launch import launch
+    from fsdpqdiag.core.config import RunConfig
+    from fsdpqdiag.launcher.launch import launch
+    from fsdpqdiag.stack import models
 
     seen: dict[str, float] = {}
     returned: list[float] = []

@@ -6,10 +6,10 @@ import json
 
 import torch
 
-from fsdpqdiag.bytes import output_delta
-from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.evidence.bytes import output_delta
 from fsdpqdiag.probes import nan_canonicalization
-from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED
+from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED
 
 from .conftest import SMALL_LINEAR
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
+from fsdpqdiag.report.model import atomic_write_bytes, atomic_write_text
 
 from .conftest import ROOT
 

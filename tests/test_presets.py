@@ -2,7 +2,7 @@
 
 import pytest
 
-from fsdpqdiag import models
+from fsdpqdiag.stack import models
 
 
 def _projection_out_features(spec: dict) -> dict[str, int]:
@@ -29,7 +29,7 @@ def test_every_quantized_projection_fits_the_cpu_repack(name):
 
 
 def test_the_switch_is_validated(monkeypatch):
-    from fsdpqdiag import bnb_cpu_path
+    from fsdpqdiag.stack import bnb_cpu_path
 
     monkeypatch.setenv(bnb_cpu_path.ENV, "maybe")
     with pytest.raises(ValueError, match="expected one of on, off"):

@@ -16,10 +16,10 @@ import sys
 
 import pytest
 
-from fsdpqdiag import presentation, registry
-from fsdpqdiag.faults import FAULTS
+from fsdpqdiag.core import presentation, registry
+from fsdpqdiag.core.registry import all_tasks
 from fsdpqdiag.probes.base import Probe
-from fsdpqdiag.registry import all_tasks
+from fsdpqdiag.stack.faults import FAULTS
 from fsdpqdiag.tasks import PROBES, presentation_of
 
 from .conftest import ROOT
@@ -61,7 +61,7 @@ def test_probe_declares_positive_controls_that_exist(name):
     controls = PROBES[name].controls
     assert controls, f"{name} declares no positive-control fault (Probe.controls)"
     unknown = [fault for fault in controls if fault not in FAULTS]
-    assert not unknown, f"{name}: {unknown} are not faults of fsdpqdiag/faults.py"
+    assert not unknown, f"{name}: {unknown} are not faults of fsdpqdiag/stack/faults.py"
 
 
 @pytest.mark.parametrize("name", sorted(PROBES))
@@ -80,7 +80,7 @@ def test_every_result_of_a_committed_report_has_a_presentation():
 
 
 def test_the_guards_results_have_a_presentation_without_being_a_task():
-    from fsdpqdiag import watch  # written by watch, not launched
+    from fsdpqdiag.weightguard import watch
 
     assert watch.RESULT_KIND not in all_tasks()
     assert presentation_of(watch.RESULT_KIND) is watch.PRESENTATION
@@ -125,7 +125,7 @@ def test_renderers_import_no_torch():
         "from rich.console import Console\n"
         "from fsdpqdiag.cli.reports import report_tables\n"
         "from fsdpqdiag.render.markdown import render\n"
-        "from fsdpqdiag.report import Report\n"
+        "from fsdpqdiag.report.model import Report\n"
         "for path in sorted(pathlib.Path('reports').glob('*.json')):\n"
         "    report = Report.load(path)\n"
         "    render(report)\n"

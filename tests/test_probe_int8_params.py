@@ -14,9 +14,9 @@ import sys
 import jsonschema
 import pytest
 
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.probes import int8_params
-from fsdpqdiag.report import Report, json_schema
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.probes.int8_params import probe as int8_params
+from fsdpqdiag.report.model import Report, json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
 from .test_reproducers import FEATURES, _standalone, cpu_probe

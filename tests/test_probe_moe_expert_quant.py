@@ -16,9 +16,9 @@ import jsonschema
 import pytest
 from typer.testing import CliRunner
 
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.probes import moe_expert_quant
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.probes.moe_expert_quant import probe as moe_expert_quant
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
 from .test_reproducers import _standalone, cpu_probe

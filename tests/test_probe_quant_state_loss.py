@@ -10,7 +10,7 @@ import sys
 import jsonschema
 import pytest
 
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import ROOT, SMALL_LINEAR
 from .test_reproducers import _standalone, cpu_probe
@@ -219,7 +219,7 @@ def test_control_shares_a_broken_reshard_and_names_torch():
 
 
 def test_attribution_names_torch_when_fully_shard_takes_the_recovery_source():
-    from fsdpqdiag.probes import quant_state_loss
+    from fsdpqdiag.probes.quant_state_loss import probe as quant_state_loss
 
     control = {
         "outcome": "kept",

@@ -11,10 +11,10 @@ import jsonschema
 import pytest
 import torch
 
-from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.outcome import RankOutcome
+from fsdpqdiag.core.config import LinearConfig
+from fsdpqdiag.core.outcome import RankOutcome
 from fsdpqdiag.probes import storage_dtype_mismatch as sdm
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, json_schema
+from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED, json_schema
 
 from .conftest import SMALL_LINEAR
 from .test_reproducers import _standalone, cpu_probe

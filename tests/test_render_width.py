@@ -16,7 +16,7 @@ from fsdpqdiag.cli.reports import report_tables
 from fsdpqdiag.render.compare_table import differences_table
 from fsdpqdiag.render.env_table import env_table
 from fsdpqdiag.render.fitted import Column, FittedTable
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 
 from .conftest import ROOT
 

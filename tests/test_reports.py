@@ -7,7 +7,7 @@ import jsonschema
 import pytest
 
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
-from fsdpqdiag.report import Report, json_schema
+from fsdpqdiag.report.model import Report, json_schema
 
 from .conftest import LOCALIZE_WS1, ROOT, SMALL_LINEAR, fix_all, matrix_default, reproduce_small
 
@@ -176,7 +176,7 @@ def test_every_command_output_validates(shared_cli, command):
 
 
 def test_unknown_schema_version_is_refused_by_the_loader(tmp_path):
-    from fsdpqdiag.report import ReportError
+    from fsdpqdiag.report.model import ReportError
 
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema": "fsdpqdiag.report/2", "results": []}))

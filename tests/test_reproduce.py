@@ -7,7 +7,7 @@ self-consistent, and that injected faults are caught.
 import jsonschema
 import pytest
 
-from fsdpqdiag.report import json_schema
+from fsdpqdiag.report.model import json_schema
 
 from .conftest import reproduce_small
 

@@ -8,7 +8,7 @@ import sys
 import pytest
 
 from fsdpqdiag import api
-from fsdpqdiag.config import LinearConfig, RunConfig
+from fsdpqdiag.core.config import LinearConfig, RunConfig
 
 from .conftest import ROOT, SMALL_FEATURES
 

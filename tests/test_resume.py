@@ -14,7 +14,7 @@ from dataclasses import asdict
 
 import pytest
 
-from fsdpqdiag import matrix as mx
+from fsdpqdiag.analyses import matrix as mx
 
 from .conftest import ROOT
 

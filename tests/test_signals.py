@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag import stop_signals
-from fsdpqdiag.report import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
+from fsdpqdiag.launcher import stop_signals
+from fsdpqdiag.report.model import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
 
 from .conftest import ROOT
 from .test_faults_launch import _children_of

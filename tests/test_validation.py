@@ -6,10 +6,11 @@ import json
 
 import pytest
 
-from fsdpqdiag import api, launch
-from fsdpqdiag import matrix as mx
-from fsdpqdiag.config import STORAGE_BYTES, packing_problem
-from fsdpqdiag.models import ModelSourceError, preset_dir, resolve_model
+from fsdpqdiag import api
+from fsdpqdiag.analyses import matrix as mx
+from fsdpqdiag.core.config import STORAGE_BYTES, packing_problem
+from fsdpqdiag.launcher import launch
+from fsdpqdiag.stack.models import ModelSourceError, preset_dir, resolve_model
 
 
 @pytest.mark.parametrize("storage", sorted(STORAGE_BYTES))

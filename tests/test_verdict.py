@@ -2,8 +2,8 @@
 
 import json
 
-from fsdpqdiag.report import VERDICTS, json_schema
-from fsdpqdiag.verdict import STYLE, VerdictKind
+from fsdpqdiag.core.verdict import STYLE, VerdictKind
+from fsdpqdiag.report.model import VERDICTS, json_schema
 
 
 def test_every_verdict_has_a_style():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 from tests.conftest import ROOT
 
 EXAMPLE = ROOT / "examples" / "train_fsdp2_qlora.py"
@@ -67,8 +67,8 @@ def _nan_class_weights(cache: Path) -> set[str]:
     """Ground truth, independent of the guard: the preset's quantized weights (as the example
     loads them) that hold NaN-class containers, which the fault rewrites."""
     os.environ["FSDPQDIAG_CACHE"] = str(cache)
-    from fsdpqdiag import models
-    from fsdpqdiag.bytes import nan_census, plain
+    from fsdpqdiag.evidence.bytes import nan_census, plain
+    from fsdpqdiag.stack import models
 
     model = models.load_quantized(models.preset_dir("tiny-llama"), models.QuantConfig(), "cpu")
     return {
@@ -129,7 +129,7 @@ def test_watch_keeps_an_existing_sitecustomize(tmp_path):
     (site / "sitecustomize.py").write_text("import os\nos.environ['USER_SITECUSTOMIZE_RAN'] = '1'\n")
     probe = (
         "import os, sys; "
-        "print('ran', os.environ.get('USER_SITECUSTOMIZE_RAN'), 'fsdpqdiag.guard_auto' in sys.modules)"
+        "print('ran', os.environ.get('USER_SITECUSTOMIZE_RAN'), 'fsdpqdiag.weightguard.auto' in sys.modules)"
     )
     env_path = f"{site}{os.pathsep}{ROOT}"
     completed = subprocess.run(
@@ -183,7 +183,7 @@ def test_watch_raise_stops_a_plain_process_and_exits_1(tmp_path):
 def test_a_guard_that_cannot_attach_leaves_the_run_alone(tmp_path, monkeypatch):
     """A guard that fails to set up (here: params the CLI would refuse) must not break the
     training: the command completes, its exit code stands, the report says ERROR and why."""
-    from fsdpqdiag import watch
+    from fsdpqdiag.weightguard import watch
 
     monkeypatch.setenv("PYTHONPATH", str(ROOT))
     monkeypatch.setenv("FSDPQDIAG_CACHE", str(tmp_path))

@@ -10,9 +10,9 @@ import importlib.util
 import math
 from collections.abc import Sequence
 
-from fsdpqdiag import rank_start
-from fsdpqdiag.config import BACKENDS, DEVICES, LinearConfig, RunConfig
+from fsdpqdiag.core.config import BACKENDS, DEVICES, LinearConfig, RunConfig
 from fsdpqdiag.errors import BadInput
+from fsdpqdiag.launcher import rank_start
 
 
 def require_stack() -> None:
@@ -20,20 +20,20 @@ def require_stack() -> None:
 
     Importing them takes seconds that the ranks spend anyway: whether torch has distributed
     support and whether bitsandbytes imports with its native library is learned from the
-    first rank that starts (it captures the stack for the report, see ``fsdpqdiag.env``), and
+    first rank that starts (it captures the stack for the report, see ``fsdpqdiag.rank.env``), and
     the launcher raises the same one-line ``BadInput`` for it. Under torchrun this process is
     a rank itself and checks them here. A stack an earlier command's ranks captured (this
     process may be a library caller running several) is forgotten first.
     """
-    from fsdpqdiag import env
+    from fsdpqdiag.rank import env
 
     env.remember(None)
     if importlib.util.find_spec("torch") is None:
         raise BadInput("torch is not installed")
     if importlib.util.find_spec("bitsandbytes") is None:
         raise BadInput("bitsandbytes is not installed: pip install bitsandbytes")
-    from fsdpqdiag import bnb_cpu_path
-    from fsdpqdiag.launch import in_launched_job
+    from fsdpqdiag.launcher.launch import in_launched_job
+    from fsdpqdiag.stack import bnb_cpu_path
 
     try:
         bnb_cpu_path.override()
@@ -97,7 +97,7 @@ def check_world_size(world_size: int, device: str, backend: str | None = None) -
 
 
 def check_inject(inject: str | None) -> None:
-    from fsdpqdiag import faults
+    from fsdpqdiag.stack import faults
 
     if inject is not None and inject not in faults.FAULTS:
         raise BadInput(f"unknown fault {inject!r} for --inject (known: {', '.join(faults.FAULTS)})")
@@ -122,7 +122,7 @@ def _runs(
     world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
 ) -> list[RunConfig]:
     """Validated run configurations, one per world size, or BadInput."""
-    from fsdpqdiag.launch import check_job_environment
+    from fsdpqdiag.launcher.launch import check_job_environment
 
     try:
         check_job_environment()
@@ -164,7 +164,7 @@ def _linear(linear: LinearConfig | None) -> LinearConfig:
 def _check_storage_pairs(linear: LinearConfig) -> None:
     """storage-dtype-mismatch packs the layer in every storage dtype of its pairs, not only
     in --quant-storage: a geometry one of them cannot hold is refused here, not per rank."""
-    from fsdpqdiag.config import packing_problem
+    from fsdpqdiag.core.config import packing_problem
     from fsdpqdiag.probes.storage_dtype_mismatch import combinations
 
     for storage, _ in combinations(dataclasses.asdict(linear)):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
-from fsdpqdiag import batch
 from fsdpqdiag.api.checks import (
     BadInput,
     _check_storage_pairs,
@@ -24,8 +23,9 @@ from fsdpqdiag.api.running import (
     run_items_checked,
     run_probe,
 )
-from fsdpqdiag.config import LinearConfig, RunConfig
-from fsdpqdiag.report import Report
+from fsdpqdiag.core.config import LinearConfig, RunConfig
+from fsdpqdiag.launcher import batch
+from fsdpqdiag.report.model import Report
 
 
 def reproduce(
@@ -41,7 +41,7 @@ def reproduce(
 ) -> Report:
     """Run the selected probes (all by default) at each world size, all of one world size in
     one launch (relaunching after a probe that kills it)."""
-    from fsdpqdiag import env
+    from fsdpqdiag.rank import env
 
     linear = _linear(linear)
     names = check_probes(probes)
@@ -74,7 +74,7 @@ def localize(
     on_progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
-    from fsdpqdiag import env
+    from fsdpqdiag.rank import env
 
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
@@ -112,8 +112,9 @@ def fix(
     on_progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Verify each workaround bit for bit next to the unfixed run, per target and world size."""
-    from fsdpqdiag import env, fixes
-    from fsdpqdiag.fix_verify import TARGETS
+    from fsdpqdiag import fixes
+    from fsdpqdiag.analyses.fix_verify import TARGETS
+    from fsdpqdiag.rank import env
 
     # Every name given is checked, "all" beside it too: a typo is never run as "all".
     for name in workarounds:
@@ -126,7 +127,7 @@ def fix(
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
     if steps < 1:
         raise BadInput(f"--steps must be >= 1, got {steps}")
-    from fsdpqdiag.models import PRESETS, ModelSourceError, preset_dir
+    from fsdpqdiag.stack.models import PRESETS, ModelSourceError, preset_dir
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     require_stack()
@@ -194,9 +195,9 @@ def forensics(
     on_progress: Callable[[str], None] | None = None,
 ) -> Report:
     """Per-module byte forensics of a real quantized causal LM under FSDP2."""
-    from fsdpqdiag import env
-    from fsdpqdiag.config import QUANT_TYPES
-    from fsdpqdiag.models import ModelSourceError, resolve_model
+    from fsdpqdiag.core.config import QUANT_TYPES
+    from fsdpqdiag.rank import env
+    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     if bits not in (4, 8):
         raise BadInput(f"--bits must be 4 or 8, got {bits}")
@@ -240,7 +241,7 @@ def doctor(
 ) -> dict:
     """The stack preflight alone, on one device, backend and world size, for the model under
     test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
-    from fsdpqdiag.models import ModelSourceError, resolve_model
+    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
     require_stack()

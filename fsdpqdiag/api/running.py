@@ -6,14 +6,14 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 
-from fsdpqdiag import attribution
-from fsdpqdiag.config import RankTask, RunConfig
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, ProbeResult
+from fsdpqdiag.core.config import RankTask, RunConfig
+from fsdpqdiag.evidence import attribution
+from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, ProbeResult
 
 
 def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
     """Launch one probe on ``run.world_size`` ranks and decide its verdict."""
-    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.launcher.launch import run_task
     from fsdpqdiag.tasks import get_probe
 
     unmet = get_probe(name).needs.unmet(run)
@@ -30,7 +30,7 @@ def run_probes(
     run: RunConfig,
     on_start: Callable[[str], None] | None = None,
 ) -> list[ProbeResult]:
-    """Several probes in as few launches as their failures allow (see ``fsdpqdiag.batch``):
+    """Several probes in as few launches as their failures allow (see ``fsdpqdiag.launcher.batch``):
     one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
     launch from the probe after it."""
     return run_checked(names, probe_config, run, None, on_start)[0]
@@ -47,7 +47,7 @@ def run_checked(
     launch, and the preflight: a launch costs seconds of imports, the preflight's own work
     a fraction of one. A probe whose preconditions failed is UNSUPPORTED, run or not: one
     that shared the preflight's launch already ran, one after it is not run."""
-    from fsdpqdiag import batch
+    from fsdpqdiag.launcher import batch
 
     items = [batch.Item(name, name, probe_config) for name in names]
     results, checked = run_items_checked(items, run, subject, on_start)
@@ -60,12 +60,12 @@ def run_items_checked(
     subject: dict | None,
     on_start: Callable[[str], None] | None = None,
 ) -> tuple[dict[str, ProbeResult], dict | None]:
-    """``run_checked`` for items (``fsdpqdiag.batch.Item``) that may run one task under
+    """``run_checked`` for items (``fsdpqdiag.launcher.batch.Item``) that may run one task under
     several configurations (``fix``: one ``fix-verify`` per workaround): each result under
     its item's key."""
-    from fsdpqdiag import batch
-    from fsdpqdiag import preflight as stack
-    from fsdpqdiag.launch import run_task
+    from fsdpqdiag.analyses import preflight as stack
+    from fsdpqdiag.launcher import batch
+    from fsdpqdiag.launcher.launch import run_task
     from fsdpqdiag.tasks import get_probe
 
     by_key = {item.key: item for item in items}
@@ -116,8 +116,8 @@ def run_items_checked(
 
 
 def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
-    """The stack preflight of one run (see ``fsdpqdiag.preflight``): what each report carries."""
-    from fsdpqdiag import preflight as stack
+    """The stack preflight of one run (see ``fsdpqdiag.analyses.preflight``): what each report carries."""
+    from fsdpqdiag.analyses import preflight as stack
 
     if on_progress:
         on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
@@ -130,7 +130,7 @@ def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) ->
     Such a probe is not run: on a stack that fails with ordinary tensors it could only
     report the stack's failure as the bug's.
     """
-    from fsdpqdiag import preflight as stack
+    from fsdpqdiag.analyses import preflight as stack
     from fsdpqdiag.tasks import get_probe
 
     probe = get_probe(name)

@@ -17,7 +17,7 @@ from fsdpqdiag.api.running import (
     _attribute,
     unsupported,
 )
-from fsdpqdiag.report import ProbeResult, Report
+from fsdpqdiag.report.model import ProbeResult, Report
 
 
 def matrix(
@@ -45,8 +45,8 @@ def matrix(
     plan in its record's header, and an option that contradicts it is refused."""
     from pathlib import Path
 
-    from fsdpqdiag import env
-    from fsdpqdiag.models import DEFAULT_PRESET, ModelSourceError, resolve_model
+    from fsdpqdiag.rank import env
+    from fsdpqdiag.stack.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
     recovered = None
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
@@ -97,7 +97,7 @@ def matrix(
 
 
 def _selected_cells(cells: Sequence[str], grid: Sequence[str]) -> list:
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     try:
         return mx.select_cells(cells, grid)
@@ -109,7 +109,7 @@ def _write_record(directory: str, recovered, selected, runs, model, preset, lora
     """Repair the record of a resumed sweep, or start the record of a new one."""
     from pathlib import Path
 
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     path = Path(directory)
     if recovered is not None:
@@ -150,10 +150,10 @@ class _Sweep:
     checks: list[dict] = dataclasses.field(default_factory=list)
 
     def run(self, run) -> None:
-        from fsdpqdiag import batch
-        from fsdpqdiag import matrix as mx
-        from fsdpqdiag import preflight as stack
-        from fsdpqdiag.launch import run_task
+        from fsdpqdiag.analyses import matrix as mx
+        from fsdpqdiag.analyses import preflight as stack
+        from fsdpqdiag.launcher import batch
+        from fsdpqdiag.launcher.launch import run_task
 
         subject = {"model": {"model": self.base_config["model"], "label": self.label, "lora": self.lora}}
         if self.on_progress:  # one launch: the preflight, then the cells
@@ -212,7 +212,7 @@ class _Sweep:
     def analysis(self) -> dict[str, Any]:
         """Two readings of "the outcome": the exact loss bits and byte-diff pattern, and the
         verdict (does the bug show?), which a different baseline model does not move."""
-        from fsdpqdiag import matrix as mx
+        from fsdpqdiag.analyses import matrix as mx
 
         analysis: dict[str, Any] = {
             str(ws): {
@@ -226,7 +226,7 @@ class _Sweep:
 
 
 def _recover_sweep(directory) -> Any:
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     record = directory / mx.RECORD_NAME
     if not record.is_file():
@@ -248,7 +248,7 @@ def _refuse_conflicts(
     LoRA sweep with --no-lora used to reuse the LoRA rows and label them lora: false."""
     from pathlib import Path
 
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     asked: list[tuple[str, Any, Any]] = []  # (option, recorded, requested)
     if cells or grid:
@@ -293,7 +293,7 @@ def _refuse_conflicts(
 def _check_new_sweep_dir(path) -> None:
     """A new sweep's --out must not hold another sweep (its records would mix with this
     one's) and must be creatable; nothing is created here."""
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     if (path / mx.RECORD_NAME).exists():
         raise BadInput(

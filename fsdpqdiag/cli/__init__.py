@@ -14,10 +14,10 @@ from fsdpqdiag.cli.app import app
 
 
 def main() -> None:
-    from fsdpqdiag import stacklog
-    from fsdpqdiag.launch import exit_skipping_teardown, in_launched_job
-    from fsdpqdiag.report import EXIT_INTERRUPTED
-    from fsdpqdiag.stop_signals import install_stop_handlers, stop_received
+    from fsdpqdiag.launcher.launch import exit_skipping_teardown, in_launched_job
+    from fsdpqdiag.launcher.stop_signals import install_stop_handlers, stop_received
+    from fsdpqdiag.rank import stacklog
+    from fsdpqdiag.report.model import EXIT_INTERRUPTED
 
     if in_launched_job():
         import faulthandler

@@ -16,8 +16,8 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
-from fsdpqdiag.faults import FAULTS  # stdlib only: --help stays torch-free
-from fsdpqdiag.report import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
+from fsdpqdiag.report.model import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
+from fsdpqdiag.stack.faults import FAULTS  # stdlib only: --help stays torch-free
 
 
 class OneLineErrors(TyperGroup):
@@ -90,7 +90,7 @@ def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
     """Refuse, before any work, an output that cannot be written as a regular file, that
     would overwrite one of this run's inputs, or that another output of the run also names
     (``--json x --markdown x`` would silently keep only the last)."""
-    from fsdpqdiag.report import same_file
+    from fsdpqdiag.report.model import same_file
 
     wanted = [path for path in paths if path is not None]
     for index, path in enumerate(wanted):
@@ -159,7 +159,7 @@ def print_tables(renderable, wide: bool) -> None:
 def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
     """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun)."""
     from fsdpqdiag.render import markdown
-    from fsdpqdiag.report import atomic_write_text
+    from fsdpqdiag.report.model import atomic_write_text
 
     if not is_reporting_rank():
         return
@@ -172,8 +172,8 @@ def write_report(report, json_path: Path | None, markdown_path: Path | None) -> 
 def run_library(call, status_text: str = "starting…"):
     """Call the library with a progress line on stderr; map its failures to exit codes."""
     from fsdpqdiag.api import BadInput
-    from fsdpqdiag.rank_start import reusing_zygotes
-    from fsdpqdiag.report import EXIT_INTERRUPTED
+    from fsdpqdiag.launcher.rank_start import reusing_zygotes
+    from fsdpqdiag.report.model import EXIT_INTERRUPTED
 
     try:
         # A command's launches (a relaunch after a casualty, isolated cells) share zygotes.
@@ -186,7 +186,7 @@ def run_library(call, status_text: str = "starting…"):
         # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.
         import signal
 
-        from fsdpqdiag.stop_signals import stop_signal_of
+        from fsdpqdiag.launcher.stop_signals import stop_signal_of
 
         signum = stop_signal_of(exc)
         by = "" if signum == signal.SIGINT else f" by {signal.Signals(signum).name}"

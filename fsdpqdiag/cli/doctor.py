@@ -38,7 +38,7 @@ def doctor(
     """
     from fsdpqdiag import api
     from fsdpqdiag.render.preflight_table import preflight_table
-    from fsdpqdiag.report import EXIT_CLEAN, EXIT_PROBE_FAILED
+    from fsdpqdiag.report.model import EXIT_CLEAN, EXIT_PROBE_FAILED
 
     checked = run_library(
         lambda progress: api.doctor(

@@ -26,7 +26,7 @@ from fsdpqdiag.cli.app import (
     run_library,
     write_report,
 )
-from fsdpqdiag.report import EXIT_CODES_HELP
+from fsdpqdiag.report.model import EXIT_CODES_HELP
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -54,7 +54,7 @@ def forensics(
 ) -> None:
     """For every quantized weight of a real model: original vs _local_tensor vs forward's vs full_tensor()."""
     from fsdpqdiag import api
-    from fsdpqdiag.config import canonical_dtype
+    from fsdpqdiag.core.config import canonical_dtype
     from fsdpqdiag.render.forensics_table import forensics_table
 
     check_outputs(json_path, markdown_path, inputs=model_files(model))

@@ -23,7 +23,7 @@ from fsdpqdiag.cli.app import (
     run_library,
     write_report,
 )
-from fsdpqdiag.report import EXIT_CODES_HELP
+from fsdpqdiag.report.model import EXIT_CODES_HELP
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -45,7 +45,7 @@ def localize(
 ) -> None:
     """Replay FSDP2's unshard op by op on every bf16 NaN pattern; name the first op that alters bytes."""
     from fsdpqdiag import api
-    from fsdpqdiag.config import LinearConfig
+    from fsdpqdiag.core.config import LinearConfig
     from fsdpqdiag.render.localize_table import localize_table
 
     check_outputs(json_path, markdown_path)

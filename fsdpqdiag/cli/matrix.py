@@ -27,7 +27,7 @@ from fsdpqdiag.cli.app import (
     stderr,
     write_report,
 )
-from fsdpqdiag.report import EXIT_CODES_HELP
+from fsdpqdiag.report.model import EXIT_CODES_HELP
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -126,7 +126,7 @@ def _run_with_progress(**options):
     from rich.progress import Progress
 
     from fsdpqdiag import api
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
 
     # Off a terminal a transient bar draws nothing but a blank line, which would make a
     # refusal two lines on stderr.
@@ -141,9 +141,9 @@ def _run_with_progress(**options):
 
 def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> None:
     """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
-    from fsdpqdiag import matrix as mx
+    from fsdpqdiag.analyses import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
-    from fsdpqdiag.report import atomic_write_bytes, atomic_write_text
+    from fsdpqdiag.report.model import atomic_write_bytes, atomic_write_text
 
     cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
     rows = {
@@ -186,7 +186,7 @@ def _wait_for_reporting_rank() -> None:
     """Under torchrun, the first rank to exit non-zero (exit 3 when a cell is an ERROR row,
     as #1945's cell B) makes torchrun SIGTERM its peers: without this barrier rank 0 could
     be killed before it has written the report (seen on CPU/gloo with cells A-G)."""
-    from fsdpqdiag.launch import in_launched_job
+    from fsdpqdiag.launcher.launch import in_launched_job
 
     if not in_launched_job():
         return

@@ -35,7 +35,7 @@ def report_tables(report, wide: bool = False):
 
 
 def _load(path: Path):
-    from fsdpqdiag.report import Report, ReportError
+    from fsdpqdiag.report.model import Report, ReportError
 
     try:
         return Report.load(path)
@@ -50,7 +50,7 @@ def env(
     wide: Wide = False,
 ) -> None:
     """The stack under test: torch/CUDA/NCCL, bitsandbytes and its native library, GPUs, driver."""
-    from fsdpqdiag import env as environment
+    from fsdpqdiag.rank import env as environment
     from fsdpqdiag.render.env_table import env_markdown, env_table
 
     captured = environment.capture()
@@ -74,7 +74,7 @@ def report(
     wide: Wide = False,
 ) -> None:
     """Render any report: Markdown for an upstream issue, a table, or JSON."""
-    from fsdpqdiag.report import atomic_write_text
+    from fsdpqdiag.report.model import atomic_write_text
 
     if format not in ("md", "table", "json"):
         raise fail(f"unknown format {format!r} (known: md, table, json)")
@@ -117,8 +117,8 @@ def compare(
     """Compare two reports to the last bit: verdicts, element positions, bit patterns, losses."""
     from dataclasses import asdict
 
-    from fsdpqdiag.compare import Incomparable, compare
     from fsdpqdiag.render.compare_table import differences_table
+    from fsdpqdiag.report.compare import Incomparable, compare
 
     left, right = _load(a), _load(b)
     try:

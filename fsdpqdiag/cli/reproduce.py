@@ -25,7 +25,7 @@ from fsdpqdiag.cli.app import (
     run_library,
     write_report,
 )
-from fsdpqdiag.report import EXIT_CODES_HELP
+from fsdpqdiag.report.model import EXIT_CODES_HELP
 
 
 @app.command(epilog=EXIT_CODES_HELP)
@@ -59,7 +59,7 @@ def reproduce(
     wide: Wide = False,
 ) -> None:
     """Run bitsandbytes #1945's reproducers (Mechanisms A and B) with byte-level evidence."""
-    from fsdpqdiag.config import LinearConfig, canonical_dtype
+    from fsdpqdiag.core.config import LinearConfig, canonical_dtype
 
     check_outputs(json_path, markdown_path)
     try:

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 
 from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
-from fsdpqdiag.watch import WATCH_EXIT_CODES
+from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
 
 
 @app.command(
@@ -40,10 +40,10 @@ def watch(
 
     Example: fsdpqdiag watch --json w.json -- torchrun --nproc-per-node 2 train.py
     """
-    from fsdpqdiag import watch as watching
     from fsdpqdiag.api import BadInput, check_inject
     from fsdpqdiag.render.table import findings_table
-    from fsdpqdiag.weight_guard import ACTION_CHOICES, PARAM_CHOICES
+    from fsdpqdiag.weightguard import watch as watching
+    from fsdpqdiag.weightguard.guard import ACTION_CHOICES, PARAM_CHOICES
 
     if params not in PARAM_CHOICES:
         raise fail(f"unknown --params {params!r} (known: {', '.join(PARAM_CHOICES)})")

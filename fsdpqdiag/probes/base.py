@@ -13,10 +13,10 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsdpqdiag.config import RunConfig
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import DetailTable, Presentation
-from fsdpqdiag.report import CRASHED, ERROR, TIMEOUT
+from fsdpqdiag.core.config import RunConfig
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import DetailTable, Presentation
+from fsdpqdiag.report.model import CRASHED, ERROR, TIMEOUT
 
 
 @dataclass(frozen=True)
@@ -53,9 +53,9 @@ class Probe:
     needs: Needs = Needs()
     standalone: str | None = None  # the matching script in reproducers/
     # evidence of a REPRODUCED/CRASHED/INCONCLUSIVE/UNSUPPORTED verdict -> (component, the
-    # controls that decided it); see fsdpqdiag.attribution. None: "undetermined".
+    # controls that decided it); see fsdpqdiag.evidence.attribution. None: "undetermined".
     attribute: Callable[[dict[str, Any]], tuple[str, list[str]]] | None = None
-    # Capabilities of the stack preflight (names in fsdpqdiag.preflight.CAPABILITIES) the
+    # Capabilities of the stack preflight (names in fsdpqdiag.analyses.preflight.CAPABILITIES) the
     # probe relies on; one that failed there makes the probe UNSUPPORTED. Every probe
     # unshards through FSDP2's all-gather.
     preconditions: tuple[str, ...] = ("all_gather_into_tensor",)
@@ -64,11 +64,11 @@ class Probe:
     stack_faults_only: bool = False
     # A task that runs other probes (the batch) and applies the injected fault around each.
     applies_fault: bool = False
-    # Its positive controls: names in fsdpqdiag.faults.FAULTS, each of which must flip its
+    # Its positive controls: names in fsdpqdiag.stack.faults.FAULTS, each of which must flip its
     # verdict (tests/test_probe_contract.py checks they exist; the probe's tests flip it).
     controls: tuple[str, ...] = ()
 
-    # How its result reads: key numbers, its own table (see fsdpqdiag.presentation). The
+    # How its result reads: key numbers, its own table (see fsdpqdiag.core.presentation). The
     # renderers find it by the probe name a result carries, never by naming the probe.
     presentation: Presentation = Presentation()
 

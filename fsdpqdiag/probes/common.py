@@ -11,10 +11,10 @@ from typing import Any
 
 import torch
 
-from fsdpqdiag import bnb_cpu_path
-from fsdpqdiag.bytes import plain
-from fsdpqdiag.config import INTEGER_PARAMS, LinearConfig, torch_dtype
+from fsdpqdiag.core.config import INTEGER_PARAMS, LinearConfig, torch_dtype
+from fsdpqdiag.evidence.bytes import plain
 from fsdpqdiag.probes.raised import RaisedStage
+from fsdpqdiag.stack import bnb_cpu_path
 
 
 def fsdp_api():
@@ -115,7 +115,7 @@ def plain_carrier_control(original: torch.Tensor, ctx, cfg: LinearConfig) -> dic
     Differs from the probe's run in one thing only, bitsandbytes: same shape, dtype, mesh and
     mixed-precision policy. If it alters the same bytes, the culprit is FSDP2's unshard; if it
     keeps them, the culprit is on bitsandbytes' side of the path."""
-    from fsdpqdiag.bytes import diff
+    from fsdpqdiag.evidence.bytes import diff
 
     carrier = _PlainCarrier(original.clone())
     shard(carrier, ctx, cfg)
@@ -160,7 +160,7 @@ def plain_carriers_control(originals: dict[str, torch.Tensor], mesh, **fsdp_kwar
     ``fully_shard`` arguments (``mp_policy``, ``reshard_after_forward``): each weight's very
     bits, in its storage dtype, in a plain ``nn.Parameter`` of one module, one unshard.
     ``byte-true`` or ``altered`` overall, with the names of the weights it altered."""
-    from fsdpqdiag.bytes import diff
+    from fsdpqdiag.evidence.bytes import diff
 
     fully_shard, _ = fsdp_api()
     names = list(originals)
@@ -199,7 +199,7 @@ def unshard_integer_params(cfg: LinearConfig, ctx, evidence: dict[str, Any], che
     ``fully_shard`` and one unshard: a refusal (the exception and FSDP2's line), or each
     one's dtype and bytes after unshard. No bitsandbytes anywhere. ``checkpoint(stage)``
     records the stage about to run."""
-    from fsdpqdiag.bytes import diff
+    from fsdpqdiag.evidence.bytes import diff
 
     torch.manual_seed(cfg.weight_seed)
     module = torch.nn.Module()

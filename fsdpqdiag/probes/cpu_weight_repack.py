@@ -18,11 +18,11 @@ from __future__ import annotations
 import copy
 from typing import Any
 
-from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import Presentation, default_key_numbers
+from fsdpqdiag.core.config import LinearConfig
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import Presentation, default_key_numbers
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
-from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 FORWARDS = 2
 BYTE_KEYS = ("bytes_equal", "differing_elements", "differing_bytes", "post_bit_patterns")
@@ -31,8 +31,8 @@ BYTE_KEYS = ("bytes_equal", "differing_elements", "differing_bytes", "post_bit_p
 def _forward_twice_without_fsdp(linear, x) -> dict[str, Any]:
     import torch
 
-    from fsdpqdiag import bnb_cpu_path
-    from fsdpqdiag.bytes import output_delta
+    from fsdpqdiag.evidence.bytes import output_delta
+    from fsdpqdiag.stack import bnb_cpu_path
 
     with torch.no_grad():
         outputs = [linear(x).detach().clone() for _ in range(FORWARDS)]
@@ -49,9 +49,9 @@ def _forward_under_fsdp(linear, x, original, reference, ctx) -> list[dict[str, A
     reshard."""
     import torch
 
-    from fsdpqdiag import bnb_cpu_path
-    from fsdpqdiag.bytes import diff, output_delta
+    from fsdpqdiag.evidence.bytes import diff, output_delta
     from fsdpqdiag.probes.common import capture_forward_weight, local_shard_of
+    from fsdpqdiag.stack import bnb_cpu_path
 
     records = []
     for _ in range(FORWARDS):
@@ -76,9 +76,9 @@ def _forward_under_fsdp(linear, x, original, reference, ctx) -> list[dict[str, A
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    from fsdpqdiag import bnb_cpu_path
-    from fsdpqdiag.bytes import plain
+    from fsdpqdiag.evidence.bytes import plain
     from fsdpqdiag.probes.common import build_linear4bit, shard
+    from fsdpqdiag.stack import bnb_cpu_path
 
     cfg = LinearConfig(**config)
     linear, x = build_linear4bit(cfg, ctx.device)
@@ -128,7 +128,7 @@ def _agreement_key(evidence: dict) -> tuple:
 def attribute(evidence: dict) -> tuple[str, list[str]]:
     """The layer without FSDP2 and FSDP2 with the repack off are each stable only if the
     fault needs both: bitsandbytes' layout flag outliving FSDP2's per-unshard storage."""
-    from fsdpqdiag import attribution
+    from fsdpqdiag.evidence import attribution
 
     controls = evidence.get("controls") or {}
     outcomes = {name: controls.get(name, {}).get("outcome") for name in ("without_fsdp", "fsdp_repack_off")}

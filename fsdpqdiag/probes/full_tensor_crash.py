@@ -9,20 +9,20 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import Presentation
+from fsdpqdiag.core.config import LinearConfig
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
 from fsdpqdiag.probes.nan_canonicalization import key_numbers
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
+from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED
 
 CALLS = ("full_tensor()", "redistribute([Replicate()])")
-# The preflight capabilities (fsdpqdiag.preflight) that are these calls on ordinary tensors.
+# The preflight capabilities (fsdpqdiag.analyses.preflight) that are these calls on ordinary tensors.
 CALLS_PRECONDITIONS = ("DTensor.full_tensor()", "DTensor.redistribute(Replicate)")
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    from fsdpqdiag.bytes import diff, plain
+    from fsdpqdiag.evidence.bytes import diff, plain
     from fsdpqdiag.probes.common import build_linear4bit, shard
 
     try:
@@ -78,7 +78,7 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     """The control is the stack preflight in the same launch: the same calls on ordinary
     tensors. Where they held, a crash or wrong bytes on the packed weight are DTensor's
     gather of it; where the preflight did not run, nothing separates the suspects."""
-    from fsdpqdiag import attribution
+    from fsdpqdiag.evidence import attribution
 
     held = evidence.get("preflight_held")
     if not held or not set(CALLS_PRECONDITIONS) <= set(held):

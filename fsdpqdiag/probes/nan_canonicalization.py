@@ -11,18 +11,18 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.config import LinearConfig
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import Presentation, bytes_summary
+from fsdpqdiag.core.config import LinearConfig
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import Presentation, bytes_summary
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree, unfinished_rank
-from fsdpqdiag.report import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
+from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
 FULL_TENSOR_STAGE = "full_tensor()"
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    from fsdpqdiag.bytes import diff, nan_census, output_delta, plain
-    from fsdpqdiag.fingerprint import classify
+    from fsdpqdiag.analyses.fingerprint import classify
+    from fsdpqdiag.evidence.bytes import diff, nan_census, output_delta, plain
     from fsdpqdiag.probes.common import (
         build_linear4bit,
         capture_forward_weight,
@@ -133,7 +133,7 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
 
 
 def attribute(evidence: dict) -> tuple[str, list[str]]:
-    from fsdpqdiag import attribution
+    from fsdpqdiag.evidence import attribution
 
     control = (evidence.get("controls") or {}).get("plain_parameter_same_bits")
     swap = evidence.get("swap_target") or {}

@@ -13,14 +13,14 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import Presentation
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
+from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    from fsdpqdiag.config import LinearConfig
+    from fsdpqdiag.core.config import LinearConfig
     from fsdpqdiag.probes.common import unshard_integer_params
 
     cfg = LinearConfig(**config)
@@ -29,14 +29,14 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
 
 
 def attribute(evidence: dict) -> tuple[str, list[str]]:
-    from fsdpqdiag import attribution
+    from fsdpqdiag.evidence import attribution
 
     # The probe is its own control: plain frozen uint8/int8 nn.Parameters, no bitsandbytes.
     return attribution.TORCH_FSDP, ["no bitsandbytes in the path: plain frozen uint8/int8 nn.Parameters"]
 
 
 def verdict(outcomes: list[RankOutcome]) -> Verdict:
-    from fsdpqdiag.config import INTEGER_PARAMS
+    from fsdpqdiag.core.config import INTEGER_PARAMS
 
     failed = failure_verdict(outcomes)
     if failed is not None:

@@ -15,11 +15,11 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fsdpqdiag.outcome import RankOutcome
-from fsdpqdiag.presentation import Alarm, Column, DetailTable, Presentation, cell
+from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.presentation import Alarm, Column, DetailTable, Presentation, cell
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.probes.raised import RaisedStage
-from fsdpqdiag.report import NOT_REPRODUCED, REPRODUCED
+from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED
 
 # (quant_storage, param_dtype): float and uint8 storage under bf16 mixed precision, then
 # bf16 storage under the other float policies; the matching pair first, as the reference.
@@ -66,7 +66,7 @@ def compare_storage(original, observed) -> dict[str, Any]:
     """
     import torch
 
-    from fsdpqdiag.bytes import diff, plain, raw_bytes
+    from fsdpqdiag.evidence.bytes import diff, plain, raw_bytes
 
     original, observed = plain(original), plain(observed).to(plain(original).device)
     entry = diff(original, observed)
@@ -90,7 +90,7 @@ def compare_storage(original, observed) -> dict[str, Any]:
 
 def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evidence: dict) -> dict[str, Any]:
     """One fresh layer through fully_shard, unshard and forward; its row joins ``evidence``."""
-    from fsdpqdiag.bytes import output_delta, plain, sha256
+    from fsdpqdiag.evidence.bytes import output_delta, plain, sha256
     from fsdpqdiag.probes.common import build_linear4bit, capture_forward_weight, local_shard_of, shard
 
     cfg = dataclasses.replace(base, quant_storage=quant_storage, param_dtype=param_dtype)
@@ -162,7 +162,7 @@ def run_combination(base, quant_storage: str, param_dtype: str | None, ctx, evid
 
 
 def run(config: dict[str, Any], ctx) -> dict[str, Any]:
-    from fsdpqdiag.config import LinearConfig
+    from fsdpqdiag.core.config import LinearConfig
 
     fields = {f.name for f in dataclasses.fields(LinearConfig)}
     base = LinearConfig(**{k: v for k, v in config.items() if k in fields})
@@ -253,7 +253,7 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
 def attribute(evidence: dict) -> tuple[str, list[str]]:
     """The matching-dtype rows are the controls: same layer, same FSDP2 call, only the
     storage/param dtype pair differs."""
-    from fsdpqdiag import attribution
+    from fsdpqdiag.evidence import attribution
 
     rows = evidence.get("rows") or []
     references = [row for row in rows if row["matching"]]

@@ -26,9 +26,9 @@ from rich.console import Console, ConsoleOptions, RenderResult
 from rich.table import Table
 from rich.text import Text
 
-# Column is data a probe's presentation declares too (fsdpqdiag.presentation, no rich there);
+# Column is data a probe's presentation declares too (fsdpqdiag.core.presentation, no rich there);
 # it is laid out here.
-from fsdpqdiag.presentation import Column
+from fsdpqdiag.core.presentation import Column
 
 __all__ = ["Column", "FittedTable"]
 

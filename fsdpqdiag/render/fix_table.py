@@ -8,9 +8,9 @@ from rich.text import Text
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 
-# VERDICT_STYLE (fsdpqdiag.verdict.STYLE) styles VERIFIED / NOT VERIFIED too.
+# VERDICT_STYLE (fsdpqdiag.core.verdict.STYLE) styles VERIFIED / NOT VERIFIED too.
 FIX_STYLE = VERDICT_STYLE
 
 

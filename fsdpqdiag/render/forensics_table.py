@@ -8,7 +8,7 @@ from rich.text import Text
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 
 
 def _fmt(value) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 from fsdpqdiag.tasks import PROBES, presentation_of
 
 GITHUB_COMMENT_LIMIT = 65_536

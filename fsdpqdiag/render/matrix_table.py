@@ -11,7 +11,7 @@ from rich.text import Text
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.render.table import VERDICT_STYLE
-from fsdpqdiag.report import Report, atomic_write_bytes
+from fsdpqdiag.report.model import Report, atomic_write_bytes
 
 
 def _num(value, fmt: str = ".16g") -> str:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from fsdpqdiag.report import Report, atomic_write_bytes
+from fsdpqdiag.report.model import Report, atomic_write_bytes
 
 
 def byte_map_sources(report: Report) -> list[tuple[str, dict, int]]:

@@ -5,12 +5,12 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.presentation import Alarm
+from fsdpqdiag.core.presentation import Alarm
+from fsdpqdiag.core.verdict import STYLE
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
-from fsdpqdiag.report import Report
+from fsdpqdiag.report.model import Report
 from fsdpqdiag.tasks import presentation_of
-from fsdpqdiag.verdict import STYLE
 
 VERDICT_STYLE = STYLE
 

@@ -1,0 +1,1 @@
+"""Shared types every layer uses: configuration, outcomes, verdicts, presentations, the task registry."""

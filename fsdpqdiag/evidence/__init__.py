@@ -1,0 +1,1 @@
+"""Byte forensics and attribution: what the bytes show and which component they implicate."""

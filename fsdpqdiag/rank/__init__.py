@@ -1,0 +1,1 @@
+"""What runs inside a rank process: its entry, its runtime and the stack it captures."""

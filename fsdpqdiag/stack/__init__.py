@@ -1,0 +1,1 @@
+"""The stack under test, built and bent: models, the bitsandbytes CPU path, injected faults."""

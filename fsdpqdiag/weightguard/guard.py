@@ -1,0 +1,399 @@
+"""Guard a real training run's weights: do the bytes forward receives still match the shards?
+
+``guard(model)`` is called after ``fully_shard``. For every guarded parameter it digests the raw
+bits of each rank's shard at set-up (on the device; one collective combines the ranks), and at
+every unshard a forward pre-hook digests the tensor the owning module's forward receives. A
+digest that differs is localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's
+slice of the unsharded tensor against its own shard: differing elements, NaN classes, post bit
+patterns) and a fingerprint, then acted on: raise, warn once per module, or record for a report.
+
+The pieces: ``guard_digest`` (the digest, and why one of our own), ``guard_params`` (which
+parameters, where each shard lies, the set-up digests), ``guard_localize`` (the forensics of an
+altered weight), this module (the hooks, the action, the per-process record) and ``watch``
+(the merged report).
+
+Frozen parameters (quantized weights) are digested once; trainable ones (``params="all"``) again
+after every optimizer step, from the shards (cast to FSDP2's ``param_dtype`` where mixed precision
+casts them, since that cast is what forward legitimately receives). Nothing is gathered twice: the
+guard reads what FSDP2 already unsharded. Computation never prints; ``action="warn"`` uses
+``warnings``, the user's choice.
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+from typing import Any
+
+from fsdpqdiag.weightguard.digest import digest, digest_words, host, received_words
+from fsdpqdiag.weightguard.localize import localize, unlocalized
+from fsdpqdiag.weightguard.params import GuardedParam, collect, digest_shards
+
+PARAM_CHOICES = ("quantized", "all")
+ACTION_CHOICES = ("raise", "warn", "report")
+STATE_SCHEMA = "fsdpqdiag.guard-state/1"
+
+
+class GuardTripped(RuntimeError):
+    """Raised (``action="raise"``) when a guarded weight reaches forward altered."""
+
+
+def _check_options(params: str, action: str, every) -> None:
+    if params not in PARAM_CHOICES:
+        raise ValueError(f"params must be one of {', '.join(PARAM_CHOICES)}, got {params!r}")
+    if action not in ACTION_CHOICES:
+        raise ValueError(f"action must be one of {', '.join(ACTION_CHOICES)}, got {action!r}")
+    if int(every) < 1:
+        raise ValueError(f"every must be >= 1, got {every!r}")
+
+
+class Guard:
+    """The hooks and digests of one guarded model; ``close()`` removes every hook."""
+
+    def __init__(
+        self,
+        model,
+        *,
+        params: str = "quantized",
+        action: str = "raise",
+        every: int = 1,
+        report_path: str | Path | None = None,
+        state_dir: str | Path | None = None,
+        injected: str | None = None,
+        argv: list[str] | None = None,
+    ):
+        import torch.distributed as dist
+
+        _check_options(params, action, every)
+        self.params, self.action, self.every = params, action, int(every)
+        self.report_path = Path(report_path) if report_path else None
+        self.state_dir = Path(state_dir) if state_dir else None
+        self.injected = injected
+        self.argv = list(argv or [])
+        self.roots = list(model) if isinstance(model, (list, tuple)) else [model]
+        self.rank = dist.get_rank() if dist.is_initialized() else 0
+        self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        self.backend = str(dist.get_backend()) if dist.is_initialized() else "none"
+        self.step = 0
+        self._optimizers: dict[int, bool] = {}
+        self.forward_calls = 0
+        self.findings: list[dict] = []
+        self.pending: list[tuple[GuardedParam, int, Any]] = []
+        self.in_flight: list[tuple[list, Any, Any]] = []
+        self.handles: list = []
+        self.closed = False
+        self.started = time.time()
+        # A process forked after set-up (a DataLoader worker) inherits this object: only the
+        # process that set it up writes its record.
+        self.pid = os.getpid()
+        self.errors: list[str] = []
+        self.setup_s = 0.0
+        # Host time spent inside the verification hooks (on a GPU the kernels run after it).
+        self.hook_s = 0.0
+        self.guarded, self.skipped = collect(self.roots, params)
+        self._set_up()
+
+    def _set_up(self) -> None:
+        """Digest the shards, hook every guarded module's forward and the optimizer steps."""
+        import torch
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+
+        self.device = self.guarded[0].fsdp_param.sharded_param.device if self.guarded else torch.device("cpu")
+        began = time.perf_counter()
+        digest_shards(self.guarded)
+        self._prepare_hot_path()
+        self.setup_s = time.perf_counter() - began
+        by_module: dict[int, list[GuardedParam]] = {}
+        for entry in self.guarded:
+            by_module.setdefault(id(entry.module), []).append(entry)
+        for entries in by_module.values():
+            self.handles.append(entries[0].module.register_forward_pre_hook(self._make_hook(entries)))
+        if self.params == "all" and any(entry.trainable for entry in self.guarded):
+            self.handles.append(register_optimizer_step_post_hook(self._after_step))
+        else:
+            self.handles.append(register_optimizer_step_post_hook(self._count_step))
+        atexit.register(self._at_exit)
+        self.write_state()
+
+    def _prepare_hot_path(self) -> None:
+        """What each verification needs, once: every entry's word dtype, multipliers (one table
+        per device, grown once, then views of it) and, on a CPU, its view of one int32 scratch
+        for the products. Not on a GPU: the caching allocator hands a freed block back as cheaply
+        and keeps it stream-safe, which one shared buffer would not be across streams."""
+        import torch
+        from torch.distributed.tensor import DTensor
+
+        from fsdpqdiag.weightguard.digest import CHUNK, multipliers, word_dtype
+
+        self._dtensor = DTensor
+        counts: dict[Any, int] = {}
+        for entry in self.guarded:
+            entry.words = word_dtype(entry.torch_dtype.itemsize)
+            device = entry.fsdp_param.sharded_param.device
+            counts[device] = max(
+                counts.get(device, 0), entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
+            )
+        tables = {device: multipliers(count, device) for device, count in counts.items()}
+        cpu = torch.device("cpu")
+        scratch = torch.empty(min(counts.get(cpu, 0), CHUNK), dtype=torch.int32)
+        for entry in self.guarded:
+            device = entry.fsdp_param.sharded_param.device
+            count = entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
+            entry.table = tables[device][:count]
+            entry.scratch = scratch[: min(count, CHUNK)] if device == cpu else None
+
+    # -- optimizer steps: counted, and trainable shards digested again --------------------
+    def _steps_this_model(self, optimizer) -> bool:
+        """The optimizer hook is global: count only optimizers that update this model."""
+        known = self._optimizers.get(id(optimizer))
+        if known is None:
+            mine = {id(p) for root in self.roots for p in root.parameters()}
+            known = any(id(p) in mine for group in optimizer.param_groups for p in group["params"])
+            self._optimizers[id(optimizer)] = known
+        return known
+
+    def _count_step(self, optimizer, args, kwargs) -> None:
+        if not self._steps_this_model(optimizer):
+            return
+        self.step += 1
+        self._drain(block=False)
+
+    def _after_step(self, optimizer, args, kwargs) -> None:
+        if not self._steps_this_model(optimizer):
+            return
+        self._count_step(optimizer, args, kwargs)
+        if self.closed or self.step % self.every:
+            return
+        digest_shards([entry for entry in self.guarded if entry.trainable])
+
+    # -- verification at unshard ----------------------------------------------------------
+    def _due(self) -> bool:
+        return not self.closed and self.step % self.every == 0
+
+    def _make_hook(self, entries: list[GuardedParam]):
+        def verify(module, args) -> None:  # returns None: forward's inputs are left alone
+            if not self._due():
+                return
+            began = time.perf_counter()
+            try:
+                self._verify(module, entries)
+            except GuardTripped:
+                raise
+            except Exception as exc:  # noqa: BLE001 - the guard must not be what breaks a run
+                # Recorded, and these weights are no longer verified: a guard that failed once
+                # on a weight would fail on every forward.
+                self.errors.append(f"{entries[0].module_name}: {type(exc).__name__}: {exc}"[:500])
+                entries.clear()
+                self.write_state()
+            finally:
+                self.hook_s += time.perf_counter() - began
+
+        return verify
+
+    def _verify(self, module, entries: list[GuardedParam]) -> None:
+        """The hot path, every forward of every guarded module: no import, string, lookup or
+        (on a GPU) host sync; per chunk of ``guard_digest.CHUNK`` a multiply and a sum."""
+        self.forward_calls += 1
+        for entry in entries:
+            tensor = getattr(module, entry.param_name)
+            if isinstance(tensor, self._dtensor):
+                continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
+            entry.checks += 1
+            if entry.localize_pending or tensor.dtype != entry.torch_dtype or tensor.numel() != entry.numel:
+                self._trip(entry, tensor, self.step)
+                continue
+            if tensor.device == entry.table.device:
+                observed = digest_words(received_words(tensor, entry.words), 0, entry.table, entry.scratch)
+            else:
+                observed = digest(tensor, 0)  # not where its shard lives: the general path
+            if observed.is_cpu:
+                if host(observed) != entry.expected:
+                    self._trip(entry, tensor, self.step)
+            else:
+                # No host sync per weight on a GPU: the digests are compared once per step.
+                self.pending.append((entry, self.step, observed))
+
+    def _drain(self, block: bool) -> None:
+        """Compare the digests taken on a GPU: copy this step's to the host without waiting;
+        compare those whose copy has landed (all, when ``block``)."""
+        import torch
+
+        if self.pending:
+            # The digests go to the host, not the expected ones to the GPU: a blocking copy from
+            # host memory synchronizes the stream, a full sync per step. Each is compared there
+            # with its expected digest of now (a trainable weight's changes after this step).
+            entries = [(entry, step, entry.expected) for entry, step, _ in self.pending]
+            observed = torch.stack([value for _, _, value in self.pending])
+            # Into pinned memory: a copy to pageable host memory would wait for the GPU.
+            digests = torch.empty(observed.shape, dtype=torch.int64, pin_memory=True)
+            digests.copy_(observed, non_blocking=True)
+            event = torch.cuda.Event()
+            event.record()
+            self.in_flight.append((entries, digests, event))
+            self.pending = []
+        still = []
+        for entries, digests, event in self.in_flight:
+            if block:
+                event.synchronize()
+            elif not event.query():
+                still.append((entries, digests, event))
+                continue
+            for (entry, step, expected), value in zip(entries, digests.tolist()):
+                if host(value) != expected and entry.first_step is None:
+                    # The bytes of that unshard are gone: localize at this module's next unshard.
+                    entry.first_step = step
+                    entry.localize_pending = True
+        self.in_flight = still
+
+    def _trip(self, entry: GuardedParam, tensor, step: int) -> None:
+        finding = localize(entry, tensor, step, self.rank)
+        entry.localize_pending = False
+        entry.mismatches += 1
+        entry.last_step = step
+        first = entry.first_step is None or not any(f["parameter"] == entry.name for f in self.findings)
+        if entry.first_step is None:
+            entry.first_step = step
+        if first:
+            finding["first_step"] = entry.first_step
+            self.findings.append(finding)
+            self.write_state()
+        message = (
+            f"fsdpqdiag guard: {entry.name} reached forward altered at step {step} on rank {self.rank}: "
+            f"{finding['summary']}"
+        )
+        if self.action == "raise":
+            self.write_state()
+            raise GuardTripped(message)
+        if self.action == "warn" and not entry.warned:
+            entry.warned = True
+            warnings.warn(message, RuntimeWarning, stacklevel=2)
+
+    # -- state, report, close -------------------------------------------------------------
+    def state(self) -> dict:
+        """This rank's record: what was guarded, how often checked, what was found."""
+        return {
+            "schema": STATE_SCHEMA,
+            "rank": self.rank,
+            "world_size": self.world_size,
+            "device": self.device.type,
+            "backend": self.backend,
+            "pid": self.pid,
+            "params": self.params,
+            "action": self.action,
+            "every": self.every,
+            "injected": self.injected,
+            "argv": self.argv,
+            "steps": self.step,
+            "forward_calls": self.forward_calls,
+            "setup_s": round(self.setup_s, 6),
+            "hook_s": round(self.hook_s, 6),
+            "closed": self.closed,
+            "guarded": [
+                {
+                    "parameter": e.name,
+                    "kind": e.kind,
+                    "elements": e.numel,
+                    "checks": e.checks,
+                    "mismatches": e.mismatches,
+                    "first_step": e.first_step,
+                    "last_step": e.last_step,
+                }
+                for e in self.guarded
+            ],
+            "skipped": self.skipped,
+            "errors": self.errors,
+            "findings": self.findings,
+        }
+
+    def write_state(self) -> None:
+        if self.state_dir is None:
+            return
+        from fsdpqdiag.report.model import atomic_write_text
+
+        if os.getpid() != self.pid:
+            return
+        path = self.state_dir / f"guard-{self.pid}-{id(self):x}.json"
+        atomic_write_text(path, json.dumps(self.state(), default=str))
+
+    def tripped(self) -> bool:
+        return bool(self.findings) or any(e.first_step is not None for e in self.guarded)
+
+    def _finish_checks(self) -> None:
+        if self.in_flight or self.pending:
+            self._drain(block=True)
+        # A mismatch found after the last unshard could not be localized: record it as it is.
+        for entry in self.guarded:
+            if entry.localize_pending:
+                entry.localize_pending = False
+                self.findings.append(unlocalized(entry, self.rank))
+
+    def close(self) -> dict:
+        """Remove every hook, finish pending comparisons, write the state (and, with
+        ``report_path``, the merged report: a collective, so every rank must call it)."""
+        if self.closed:
+            return self.state()
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        atexit.unregister(self._at_exit)
+        self._finish_checks()
+        self.closed = True
+        self.write_state()
+        state = self.state()
+        if self.report_path is not None:
+            self._write_report(state)
+        return state
+
+    def _write_report(self, state: dict) -> None:
+        import torch.distributed as dist
+
+        from fsdpqdiag.report.model import atomic_write_text
+        from fsdpqdiag.weightguard.watch import build_report
+
+        states = [state]
+        if dist.is_initialized() and self.world_size > 1:
+            states = [None] * self.world_size
+            dist.all_gather_object(states, state)
+        if self.rank == 0:
+            report = build_report(states, argv=self.argv or ["guard"], command_exit=None)
+            atomic_write_text(self.report_path, report.to_json())
+
+    def _at_exit(self) -> None:
+        try:
+            self._finish_checks()
+            self.write_state()
+        except Exception:  # noqa: BLE001 - never turn a finished run into a failed one
+            pass
+
+
+def guard(
+    model,
+    *,
+    params: str = "quantized",
+    action: str = "raise",
+    every: int = 1,
+    report_path: str | Path | None = None,
+) -> Guard:
+    """Guard ``model`` (after ``fully_shard``; every rank must call it: set-up is a collective).
+
+    ``params``: ``"quantized"`` (Params4bit, Int8Params, uint8/int8 parameters) or ``"all"``.
+    ``action``: ``"raise"`` (GuardTripped), ``"warn"`` (once per module) or ``"report"`` (record;
+    with ``report_path`` rank 0 writes a ``fsdpqdiag.report/1`` report at ``close()``).
+    ``every``: verify the forwards of every N-th optimizer step.
+    """
+    import sys
+
+    return Guard(
+        model,
+        params=params,
+        action=action,
+        every=every,
+        report_path=report_path,
+        state_dir=os.environ.get("FSDPQDIAG_GUARD_DIR") or None,
+        # What a report's "To reproduce" shows: the same script, guarded from outside.
+        argv=["watch", "--", "python", *sys.argv],
+    )

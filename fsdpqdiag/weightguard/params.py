@@ -1,0 +1,228 @@
+"""The weight guard's parameters: which FSDP2 parameters it guards, where each rank's shard lies
+in the unsharded tensor, and the digests of every rank's slice that forward's bytes must match."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from fsdpqdiag.weightguard.digest import MASK64, digest, host
+
+QUANTIZED_MODULES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
+QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+
+
+@dataclass
+class Slice:
+    rank: int
+    start: int
+    numel: int
+    digest: int
+
+
+@dataclass
+class GuardedParam:
+    name: str
+    module_name: str
+    module: Any
+    param_name: str
+    fsdp_param: Any
+    kind: str
+    trainable: bool
+    cast_dtype: Any
+    group: Any
+    numel: int = 0
+    shard_numel: int = 0
+    slices_nonempty: list = field(default_factory=list)
+    dtype: str = ""
+    start: int = 0
+    shard_digest: int = 0
+    slices: list[Slice] = field(default_factory=list)
+    expected: int = 0
+    checks: int = 0
+    mismatches: int = 0
+    first_step: int | None = None
+    last_step: int | None = None
+    localize_pending: bool = False
+    warned: bool = False
+    # The hot path's precomputed pieces (``Guard``): the torch dtype forward must receive, the
+    # word dtype its bits are viewed as, the multipliers of the unsharded tensor's words and (on
+    # a CPU) the int32 scratch its products are written into.
+    torch_dtype: Any = None
+    words: Any = None
+    table: Any = None
+    scratch: Any = None
+
+    def shard(self):
+        local = self.fsdp_param.sharded_param._local_tensor
+        return local if self.cast_dtype is None else local.to(self.cast_dtype)
+
+
+def is_quantized(module, param_name: str, local) -> str | None:
+    import torch
+
+    if type(local).__name__ in QUANTIZED_PARAM_TYPES:
+        return type(local).__name__
+    if param_name == "weight" and any(type(module).__name__ == n for n in QUANTIZED_MODULES):
+        return type(module).__name__
+    if local.dtype in (torch.uint8, torch.int8):
+        return "int"
+    return None
+
+
+def fsdp_params(modules) -> list:
+    """Every FSDPParam of every FSDP unit under ``modules``, once each."""
+    seen, found = set(), []
+    for root in modules:
+        for module in root.modules():
+            get_state = getattr(module, "_get_fsdp_state", None)
+            if get_state is None:
+                continue
+            state = get_state()
+            groups = getattr(state, "_fsdp_param_groups", None)
+            if groups is None:  # torch before per-param meshes: one group or None
+                group = getattr(state, "_fsdp_param_group", None)
+                groups = [group] if group is not None else []
+            for group in groups:
+                for fsdp_param in group.fsdp_params:
+                    if id(fsdp_param) not in seen:
+                        seen.add(id(fsdp_param))
+                        found.append((fsdp_param, group))
+    return found
+
+
+def cast_dtype(fsdp_param, group):
+    """What FSDP2's mixed precision casts this parameter to before the all-gather (None: no cast),
+    read from the parameter after lazy init, else by ``FSDPParam.init_dtype_attrs``' rule."""
+    if hasattr(fsdp_param, "param_dtype"):
+        return fsdp_param.param_dtype
+    wanted = getattr(getattr(group, "mp_policy", None), "param_dtype", None)
+    dtype = fsdp_param.sharded_param.dtype
+    if wanted is None or wanted == dtype or not dtype.is_floating_point:
+        return None
+    return wanted
+
+
+def flat_start(sharded) -> int | None:
+    """The flat element index where this rank's shard begins in the unsharded tensor; None where
+    the shard is not one contiguous run of it (a shard on a dimension other than 0)."""
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    if not all(isinstance(p, Replicate) or (type(p) is Shard and p.dim == 0) for p in sharded.placements):
+        return None
+    _, offset = compute_local_shape_and_global_offset(sharded.shape, sharded.device_mesh, sharded.placements)
+    row = 1
+    for size in sharded.shape[1:]:
+        row *= size
+    return int(offset[0]) * row if offset else 0
+
+
+def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
+    """The parameters to guard under ``roots`` (``params``: "quantized" or "all"), and those
+    that cannot be guarded, with why."""
+    names = {}
+    for root in roots:
+        for name, module in root.named_modules():
+            names.setdefault(id(module), name)
+    guarded, skipped = [], []
+    for fsdp_param, group in fsdp_params(roots):
+        info = fsdp_param._module_info
+        module, param_name = info.module, info.param_name
+        sharded = fsdp_param.sharded_param
+        local = sharded._local_tensor
+        module_name = names.get(id(module), type(module).__name__)
+        qualified = f"{module_name}.{param_name}" if module_name else param_name
+        quantized = is_quantized(module, param_name, local)
+        if params == "quantized" and quantized is None:
+            continue
+        start = flat_start(sharded)
+        if start is None:
+            skipped.append({"parameter": qualified, "reason": f"placements {sharded.placements}"})
+            continue
+        trainable = bool(sharded.requires_grad)
+        guarded.append(
+            GuardedParam(
+                name=qualified,
+                module_name=module_name,
+                module=module,
+                param_name=param_name,
+                fsdp_param=fsdp_param,
+                kind=quantized or ("trainable" if trainable else "frozen"),
+                trainable=trainable,
+                # Quantized storage must reach forward as it is: a cast is itself the bug.
+                cast_dtype=None if quantized else cast_dtype(fsdp_param, group),
+                group=getattr(getattr(fsdp_param, "mesh_info", None), "shard_process_group", None),
+                numel=sharded.numel(),
+                start=start,
+            )
+        )
+    return guarded, skipped
+
+
+def digest_shards(entries: list[GuardedParam]) -> None:
+    """Digest each entry's shard at its global offset; one all-gather per process group
+    (the FSDP shard group) gives every rank every slice's digest."""
+    groups: dict[int, list[GuardedParam]] = {}
+    for entry in entries:
+        groups.setdefault(id(entry.group), []).append(entry)
+    for members in groups.values():
+        _digest_group(members)
+
+
+def _digest_group(members: list[GuardedParam]) -> None:
+    import torch
+    import torch.distributed as dist
+
+    digests = []
+    for entry in members:
+        shard = entry.shard()
+        entry.dtype = str(shard.dtype).removeprefix("torch.")
+        entry.torch_dtype = shard.dtype
+        entry.shard_numel = shard.numel()
+        digests.append(digest(shard, entry.start))
+    # Where each shard lies never changes: it travels with the digests at set-up only.
+    layout = torch.tensor(
+        [v for entry in members for v in (entry.start, entry.shard_numel)],
+        dtype=torch.int64,
+        device=digests[0].device,
+    )
+    first = not members[0].slices
+    mine = torch.cat([torch.stack(digests), layout]) if first else torch.stack(digests)
+    group = members[0].group
+    table = _gather_rows(mine, group)
+    own = dist.get_rank(group) if dist.is_initialized() else 0
+    _record_slices(members, table, first, own)
+
+
+def _gather_rows(mine, group) -> list[list[int]]:
+    """Every rank's row of ``mine`` in the shard group, on the host."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return [mine.tolist()]
+    size = dist.get_world_size(group)
+    backend = str(dist.get_backend(group))
+    # gloo cannot carry CUDA tensors through all_gather (pytorch#152645): host them.
+    carrier = mine if "nccl" in backend else mine.cpu()
+    gathered = torch.empty(size * carrier.numel(), dtype=torch.int64, device=carrier.device)
+    dist.all_gather_into_tensor(gathered, carrier, group=group)
+    return gathered.view(size, -1).tolist()
+
+
+def _record_slices(members: list[GuardedParam], table: list[list[int]], first: bool, own: int) -> None:
+    """Each member's slices and expected digest from the gathered rows: its digests first, then
+    (at set-up only) each member's start and element count."""
+    count = len(members)
+    for index, entry in enumerate(members):
+        if first:
+            entry.slices = [
+                Slice(rank, row[count + 2 * index], row[count + 2 * index + 1], 0)
+                for rank, row in enumerate(table)
+            ]
+        for piece in entry.slices:
+            piece.digest = host(table[piece.rank][index])
+        entry.shard_digest = host(table[own][index])
+        entry.slices_nonempty = [piece for piece in entry.slices if piece.numel > 0]
+        entry.expected = sum(piece.digest for piece in entry.slices) & MASK64
