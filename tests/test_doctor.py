@@ -152,6 +152,7 @@ def test_a_report_made_before_the_preflight_still_loads_validates_and_renders():
 
 
 def test_every_probe_names_preconditions_the_preflight_checks():
+    from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
     from fsdpqdiag.core import registry
 
     for probe in registry.all_tasks().values():

@@ -80,7 +80,7 @@ def test_every_result_of_a_committed_report_has_a_presentation():
 
 
 def test_the_guards_results_have_a_presentation_without_being_a_task():
-    from fsdpqdiag.weightguard import watch
+    from fsdpqdiag.weightguard import watch  # written by watch, not launched
 
     assert watch.RESULT_KIND not in all_tasks()
     assert presentation_of(watch.RESULT_KIND) is watch.PRESENTATION

@@ -39,6 +39,7 @@ def _preload(task_path: str) -> None:
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
 
+    from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
     from fsdpqdiag.core import registry
     from fsdpqdiag.core.config import RankTask
     from fsdpqdiag.launcher import batch

@@ -23,6 +23,7 @@ def main() -> None:
 
     stacklog.install()
 
+    from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
     from fsdpqdiag.rank import runtime as rank
 
     exit_skipping_teardown(rank.main(sys.argv[1:]))
