@@ -1,7 +1,6 @@
 """Every mistake a user can make: one line on stderr, exit 2, nothing written.
 
-BAD_INPUTS is the table the README's troubleshooting section lists; a test keeps the
-README's count equal to it.
+BAD_INPUTS is the table docs/troubleshooting.md lists; a test keeps the page's count equal to it.
 """
 
 import json
@@ -126,8 +125,8 @@ def test_bad_input(run_cli, inputs, argv, message, env):
     assert {name: Path(inputs[name]).read_bytes() for name in before} == before
 
 
-def test_readme_counts_are_true():
-    readme = (ROOT / "README.md").read_text()
+def test_docs_counts_are_true():
+    readme = (ROOT / "docs/troubleshooting.md").read_text()
     bad = re.search(r"covers (\d+) bad inputs", readme)
     fault_count = re.search(r"(\d+) injected faults", readme)
     assert bad and int(bad.group(1)) == len(BAD_INPUTS)
@@ -145,10 +144,10 @@ def _table(readme: str, header: str) -> list[list[str]]:
     return rows
 
 
-def test_readme_troubleshooting_table_is_this_table():
-    # Not only the count: row by row, the README shows the command and the error each
+def test_docs_troubleshooting_table_is_this_table():
+    # Not only the count: row by row, the page shows the command and the error each
     # BAD_INPUTS case checks, in the same order.
-    rows = _table((ROOT / "README.md").read_text(), "| command | the error says |")
+    rows = _table((ROOT / "docs/troubleshooting.md").read_text(), "| command | the error says |")
     assert len(rows) == len(BAD_INPUTS)
     for (command, says), row in zip(rows, BAD_INPUTS):
         argv, message = row[0], row[1]
@@ -156,9 +155,9 @@ def test_readme_troubleshooting_table_is_this_table():
         assert message in says, (says, message)
 
 
-def test_readme_fault_figures_are_true():
-    # "the suite uses all N injected faults": each is in the README's table and used by a test.
-    readme = (ROOT / "README.md").read_text()
+def test_docs_fault_figures_are_true():
+    # "the suite uses all N injected faults": each is in the positive-controls table and used by a test.
+    readme = (ROOT / "docs/troubleshooting.md").read_text() + (ROOT / "docs/positive-controls.md").read_text()
     assert re.search(r"uses all\s+(\d+)\s+injected faults", readme).group(1) == str(len(faults.FAULTS))
     tests = "".join(path.read_text() for path in (ROOT / "tests").glob("test_*.py"))
     fault_rows = " ".join(row[0] for row in _table(readme, "| fault | what it does |"))

@@ -1,4 +1,5 @@
-"""Issue #12: no module over 400 lines, no function over 80, so that each reads in one sitting."""
+"""No module over 400 lines, no function over 80, so that each reads in one sitting; no stray
+module at the top of the package."""
 
 import ast
 from pathlib import Path
@@ -21,3 +22,13 @@ def test_module_and_function_length(relative, source):
         and node.end_lineno - node.lineno + 1 > MAX_FUNCTION_LINES
     ]
     assert not long, f"{relative}: functions over {MAX_FUNCTION_LINES} lines: {', '.join(long)}"
+
+
+# The top level holds only the entry points and the composition root: everything else lives in
+# the folder of its concern, so the tree shows the architecture.
+TOP_LEVEL_MODULES = {"__init__.py", "__main__.py", "errors.py", "tasks.py"}
+
+
+def test_no_module_at_the_top_level_outside_the_allowed_few():
+    stray = sorted(path.name for path in PACKAGE.glob("*.py") if path.name not in TOP_LEVEL_MODULES)
+    assert not stray, f"modules at the top of fsdpqdiag/ that belong in a subpackage: {stray}"
