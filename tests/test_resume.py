@@ -159,7 +159,7 @@ import sys
 from pathlib import Path
 sys.path.insert(0, {root!r})
 from tests.test_resume import _records, _row
-from fsdpqdiag import matrix as mx
+from fsdpqdiag.analyses import matrix as mx
 out = Path(sys.argv[1])
 done = {{tuple(key) for key in json.loads(sys.argv[2])}}
 print("ready", flush=True)

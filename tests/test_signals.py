@@ -113,7 +113,7 @@ def test_a_stop_outside_a_launch_keeps_its_own_exit_code(tmp_path):
     # KeyboardInterrupt, which typer ends with 130; the CLI gives 143, and writes nothing.
     script = (
         "import os, signal, sys, time\n"
-        "from fsdpqdiag import env\n"
+        "from fsdpqdiag.rank import env\n"
         "def capture():\n"
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(5)\n"
