@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
+from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
 
 
@@ -31,7 +32,7 @@ def watch(
         str | None,
         typer.Option(
             metavar="NAME",
-            help="Apply this workaround in every process, around fully_shard (fsdp2-bytes, axolotl-int8); "
+            help=f"Apply this workaround in every process, around fully_shard ({', '.join(installable())}); "
             "the report says whether forward then received true bytes.",
         ),
     ] = None,
