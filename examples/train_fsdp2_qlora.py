@@ -2,6 +2,7 @@
 
     torchrun --nproc-per-node 2 examples/train_fsdp2_qlora.py --steps 3            # CPU (gloo)
     torchrun --nproc-per-node 2 examples/train_fsdp2_qlora.py --device cuda        # GPUs (NCCL)
+    torchrun --nproc-per-node 2 examples/train_fsdp2_qlora.py --device cuda --backend gloo  # 1 GPU
     fsdpqdiag watch --json w.json -- torchrun --nproc-per-node 2 examples/train_fsdp2_qlora.py
 
 A causal LM loaded through from_pretrained with a BitsAndBytesConfig (NF4, bf16 quant storage,
@@ -28,6 +29,7 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--model", help="local Hugging Face causal-LM directory (default: a preset)")
     parser.add_argument("--preset", default="tiny-llama", help="tiny-llama | tinyllama-1.1b")
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
+    parser.add_argument("--backend", choices=("nccl", "gloo"), help="cuda: nccl (default) or gloo; cpu: gloo")
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=32)
@@ -40,9 +42,13 @@ def main() -> None:
     args = parse_args()
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if args.device == "cuda":
-        device = torch.device("cuda", local_rank)
+        # More ranks than GPUs share them (gloo only: NCCL refuses two ranks on one GPU).
+        device = torch.device("cuda", local_rank % torch.cuda.device_count())
         torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
+        if (args.backend or "nccl") == "nccl":
+            dist.init_process_group("nccl", device_id=device)
+        else:
+            dist.init_process_group("gloo")
     else:
         device = torch.device("cpu")
         dist.init_process_group("gloo")

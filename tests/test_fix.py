@@ -163,3 +163,22 @@ def test_a_refused_int8_state_dict_check_is_recorded_not_fatal_to_the_row():
         "int8_check_error": "RuntimeError: only Tensors of floating point dtype can require gradients",
     }
     assert fix_verify._patch_points() == before  # undone on the way out
+
+
+def test_apply_is_undone_exactly_and_refuses_what_needs_the_script():
+    """fixes.apply patches FSDP2 for the whole process; its handle (a context manager) puts
+    every patched function back by identity. The rest are refused in one line."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    def patch_points():
+        return (FSDPParam._init_extensions, FSDPParam.init_dtype_attrs, FSDPParam._init_sharded_param)
+
+    before = patch_points()
+    assert fixes.installable() == ["fsdp2-bytes", "axolotl-int8"]
+    for name in fixes.installable():
+        with fixes.apply(name):
+            assert patch_points() != before
+        assert patch_points() == before
+    for name, message in [("bogus", "unknown fix"), ("cached-ref", "cannot be applied")]:
+        with pytest.raises(ValueError, match=message):
+            fixes.apply(name)

@@ -121,6 +121,17 @@ def test_transformers_callback_attaches_and_closes(scenarios):
         assert seen["callback_closed"]
 
 
+def test_transformers_callback_with_a_fix_stays_silent_under_the_fault_and_undoes_it(scenarios):
+    """The same fault as the callback test above; with fsdp2-bytes applied by the callback the
+    packed bytes travel as integers, which the fault (like the real culprit) leaves alone."""
+    for seen in scenarios["ranks"]:
+        fixed = seen["callback_fixed"]
+        assert fixed["fix"] == {"name": "fsdp2-bytes", "error": None}
+        assert fixed["guarded"] and fixed["checks"] == 2 * len(fixed["guarded"])
+        assert fixed["findings"] == []
+        assert seen["fix_undone"]
+
+
 def test_digest_is_position_aware_exact_on_bits_and_splits_over_shards():
     from fsdpqdiag.evidence.bytes import all_nan_patterns
 

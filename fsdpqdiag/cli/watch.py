@@ -8,6 +8,7 @@ from typing import Annotated
 import typer
 
 from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
+from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
 
 
@@ -27,6 +28,14 @@ def watch(
     ] = "report",
     every: Annotated[int, typer.Option(help="Verify the forwards of every N-th optimizer step.")] = 1,
     inject: Inject = None,
+    fix: Annotated[
+        str | None,
+        typer.Option(
+            metavar="NAME",
+            help=f"Apply this workaround in every process, around fully_shard ({', '.join(installable())}); "
+            "the report says whether forward then received true bytes.",
+        ),
+    ] = None,
     json_path: JsonPath = None,
     markdown_path: MarkdownPath = None,
     quiet: Quiet = False,
@@ -39,7 +48,10 @@ def watch(
     end writes one report: the altered modules, the first step, where to file it.
 
     Example: fsdpqdiag watch --json w.json -- torchrun --nproc-per-node 2 train.py
+
+    With a workaround: fsdpqdiag watch --fix fsdp2-bytes -- torchrun --nproc-per-node 2 train.py
     """
+    from fsdpqdiag import fixes
     from fsdpqdiag.api import BadInput, check_inject
     from fsdpqdiag.render.table import findings_table
     from fsdpqdiag.weightguard import watch as watching
@@ -55,6 +67,11 @@ def watch(
         check_inject(inject)  # the message every other command gives
     except BadInput as exc:
         raise fail(str(exc)) from None
+    if fix is not None:
+        try:
+            fixes.check_installable(fix)
+        except ValueError as exc:
+            raise fail(str(exc)) from None
     check_outputs(json_path, markdown_path)
     command = list(command or [])
     try:
@@ -67,11 +84,15 @@ def watch(
         action=action,
         every=every,
         inject=inject,
+        fix=fix,
         argv=["watch", *sys.argv[2:]],
     )
-    from fsdpqdiag.cli.app import print_tables, write_report
+    from fsdpqdiag.cli.app import print_error, print_tables, write_report
 
     write_report(outcome.report, json_path, markdown_path)
     if not quiet:
         print_tables(findings_table(outcome.report, wide), wide)
+    if not outcome.checked:
+        # Even with -q: an exit without a finding must not pass for a clean run.
+        print_error(f"watch: {outcome.report.results[0].summary}")
     raise typer.Exit(outcome.exit_code)

@@ -21,6 +21,7 @@ Two reversible patches, installed by ``prepare`` (they must be in place before
 
 from __future__ import annotations
 
+import sys
 import weakref
 
 from fsdpqdiag.fixes.base import Handle, Workaround
@@ -97,9 +98,50 @@ def prepare(model) -> Handle:
     return install(model)
 
 
+def _capturing_init_sharded_param(captured_scb: weakref.WeakKeyDictionary, undo_fns: list):
+    """Capture a ``Linear8bitLt``'s row scales as FSDP2 takes its weight, before the shard (a
+    plain tensor) replaces the ``Int8Params`` that carried them; patch its save on the first
+    one seen, when bitsandbytes is surely imported (installing may run inside its import)."""
+
+    def make(original):
+        def _init_sharded_param(self, param, *args, **kwargs):
+            bnb = sys.modules.get("bitsandbytes")
+            module = self._module_info.module
+            if bnb is not None and isinstance(module, bnb.nn.Linear8bitLt):
+                if not hasattr(bnb.nn.Linear8bitLt._save_to_state_dict, "_fsdpqdiag_original"):
+                    saving = _dtensor_save_to_state_dict(captured_scb)
+                    undo_fns.append(_patch(bnb.nn.Linear8bitLt, "_save_to_state_dict", saving))
+                scb = getattr(param, "SCB", None)
+                scb = scb if scb is not None else getattr(module.state, "SCB", None)
+                if scb is not None and self._module_info.param_name == "weight":
+                    captured_scb[module] = scb.detach().clone()
+            return original(self, param, *args, **kwargs)
+
+        return _init_sharded_param
+
+    return make
+
+
+def install_process_wide() -> Handle:
+    """Both patches for every model this process shards from now on; the row scales are
+    captured as FSDP2 wraps each ``Linear8bitLt``. The build override (uint8 storage) is the
+    script's to make: without it, bf16 packed storage is all-gathered as before."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    captured_scb: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+    handle = Handle()
+    capturing = _capturing_init_sharded_param(captured_scb, handle.undo_fns)
+    handle.undo_fns += [
+        _patch(FSDPParam, "init_dtype_attrs", _guarded_init_dtype_attrs),
+        _patch(FSDPParam, "_init_sharded_param", capturing),
+    ]
+    return handle
+
+
 WORKAROUND = Workaround(
     name="axolotl-int8",
     description="axolotl-style: uint8 storage, no mixed-precision cast of int params, int8 SCB via DTensor",
     prepare=prepare,
     build_overrides={"quant_storage": "uint8"},
+    install=install_process_wide,
 )

@@ -7,6 +7,10 @@ Usable from a training script as well as from ``fsdpqdiag fix``::
     handle.apply()                                               # after fully_shard
     ... train ...
     handle.undo()                                                # bitsandbytes/FSDP2 as they were
+
+Or, for the workarounds that can act on any model the process shards (``install``), one line
+before the script's first ``fully_shard``: ``fsdpqdiag.fixes.apply("fsdp2-bytes")``, which is
+also what ``fsdpqdiag watch --fix`` and ``GuardCallback(fix=...)`` run.
 """
 
 from __future__ import annotations
@@ -46,6 +50,11 @@ class Workaround:
     # Configuration the model must be built with (a configuration-level mitigation).
     build_overrides: dict[str, Any] = field(default_factory=dict)
     byte_true_by_design: bool = True
+    # Process-wide: every model sharded after the call gets the workaround, with no handle on
+    # the model (the class-level patches FSDP2 reaches whatever name a script imported it by).
+    install: Callable[[], Handle] | None = None
+    # Why there is no ``install``: what the workaround needs from the script itself.
+    not_installable: str = ""
 
 
 def no_workaround(model) -> Handle:

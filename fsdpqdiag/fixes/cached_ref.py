@@ -77,4 +77,9 @@ WORKAROUND = Workaround(
     name="cached-ref",
     description="#1945's workaround: cached _local_tensor + QuantState, manual all_gather in forward",
     prepare=prepare,
+    not_installable=(
+        "it caches each Linear4bit's QuantState from the script's model before fully_shard and "
+        "bypasses FSDP2's unshard, which is what the guard checks; apply it in the script with "
+        "fsdpqdiag.fixes.get('cached-ref').prepare(model)"
+    ),
 )

@@ -18,6 +18,9 @@ as axolotl's ``init_dtype_attrs`` guard also concludes.
 
 from __future__ import annotations
 
+import sys
+import weakref
+
 from fsdpqdiag.fixes.base import Handle, Workaround
 
 _MARK = "_fsdpqdiag_bytes_all_gather"
@@ -100,8 +103,49 @@ def prepare(model) -> Handle:
     return Handle(apply_fn=apply, undo_fns=[undo])
 
 
+def _linear4bit_weight(fsdp_param) -> bool:
+    """A ``Linear4bit.weight`` with float storage, in any model (no mark needed). A process
+    that never imported bitsandbytes has none, and is not made to import it."""
+    bnb = sys.modules.get("bitsandbytes")
+    info = fsdp_param._module_info
+    return (
+        bnb is not None
+        and info.param_name == "weight"
+        and isinstance(info.module, bnb.nn.Linear4bit)
+        and fsdp_param._sharded_local_tensor.dtype.is_floating_point
+    )
+
+
+def install() -> Handle:
+    """Process-wide: every ``Linear4bit.weight`` FSDP2 wraps from now on (and, at lazy init,
+    those wrapped before the first forward) all-gathers its bytes as integers."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param import FSDPParam
+
+    original_init_extensions = FSDPParam._init_extensions
+    installed: weakref.WeakSet = weakref.WeakSet()
+
+    def init_extensions(self) -> None:
+        if _linear4bit_weight(self):
+            _install(self)
+            installed.add(self)
+        original_init_extensions(self)
+
+    def undo() -> None:
+        FSDPParam._init_extensions = original_init_extensions
+        for fsdp_param in list(installed):
+            local = fsdp_param._sharded_local_tensor
+            for hook in _HOOKS:
+                local.__dict__.pop(hook, None)
+            original_init_extensions(fsdp_param)
+        installed.clear()
+
+    FSDPParam._init_extensions = init_extensions
+    return Handle(undo_fns=[undo])
+
+
 WORKAROUND = Workaround(
     name="fsdp2-bytes",
     description="FSDP2-native: packed storage all-gathered as same-width integers (fsdp_pre/post_all_gather)",
     prepare=prepare,
+    install=install,
 )

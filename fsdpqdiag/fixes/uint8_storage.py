@@ -21,4 +21,5 @@ WORKAROUND = Workaround(
     description="configuration: quant_storage=uint8, so packed storage is never a float",
     prepare=prepare,
     build_overrides={"quant_storage": "uint8"},
+    not_installable="it is how the script builds its model: bnb_4bit_quant_storage=torch.uint8",
 )

@@ -7,6 +7,10 @@ The Trainer shards the model through accelerate (FSDP2: ``fully_shard``) while p
 callback attaches at the first ``on_train_begin``/``on_step_begin`` that sees a sharded model
 (every rank runs the same callbacks, so the guard's one set-up collective lines up), and closes
 the guard at ``on_train_end``. Steps are the optimizer's, as the Trainer's ``global_step``.
+
+``GuardCallback(fix="fsdp2-bytes")`` applies that workaround process-wide when the callback is made
+(before the Trainer shards the model: ``fsdpqdiag.fixes.apply``), names it in the guard's report
+and removes it at ``on_train_end``; the guard then says whether forward received true bytes.
 Without a Trainer, call ``fsdpqdiag.guard(model)`` after ``fully_shard`` (see
 ``examples/train_fsdp2_qlora.py --guard``), or run the command under ``fsdpqdiag watch``.
 """
@@ -30,10 +34,16 @@ class GuardCallback(TrainerCallback):
         action: str = "raise",
         every: int = 1,
         report_path: str | Path | None = None,
+        fix: str | None = None,
     ):
-        self.options = dict(params=params, action=action, every=every, report_path=report_path)
+        self.options = dict(params=params, action=action, every=every, report_path=report_path, fix=fix)
         self.guard = None
         self.state: dict | None = None
+        self.fix_handle = None
+        if fix is not None:
+            from fsdpqdiag import fixes
+
+            self.fix_handle = fixes.apply(fix)  # ValueError for an unknown or inapplicable name
 
     def _attach(self, model) -> None:
         if self.guard is None and _is_sharded(model):
@@ -51,3 +61,6 @@ class GuardCallback(TrainerCallback):
         if self.guard is not None:
             self.state = self.guard.close()
             self.guard = None
+        if self.fix_handle is not None:
+            self.fix_handle.undo()
+            self.fix_handle = None

@@ -3,7 +3,8 @@
 ``fsdpqdiag watch`` puts ``_watch_site/`` first on ``PYTHONPATH``; its ``sitecustomize`` calls
 ``install()`` in every Python process the command starts. Nothing here imports torch: a meta path
 finder waits for ``torch.distributed.fsdp`` to be imported, then wraps its ``fully_shard`` (and
-applies ``--inject``'s fault, the same reversible patch the probes use). Each module sharded is
+applies ``--inject``'s fault, the same reversible patch the probes use, and ``--fix``'s workaround,
+process-wide as ``fsdpqdiag.fixes.apply`` does, before anything is sharded). Each module sharded is
 remembered; at the first forward of any of them, after FSDP2's own pre-forward (lazy init, root
 unshard), the guard attaches to the outermost sharded modules, so the per-layer calls and the
 root call of a script all end up under one guard, set up before any guarded layer unshards.
@@ -16,10 +17,12 @@ import importlib.abc
 import os
 import sys
 
-from fsdpqdiag.weightguard.watch import ENV_ACTION, ENV_DIR, ENV_EVERY, ENV_INJECT, ENV_PARAMS
+from fsdpqdiag.weightguard.watch import ENV_ACTION, ENV_DIR, ENV_EVERY, ENV_FIX, ENV_INJECT, ENV_PARAMS
 
 FSDP_MODULE = "torch.distributed.fsdp"
-_state: dict = {"installed": False, "patched": False, "sharded": [], "hooks": [], "guards": [], "undo": None}
+_state: dict = {
+    "installed": False, "patched": False, "sharded": [], "hooks": [], "guards": [], "undo": None, "fix": None,
+}  # fmt: skip
 
 
 class _FsdpImportWatcher(importlib.abc.MetaPathFinder):
@@ -82,6 +85,20 @@ def _patch(fsdp) -> None:
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         _state["undo"] = faults.get(inject).apply(rank, world_size)
+    if os.environ.get(ENV_FIX):
+        _apply_fix(os.environ[ENV_FIX])
+
+
+def _apply_fix(name: str) -> None:
+    """Apply the workaround before anything is sharded; one that fails leaves the run going
+    unfixed, and the report says so (the record's ``fix.error``)."""
+    from fsdpqdiag import fixes
+
+    _state["fix"] = {"name": name, "error": None}
+    try:
+        _state["fix_handle"] = fixes.apply(name)
+    except Exception as exc:  # noqa: BLE001 - never the reason a training run fails
+        _state["fix"]["error"] = f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _remember(module) -> None:
@@ -121,6 +138,7 @@ def _attach_once(module, args) -> None:
                 every=int(os.environ.get(ENV_EVERY, "1")),
                 state_dir=os.environ[ENV_DIR],
                 injected=os.environ.get(ENV_INJECT) or None,
+                fix=_state["fix"],
                 argv=list(sys.argv),
             )
         )
@@ -143,6 +161,7 @@ def _record_attach_failure(exc: BaseException) -> None:
         "pid": os.getpid(),
         "argv": list(sys.argv),
         "injected": os.environ.get(ENV_INJECT) or None,
+        "fix": _state["fix"],
         "guarded": [],
         "findings": [],
         "errors": [f"the guard could not attach: {type(exc).__name__}: {exc}"[:500]],

@@ -1,22 +1,20 @@
 """Guard a real training run's weights: do the bytes forward receives still match the shards?
 
-``guard(model)`` is called after ``fully_shard``. For every guarded parameter it digests the raw
-bits of each rank's shard at set-up (on the device; one collective combines the ranks), and at
-every unshard a forward pre-hook digests the tensor the owning module's forward receives. A
-digest that differs is localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's
-slice of the unsharded tensor against its own shard: differing elements, NaN classes, post bit
-patterns) and a fingerprint, then acted on: raise, warn once per module, or record for a report.
+``guard(model)`` is called after ``fully_shard``. For every guarded parameter it digests the raw bits
+of each rank's shard at set-up (on the device; one collective combines the ranks), and at every
+unshard a forward pre-hook digests the tensor the owning module's forward receives. A digest that
+differs is localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's slice of
+the unsharded tensor against its own shard: differing elements, NaN classes, post bit patterns)
+and a fingerprint, then acted on: raise, warn once per module, or record for a report.
 
-The pieces: ``guard_digest`` (the digest, and why one of our own), ``guard_params`` (which
-parameters, where each shard lies, the set-up digests), ``guard_localize`` (the forensics of an
-altered weight), this module (the hooks, the action, the per-process record) and ``watch``
-(the merged report).
+The pieces: ``digest`` (the digest, and why one of our own), ``params`` (which parameters, where
+each shard lies, the set-up digests), ``localize`` (the forensics of an altered weight), this
+module (the hooks, the action, the per-process record) and ``watch`` (the merged report).
 
 Frozen parameters (quantized weights) are digested once; trainable ones (``params="all"``) again
 after every optimizer step, from the shards (cast to FSDP2's ``param_dtype`` where mixed precision
-casts them, since that cast is what forward legitimately receives). Nothing is gathered twice: the
-guard reads what FSDP2 already unsharded. Computation never prints; ``action="warn"`` uses
-``warnings``, the user's choice.
+casts them, as forward legitimately receives them). Nothing is gathered twice: the guard reads
+what FSDP2 already unsharded. Computation never prints; ``action="warn"`` uses ``warnings``.
 """
 
 from __future__ import annotations
@@ -64,6 +62,7 @@ class Guard:
         report_path: str | Path | None = None,
         state_dir: str | Path | None = None,
         injected: str | None = None,
+        fix: dict | None = None,
         argv: list[str] | None = None,
     ):
         import torch.distributed as dist
@@ -72,7 +71,8 @@ class Guard:
         self.params, self.action, self.every = params, action, int(every)
         self.report_path = Path(report_path) if report_path else None
         self.state_dir = Path(state_dir) if state_dir else None
-        self.injected = injected
+        # The workaround applied to this process ({"name", "error"}): the report names it.
+        self.injected, self.fix = injected, fix
         self.argv = list(argv or [])
         self.roots = list(model) if isinstance(model, (list, tuple)) else [model]
         self.rank = dist.get_rank() if dist.is_initialized() else 0
@@ -286,6 +286,7 @@ class Guard:
             "action": self.action,
             "every": self.every,
             "injected": self.injected,
+            "fix": self.fix,
             "argv": self.argv,
             "steps": self.step,
             "forward_calls": self.forward_calls,
@@ -377,23 +378,22 @@ def guard(
     action: str = "raise",
     every: int = 1,
     report_path: str | Path | None = None,
+    fix: str | None = None,
 ) -> Guard:
     """Guard ``model`` (after ``fully_shard``; every rank must call it: set-up is a collective).
 
     ``params``: ``"quantized"`` (Params4bit, Int8Params, uint8/int8 parameters) or ``"all"``.
     ``action``: ``"raise"`` (GuardTripped), ``"warn"`` (once per module) or ``"report"`` (record;
     with ``report_path`` rank 0 writes a ``fsdpqdiag.report/1`` report at ``close()``).
-    ``every``: verify the forwards of every N-th optimizer step.
+    ``every``: verify the forwards of every N-th optimizer step. ``fix``: the name of a
+    workaround applied to this run (``fsdpqdiag.fixes.apply``), named in the report.
     """
     import sys
 
     return Guard(
-        model,
-        params=params,
-        action=action,
-        every=every,
-        report_path=report_path,
+        model, params=params, action=action, every=every, report_path=report_path,
+        fix={"name": fix, "error": None} if fix else None,
         state_dir=os.environ.get("FSDPQDIAG_GUARD_DIR") or None,
         # What a report's "To reproduce" shows: the same script, guarded from outside.
         argv=["watch", "--", "python", *sys.argv],
-    )
+    )  # fmt: skip

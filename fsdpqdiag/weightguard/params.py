@@ -207,7 +207,10 @@ def _gather_rows(mine, group) -> list[list[int]]:
     # gloo cannot carry CUDA tensors through all_gather (pytorch#152645): host them.
     carrier = mine if "nccl" in backend else mine.cpu()
     gathered = torch.empty(size * carrier.numel(), dtype=torch.int64, device=carrier.device)
-    dist.all_gather_into_tensor(gathered, carrier, group=group)
+    # all_gather_single where torch has it: all_gather_into_tensor, its older name, warns
+    # (FutureWarning) into the user's training log there.
+    gather = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+    gather(gathered, carrier, group=group)
     return gathered.view(size, -1).tolist()
 
 

@@ -23,12 +23,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsdpqdiag.core.presentation import Column, DetailTable, Presentation
 from fsdpqdiag.core.verdict import VerdictKind
 from fsdpqdiag.report.model import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
+from fsdpqdiag.weightguard.presentation import PRESENTATION  # noqa: F401 - found by RESULT_KIND
 
 # The probe name a guard's results carry in a report. No rank task writes them, so the
-# renderers find PRESENTATION (at the end) by this name through fsdpqdiag.tasks.
+# renderers find PRESENTATION (weightguard.presentation) by this name through fsdpqdiag.tasks.
 RESULT_KIND = "guard"
 
 SITE_DIR = Path(__file__).with_name("_watch_site")
@@ -37,12 +37,16 @@ ENV_PARAMS = "FSDPQDIAG_GUARD_PARAMS"
 ENV_ACTION = "FSDPQDIAG_GUARD_ACTION"
 ENV_EVERY = "FSDPQDIAG_GUARD_EVERY"
 ENV_INJECT = "FSDPQDIAG_GUARD_INJECT"
+ENV_FIX = "FSDPQDIAG_GUARD_FIX"
 EXIT_TRIPPED = 1
+EXIT_UNCHECKED = 3
 WATCH_EXIT_CODES = (
-    "Exit codes: the command's own exit code when the guard stayed silent (128+N when a signal N "
-    "ended it); 1 when the guard tripped (a guarded weight reached forward altered), whatever "
-    "the command returned; 2 bad input (no command after --, unknown fault, unwritable output: "
-    "nothing run, nothing written)."
+    "Exit codes: the command's own exit code when the guard checked and stayed silent (128+N when "
+    "a signal N ended it); 1 when the guard tripped (a guarded weight reached forward altered, "
+    "with --fix too: the fix did not help), whatever the command returned; 2 bad input (no "
+    "command after --, unknown fault or fix, unwritable output: nothing run, nothing written); "
+    "3 nothing was checked (no process called fully_shard, or the guard attached to no quantized "
+    "weight) although the command succeeded: not a pass."
 )
 
 
@@ -55,6 +59,7 @@ class WatchOutcome:
     report: Report
     command_exit: int
     exit_code: int
+    checked: bool = True
 
 
 def check_command(command: list[str]) -> None:
@@ -68,7 +73,7 @@ def check_command(command: list[str]) -> None:
 
 
 def child_environment(
-    state_dir: Path, *, params: str, action: str, every: int, inject: str | None
+    state_dir: Path, *, params: str, action: str, every: int, inject: str | None, fix: str | None = None
 ) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(SITE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -79,6 +84,10 @@ def child_environment(
         env[ENV_INJECT] = inject
     else:
         env.pop(ENV_INJECT, None)
+    if fix:
+        env[ENV_FIX] = fix
+    else:
+        env.pop(ENV_FIX, None)
     return env
 
 
@@ -89,17 +98,23 @@ def run(
     action: str = "report",
     every: int = 1,
     inject: str | None = None,
+    fix: str | None = None,
     argv: list[str] | None = None,
 ) -> WatchOutcome:
-    """Run ``command`` guarded; the merged report and the exit code ``watch`` answers with."""
+    """Run ``command`` guarded (with workaround ``fix`` applied in every process); the merged
+    report and the exit code ``watch`` answers with."""
     check_command(command)
     if inject:
         from fsdpqdiag.stack import faults
 
         faults.get(inject)  # ValueError naming the known faults
+    if fix:
+        from fsdpqdiag import fixes
+
+        fixes.check_installable(fix)  # ValueError: unknown, or not applicable from outside
     state_dir = Path(tempfile.mkdtemp(prefix="fsdpqdiag-watch-"))
     try:
-        env = child_environment(state_dir, params=params, action=action, every=every, inject=inject)
+        env = child_environment(state_dir, params=params, action=action, every=every, inject=inject, fix=fix)
         process = subprocess.Popen(command, env=env)
         forwarded = _forward_stop_signals(process)
         try:
@@ -120,9 +135,17 @@ def run(
         params=params,
         action=action,
         every=every,
+        fix=fix,
     )
-    tripped = report.results[0].verdict == REPRODUCED
-    return WatchOutcome(report, command_exit, EXIT_TRIPPED if tripped else command_exit)
+    (result,) = report.results
+    checked = bool(result.evidence.get("checks"))
+    if result.verdict == REPRODUCED:
+        exit_code = EXIT_TRIPPED
+    elif not checked and command_exit == 0:
+        exit_code = EXIT_UNCHECKED  # a silent exit 0 would read as a pass in CI
+    else:
+        exit_code = command_exit
+    return WatchOutcome(report, command_exit, exit_code, checked)
 
 
 def _forward_stop_signals(process: subprocess.Popen) -> dict:
@@ -230,6 +253,7 @@ def build_report(
     params: str | None = None,
     action: str | None = None,
     every: int | None = None,
+    fix: str | None = None,
 ) -> Report:
     """The merged ``fsdpqdiag.report/1`` report of every guarded process."""
     from fsdpqdiag.evidence import attribution
@@ -238,6 +262,7 @@ def build_report(
     states = [s for s in states if s]
     first = states[0] if states else {}
     injected = injected or first.get("injected")
+    fix = fix or (first.get("fix") or {}).get("name")
     world_size = max((s.get("world_size", 1) for s in states), default=1)
     config: dict[str, Any] = {
         "command": command or first.get("argv") or [],
@@ -245,9 +270,13 @@ def build_report(
         "action": action or first.get("action"),
         "every": every or first.get("every"),
         "command_exit": command_exit,
+        "fix": fix,
     }
     modules = merge_modules(states)
     evidence = _evidence(states, modules)
+    if fix:
+        failed = [f"rank {s.get('rank', 0)}: {(s.get('fix') or {}).get('error')}" for s in states]
+        evidence["fix"] = {"name": fix, "errors": [e for e in failed if not e.endswith(": None")]}
     verdict, summary = _verdict(states, evidence, command_exit)
     result = ProbeResult(
         probe=RESULT_KIND,
@@ -267,7 +296,7 @@ def build_report(
             }
             for s in states
         ],
-        reason=None if states else "no fully_shard call seen",
+        reason=summary if verdict == SKIPPED else None,
     )
     if verdict == REPRODUCED:
         component, decided_by = attribute(modules)
@@ -293,6 +322,7 @@ def _evidence(states: list[dict], modules: list[dict]) -> dict[str, Any]:
         "skipped": [item for s in states for item in s.get("skipped", [])][:50],
         "errors": [f"rank {s.get('rank', 0)}: {e}" for s in states for e in s.get("errors", [])][:50],
         "processes": len(states),
+        "params": next((s["params"] for s in states if s.get("params")), "quantized"),
         "checks": sum(g.get("checks", 0) for s in states for g in s.get("guarded", [])),
         "steps": max((s.get("steps", 0) for s in states), default=0),
         "altered_modules": len(modules),
@@ -312,64 +342,32 @@ def _verdict(
 ) -> tuple[VerdictKind, str]:
     guarded, modules = evidence["guarded"], evidence["modules"]
     exit_note = "" if command_exit is None else f"; the command exited with code {command_exit}"
+    fix = evidence.get("fix")
+    fixed = f"with fix {fix['name']} applied, " if fix else ""
+    if fix and fix["errors"]:
+        exit_note = f"; the fix could not be applied on {', '.join(fix['errors'])}" + exit_note
     if not states:
-        return SKIPPED, "the guard never attached: no process of the command called fully_shard" + exit_note
+        return SKIPPED, "nothing checked: no process of the command called fully_shard" + exit_note
     if not guarded and evidence["errors"]:
-        return ERROR, evidence["errors"][0] + exit_note
+        return ERROR, "nothing checked: " + evidence["errors"][0] + exit_note
     if modules:
         names = ", ".join(m["module"] for m in modules[:8]) + (" …" if len(modules) > 8 else "")
         return REPRODUCED, (
-            f"{len(modules)} of {guarded} guarded weights reached forward altered, first at step "
-            f"{evidence['first_step']}: {names} ({sum(m['differing_elements'] for m in modules)} elements "
-            f"differ in the ranks' own slices)" + exit_note
+            f"{fixed}{len(modules)} of {guarded} guarded weights {'still ' if fix else ''}reached forward "
+            f"altered, first at step {evidence['first_step']}: {names} "
+            f"({sum(m['differing_elements'] for m in modules)} elements differ in the ranks' own slices)"
+            + ("; the fix does not help here" if fix else "")
+            + exit_note
         )
+    if not evidence["checks"]:
+        what = f"no forward of the {guarded} guarded weights was verified" if guarded else (
+            f"fully_shard was called but the guard attached to no {evidence['params']} weight"
+        )  # fmt: skip
+        return SKIPPED, "nothing checked: " + what + exit_note
     summary = (
-        f"every one of {guarded} guarded weights reached forward byte-true in {evidence['checks']} "
+        f"{fixed}every one of {guarded} guarded weights reached forward byte-true in {evidence['checks']} "
         f"checks over {evidence['steps']} optimizer steps" + exit_note
     )
     if evidence["errors"]:
         summary += f"; {len(evidence['errors'])} guard error(s), those weights unverified"
     return NOT_REPRODUCED, summary
-
-
-# The module and its first step are always shown; a narrow console drops the post bits first.
-DETAIL_COLUMNS = (
-    Column("module"),
-    Column("first step"),
-    Column("ranks", priority=2),
-    Column("elements", priority=1),
-    Column("post bits", priority=3),
-)
-
-
-def key_numbers(evidence: dict) -> str:
-    """How a guard result reads: how many guarded weights were altered, from which optimizer step."""
-    if "modules" not in evidence:
-        return ""
-    first = evidence.get("first_step")
-    return (
-        f"{evidence['altered_modules']} of {evidence['guarded']} guarded weights altered, first at step "
-        f"{first if first is not None else '–'}; {evidence['checks']} checks over "
-        f"{evidence['steps']} optimizer steps"
-    )
-
-
-def detail(evidence: dict) -> DetailTable | None:
-    """A row per altered module."""
-    modules = evidence.get("modules")
-    if not modules:
-        return None
-    return DetailTable(DETAIL_COLUMNS, [_cells(m) for m in modules])
-
-
-def _cells(module: dict) -> list[str]:
-    return [
-        module["module"],
-        str(module["first_step"]),
-        ", ".join(map(str, module["ranks"])),
-        str(module["differing_elements"]),
-        ", ".join(module["post_bit_patterns"]) or module.get("reason") or "–",
-    ]
-
-
-PRESENTATION = Presentation(key_numbers, detail)
