@@ -22,7 +22,7 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     is_reporting_rank,
     model_files,
-    print_tables,
+    print_report,
     run_library,
     stderr,
     write_report,
@@ -95,7 +95,7 @@ def matrix(
     write_report(report, json_path, markdown_path)
     _note_what_resume_set_aside(report, resume)
     if is_reporting_rank():
-        _write_cell_outputs(report, csv, parquet, plot, quiet, wide)
+        _write_cell_outputs(report, csv, parquet, plot, quiet, wide, json_path)
     _wait_for_reporting_rank()
     # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
     # first would make torchrun SIGTERM rank 0 mid-exit.
@@ -139,7 +139,7 @@ def _run_with_progress(**options):
         return run_library(lambda status: api.matrix(**options, on_progress=status, on_cell=on_cell))
 
 
-def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> None:
+def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, json_path) -> None:
     """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
     from fsdpqdiag.analyses import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
@@ -158,7 +158,7 @@ def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> 
     if plot is not None:
         heat_map(report, plot)
     if not quiet:
-        print_tables(matrix_table(report, wide), wide)
+        print_report(matrix_table(report, wide), report, wide, json_path)
 
 
 def _note_what_resume_set_aside(report, resume: Path | None) -> None:

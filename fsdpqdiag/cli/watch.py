@@ -69,9 +69,9 @@ def watch(
         inject=inject,
         argv=["watch", *sys.argv[2:]],
     )
-    from fsdpqdiag.cli.app import print_tables, write_report
+    from fsdpqdiag.cli.app import print_report, write_report
 
     write_report(outcome.report, json_path, markdown_path)
     if not quiet:
-        print_tables(findings_table(outcome.report, wide), wide)
+        print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
     raise typer.Exit(outcome.exit_code)

@@ -34,6 +34,8 @@ INCONCLUSIVE = VerdictKind.INCONCLUSIVE
 VERIFIED = VerdictKind.VERIFIED
 NOT_VERIFIED = VerdictKind.NOT_VERIFIED
 UNSUPPORTED = VerdictKind.UNSUPPORTED
+STATE_LOST = VerdictKind.STATE_LOST
+NO_FIX_NEEDED = VerdictKind.NO_FIX_NEEDED
 VERDICTS = tuple(VerdictKind)
 
 # Exit codes: a contract, printed by --help.
@@ -151,7 +153,8 @@ class Report:
         if self.command == "fix":
             # The unfixed reference row is expected to break where the bug reproduces.
             fixed = {r.verdict for r in self.results if r.config.get("workaround") != "none"}
-            if NOT_VERIFIED in fixed:
+            # A workaround whose checkpoint loses state cannot be used as it is.
+            if fixed & {NOT_VERIFIED, STATE_LOST}:
                 return EXIT_FOUND
             return EXIT_PROBE_FAILED if fixed & {ERROR, TIMEOUT, CRASHED, UNSUPPORTED} else EXIT_CLEAN
         verdicts = {r.verdict for r in self.results}
