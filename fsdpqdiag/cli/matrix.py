@@ -33,7 +33,7 @@ from fsdpqdiag.report.model import EXIT_CODES_HELP
 @app.command(epilog=EXIT_CODES_HELP)
 def matrix(
     cells: Annotated[
-        list[str] | None, typer.Option("--cells", help="Cells to run (A–G; repeatable).")
+        list[str] | None, typer.Option("--cells", help="Cells to run (A–I; repeatable).")
     ] = None,
     grid: Annotated[
         list[str] | None,
@@ -74,7 +74,9 @@ def matrix(
     quiet: Quiet = False,
     wide: Wide = False,
 ) -> None:
-    """Sweep #1945's cells A–G (or a --grid) and compute what the outcome is invariant in."""
+    """Sweep #1945's cells A–G and H, I (A without the bf16 cast: an empty MixedPrecisionPolicy,
+    and no mp_policy at all), or a --grid; compute what the outcome is invariant in, and
+    whether it needs the cast. A configuration FSDP2 refuses is REFUSED: its answer, not an ERROR."""
     _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, resume or out, model)
     report = _run_with_progress(
         cells=cells or (),

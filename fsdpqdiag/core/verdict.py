@@ -33,6 +33,9 @@ class VerdictKind(str, Enum):
     # where the stack needs no workaround at all.
     STATE_LOST = "STATE LOST"
     NO_FIX_NEEDED = "NO FIX NEEDED"
+    # The stack's own API refused the configuration (FSDP2 raised on an argument it cannot
+    # use, as #1945's cell B with mp_policy=None): the stack's answer, not the tool's failure.
+    REFUSED = "REFUSED"
 
     # f-strings, str() and format specs give the bare string on every Python: 3.12 made
     # format() of a mixed-in Enum follow Enum.__str__ ("VerdictKind.REPRODUCED").
@@ -57,4 +60,5 @@ STYLE: dict[VerdictKind, str] = {
     VerdictKind.NOT_VERIFIED: "bold red",
     VerdictKind.STATE_LOST: "bold red",
     VerdictKind.NO_FIX_NEEDED: "bold green",
+    VerdictKind.REFUSED: "bold blue",
 }

@@ -9,6 +9,7 @@ cargo end a diagnostic with a ``help:`` line. Stdlib only: renderers import it w
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -99,8 +100,15 @@ def _exit_meaning(report: Report, code: int) -> str:
     return "see --help"
 
 
+def shown_path(path: str | Path) -> str:
+    """A path as short as it can be shown: relative to the working directory where it lies
+    under it, so that the command in a hint stays whole on an 80-column line."""
+    relative = os.path.relpath(Path(path).absolute())
+    return str(path) if relative.startswith("..") else relative
+
+
 def _report_steps(report: Report, findings: list[Finding], json_path: str | None) -> list[str]:
-    path = json_path or PLACEHOLDER_JSON
+    path = shown_path(json_path) if json_path else PLACEHOLDER_JSON
     keep = "" if json_path else f" (rerun with --json {PLACEHOLDER_JSON} to keep the report)"
     steps = []
     upstream = sorted(

@@ -36,6 +36,7 @@ NOT_VERIFIED = VerdictKind.NOT_VERIFIED
 UNSUPPORTED = VerdictKind.UNSUPPORTED
 STATE_LOST = VerdictKind.STATE_LOST
 NO_FIX_NEEDED = VerdictKind.NO_FIX_NEEDED
+REFUSED = VerdictKind.REFUSED
 VERDICTS = tuple(VerdictKind)
 
 # Exit codes: a contract, printed by --help.
@@ -51,7 +52,8 @@ EXIT_HUNG_UP = 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
     "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR, TIMEOUT or UNSUPPORTED "
-    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
+    "(and nothing was found); a configuration the stack's API REFUSED is its answer, not a failure; "
+    "130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
     "143 / 129 the same after SIGTERM / SIGHUP."
 )
 
