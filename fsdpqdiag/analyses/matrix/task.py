@@ -86,7 +86,8 @@ def failed_row(exc: BaseException, baseline: float) -> dict[str, Any]:
         row["raised_at"] = {"file": relative, "function": where.name}
         if inside and isinstance(exc, _REFUSALS):
             row["status"] = "refused"
-            row["error"] += f" (FSDP2 refused it in {relative}, {where.name})"
+            # The file's name only: the message is a table cell; raised_at keeps its path.
+            row["error"] += f" (FSDP2 refused it in {relative.rsplit('/', 1)[-1]}, {where.name})"
     return row
 
 
