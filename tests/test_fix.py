@@ -37,10 +37,16 @@ def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(run_cli, ws):
     assert unfixed["verdict"] == "NOT VERIFIED"
     assert unfixed["evidence"]["first_divergence"]["step"] == 0
     for name in fixes.FIXES:
-        assert rows[name]["verdict"] == "VERIFIED", (name, rows[name]["summary"])
+        assert rows[name]["verdict"] == _exact_verdict(rows[name]), (name, rows[name]["summary"])
         assert rows[name]["evidence"]["restored_after_undo"] is True
         assert all(rows[name]["evidence"]["loss_bits_equal"])
-    assert result.returncode == 0, result.stderr
+    lost = any(rows[name]["verdict"] == "STATE LOST" for name in fixes.FIXES)
+    assert result.returncode == (1 if lost else 0), result.stderr
+
+
+def _exact_verdict(row):
+    """A bit-exact row is VERIFIED unless its checkpoint loses the int8 row scales."""
+    return "STATE LOST" if row["evidence"]["int8_scb_saved"] is False else "VERIFIED"
 
 
 @pytest.mark.parametrize("ws", [1, 2])
@@ -49,10 +55,30 @@ def test_fixes_verified_without_injection(shared_cli, ws):
     rows = _rows(result.report)
     assert set(rows) == {"none", *fixes.FIXES}
     for name in fixes.FIXES:
-        assert rows[name]["verdict"] == "VERIFIED", rows[name]["summary"]
+        assert rows[name]["verdict"] == _exact_verdict(rows[name]), rows[name]["summary"]
     # the unfixed row is the stack's own answer; its evidence must agree with its verdict
     unfixed = rows["none"]
-    assert (unfixed["verdict"] == "VERIFIED") == (unfixed["evidence"]["first_divergence"] is None)
+    exact = unfixed["evidence"]["first_divergence"] is None
+    assert (unfixed["verdict"] in ("NO FIX NEEDED", "STATE LOST")) == exact
+    assert (unfixed["verdict"] == "STATE LOST") == (exact and unfixed["evidence"]["int8_scb_saved"] is False)
+    # and its ending says so: what to apply, or that nothing is needed (-q run: drawn here)
+    ending = _ending(result.report)
+    assert ("this stack needs no fix" in ending) == (unfixed["verdict"] == "NO FIX NEEDED")
+    for name in fixes.FIXES:
+        applies = f"fsdpqdiag.fixes.apply('{name}')" in ending
+        assert applies == (rows[name]["verdict"] == "VERIFIED"), ending
+
+
+def _ending(report: dict) -> str:
+    from rich.console import Console
+
+    from fsdpqdiag.render.conclusion import conclusion_view
+    from fsdpqdiag.report.conclusion import conclude
+    from fsdpqdiag.report.model import Report
+
+    console = Console(width=80, record=True, file=open("/dev/null", "w"))  # noqa: SIM115
+    console.print(conclusion_view(conclude(Report.from_dict(report))))
+    return " ".join(console.export_text().split())
 
 
 def test_apply_then_undo_restores_bitsandbytes_and_fsdp2():

@@ -34,11 +34,14 @@ def test_default_matrix_is_self_consistent(shared_cli, ws):
     report = result.report
     jsonschema.validate(report, json_schema())
     cells = _cells(report)
-    assert set(cells) == {"A", "B", "C", "D", "E", "F", "G"}
+    assert set(cells) == {"A", "B", "C", "D", "E", "F", "G", "H", "I"}
     for name, r in cells.items():
         ev = r["evidence"]
         if ev["status"] != "ok":
-            assert r["verdict"] == "ERROR" and ev["error"], name  # a cell that raises is a row
+            # a cell that raises is a row; one FSDP2's own code refused is the stack's answer
+            assert r["verdict"] == ("REFUSED" if ev["status"] == "refused" else "ERROR") and ev["error"], name
+            if ev["status"] == "refused":
+                assert ev["raised_at"]["file"].startswith("torch/distributed/fsdp/"), ev["raised_at"]
             continue
         assert ev["loss_bit_equal"] == (ev["delta"] == 0)
         assert (r["verdict"] == "NOT REPRODUCED") == (ev["differing_elements"] == 0 and ev["loss_bit_equal"])
@@ -52,7 +55,18 @@ def test_default_matrix_is_self_consistent(shared_cli, ws):
     analysis = report["analysis"][str(ws)]
     assert analysis["exact"]["summary"].startswith("Invariant in:")
     assert "Depends on:" in analysis["verdict"]["summary"]
-    assert len(csv.read_text().splitlines()) == 8
+    # A (bf16 cast) against H and I (no cast): the cast question is answered where they ran
+    cast = analysis["verdict"].get("param_dtype_cast")
+    if cells["A"]["evidence"]["status"] == "ok" and cells["H"]["evidence"]["status"] == "ok":
+        assert cast is not None and ["A", "H"] in cast["same_outcome"] + cast["different_outcome"]
+        same = cells["A"]["verdict"] == cells["H"]["verdict"]
+        assert (["A", "H"] in cast["same_outcome"]) == same
+    # a refusal is not the tool's failure: the exit code follows the other verdicts alone
+    verdicts = {r["verdict"] for r in cells.values()}
+    found = verdicts & {"REPRODUCED", "CRASHED", "INCONCLUSIVE"}
+    failed = verdicts & {"ERROR", "TIMEOUT", "UNSUPPORTED"}
+    assert result.returncode == (1 if found else 3 if failed else 0), verdicts
+    assert len(csv.read_text().splitlines()) == 10
 
 
 # The two sweeps test_two_sweeps_at_once_both_complete starts side by side: the first is
@@ -230,6 +244,13 @@ def test_invariance_on_synthetic_tables():
         "different_outcome": [],
         "not_comparable": ["B"],
     }
+    # the cast question: A (bf16 cast) and H (no cast) differ in mp alone
+    cast_table = [*table[:1], {**base, "name": "H", "mp": "no-cast", "outcome": 2}]
+    assert mx.invariance(cast_table)["param_dtype_cast"]["different_outcome"] == [["A", "H"]]
+    assert mx.invariance(cast_table)["summary"].endswith("needs the bf16 param_dtype cast: yes")
+    uncast = [*table[:1], {**base, "name": "I", "mp": "omitted", "outcome": 1}]
+    assert mx.invariance(uncast)["param_dtype_cast"]["status"] == "invariant"
+    assert "param_dtype_cast" not in mx.invariance(with_failure)
     only_wrap = [row for row in table if row["name"] in "ADE"]
     assert mx.invariance(only_wrap)["wrap"]["status"] == "invariant"
     assert mx.invariance(only_wrap)["summary"] == "Invariant in: wrap; Depends on: nothing"

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 from fsdpqdiag.core.config import LinearConfig, torch_dtype
 from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
-from fsdpqdiag.report.model import NOT_VERIFIED, VERIFIED
+from fsdpqdiag.report.model import NO_FIX_NEEDED, NOT_VERIFIED, STATE_LOST, VERIFIED
 
 if TYPE_CHECKING:
     import torch
@@ -241,12 +241,22 @@ def verdict(outcomes):
     unchecked = evidence.get("int8_check_error")
     unchecked = f"; Linear8bitLt state dict not checked: fully_shard raised {unchecked}" if unchecked else ""
     if not bad:
-        return Verdict(
-            VERIFIED,
+        exact = (
             f"{evidence['steps']} steps bit-identical to training without FSDP (loss, "
-            f"{evidence['lora_tensors_compared']} LoRA gradients, parameters) on every rank{unchecked}",
-            evidence,
+            f"{evidence['lora_tensors_compared']} LoRA gradients, parameters) on every rank"
         )
+        if any(o.evidence.get("int8_scb_saved") is False for o in outcomes):
+            # Bit-exact training with a checkpoint that cannot be loaded back is no fix.
+            missing = ", ".join(evidence.get("int8_keys_missing") or []) or "SCB differs"
+            return Verdict(
+                STATE_LOST,
+                f"{exact}, but a Linear8bitLt state dict loses its int8 row scales (SCB; missing: "
+                f"{missing}): a checkpoint saved with it cannot be loaded back",
+                evidence,
+            )
+        if evidence.get("workaround") == "none":
+            return Verdict(NO_FIX_NEEDED, f"unfixed: {exact}; this stack needs no fix{unchecked}", evidence)
+        return Verdict(VERIFIED, exact + unchecked, evidence)
     first = bad[0].evidence["first_divergence"]
     evidence["first_divergence"] = first
     return Verdict(

@@ -156,6 +156,17 @@ def print_tables(renderable, wide: bool) -> None:
     stdout.print(renderable, crop=not wide)
 
 
+def print_report(
+    view, report, wide: bool, json_path: Path | None = None, exit_code: int | None = None
+) -> None:
+    """Print a command's tables and its ending: a ``help:`` line per finding, the summary
+    line and the next step (``json_path``: where the report was kept, for that step)."""
+    from fsdpqdiag.render.conclusion import with_conclusion
+    from fsdpqdiag.report.conclusion import conclude
+
+    print_tables(with_conclusion(view, conclude(report, json_path, exit_code)), wide)
+
+
 def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
     """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun)."""
     from fsdpqdiag.render import markdown

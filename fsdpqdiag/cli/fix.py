@@ -20,13 +20,17 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     is_reporting_rank,
-    print_tables,
+    print_report,
     run_library,
     write_report,
 )
 
 FIX_EXIT_CODES = (
-    "Exit codes: 0 every workaround VERIFIED; 1 a workaround NOT VERIFIED; 2 bad input (nothing run, "
+    "Verdicts: VERIFIED bit-identical to training without FSDP; NOT VERIFIED diverges; STATE LOST "
+    "bit-identical training but a checkpoint loses state it needs (the int8 row scales, SCB); NO FIX "
+    "NEEDED the unfixed row already matches. "
+    "Exit codes: 0 every workaround VERIFIED (or none needed); 1 a workaround NOT VERIFIED or STATE LOST; "
+    "2 bad input (nothing run, "
     "nothing written); 3 a workaround run ended in ERROR, TIMEOUT, CRASHED or UNSUPPORTED; 130 interrupted "
     "(143 / 129 after SIGTERM / SIGHUP)."
 )
@@ -78,5 +82,5 @@ def fix(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        print_tables(fix_table(report, wide), wide)
+        print_report(fix_table(report, wide), report, wide, json_path)
     raise typer.Exit(report.exit_code())

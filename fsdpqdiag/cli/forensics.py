@@ -22,7 +22,7 @@ from fsdpqdiag.cli.app import (
     fail,
     is_reporting_rank,
     model_files,
-    print_tables,
+    print_report,
     run_library,
     write_report,
 )
@@ -82,5 +82,5 @@ def forensics(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        print_tables(forensics_table(report, wide), wide)
+        print_report(forensics_table(report, wide), report, wide, json_path)
     raise typer.Exit(report.exit_code())

@@ -19,7 +19,7 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     is_reporting_rank,
-    print_tables,
+    print_report,
     run_library,
     write_report,
 )
@@ -63,5 +63,5 @@ def localize(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        print_tables(localize_table(report, wide), wide)
+        print_report(localize_table(report, wide), report, wide, json_path)
     raise typer.Exit(report.exit_code())

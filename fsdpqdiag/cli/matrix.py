@@ -22,7 +22,7 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     is_reporting_rank,
     model_files,
-    print_tables,
+    print_report,
     run_library,
     stderr,
     write_report,
@@ -33,7 +33,7 @@ from fsdpqdiag.report.model import EXIT_CODES_HELP
 @app.command(epilog=EXIT_CODES_HELP)
 def matrix(
     cells: Annotated[
-        list[str] | None, typer.Option("--cells", help="Cells to run (A–G; repeatable).")
+        list[str] | None, typer.Option("--cells", help="Cells to run (A–I; repeatable).")
     ] = None,
     grid: Annotated[
         list[str] | None,
@@ -74,7 +74,9 @@ def matrix(
     quiet: Quiet = False,
     wide: Wide = False,
 ) -> None:
-    """Sweep #1945's cells A–G (or a --grid) and compute what the outcome is invariant in."""
+    """Sweep #1945's cells A–G and H, I (A without the bf16 cast: an empty MixedPrecisionPolicy,
+    and no mp_policy at all), or a --grid; compute what the outcome is invariant in, and
+    whether it needs the cast. A configuration FSDP2 refuses is REFUSED: its answer, not an ERROR."""
     _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, resume or out, model)
     report = _run_with_progress(
         cells=cells or (),
@@ -95,7 +97,7 @@ def matrix(
     write_report(report, json_path, markdown_path)
     _note_what_resume_set_aside(report, resume)
     if is_reporting_rank():
-        _write_cell_outputs(report, csv, parquet, plot, quiet, wide)
+        _write_cell_outputs(report, csv, parquet, plot, quiet, wide, json_path)
     _wait_for_reporting_rank()
     # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
     # first would make torchrun SIGTERM rank 0 mid-exit.
@@ -139,7 +141,7 @@ def _run_with_progress(**options):
         return run_library(lambda status: api.matrix(**options, on_progress=status, on_cell=on_cell))
 
 
-def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> None:
+def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, json_path) -> None:
     """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
     from fsdpqdiag.analyses import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
@@ -158,7 +160,7 @@ def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool) -> 
     if plot is not None:
         heat_map(report, plot)
     if not quiet:
-        print_tables(matrix_table(report, wide), wide)
+        print_report(matrix_table(report, wide), report, wide, json_path)
 
 
 def _note_what_resume_set_aside(report, resume: Path | None) -> None:

@@ -13,7 +13,7 @@ from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdo
 COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
 
 
-def report_tables(report, wide: bool = False):
+def report_tables(report, wide: bool = False, path: Path | None = None):
     """The rich view of any report: the table of the command that wrote it, the table of
     probe results for the others. The choice is made here, where commands are wired to
     their renderers (each command prints its own view the same way), so that no renderer
@@ -31,7 +31,10 @@ def report_tables(report, wide: bool = False):
         "forensics": forensics_table,
         "watch": findings_table,
     }
-    return views.get(report.command, reproduce_table)(report, wide)
+    from fsdpqdiag.render.conclusion import with_conclusion
+    from fsdpqdiag.report.conclusion import conclude
+
+    return with_conclusion(views.get(report.command, reproduce_table)(report, wide), conclude(report, path))
 
 
 def _load(path: Path):
@@ -90,10 +93,10 @@ def report(
             from rich.console import Console
 
             console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
-            console.print(report_tables(loaded, wide), crop=not wide)
+            console.print(report_tables(loaded, wide, path), crop=not wide)
             atomic_write_text(output, console.export_text())
         else:
-            print_tables(report_tables(loaded, wide), wide)
+            print_tables(report_tables(loaded, wide, path), wide)
         return
     if format == "md":
         from fsdpqdiag.render.markdown import render

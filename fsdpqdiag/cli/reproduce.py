@@ -21,7 +21,7 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     fail,
     is_reporting_rank,
-    print_tables,
+    print_report,
     run_library,
     write_report,
 )
@@ -99,5 +99,5 @@ def reproduce(
     )
     write_report(report, json_path, markdown_path)
     if not quiet and is_reporting_rank():
-        print_tables(reproduce_table(report, wide), wide)
+        print_report(reproduce_table(report, wide), report, wide, json_path)
     raise typer.Exit(report.exit_code())

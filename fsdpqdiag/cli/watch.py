@@ -87,11 +87,11 @@ def watch(
         fix=fix,
         argv=["watch", *sys.argv[2:]],
     )
-    from fsdpqdiag.cli.app import print_error, print_tables, write_report
+    from fsdpqdiag.cli.app import print_error, print_report, write_report
 
     write_report(outcome.report, json_path, markdown_path)
     if not quiet:
-        print_tables(findings_table(outcome.report, wide), wide)
+        print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
     if not outcome.checked:
         # Even with -q: an exit without a finding must not pass for a clean run.
         print_error(f"watch: {outcome.report.results[0].summary}")

@@ -28,6 +28,14 @@ class VerdictKind(str, Enum):
     # A precondition of the probe failed in the stack preflight (a collective it relies on
     # fails on ordinary tensors, a device/backend that cannot run it): the stack decided.
     UNSUPPORTED = "UNSUPPORTED"
+    # Verdicts of `fix` too: training stays bit-identical but a checkpoint loses state it
+    # needs to load back (the summary says which); and the unfixed run that already matches,
+    # where the stack needs no workaround at all.
+    STATE_LOST = "STATE LOST"
+    NO_FIX_NEEDED = "NO FIX NEEDED"
+    # The stack's own API refused the configuration (FSDP2 raised on an argument it cannot
+    # use, as #1945's cell B with mp_policy=None): the stack's answer, not the tool's failure.
+    REFUSED = "REFUSED"
 
     # f-strings, str() and format specs give the bare string on every Python: 3.12 made
     # format() of a mixed-in Enum follow Enum.__str__ ("VerdictKind.REPRODUCED").
@@ -50,4 +58,7 @@ STYLE: dict[VerdictKind, str] = {
     VerdictKind.UNSUPPORTED: "bold cyan",
     VerdictKind.VERIFIED: "bold green",
     VerdictKind.NOT_VERIFIED: "bold red",
+    VerdictKind.STATE_LOST: "bold red",
+    VerdictKind.NO_FIX_NEEDED: "bold green",
+    VerdictKind.REFUSED: "bold blue",
 }

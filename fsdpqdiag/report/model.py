@@ -34,6 +34,9 @@ INCONCLUSIVE = VerdictKind.INCONCLUSIVE
 VERIFIED = VerdictKind.VERIFIED
 NOT_VERIFIED = VerdictKind.NOT_VERIFIED
 UNSUPPORTED = VerdictKind.UNSUPPORTED
+STATE_LOST = VerdictKind.STATE_LOST
+NO_FIX_NEEDED = VerdictKind.NO_FIX_NEEDED
+REFUSED = VerdictKind.REFUSED
 VERDICTS = tuple(VerdictKind)
 
 # Exit codes: a contract, printed by --help.
@@ -49,7 +52,8 @@ EXIT_HUNG_UP = 129
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
     "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR, TIMEOUT or UNSUPPORTED "
-    "(and nothing was found); 130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
+    "(and nothing was found); a configuration the stack's API REFUSED is its answer, not a failure; "
+    "130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
     "143 / 129 the same after SIGTERM / SIGHUP."
 )
 
@@ -151,7 +155,8 @@ class Report:
         if self.command == "fix":
             # The unfixed reference row is expected to break where the bug reproduces.
             fixed = {r.verdict for r in self.results if r.config.get("workaround") != "none"}
-            if NOT_VERIFIED in fixed:
+            # A workaround whose checkpoint loses state cannot be used as it is.
+            if fixed & {NOT_VERIFIED, STATE_LOST}:
                 return EXIT_FOUND
             return EXIT_PROBE_FAILED if fixed & {ERROR, TIMEOUT, CRASHED, UNSUPPORTED} else EXIT_CLEAN
         verdicts = {r.verdict for r in self.results}

@@ -13,7 +13,21 @@ from dataclasses import dataclass, replace
 
 from fsdpqdiag.core.config import QUANT_TYPES, canonical_dtype
 
-MP_POLICIES = {"bf16/fp32": ("bfloat16", "float32"), "bf16/bf16": ("bfloat16", "bfloat16"), "none": None}
+# The mixed-precision choice of a cell: the (param_dtype, reduce_dtype) of a
+# MixedPrecisionPolicy; "none" passes mp_policy=None literally, as #1945's cell B did (FSDP2
+# refuses it); "no-cast" is MixedPrecisionPolicy() with no dtypes, and "omitted" gives no
+# mp_policy argument at all: FSDP2 without a cast, the question cell B meant to ask.
+MP_OMITTED = "omitted"
+MP_POLICIES = {
+    "bf16/fp32": ("bfloat16", "float32"),
+    "bf16/bf16": ("bfloat16", "bfloat16"),
+    "none": None,
+    "no-cast": (None, None),
+    MP_OMITTED: MP_OMITTED,
+}
+# Which policies cast the parameters to bf16 for forward, and which leave them as stored.
+CASTING_POLICIES = ("bf16/fp32", "bf16/bf16")
+NON_CASTING_POLICIES = ("no-cast", MP_OMITTED)
 WRAPS = ("layer", "linear", "root")
 GRID_DIMENSIONS = {
     "quant_storage": ("bf16", "fp16", "fp32", "uint8"),
@@ -51,6 +65,8 @@ class Cell:
 
     def describe(self) -> str:
         other = []
+        if self.mp != "bf16/fp32":
+            other.append(f"mp={self.mp}")
         if not self.cast_forward_inputs:
             other.append("cast_forward_inputs=False")
         if not self.double_quant:
@@ -73,6 +89,9 @@ DEFAULT_CELLS = (
     Cell("E", wrap="root"),
     Cell("F", double_quant=False),
     Cell("G", cast_forward_inputs=False),
+    # What B meant: A without the bf16 param_dtype cast, by an empty policy and by none given.
+    Cell("H", mp="no-cast"),
+    Cell("I", mp=MP_OMITTED),
 )
 
 
@@ -135,6 +154,8 @@ def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Ce
 def cell_verdict(row: dict) -> str:
     if row.get("status") == "error":
         return "ERROR"
+    if row.get("status") == "refused":
+        return "REFUSED"
     if row.get("status") == "unsupported":  # the preflight refused the stack (api.matrix)
         return "UNSUPPORTED"
     if row.get("status") in ("crashed", "timeout"):

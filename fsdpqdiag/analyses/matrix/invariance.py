@@ -8,7 +8,16 @@ from collections.abc import Sequence
 from dataclasses import asdict
 from typing import Any
 
-from fsdpqdiag.analyses.matrix.cells import DIMENSIONS, Cell, cell_verdict
+from fsdpqdiag.analyses.matrix.cells import (
+    CASTING_POLICIES,
+    DIMENSIONS,
+    NON_CASTING_POLICIES,
+    Cell,
+    cell_verdict,
+)
+
+# The claim #1945 concludes with: the alteration comes from the bf16 param_dtype cast.
+CAST_QUESTION = "param_dtype_cast"
 
 
 def outcome_key(row: dict) -> tuple:
@@ -54,7 +63,35 @@ def invariance(table: list[dict], dimensions: Sequence[str] = DIMENSIONS) -> dic
         f"Invariant in: {', '.join(invariant) or 'nothing tested'}; "
         f"Depends on: {', '.join(depends) or 'nothing'}"
     )
+    cast = cast_dependence(table, dimensions)
+    if cast["status"] != "untested":
+        result[CAST_QUESTION] = cast
+        answer = "yes" if cast["status"] == "depends" else "no"
+        result["summary"] += f"; needs the bf16 param_dtype cast: {answer}"
     return result
+
+
+def cast_dependence(table: list[dict], dimensions: Sequence[str] = DIMENSIONS) -> dict[str, Any]:
+    """Does the outcome need the bf16 ``param_dtype`` cast? Pairs of a cell whose policy
+    casts and one whose does not (an empty policy, or none given), equal in every other
+    dimension: ``depends`` where a pair's outcomes differ, ``invariant`` where all agree."""
+    same, different, not_comparable = [], [], set()
+    casting = [row for row in table if row.get("mp") in CASTING_POLICIES]
+    plain = [row for row in table if row.get("mp") in NON_CASTING_POLICIES]
+    for a, b in itertools.product(casting, plain):
+        if any(a.get(d) != b.get(d) for d in dimensions if d != "mp"):
+            continue
+        failed = [row["name"] for row in (a, b) if not row.get("comparable", True)]
+        if failed:
+            not_comparable.update(failed)
+            continue
+        (same if a["outcome"] == b["outcome"] else different).append([a["name"], b["name"]])
+    return {
+        "status": "depends" if different else "invariant" if same else "untested",
+        "same_outcome": same,
+        "different_outcome": different,
+        "not_comparable": sorted(not_comparable),
+    }
 
 
 def table_rows(cells: list[Cell], rows: dict[str, dict], by_verdict: bool = False) -> list[dict]:

@@ -20,7 +20,7 @@ RECORD_NAME = "cells.jsonl"
 REJECTED_NAME = "cells.rejected.jsonl"
 SWEEP_HEADER = "fsdpqdiag_sweep"
 SWEEP_VERSION = 1
-ROW_STATUSES = ("ok", "error", "crashed", "timeout")
+ROW_STATUSES = ("ok", "error", "refused", "crashed", "timeout")
 
 
 class SweepRecordError(ValueError):

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from fsdpqdiag.analyses.matrix.cells import MP_POLICIES, Cell, cell_verdict
+from fsdpqdiag.analyses.matrix.cells import MP_OMITTED, MP_POLICIES, Cell, cell_verdict
 from fsdpqdiag.analyses.matrix.record import append_line
 from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
@@ -47,17 +47,48 @@ def _fsdp_kwargs(cell: Cell) -> dict[str, Any]:
     _, MixedPrecisionPolicy = fsdp_api()
     kwargs: dict[str, Any] = {"reshard_after_forward": cell.reshard_after_forward}
     dtypes = MP_POLICIES[cell.mp]
+    if dtypes == MP_OMITTED:  # FSDP2's own default
+        return kwargs
     # Cell B passes mp_policy=None literally, as #1945 did, and records what FSDP2 does.
     kwargs["mp_policy"] = (
         None
         if dtypes is None
         else MixedPrecisionPolicy(
-            param_dtype=getattr(torch, dtypes[0]),
-            reduce_dtype=getattr(torch, dtypes[1]),
+            param_dtype=getattr(torch, dtypes[0]) if dtypes[0] else None,
+            reduce_dtype=getattr(torch, dtypes[1]) if dtypes[1] else None,
             cast_forward_inputs=cell.cast_forward_inputs,
         )
     )
     return kwargs
+
+
+# Exceptions by which FSDP2 rejects an argument it cannot use (mp_policy=None dies on
+# ``None.param_dtype`` in its lazy init): raised in its own code, they are its answer.
+_REFUSALS = (AttributeError, TypeError, ValueError)
+_FSDP_CODE = "torch/distributed/fsdp/"
+
+
+def failed_row(exc: BaseException, baseline: float) -> dict[str, Any]:
+    """The row of a cell that raised: ``refused`` where FSDP2's own code rejected the
+    configuration (with the file, relative to torch's package, and function it raised in),
+    else ``error``."""
+    import traceback
+
+    frames = traceback.extract_tb(exc.__traceback__)
+    where = frames[-1] if frames else None
+    file = where.filename.replace("\\", "/") if where else ""
+    inside = _FSDP_CODE in file
+    message = f"{type(exc).__name__}: {exc}"
+    row: dict[str, Any] = {"status": "error", "error": message, "loss_baseline": baseline}
+    if where is not None:
+        # From "torch/" on: the path of the package, not of the machine it ran on.
+        relative = file[file.rfind("torch/") :] if "torch/" in file else file.rsplit("/", 1)[-1]
+        row["raised_at"] = {"file": relative, "function": where.name}
+        if inside and isinstance(exc, _REFUSALS):
+            row["status"] = "refused"
+            # The file's name only: the message is a table cell; raised_at keeps its path.
+            row["error"] += f" (FSDP2 refused it in {relative.rsplit('/', 1)[-1]}, {where.name})"
+    return row
 
 
 def _shard(model, cell: Cell, mesh) -> int:
@@ -201,7 +232,7 @@ def run(config: dict[str, Any], ctx) -> dict[str, Any]:
     try:
         row = _run_cell(cell, base, original, ids, baseline, ctx.mesh())
     except Exception as exc:  # noqa: BLE001 - a cell that raises is a row, as #1945's cell B
-        row = {"status": "error", "error": f"{type(exc).__name__}: {exc}", "loss_baseline": baseline}
+        row = failed_row(exc, baseline)
     else:
         ctx.checkpoint(f"{cell.name}: control: {CONTROL}", row)
         control = _plain_control(cell, row, original, ctx)
