@@ -36,7 +36,9 @@ def test_repack_path_is_consistent_and_matches_standalone(monkeypatch, ws):
     monkeypatch.setenv("FSDPQDIAG_BNB_CPU_REPACK", "on")
     result = _probe("cpu-weight-repack", ws)
     _check_consistent(result, "on")
-    script_ranks = _standalone("cpu_weight_repack.py", ws, "--repack", "on")
+    # The script's exit status is its verdict: 1 where it reproduces, 0 where not, 2 inconclusive.
+    status = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}[result.verdict]
+    script_ranks = _standalone("cpu_weight_repack.py", ws, "--repack", "on", "--json", returncodes=(status,))
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
