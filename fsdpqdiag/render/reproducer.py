@@ -70,12 +70,15 @@ def arguments(result) -> tuple[list[str], list[str]]:
     return args, missing
 
 
-def command(result) -> str | None:
-    """The shell-quoted line that reruns ``result`` (torchrun for several ranks), or None."""
+def command(result, *, bare: bool = False) -> str | None:
+    """The shell-quoted line that reruns ``result`` (torchrun for several ranks), or None.
+    ``bare``: the script by its file name alone, as saved from a report that embeds it."""
     script = script_of(result.probe)
     if script is None:
         return None
-    args, _ = arguments(result)
+    if bare:
+        script = Path(script).name
+    args, _ = arguments(result)  # read from the checkout's script, whatever name it is run by
     launcher = (
         ["python"] if result.world_size == 1 else ["torchrun", "--nproc-per-node", str(result.world_size)]
     )
