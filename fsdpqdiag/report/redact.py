@@ -101,3 +101,10 @@ def redact_argv(argv: list[str] | tuple[str, ...], *, drop_outputs: bool = True)
 def command_line(argv: list[str] | tuple[str, ...], *, drop_outputs: bool = True) -> str:
     """``argv`` redacted and shell-quoted: pasting it runs that command and nothing else."""
     return shlex.join(redact_argv(argv, drop_outputs=drop_outputs))
+
+
+def redact_report(data: dict[str, Any]) -> dict[str, Any]:
+    """A report's JSON as it may be published: its command line without output paths or
+    credentials, every other string with ``redact_text``. It still loads against the schema:
+    only string values change."""
+    return {k: redact_argv(v) if k == "argv" else redact_data(v) for k, v in data.items()}
