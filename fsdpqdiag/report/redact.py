@@ -31,7 +31,16 @@ _SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{8,}|gh[pousr]_[A-Za-z0-9]{16,}|sk
 # An absolute POSIX path: a root-level folder name and at least one more component.
 _ABSOLUTE_PATH = re.compile(r"(?<![\w.:/-])/(?:[\w.@+~-]+/)+[\w.@+~-]*")
 _INSTALL_ROOTS = ("site-packages/", "dist-packages/")
-_PACKAGE_MARKERS = ("/fsdpqdiag/", "/reproducers/", "/examples/", "/tests/")
+_PACKAGE_MARKERS = (
+    "/fsdpqdiag/",
+    "/reproducers/",
+    "/examples/",
+    "/tests/",
+    "/bitsandbytes/",
+    "/torch/",
+    "/transformers/",
+    "/peft/",
+)
 
 
 def redact_path(path: str) -> str:
