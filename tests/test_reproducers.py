@@ -25,7 +25,7 @@ def _json_objects(text: str) -> list[dict]:
     return found
 
 
-def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
+def _standalone(script: str, ws: int, *extra: str) -> list[dict]:
     args = [
         f"reproducers/{script}",
         "--device",
@@ -36,6 +36,12 @@ def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] 
         str(FEATURES),
         *extra,
     ]
+    return run_script(args, ws)
+
+
+def run_script(args: list[str], ws: int, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
+    """A standalone script (path and options, from the checkout's root) at world size ``ws``;
+    its ranks' JSON objects, by rank."""
     launcher = (
         [sys.executable]
         if ws == 1
