@@ -25,7 +25,7 @@ def _json_objects(text: str) -> list[dict]:
     return found
 
 
-def _standalone(script: str, ws: int, *extra: str) -> list[dict]:
+def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
     args = [
         f"reproducers/{script}",
         "--device",
@@ -36,7 +36,7 @@ def _standalone(script: str, ws: int, *extra: str) -> list[dict]:
         str(FEATURES),
         *extra,
     ]
-    return run_script(args, ws)
+    return run_script(args, ws, returncodes)
 
 
 def run_script(args: list[str], ws: int, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
@@ -62,8 +62,11 @@ def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
 
 @pytest.mark.parametrize("ws", [1, 2])
 def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
-    script_ranks = _standalone("nan_canonicalization.py", ws)
     result = shared_probe("nan-canonicalization", ws)
+    # The script's exit status is its verdict (torchrun reports any rank's failure as 1).
+    status = {"REPRODUCED": 1, "NOT REPRODUCED": 0}.get(result.verdict, 2)
+    status = min(status, 1) if ws > 1 else status
+    script_ranks = _standalone("nan_canonicalization.py", ws, "--json", returncodes=(status,))
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
