@@ -42,6 +42,13 @@ def _options(script: str) -> set[str]:
     return set(_OPTION.findall(source_of(script) or ""))
 
 
+def prints_verdict(probe: str) -> bool:
+    """Whether the probe's script prints one verdict line and exits with it (1 where it
+    reproduces): the scripts that do offer ``--json`` for their ranks' measurements."""
+    script = script_of(probe)
+    return bool(script) and "--json" in _options(script)
+
+
 def arguments(result) -> tuple[list[str], list[str]]:
     """The script's options for ``result``, and the settings of the run it has no option for."""
     script = script_of(result.probe)

@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 
 from fsdpqdiag.render import reproducer
-from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, _fold_to_fit, fsdpqdiag_command
+from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, _fold_to_fit, _label, fsdpqdiag_command
 from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Report
 from fsdpqdiag.report.redact import redact_data, redact_text
 
@@ -115,7 +115,7 @@ def _finding_lines(r) -> list[str]:
     missing = reproducer.arguments(r)[1]
     status = EXIT_STATUS.get(r.verdict)
     lines = [
-        f"#### `{r.probe}` at world size {r.world_size} on {r.device}/{r.backend}: {r.verdict}",
+        f"#### `{_label(r)}` at world size {r.world_size} on {r.device}/{r.backend}: {r.verdict}",
         "",
         f"Component: {attribution.get('component')}; known upstream issues: {known}.",
         "",
@@ -131,16 +131,14 @@ def _finding_lines(r) -> list[str]:
         if missing:
             lines.append(f"(The script has no option for {', '.join(missing)}; the run used these.)")
         lines.append("")
+    lines += [f"**Observed** (fsdpqdiag's measurement of the same code): {r.summary}", ""]
+    verdict_line = line and reproducer.prints_verdict(r.probe)
+    if verdict_line and status is not None:
+        lines += [f"The script prints one line starting `{r.verdict}` and exits {status}.", ""]
     lines += [
-        f"**Observed** (fsdpqdiag's measurement of the same code): {r.summary}",
-        "",
-        f"The script prints one line starting `{r.verdict}` and exits {status}."
-        if line and status is not None
-        else "",
-        "",
-        "**Expected:** what the controls show without the fault: the layer gives the same bytes "
-        "and the same output under FSDP2 as without it (the script prints `NOT REPRODUCED` and "
-        "exits 0).",
+        "**Expected:** every rank completes, and the layer gives the same bytes and the same "
+        "output under FSDP2 as without it"
+        + (" (the script prints `NOT REPRODUCED` and exits 0)." if verdict_line else "."),
         "",
         "Controls that decided the component:",
         *(f"- {decided}" for decided in attribution.get("decided_by") or []),
@@ -177,10 +175,15 @@ def render(report: Report, repo: str, limit: int = GITHUB_COMMENT_LIMIT) -> str:
             f"no finding in this report is attributed to {repo} (attributed: {', '.join(named)})"
         )
     findings = [line for r in results for line in _finding_lines(r)]
+    scripted = any(reproducer.script_of(r.probe) for r in results)
     intro = [
         f"{len(results)} finding(s) measured by fsdpqdiag `{fsdpqdiag_command(report)}` "
-        f"({report.fsdpqdiag_version}); each reruns from the script below alone "
-        "(torch and bitsandbytes only).",
+        f"({report.fsdpqdiag_version})"
+        + (
+            "; each reruns from the script embedded here alone (torch and bitsandbytes only)."
+            if scripted
+            else "."
+        ),
         "",
     ]
     if repo == REPOSITORIES["pytorch"]:
