@@ -121,6 +121,9 @@ def _result_lines(r) -> list[str]:
         lines.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
     else:
         lines.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+    script = reproducer.script_of(r.probe)
+    if script:  # the line that runs it, with this run's configuration, is under "To reproduce"
+        lines.append(f"  Standalone script: `{script}`")
     table = presentation_of(r.probe).detail(r.evidence)
     if table is not None:  # the probe's own table, e.g. a row per configuration it tried
         headers = [column.header for column in table.columns]
