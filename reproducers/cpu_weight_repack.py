@@ -4,8 +4,10 @@ On a CPU with AVX512-BF16, ``Linear4bit.forward`` in inference rewrites ``self.w
 into a CPU-blocked layout and marks the module's ``QuantState`` ``packing_format_for_cpu``.
 Under ``fully_shard`` that weight is FSDP2's unsharded parameter, re-made from the shards at
 every unshard. Forward twice with a reshard between: does forward receive the original bytes
-each time, and does each output match the same layer without FSDP2? Prints one JSON line
-per rank.
+each time, and does each output match the same layer without FSDP2? Rank 0 prints one
+verdict line for the run (``--json`` adds each rank's measurements, one JSON object a line);
+the exit status is 1 where the bug reproduces, 0 where it does not, 2 where the layer without
+FSDP2 is unstable itself (no conclusion).
 
     torchrun --nproc-per-node 2 reproducers/cpu_weight_repack.py
     python reproducers/cpu_weight_repack.py                       # world size 1
@@ -44,6 +46,8 @@ def main():
     parser.add_argument("--repack", choices=["auto", "on", "off"], default="auto")
     parser.add_argument("--weight-seed", type=int, default=42)
     parser.add_argument("--input-seed", type=int, default=123)
+    parser.add_argument("--backend", choices=["gloo"], default="gloo")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -53,7 +57,7 @@ def main():
     }.items():
         os.environ.setdefault(key, value)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    dist.init_process_group("gloo")
+    dist.init_process_group(args.backend)
 
     torch.manual_seed(args.weight_seed)
     linear = bnb.nn.Linear4bit(
@@ -108,13 +112,45 @@ def main():
         "control_without_fsdp_stable": bool(control_stable),
         "forwards": forwards,
     }
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def verdict(ranks):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED, 2 INCONCLUSIVE."""
+    forwards = [f for r in ranks for f in r["forwards"]]
+    first = ranks[0]
+    path = "repack path" if first["repack_path"] else "dequantize path"
+    deltas = ", ".join(
+        f"forward {i + 1}: max |dy| = {f['max_abs_delta']}" for i, f in enumerate(first["forwards"])
+    )
+    intact = all(f["received_bytes_equal"] and f["local_tensor_bytes_equal"] for f in forwards)
+    received = "every original byte" if intact else "altered bytes"
+    head = f"ws={first['world_size']} torch {first['torch']} bitsandbytes {first['bitsandbytes']}, {path}"
+    detail = f"{head}: forward received {received}; {deltas}"
+    if intact and all(f["output_bit_equal"] for f in forwards):
+        return 0, f"NOT REPRODUCED {detail}; outputs bit-equal to the layer without FSDP2"
+    if not all(r["control_without_fsdp_stable"] for r in ranks):
+        return 2, f"INCONCLUSIVE {detail}; the layer without FSDP2 is unstable too"
+    flag = (
+        "; QuantState stays marked packing_format_for_cpu while FSDP2 hands forward the original layout"
+        if first["forwards"][-1]["repacked_after_forward"] and intact
+        else ""
+    )
+    return 1, f"REPRODUCED {detail}; output differs from the layer without FSDP2{flag}"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then (see reproducers/nan_canonicalization.py).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

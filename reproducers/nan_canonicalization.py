@@ -1,7 +1,10 @@
 """Standalone reproducer of bitsandbytes #1945, Mechanism A (torch + bitsandbytes only).
 
 Does the weight that ``Linear4bit.forward`` receives after FSDP2 ``fully_shard`` keep
-every byte of the packed-NF4 bf16 storage? Prints one JSON line per rank.
+every byte of the packed-NF4 bf16 storage? Rank 0 prints one verdict line for the run
+(``--json`` adds each rank's measurements, one JSON object a line); the exit status is 1
+where it reproduces (forward receives altered bytes and the output changes), 0 where it does
+not, 2 where bytes and output disagree (no conclusion).
 
     torchrun --nproc-per-node 2 reproducers/nan_canonicalization.py            # CPU/gloo or GPU/NCCL
     python reproducers/nan_canonicalization.py --device cpu                    # world size 1
@@ -52,6 +55,8 @@ def main():
     )
     parser.add_argument("--weight-seed", type=int, default=42)
     parser.add_argument("--input-seed", type=int, default=123)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -67,7 +72,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
 
     torch.manual_seed(args.weight_seed)
     linear = bnb.nn.Linear4bit(
@@ -113,14 +118,41 @@ def main():
         "mean_abs_delta": float(delta.mean()),
         "output_bit_equal": bool(torch.equal(y_pre.view(torch.int16), y_post.view(torch.int16))),
     }
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device.type)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED, 2 INCONCLUSIVE."""
+    first = ranks[0]
+    altered = sum(r["swap_target"]["differing_elements"] for r in ranks)
+    changed = not all(r["output_bit_equal"] for r in ranks)
+    patterns = sorted({p for r in ranks for p in r["swap_target"]["post_bit_patterns"]})
+    detail = (
+        f"ws={first['world_size']} {device} torch {first['torch']} bitsandbytes {first['bitsandbytes']}: "
+        f"{altered} elements (all ranks) differ in the weight forward receives, "
+        f"{first['nan_elements']} of {first['elements']} original elements NaN-class; "
+        f"post bits {', '.join(patterns[:3]) or '-'}; max |dy| = {max(r['max_abs_delta'] for r in ranks)}"
+    )
+    if altered and changed:
+        return 1, f"REPRODUCED {detail}"
+    if not altered and not changed:
+        return 0, f"NOT REPRODUCED {detail}"
+    return 2, f"INCONCLUSIVE {detail}; bytes and output disagree"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

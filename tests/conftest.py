@@ -174,6 +174,10 @@ def shared_cli(tmp_path_factory):
         )
         result = CliResult(completed, json_path, markdown_path)
         result.out = out
+        if markdown_path.exists():  # every Markdown a test run writes is fit to publish
+            from .publishable import check_markdown
+
+            check_markdown(markdown_path.read_text(), " ".join(args))
         return result
 
     return run

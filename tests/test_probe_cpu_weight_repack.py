@@ -2,11 +2,16 @@
 script, and a positive control that flips the probe on the path where nothing breaks."""
 
 import json
+import shlex
+from pathlib import Path
 
 import pytest
 
-from .test_reproducers import _standalone
+from fsdpqdiag.render import markdown, reproducer
+from fsdpqdiag.report.model import Report
+
 from .test_reproducers import cpu_probe as _probe
+from .test_reproducers import run_script
 
 COMPONENTS = {"torch.distributed.fsdp", "bitsandbytes", "injected fault", "undetermined"}
 
@@ -36,7 +41,17 @@ def test_repack_path_is_consistent_and_matches_standalone(monkeypatch, ws):
     monkeypatch.setenv("FSDPQDIAG_BNB_CPU_REPACK", "on")
     result = _probe("cpu-weight-repack", ws)
     _check_consistent(result, "on")
-    script_ranks = _standalone("cpu_weight_repack.py", ws, "--repack", "on")
+    # The line a report prints for this result is the one run: its exit status is the verdict
+    # (1 where it reproduces, 0 where not, 2 inconclusive).
+    line = reproducer.command(result)
+    if result.verdict == "REPRODUCED":
+        assert f"    {line}" in markdown.render(Report("reproduce", [], {}, [result])).splitlines()
+    words = shlex.split(line)
+    script_at = next(i for i, word in enumerate(words) if word.endswith(".py"))
+    assert Path(words[script_at]).name == "cpu_weight_repack.py"
+    status = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}[result.verdict]
+    status = min(status, 1) if ws > 1 else status  # torchrun exits 1 for any rank's failure
+    script_ranks = run_script([*words[script_at:], "--json"], ws, returncodes=(status,))
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]

@@ -64,7 +64,22 @@ def test_committed_reports_validate_and_render(path):
         assert f"**{result.verdict}**" in text
     assert f"fsdpqdiag {report.command}" in text and report.env["torch"]["version"] in text
     if report.command == "reproduce":  # its probes have standalone scripts for maintainers
-        assert "torchrun --nproc-per-node" in text
+        from fsdpqdiag.render import reproducer
+
+        lines = text.split("<details>", 1)[0].splitlines()
+        for result in report.results:
+            script, line = reproducer.script_of(result.probe), reproducer.command(result)
+            if script is None:
+                continue
+            assert f"`{script}`" in text  # named beside every result
+            # ... and run, with the result's configuration, under "To reproduce" only where it
+            # reproduced
+            listed = any(row.strip().split("  # ")[0] == line for row in lines)
+            same_line_reproduced = any(
+                other.verdict == "REPRODUCED" and reproducer.command(other) == line
+                for other in report.results
+            )
+            assert listed == same_line_reproduced, (result.probe, result.verdict, line)
 
 
 def test_key_numbers_of_forensics_and_a_refused_fully_shard():

@@ -46,6 +46,15 @@ def _load(path: Path):
         raise fail(str(exc)) from None
 
 
+def _upstream_markdown(loaded, upstream: str) -> str:
+    from fsdpqdiag.render import upstream as upstream_view
+
+    try:
+        return upstream_view.render(loaded, upstream)
+    except ValueError as exc:  # an unknown repository, or nothing attributed to it
+        raise fail(str(exc)) from None
+
+
 @app.command()
 def env(
     json_out: Annotated[bool, typer.Option("--json", help="Print the environment as JSON.")] = False,
@@ -74,13 +83,25 @@ def report(
         Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG byte map of the altered elements.")] = None,
+    upstream: Annotated[
+        str | None,
+        typer.Option(
+            help="Markdown for one repository's bug template, with only the findings attributed to it "
+            "(pytorch, bitsandbytes, transformers, peft, axolotl)."
+        ),
+    ] = None,
     wide: Wide = False,
 ) -> None:
-    """Render any report: Markdown for an upstream issue, a table, or JSON."""
+    """Render any report: Markdown for an upstream issue, a table, or JSON.
+
+    Example: fsdpqdiag report run.json --upstream bitsandbytes -o issue.md
+    """
     from fsdpqdiag.report.model import atomic_write_text
 
     if format not in ("md", "table", "json"):
         raise fail(f"unknown format {format!r} (known: md, table, json)")
+    if upstream is not None and format != "md":
+        raise fail("--upstream renders Markdown only (drop --format)")
     check_outputs(output, plot, inputs=(path,))
     loaded = _load(path)
     if plot is not None:
@@ -98,7 +119,9 @@ def report(
         else:
             print_tables(report_tables(loaded, wide, path), wide)
         return
-    if format == "md":
+    if format == "md" and upstream is not None:
+        text = _upstream_markdown(loaded, upstream)
+    elif format == "md":
         from fsdpqdiag.render.markdown import render
 
         text = render(loaded)

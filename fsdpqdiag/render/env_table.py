@@ -28,5 +28,8 @@ def env_table(captured: dict, wide: bool = False) -> FittedTable:
 
 
 def env_markdown(captured: dict) -> str:
-    rows = "\n".join(f"| {key} | {value} |" for key, value in flatten(captured))
+    """For an issue: the library paths shortened to package-relative names (``report.redact``)."""
+    from fsdpqdiag.report.redact import redact_data
+
+    rows = "\n".join(f"| {key} | {value} |" for key, value in flatten(redact_data(captured)))
     return "| item | value |\n| --- | --- |\n" + rows

@@ -1,19 +1,23 @@
 """Markdown view of any report, to paste into an upstream issue as it is.
 
-A summary paragraph with each verdict, the commands that reproduce it (fsdpqdiag and the
-standalone script), one table, sample elements, the full evidence inside <details>, and
+A summary paragraph with each verdict, the commands that reproduce it (fsdpqdiag and, for
+each result that reproduced, its standalone script with the result's configuration), one
+table, sample elements, the full evidence inside <details>, and
 the environment. GitHub refuses comments over 65,536 characters: the largest evidence
 blocks are folded first, with a note saying what was cut; where the results' own lines
-still exceed it (hundreds of results), the lines that do not fit are cut too.
+still exceed it (hundreds of results), the lines that do not fit are cut too. Every line and
+block goes through ``report.redact`` first: no path or credential of the machine leaves it.
 """
 
 from __future__ import annotations
 
 import json
 
+from fsdpqdiag.render import reproducer
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
-from fsdpqdiag.report.model import Report
-from fsdpqdiag.tasks import PROBES, presentation_of
+from fsdpqdiag.report.model import REPRODUCED, Report
+from fsdpqdiag.report.redact import command_line, redact_data, redact_text
+from fsdpqdiag.tasks import presentation_of
 
 GITHUB_COMMENT_LIMIT = 65_536
 
@@ -40,17 +44,27 @@ def _md_row(cells) -> str:
     return "  | " + " | ".join(str(cell).replace("|", "\\|") for cell in cells) + " |"
 
 
+def fsdpqdiag_command(report: Report) -> str:
+    """The command that wrote ``report``, as a user reruns it: the kernel path it forced, its
+    options without output files or credentials, shell-quoted."""
+    override = ((report.env.get("bitsandbytes") or {}).get("cpu_path") or {}).get("override")
+    prefix = [f"FSDPQDIAG_BNB_CPU_REPACK={override}"] if override else []
+    return command_line([*prefix, "fsdpqdiag", *(report.argv or [report.command])])
+
+
 def _reproduce_lines(report: Report) -> list[str]:
-    lines = [f"    fsdpqdiag {' '.join(report.argv) if report.argv else report.command}"]
-    scripts = sorted(
-        {
-            PROBES[r.probe].standalone
-            for r in report.results
-            if r.probe in PROBES and PROBES[r.probe].standalone
-        }
-    )
-    for ws in report.world_sizes:
-        lines += [f"    torchrun --nproc-per-node {ws} {script}" for script in scripts]
+    """The command that wrote the report, then one standalone line per result that
+    reproduced, each with that result's configuration."""
+    lines = [f"    {fsdpqdiag_command(report)}"]
+    seen: set[str] = set()
+    for r in report.results:
+        line = reproducer.command(r) if r.verdict == REPRODUCED else None
+        if line and line not in seen:
+            seen.add(line)
+            missing = reproducer.arguments(r)[1]
+            lines.append(
+                f"    {line}" + (f"  # the script has no option for {', '.join(missing)}" if missing else "")
+            )
     return lines
 
 
@@ -107,6 +121,9 @@ def _result_lines(r) -> list[str]:
         lines.append(f"  Decided by: {'; '.join(attribution.get('decided_by') or [])}")
     else:
         lines.append(f"- **{r.verdict}** {_label(r)} (ws={r.world_size}): {r.summary}")
+    script = reproducer.script_of(r.probe)
+    if script:  # the line that runs it, with this run's configuration, is under "To reproduce"
+        lines.append(f"  Standalone script: `{script}`")
     table = presentation_of(r.probe).detail(r.evidence)
     if table is not None:  # the probe's own table, e.g. a row per configuration it tried
         headers = [column.header for column in table.columns]
@@ -139,13 +156,14 @@ def _details(report: Report) -> list[tuple[str, str]]:
     """The full JSON blocks, each (title, body): every result's evidence, every preflight,
     the environment."""
     details = [
-        (f"evidence: {_label(r)} ws={r.world_size}", json.dumps(r.evidence, indent=1)) for r in report.results
+        (f"evidence: {_label(r)} ws={r.world_size}", json.dumps(redact_data(r.evidence), indent=1))
+        for r in report.results
     ]
     details += [
-        (f"preflight ws={checked['world_size']}", json.dumps(checked, indent=1))
+        (f"preflight ws={checked['world_size']}", json.dumps(redact_data(checked), indent=1))
         for checked in report.preflight
     ]
-    details.append(("environment", json.dumps(report.env, indent=1)))
+    details.append(("environment", json.dumps(redact_data(report.env), indent=1)))
     return details
 
 
@@ -207,4 +225,4 @@ def render(report: Report, limit: int = GITHUB_COMMENT_LIMIT) -> str:
         head += _result_lines(r)
     head += preflight_lines(report)
     head += _invariance_lines(report)
-    return _fold_to_fit(head, _details(report), limit)
+    return _fold_to_fit([redact_text(line) for line in head], _details(report), limit)

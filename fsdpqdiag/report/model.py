@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdpqdiag.core.verdict import VerdictKind
+from fsdpqdiag.report.redact import redact_argv
 
 SCHEMA = "fsdpqdiag.report/1"
 
@@ -98,6 +99,9 @@ class Report:
     preflight: list[dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self) -> None:
+        # The report is a file that travels (attached to an issue, committed): the command line
+        # it records keeps what reruns the run, not its output paths or a credential.
+        self.argv = redact_argv(self.argv)
         if not self.fsdpqdiag_version:
             from fsdpqdiag import __version__
 
