@@ -127,21 +127,9 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
-        try:
-            # A FIFO would block the read until some writer appears: only regular files.
-            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
-                raise ReportError(f"cannot read {path}: not a regular file")
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise ReportError(f"cannot read {path}: {exc.strerror}") from exc
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ReportError(f"{path} is not a JSON report (not UTF-8 text at byte {exc.start})") from exc
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ReportError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        from fsdpqdiag.core import bounded_json
+
+        data = bounded_json.load_file(path, bounded_json.REPORT_LIMITS, error=ReportError)
         try:
             return cls.from_dict(data)
         except ReportError as exc:
