@@ -55,7 +55,7 @@ def watch(
         check_inject(inject)  # the message every other command gives
     except BadInput as exc:
         raise fail(str(exc)) from None
-    check_outputs(json_path, markdown_path)
+    quiet = check_outputs(json_path, markdown_path) or quiet
     command = list(command or [])
     try:
         watching.check_command(command)
