@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
     _check_storage_pairs,
@@ -49,6 +50,8 @@ def reproduce(
         _check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
+    on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack()
     results, checks = [], []
     for run in runs:
@@ -87,6 +90,8 @@ def localize(
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
+    on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack()
     results, checks = [], []
     for run in runs:
@@ -204,6 +209,7 @@ def forensics(
     if quant_type not in QUANT_TYPES:
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack()
     try:
         path = resolve_model(model, preset)

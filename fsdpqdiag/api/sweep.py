@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
     _runs,
@@ -69,6 +70,7 @@ def matrix(
     writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
     if out_dir is not None and resume is None and writes_record:
         _check_new_sweep_dir(Path(out_dir))
+    on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack()
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank

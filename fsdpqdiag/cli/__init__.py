@@ -14,6 +14,7 @@ from fsdpqdiag.cli.app import app
 
 
 def main() -> None:
+    from fsdpqdiag.cli import streams
     from fsdpqdiag.launcher.launch import exit_skipping_teardown, in_launched_job
     from fsdpqdiag.launcher.stop_signals import install_stop_handlers, stop_received
     from fsdpqdiag.rank import stacklog
@@ -28,9 +29,10 @@ def main() -> None:
     stacklog.install()
 
     if not in_launched_job():
+        streams.install()
         install_stop_handlers()
         try:
-            app()
+            streams.run_guarded(app)
         except SystemExit as done:
             # A stop outside a launch (while writing the report, say) reaches typer as a
             # KeyboardInterrupt, which it ends with 130: give the signal's own code.

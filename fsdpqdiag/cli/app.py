@@ -86,14 +86,25 @@ def model_files(model: str | None) -> tuple[Path, ...]:
     return tuple(entry for entry in directory.iterdir() if entry.is_file())
 
 
-def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
+def check_outputs(
+    *paths: Path | None, inputs: tuple[Path, ...] = (), binary: tuple[Path | None, ...] = ()
+) -> bool:
     """Refuse, before any work, an output that cannot be written as a regular file, that
     would overwrite one of this run's inputs, or that another output of the run also names
-    (``--json x --markdown x`` would silently keep only the last)."""
+    (``--json x --markdown x`` would silently keep only the last). ``-`` is stdout, for one
+    output at most and none of the ``binary`` ones (a PNG or Parquet file). True when an
+    output is stdout: the command then prints no table, which would be mixed into it."""
+    from fsdpqdiag.cli.streams import is_stdout
     from fsdpqdiag.report.model import same_file
 
-    wanted = [path for path in paths if path is not None]
+    if any(is_stdout(path) for path in binary):
+        raise fail("a binary output (--plot, --parquet) cannot be - (stdout): give it a file")
+    wanted = [path for path in (*paths, *binary) if path is not None]
+    if sum(is_stdout(path) for path in wanted) > 1:
+        raise fail("two outputs are - (stdout): at most one output can be stdout")
     for index, path in enumerate(wanted):
+        if is_stdout(path):
+            continue
         try:
             check_writable(path)
         except ValueError as exc:
@@ -102,8 +113,25 @@ def check_outputs(*paths: Path | None, inputs: tuple[Path, ...] = ()) -> None:
             if same_file(path, source):
                 raise fail(f"cannot write {path}: it is the input {source}, which would be lost")
         for other in wanted[:index]:
-            if same_file(path, other):
+            if not is_stdout(other) and same_file(path, other):
                 raise fail(f"cannot write {path}: another output of this run ({other}) is the same file")
+    return any(is_stdout(path) for path in wanted)
+
+
+def write_outputs(*outputs: tuple[Path | None, object]) -> None:
+    """Write each (path, text or bytes-producing callable) whose path is given; a file that
+    cannot be written after the work is done ends the command with EXIT_WRITE_ERROR."""
+    from fsdpqdiag.cli.streams import OutputWriteError, write_output
+    from fsdpqdiag.report.model import EXIT_WRITE_ERROR
+
+    for path, data in outputs:
+        if path is None:
+            continue
+        try:
+            write_output(path, data() if callable(data) else data)
+        except OutputWriteError as exc:
+            print_error(str(exc))
+            raise typer.Exit(EXIT_WRITE_ERROR) from None
 
 
 @app.callback()
@@ -135,10 +163,10 @@ Inject = Annotated[
         help=f"Positive control: replace a real step with a known-faulty one ({', '.join(FAULTS)})."
     ),
 ]
-JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the JSON report here.")]
+JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the JSON report here (- for stdout).")]
 MarkdownPath = Annotated[
     Path | None,
-    typer.Option("--markdown", help="Write the Markdown report here."),
+    typer.Option("--markdown", help="Write the Markdown report here (- for stdout)."),
 ]
 Quiet = Annotated[bool, typer.Option("--quiet", "-q", help="No table on stdout.")]
 Wide = Annotated[
@@ -168,16 +196,13 @@ def print_report(
 
 
 def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
-    """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun)."""
+    """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun);
+    either may be ``-``, stdout."""
     from fsdpqdiag.render import markdown
-    from fsdpqdiag.report.model import atomic_write_text
 
     if not is_reporting_rank():
         return
-    if json_path is not None:
-        atomic_write_text(json_path, report.to_json())
-    if markdown_path is not None:
-        atomic_write_text(markdown_path, markdown.render(report))
+    write_outputs((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
 
 
 def run_library(call, status_text: str = "starting…"):

@@ -65,7 +65,7 @@ def fix(
     from fsdpqdiag import api
     from fsdpqdiag.render.fix_table import fix_table
 
-    check_outputs(json_path, markdown_path)
+    quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
         lambda progress: api.fix(
             workarounds=workaround or ("all",),

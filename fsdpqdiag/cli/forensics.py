@@ -57,7 +57,9 @@ def forensics(
     from fsdpqdiag.core.config import canonical_dtype
     from fsdpqdiag.render.forensics_table import forensics_table
 
-    check_outputs(json_path, markdown_path, inputs=model_files(model))
+    quiet = (
+        check_outputs(json_path, markdown_path, inputs=model_files(model)) or quiet
+    )  # a table would mix into a - output
     try:
         storage = canonical_dtype(quant_storage)
     except ValueError as exc:

@@ -48,7 +48,7 @@ def localize(
     from fsdpqdiag.core.config import LinearConfig
     from fsdpqdiag.render.localize_table import localize_table
 
-    check_outputs(json_path, markdown_path)
+    quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
         lambda progress: api.localize(
             linear=LinearConfig(in_features=in_features, out_features=out_features),

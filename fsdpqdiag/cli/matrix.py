@@ -25,6 +25,7 @@ from fsdpqdiag.cli.app import (
     print_report,
     run_library,
     stderr,
+    write_outputs,
     write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
@@ -66,7 +67,7 @@ def matrix(
     ] = None,
     json_path: JsonPath = None,
     markdown_path: MarkdownPath = None,
-    csv: Annotated[Path | None, typer.Option(help="Write the cells as CSV (pandas).")] = None,
+    csv: Annotated[Path | None, typer.Option(help="Write the cells as CSV (pandas; - for stdout).")] = None,
     parquet: Annotated[Path | None, typer.Option(help="Write the cells as Parquet (needs pyarrow).")] = None,
     plot: Annotated[
         Path | None, typer.Option(help="Write a PNG heat map of |Δloss| and differing elements.")
@@ -77,7 +78,7 @@ def matrix(
     """Sweep #1945's cells A–G and H, I (A without the bf16 cast: an empty MixedPrecisionPolicy,
     and no mp_policy at all), or a --grid; compute what the outcome is invariant in, and
     whether it needs the cast. A configuration FSDP2 refuses is REFUSED: its answer, not an ERROR."""
-    _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, resume or out, model)
+    quiet = _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, resume or out, model) or quiet
     report = _run_with_progress(
         cells=cells or (),
         grid=grid or (),
@@ -104,14 +105,14 @@ def matrix(
     raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
 
 
-def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> None:
-    # The sweep's own record is read back by --resume: no other output may land on it.
-    check_outputs(
+def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> bool:
+    """True when an output is stdout (no table then). The sweep's own record is read back
+    by --resume: no other output may land on it."""
+    to_stdout = check_outputs(
         json_path,
         markdown_path,
         csv,
-        parquet,
-        plot,
+        binary=(parquet, plot),
         inputs=((sweep_dir / "cells.jsonl",) if sweep_dir is not None else ()) + model_files(model),
     )
     if parquet is not None:
@@ -121,6 +122,7 @@ def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_di
             from fsdpqdiag.cli.app import fail
 
             raise fail("--parquet needs pyarrow, which is not installed")
+    return to_stdout
 
 
 def _run_with_progress(**options):
@@ -145,7 +147,6 @@ def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, jso
     """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
     from fsdpqdiag.analyses import matrix as mx
     from fsdpqdiag.render.matrix_table import heat_map, matrix_table
-    from fsdpqdiag.report.model import atomic_write_bytes, atomic_write_text
 
     cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
     rows = {
@@ -153,10 +154,7 @@ def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, jso
         for ws_ in report.world_sizes
     }
     frame = mx.dataframe(cells_used, rows)
-    if csv is not None:
-        atomic_write_text(csv, frame.to_csv(index=False))
-    if parquet is not None:
-        atomic_write_bytes(parquet, frame.to_parquet())
+    write_outputs((csv, lambda: frame.to_csv(index=False)), (parquet, frame.to_parquet))
     if plot is not None:
         heat_map(report, plot)
     if not quiet:

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdout
+from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdout, write_outputs
+from fsdpqdiag.cli.streams import STDOUT, is_stdout
 
 COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
 
@@ -80,7 +82,7 @@ def report(
     path: Annotated[Path, typer.Argument(help="A JSON report written by any fsdpqdiag command.")],
     format: Annotated[str, typer.Option("--format", "-f", help="md | table | json")] = "md",
     output: Annotated[
-        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout.")
+        Path | None, typer.Option("-o", "--output", help="Write here instead of stdout (- is stdout).")
     ] = None,
     plot: Annotated[Path | None, typer.Option(help="Write a PNG byte map of the altered elements.")] = None,
     upstream: Annotated[
@@ -96,29 +98,30 @@ def report(
 
     Example: fsdpqdiag report run.json --upstream bitsandbytes -o issue.md
     """
-    from fsdpqdiag.report.model import atomic_write_text
-
     if format not in ("md", "table", "json"):
         raise fail(f"unknown format {format!r} (known: md, table, json)")
     if upstream is not None and format != "md":
         raise fail("--upstream renders Markdown only (drop --format)")
-    check_outputs(output, plot, inputs=(path,))
+    check_outputs(output, inputs=(path,), binary=(plot,))
     loaded = _load(path)
     if plot is not None:
         from fsdpqdiag.render.plot import byte_map
 
         if byte_map(loaded, plot) == 0:
             raise fail(f"{path} holds no element positions to map")
-    if format == "table":
-        if output is not None:
-            from rich.console import Console
-
-            console = Console(record=True, width=200, file=open("/dev/null", "w"))  # noqa: SIM115
-            console.print(report_tables(loaded, wide, path), crop=not wide)
-            atomic_write_text(output, console.export_text())
-        else:
-            print_tables(report_tables(loaded, wide, path), wide)
+    if format == "table" and (output is None or is_stdout(output)):
+        print_tables(report_tables(loaded, wide, path), wide)
         return
+    write_outputs((output or Path(STDOUT), lambda: _rendered(loaded, format, wide, path, upstream)))
+
+
+def _rendered(loaded, format: str, wide: bool, path: Path, upstream: str | None) -> str:
+    if format == "table":
+        from rich.console import Console
+
+        console = Console(record=True, width=200, file=open(os.devnull, "w"))  # noqa: SIM115
+        console.print(report_tables(loaded, wide, path), crop=not wide)
+        return console.export_text()
     if format == "md" and upstream is not None:
         text = _upstream_markdown(loaded, upstream)
     elif format == "md":
@@ -127,10 +130,7 @@ def report(
         text = render(loaded)
     else:
         text = loaded.to_json()
-    if output is not None:
-        atomic_write_text(output, text)
-    else:
-        print(text, end="" if text.endswith("\n") else "\n")
+    return text if text.endswith("\n") else text + "\n"
 
 
 @app.command(epilog=COMPARE_EXIT_CODES)

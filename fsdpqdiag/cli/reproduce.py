@@ -61,7 +61,7 @@ def reproduce(
     """Run bitsandbytes #1945's reproducers (Mechanisms A and B) with byte-level evidence."""
     from fsdpqdiag.core.config import LinearConfig, canonical_dtype
 
-    check_outputs(json_path, markdown_path)
+    quiet = check_outputs(json_path, markdown_path) or quiet
     try:
         linear = LinearConfig(
             in_features=in_features,

@@ -72,7 +72,7 @@ def watch(
             fixes.check_installable(fix)
         except ValueError as exc:
             raise fail(str(exc)) from None
-    check_outputs(json_path, markdown_path)
+    quiet = check_outputs(json_path, markdown_path) or quiet
     command = list(command or [])
     try:
         watching.check_command(command)

@@ -50,12 +50,19 @@ EXIT_PROBE_FAILED = 3
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143
 EXIT_HUNG_UP = 129
+# An output could not be written after the work was done: stdout closed or full, a file
+# system full mid-write (sysexits.h's EX_IOERR).
+EXIT_WRITE_ERROR = 74
+# stdout was a pipe whose reader left (| head): quiet, 128 + SIGPIPE as git ends then.
+EXIT_BROKEN_PIPE = 141
 EXIT_CODES_HELP = (
     "Exit codes: 0 nothing reproduced; 1 something REPRODUCED, CRASHED or INCONCLUSIVE; "
     "2 bad input (nothing run, nothing written); 3 a probe ended in ERROR, TIMEOUT or UNSUPPORTED "
     "(and nothing was found); a configuration the stack's API REFUSED is its answer, not a failure; "
     "130 interrupted (Ctrl-C: every rank stopped, nothing half-written); "
-    "143 / 129 the same after SIGTERM / SIGHUP."
+    "143 / 129 the same after SIGTERM / SIGHUP; 74 an output could not be written (stdout closed or "
+    "full, a disk full mid-write: 'write error: ...' on stderr; the files written before it are kept); "
+    "141 stdout was a pipe closed by its reader (| head): quiet, as git. '-' as an output is stdout."
 )
 
 
@@ -135,21 +142,9 @@ class Report:
 
     @classmethod
     def load(cls, path: str | Path) -> Report:
-        try:
-            # A FIFO would block the read until some writer appears: only regular files.
-            if Path(path).exists() and not Path(path).is_file() and not Path(path).is_dir():
-                raise ReportError(f"cannot read {path}: not a regular file")
-            raw = Path(path).read_bytes()
-        except OSError as exc:
-            raise ReportError(f"cannot read {path}: {exc.strerror}") from exc
-        try:
-            text = raw.decode("utf-8")
-        except UnicodeDecodeError as exc:
-            raise ReportError(f"{path} is not a JSON report (not UTF-8 text at byte {exc.start})") from exc
-        try:
-            data = json.loads(text)
-        except ValueError as exc:
-            raise ReportError(f"{path} is not valid JSON ({exc.msg} at line {exc.lineno})") from exc
+        from fsdpqdiag.core import bounded_json
+
+        data = bounded_json.load_file(path, bounded_json.REPORT_LIMITS, error=ReportError)
         try:
             return cls.from_dict(data)
         except ReportError as exc:
@@ -259,13 +254,66 @@ def check_writable(path: str | Path) -> None:
     parent = target.parent
     if not parent.is_dir():
         raise ValueError(f"directory {parent} does not exist")
+    _check_name_length(target)
+    _check_file_system(parent)
     if not os.access(parent, os.W_OK | os.X_OK):
-        raise ValueError(f"directory {parent} is not writable")
+        raise ValueError(f"directory {parent} is not writable (permission denied, EACCES)")
     # root passes os.access on anything, so a file nobody may write is refused by its mode.
     if mode is not None and (not os.access(target, os.W_OK) or not mode & 0o222):
-        raise ValueError(f"{subject} is read-only")
+        raise ValueError(f"{subject} is read-only (permission denied, EACCES)")
     if shutil.disk_usage(parent).free < MIN_FREE_BYTES:
-        raise ValueError(f"the file system of {parent} is full")
+        raise ValueError(f"the file system of {parent} is full (no space left on device, ENOSPC)")
+
+
+def _check_name_length(target: Path) -> None:
+    """The write goes through ".NAME.XXXXXXXX.tmp" in the same directory: a name that fits
+    alone but not with that around it would fail only after the run."""
+    try:
+        name_max = os.pathconf(target.parent, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        name_max = 255
+    if len(f".{target.name}.xxxxxxxx.tmp".encode(errors="surrogateescape")) > name_max:
+        raise ValueError(f"its file name is too long (ENAMETOOLONG: at most {name_max - 14} bytes here)")
+
+
+# Kernel interfaces mounted as file systems: a report can never be a file there.
+PSEUDO_FILE_SYSTEMS = frozenset(
+    "proc sysfs cgroup cgroup2 debugfs tracefs securityfs pstore bpf configfs efivarfs devpts "
+    "mqueue fusectl binfmt_misc autofs".split()
+)
+
+
+def _check_file_system(directory: Path) -> None:
+    """Pseudo file systems (/proc, /sys) and read-only mounts, named as such: neither is
+    "full" (a pseudo file system reports no free blocks)."""
+    kind = _file_system_type(directory)
+    if kind in PSEUDO_FILE_SYSTEMS:
+        raise ValueError(f"{directory} is on the {kind} pseudo file system, not writable")
+    try:
+        status = os.statvfs(directory)
+    except OSError:
+        return
+    if status.f_flag & os.ST_RDONLY:
+        raise ValueError(f"the file system of {directory} is mounted read-only (EROFS)")
+
+
+def _file_system_type(directory: Path) -> str | None:
+    """The type of the mount holding ``directory`` (Linux /proc/self/mounts), else None."""
+    resolved = os.path.realpath(directory)
+    try:
+        with open("/proc/self/mounts", encoding="utf-8", errors="replace") as mounts:
+            entries = [line.split() for line in mounts]
+    except OSError:
+        return None
+    best, kind = "", None
+    for entry in entries:
+        if len(entry) < 3:
+            continue
+        point = entry[1].replace("\\040", " ")
+        inside = resolved == point or resolved.startswith(point.rstrip("/") + "/")
+        if inside and len(point) >= len(best):
+            best, kind = point, entry[2]
+    return kind
 
 
 def same_file(a: str | Path, b: str | Path) -> bool:

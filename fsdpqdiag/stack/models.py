@@ -167,6 +167,10 @@ def resolve_model(model: str | None, preset: str = DEFAULT_PRESET) -> Path:
         raise ModelSourceError(f"model path {path} does not exist")
     if not path.is_dir() or not (path / "config.json").is_file():
         raise ModelSourceError(f"{path} is not a Hugging Face model directory (no config.json)")
+    from fsdpqdiag.core import bounded_json
+
+    # transformers reads config.json with json.load: a hostile one is refused here first.
+    bounded_json.load_file(path / "config.json", bounded_json.CONFIG_LIMITS, error=ModelSourceError)
     try:
         from transformers import AutoConfig
         from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES

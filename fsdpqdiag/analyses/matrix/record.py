@@ -15,9 +15,12 @@ from pathlib import Path
 from typing import Any
 
 from fsdpqdiag.analyses.matrix.cells import Cell
+from fsdpqdiag.core import bounded_json
 
 RECORD_NAME = "cells.jsonl"
 REJECTED_NAME = "cells.rejected.jsonl"
+# Thousands of cells make a few MB; past this the file is not a record this tool wrote.
+MAX_RECORD_BYTES = 256 << 20
 SWEEP_HEADER = "fsdpqdiag_sweep"
 SWEEP_VERSION = 1
 ROW_STATUSES = ("ok", "error", "refused", "crashed", "timeout")
@@ -87,9 +90,9 @@ def append_line(out_dir: Path, cell: Cell, row: dict, world_size: int) -> None:
 
 def _plan_from_header(line: bytes) -> SweepPlan:
     try:
-        data = json.loads(line)
-    except ValueError:
-        data = None
+        data = bounded_json.loads(line, bounded_json.RECORD_LIMITS)
+    except bounded_json.UntrustedJSONError as exc:
+        raise SweepRecordError(f"its first line {exc}") from None
     if not isinstance(data, dict) or data.get(SWEEP_HEADER) != SWEEP_VERSION:
         raise SweepRecordError(
             f"its first line is not a version-{SWEEP_VERSION} sweep header (written by another "
@@ -132,7 +135,11 @@ def _record_problem(item: Any, plan: SweepPlan) -> str | None:
 def recover(out_dir: Path) -> RecoveredSweep:
     """Read a sweep's record back without changing it: the plan, every valid record (the
     first of duplicates), a torn last line cut off, and each bad line with its reason."""
-    data = (out_dir / RECORD_NAME).read_bytes()
+    path = out_dir / RECORD_NAME
+    size = path.stat().st_size
+    if size > MAX_RECORD_BYTES:
+        raise SweepRecordError(f"it is {size} bytes, larger than the limit of {MAX_RECORD_BYTES} bytes")
+    data = path.read_bytes()
     complete = data.rfind(b"\n") + 1
     torn_tail = data[complete:]
     lines = data[:complete].split(b"\n")[:-1]
@@ -143,9 +150,9 @@ def recover(out_dir: Path) -> RecoveredSweep:
     first_seen: dict[tuple[str, int], int] = {}
     for number, line in enumerate(lines[1:], start=2):
         try:
-            item = json.loads(line)
-        except ValueError:
-            item, problem = None, "not JSON"
+            item = bounded_json.loads(line, bounded_json.RECORD_LIMITS)
+        except bounded_json.UntrustedJSONError as exc:
+            item, problem = None, f"the line {exc}"
         else:
             problem = _record_problem(item, plan)
         if problem is None:
