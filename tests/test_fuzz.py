@@ -28,7 +28,7 @@ from fsdpqdiag.tasks import PROBES
 
 from .conftest import ROOT
 
-DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 129, 130, 143}
+DOCUMENTED_EXIT_CODES = {0, 1, 2, 3, 74, 129, 130, 141, 143}
 REPORT = next((ROOT / "reports").glob("reproduce-ws1-cpu-*.json"))
 WITH_POSITIONS = next((ROOT / "reports").glob("reproduce-ws1-h100-*-nan-canonicalize.json"))
 # No example database: the cases worth keeping are the @examples below, and a run must not
@@ -42,7 +42,18 @@ SETTINGS = settings(
 
 # Paths by name; each names an entry of the sandbox ``_zoo`` builds (or a device node).
 OUTPUT_PATHS = ["new.json", "existing.md", "link.json", "dangling", "dir/../new2.md", "sub/new.md"]
-REFUSED_OUTPUTS = ["fifo", "dir", "ro.md", "/dev/full", "/dev/null", "missing/x.json", "link-to-fifo"]
+REFUSED_OUTPUTS = [
+    "fifo",
+    "dir",
+    "ro.md",
+    "/dev/full",
+    "/dev/null",
+    "missing/x.json",
+    "link-to-fifo",
+    "/sys/x.json",
+    "/proc/x.json",
+    "n" * 250 + ".json",
+]
 REPORT_FILES = [
     "report.json",
     "positions.json",
@@ -55,6 +66,13 @@ REPORT_FILES = [
     "absent.json",
     "dir",
     "fifo-never-read",
+    # Hostile files: each is refused in one line naming the limit or the problem.
+    "deep.json",
+    "nan.json",
+    "duplicate-keys.json",
+    "bom.json",
+    "latin1.json",
+    "long-string.json",
 ]
 TORCHRUN = {"LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29500"}
 REFUSED_ENVIRONMENTS = [
@@ -75,6 +93,13 @@ def _zoo(root: Path) -> None:
     (root / "verdict.json").write_text(text.replace('"verdict": "NOT REPRODUCED"', '"verdict": "MAYBE"', 1))
     (root / "empty.json").write_text("")
     (root / "list.json").write_text("[1, 2, 3]")
+    (root / "deep.json").write_text("[" * 300_000 + "]" * 300_000)
+    (root / "nan.json").write_text(text.replace('"world_size": 1', '"world_size": NaN', 1))
+    (root / "duplicate-keys.json").write_text(text.replace("{", '{"schema": "x", ', 1))
+    (root / "bom.json").write_bytes(b"\xef\xbb\xbf" + REPORT.read_bytes())
+    latin1 = text.replace("NOT REPRODUCED", "NICHT REPRODUZIERT \u00e4", 1)
+    (root / "latin1.json").write_bytes(latin1.encode("latin-1"))
+    (root / "long-string.json").write_text('{"schema": "' + "x" * (2 << 20) + '"}')
     (root / "existing.md").write_text("keep me\n")
     (root / "ro.md").write_text("read-only\n")
     (root / "ro.md").chmod(0o444)
@@ -88,7 +113,7 @@ def _zoo(root: Path) -> None:
 
 
 def _path(token: str, root: Path) -> str:
-    return token if token.startswith("/") else str(root / token)
+    return token if token.startswith("/") or token == "-" else str(root / token)
 
 
 def _snapshot(root: Path) -> dict[str, tuple]:
@@ -185,6 +210,7 @@ COMMON_REFUSED = [
         lambda p: st.sampled_from(["--json", "--markdown"]).map(lambda o: [o, _path(p, Path("{d}"))])
     ),
     st.just(["--json", "{d}/same.json", "--markdown", "{d}/same.json"]),
+    st.just(["--json", "-", "--markdown", "-"]),
     _flag("--nope", "--ws"),
 ]
 COMMANDS = {
@@ -311,7 +337,7 @@ def report_command(draw):
         if draw(st.booleans()):
             tokens += ["-f", draw(st.sampled_from(["md", "table", "json", "pdf", ""]))]
         for option in draw(st.lists(st.sampled_from(["-o", "--plot"]), max_size=2, unique=True)):
-            target = draw(st.sampled_from(OUTPUT_PATHS + REFUSED_OUTPUTS + REPORT_FILES[:2]))
+            target = draw(st.sampled_from([*OUTPUT_PATHS, *REFUSED_OUTPUTS, *REPORT_FILES[:2], "-"]))
             tokens += [option, _path(target, Path("{d}"))]
             outputs += (target,)
     else:
@@ -333,9 +359,96 @@ def test_report_and_compare_keep_the_contract(cli, case):
     cli(tokens, outputs=tuple(f"{{d}}/{o}" if not o.startswith("/") else o for o in outputs))
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        (["report", "{d}/deep.json"], ()),  # a 54-line RecursionError traceback
+        (["compare", "{d}/report.json", "{d}/deep.json"], ()),
+        (["report", "{d}/report.json", "-o", "-"], ("-",)),  # created a file named "-"
+        (["report", "{d}/report.json", "-o", "/sys/x.json"], ()),  # "the file system of /sys is full"
+    ],
+)
+def test_hostile_files_and_targets_keep_the_contract(cli, case):
+    tokens, outputs = case
+    result = cli(tokens, outputs=tuple(f"{{d}}/{o}" if not o.startswith("/") else o for o in outputs))
+    assert not (Path.cwd() / "-").exists()
+    if "deep.json" in " ".join(tokens):
+        assert result.exit_code == 2 and "nested deeper than the limit" in result.stderr
+
+
 @settings(
     max_examples=4, deadline=None, database=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
 )
 @given(st.lists(st.sampled_from(["--json", "--markdown"]), max_size=2))
 def test_env_keeps_the_contract(cli, flags):
     assert cli(["env", *flags]).exit_code == 0
+
+
+STREAM_STATES = ["closed", "full", "broken-pipe", "open"]
+
+
+def _stream(state: str, stack):
+    """The file (or None) a child gets as a stream in ``state``; a broken pipe's read end is
+    closed before the child writes, so its first write to it fails with EPIPE."""
+    import subprocess
+
+    if state == "closed":
+        return None
+    if state == "full":
+        return stack.enter_context(open("/dev/full", "wb"))  # noqa: SIM115
+    if state == "broken-pipe":
+        read_end, write_end = os.pipe()
+        os.close(read_end)
+        return stack.enter_context(os.fdopen(write_end, "wb"))
+    return subprocess.PIPE
+
+
+@settings(max_examples=6, deadline=None, database=None)
+@given(
+    st.sampled_from(STREAM_STATES[:3]),
+    st.sampled_from(STREAM_STATES),
+    st.sampled_from([["report", "{d}/report.json"], ["report", "{d}/report.json", "-f", "json"], ["--help"]]),
+)
+@example("closed", "open", ["report", "{d}/report.json"])  # exited 0 having written nothing
+@example("full", "open", ["report", "{d}/report.json"])  # a traceback, exit 1
+@example("broken-pipe", "open", ["report", "{d}/report.json", "-f", "json"])
+def test_failing_standard_streams_keep_the_contract(tmp_path_factory, stdout_state, stderr_state, tokens):
+    """Real descriptors, so a real process: a write error is one line and exit 74, a broken
+    pipe is quiet and exit 141, a failing stderr loses its message but never the exit code."""
+    import contextlib
+    import subprocess
+    import sys
+
+    root = tmp_path_factory.mktemp("streams")
+    (root / "report.json").write_bytes(REPORT.read_bytes())
+    args = [part.format(d=root) for part in tokens]
+    with contextlib.ExitStack() as stack:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "fsdpqdiag", *args],
+            stdin=subprocess.DEVNULL,
+            stdout=_stream(stdout_state, stack),
+            stderr=_stream(stderr_state, stack),
+            env=dict(os.environ, PYTHONPATH=str(ROOT)),
+            close_fds=True,
+            pass_fds=(),
+            # A closed stream: the child starts with that descriptor closed (">&-").
+            preexec_fn=_closer(stdout_state, stderr_state),
+        )
+        _, err = child.communicate(timeout=120)
+    stderr_text = (err or b"").decode(errors="replace")
+    described = f"{args} stdout={stdout_state} stderr={stderr_state}: exit {child.returncode}\n{stderr_text}"
+    assert child.returncode == (141 if stdout_state == "broken-pipe" else 74), described
+    assert "Traceback" not in stderr_text, described
+    assert len(stderr_text.strip().splitlines()) <= 1, described
+    if stderr_state == "open" and stdout_state != "broken-pipe":
+        assert stderr_text.startswith("error: write error: "), described
+
+
+def _closer(stdout_state: str, stderr_state: str):
+    closing = [fd for fd, state in ((1, stdout_state), (2, stderr_state)) if state == "closed"]
+
+    def close() -> None:
+        for fd in closing:
+            os.close(fd)
+
+    return close
