@@ -39,7 +39,9 @@ class Limits:
 
 
 REPORT_LIMITS = Limits()
-RECORD_LIMITS = Limits(max_bytes=16 << 20, max_elements=1_000_000)
+# A cells.jsonl line is one cell's row, bounded as a whole; a long string inside it (a rank's
+# log tail, evidence samples) is part of that budget, not held to a tighter one of its own.
+RECORD_LIMITS = Limits(max_bytes=16 << 20, max_elements=1_000_000, max_string_bytes=16 << 20)
 CONFIG_LIMITS = Limits(max_bytes=4 << 20, max_depth=32, max_elements=200_000, max_string_bytes=64 << 10)
 
 
