@@ -67,8 +67,12 @@ def main():
     }.items():
         os.environ.setdefault(key, value)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    # Ranks beyond the visible GPUs share them (gloo allows it): two ranks on one GPU is how a
+    # one-GPU machine runs world size 2.
     device = (
-        torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.device == "cuda" else torch.device("cpu")
+        torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        if args.device == "cuda"
+        else torch.device("cpu")
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)

@@ -330,7 +330,12 @@ def json_schema() -> dict[str, Any]:
 
 def schema_violation(data: Any) -> None:
     """ReportError (one line: where and what) when ``data`` does not match ``json_schema()``."""
-    import jsonschema
+    try:
+        import jsonschema
+    except ImportError:  # a declared dependency, missing where the package was copied, not installed
+        raise ReportError(
+            "cannot check the report against its schema: jsonschema is not installed (pip install jsonschema)"
+        ) from None
 
     error = jsonschema.exceptions.best_match(jsonschema.Draft202012Validator(json_schema()).iter_errors(data))
     if error is None:
