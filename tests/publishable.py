@@ -6,9 +6,10 @@ from __future__ import annotations
 import re
 import shlex
 
-# Roots of a machine's own files, and the folders a Python installation keeps packages in.
+# Roots of a machine's own files, and the folders a Python installation keeps packages in, as
+# path segments: an embedded script may name "site-packages/" as a string to strip it.
 LOCAL_PATH = re.compile(
-    r"(?<![\w.:/-])/(home|root|tmp|work|usr|opt|var|mnt|Users|private)/|site-packages|dist-packages"
+    r"(?<![\w.:/-])/(home|root|tmp|work|usr|opt|var|mnt|Users|private)/|[\w.~-]/(site|dist)-packages/"
 )
 TOKEN = re.compile(
     r"\bhf_[A-Za-z0-9]{8,}|\b[A-Za-z0-9_]*(TOKEN|_KEY|SECRET|PASSWORD)[A-Za-z0-9_]*=(?!<redacted>)\S",
