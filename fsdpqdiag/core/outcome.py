@@ -8,12 +8,33 @@ those, is what lets the package have no import cycle (``tests/test_imports.py``)
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
+from enum import Enum
+
+
+class RankStatus(str, Enum):
+    """How a rank ended, as the launcher saw it. A ``str`` Enum, like ``VerdictKind``: a member
+    equals and serializes as its string, so a rank's result file and a report read back
+    compare equal to it."""
+
+    OK = "ok"
+    ERROR = "error"  # raised, or exited non-zero without a result
+    CRASHED = "crashed"  # killed by a signal
+    TIMEOUT = "timeout"  # killed by the launcher at the run's timeout
+    ABORTED = "aborted"  # killed by the launcher because a peer rank ended first
+    RUNNING = "running"  # in a rank's result file only: the stage it was in when last written
+
+    # Text shows the value ("crashed"), as the plain strings did, on every Python version.
+    def __str__(self) -> str:
+        return self.value
+
+    def __format__(self, spec: str) -> str:
+        return format(self.value, spec)
 
 
 @dataclass
 class RankOutcome:
     rank: int
-    status: str  # ok | error | crashed | timeout | aborted
+    status: RankStatus
     evidence: dict = field(default_factory=dict)
     stage: str | None = None  # the last stage the rank reported before it ended
     signal: str | None = None
@@ -27,6 +48,9 @@ class RankOutcome:
     # only to its 50 ms poll, in which a rank and the peer its failure broke often both end;
     # this orders them.
     failed_at: float | None = None
+
+    def __post_init__(self) -> None:
+        self.status = RankStatus(self.status)  # a status read back from JSON is its string
 
     def to_dict(self) -> dict:
         return asdict(self)

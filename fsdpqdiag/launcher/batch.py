@@ -23,7 +23,7 @@ from typing import Any
 
 from fsdpqdiag.core import registry
 from fsdpqdiag.core.config import RankTask, RunConfig
-from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 
 # What a batch launch's RankTask names instead of a task: the items are in ``extra``.
 BATCH = "batch"
@@ -127,7 +127,9 @@ def split(
         done = [_finished(o).get(name) for o in outcomes]
         if all(done) or (name in lead_rank_decides and done[0]):
             ranks = [
-                RankOutcome(o.rank, "ok", d["evidence"], d["stage"], exit_code=0, duration_s=d["duration_s"])
+                RankOutcome(
+                    o.rank, RankStatus.OK, d["evidence"], d["stage"], exit_code=0, duration_s=d["duration_s"]
+                )
                 if d
                 else _casualty_outcome(name, o, d)
                 for o, d in zip(outcomes, done)
@@ -146,12 +148,12 @@ def _finished(outcome: RankOutcome) -> dict:
 
 def _casualty_outcome(name: str, outcome: RankOutcome, done: dict | None) -> RankOutcome:
     if done:  # this rank finished the item; a peer did not
-        return RankOutcome(outcome.rank, "ok", done["evidence"], done["stage"], exit_code=0)
+        return RankOutcome(outcome.rank, RankStatus.OK, done["evidence"], done["stage"], exit_code=0)
     running = (outcome.evidence or {}).get("running") or {}
     inside = running.get("probe") == name
     status = outcome.status
-    if status == "ok":  # cannot happen for a rank that ran the whole batch; kept honest
-        status = "error"
+    if status == RankStatus.OK:  # cannot happen for a rank that ran the whole batch; kept honest
+        status = RankStatus.ERROR
     return RankOutcome(
         outcome.rank,
         status,
@@ -159,7 +161,8 @@ def _casualty_outcome(name: str, outcome: RankOutcome, done: dict | None) -> Ran
         running.get("stage") if inside else None,
         signal=outcome.signal,
         exit_code=outcome.exit_code,
-        error=outcome.error or (None if status != "error" else f"rank ended before finishing {name}"),
+        error=outcome.error
+        or (None if status != RankStatus.ERROR else f"rank ended before finishing {name}"),
         log_tail=outcome.log_tail,
         python_stack=outcome.python_stack,
         duration_s=outcome.duration_s,

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import NoReturn
 
 from fsdpqdiag.core.config import RankTask
-from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.launcher import rank_start
 from fsdpqdiag.launcher.rank_log import LOG_TAIL_CHARS, python_stack
@@ -166,7 +166,7 @@ def _outcome_for(
     if code is not None and code < 0:
         return RankOutcome(
             rank,
-            "crashed",
+            RankStatus.CRASHED,
             evidence,
             stage,
             signal=signal_name(code),
@@ -176,12 +176,12 @@ def _outcome_for(
             duration_s=duration_s,
         )
     status = written.get("status")
-    if code == 0 and status == "ok":
-        return RankOutcome(rank, "ok", evidence, stage, exit_code=0, duration_s=duration_s)
+    if code == 0 and status == RankStatus.OK:
+        return RankOutcome(rank, RankStatus.OK, evidence, stage, exit_code=0, duration_s=duration_s)
     error = written.get("error") or f"rank exited with code {code} without a result"
     return RankOutcome(
         rank,
-        "error",
+        RankStatus.ERROR,
         evidence,
         stage,
         exit_code=code,
@@ -226,14 +226,14 @@ def _launch_once(
                 for rank, process in enumerate(processes):
                     if rank not in ended_at:
                         process.kill_session()
-                        forced[rank] = "timeout"
+                        forced[rank] = RankStatus.TIMEOUT
                         ended_at[rank] = now - started
                 break
             if first_failure_at is not None and now - first_failure_at > PEER_GRACE_S:
                 for rank, process in enumerate(processes):
                     if rank not in ended_at:
                         process.kill_session()
-                        forced[rank] = "aborted"
+                        forced[rank] = RankStatus.ABORTED
                         ended_at[rank] = now - started
                 break
             time.sleep(0.05)
@@ -245,9 +245,9 @@ def _launch_once(
         for rank in range(world_size)
     ]
     for outcome in outcomes:
-        if outcome.status == "aborted":
+        if outcome.status == RankStatus.ABORTED:
             outcome.error = outcome.error or "killed: a peer rank ended first and this rank was still waiting"
-        elif outcome.status == "timeout":
+        elif outcome.status == RankStatus.TIMEOUT:
             outcome.error = outcome.error or f"no result within {task.run.timeout_s:g} s"
     return outcomes
 

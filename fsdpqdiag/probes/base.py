@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from fsdpqdiag.core.config import RunConfig
-from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 from fsdpqdiag.core.presentation import DetailTable, Presentation
 from fsdpqdiag.report.model import CRASHED, ERROR, TIMEOUT
 
@@ -100,14 +100,14 @@ def failing_rank(outcomes: list[RankOutcome]) -> RankOutcome | None:
     raised first (later ones usually report the broken collective it left behind; ranks
     that wrote when they failed are ordered by that, the rest by when the launcher saw them
     end). A rank the launcher killed after a peer ended (aborted) only where none raised."""
-    for status in ("crashed", "timeout"):
+    for status in (RankStatus.CRASHED, RankStatus.TIMEOUT):
         ended = [o for o in outcomes if o.status == status]
         if ended:
             return ended[0]
-    errored = [o for o in outcomes if o.status in ("error", "aborted")]
+    errored = [o for o in outcomes if o.status in (RankStatus.ERROR, RankStatus.ABORTED)]
     if not errored:
         return None
-    raised = [o for o in errored if o.status == "error"] or errored
+    raised = [o for o in errored if o.status == RankStatus.ERROR] or errored
     return min(raised, key=lambda o: (o.failed_at is None, o.failed_at or 0.0, o.duration_s))
 
 
@@ -115,15 +115,15 @@ def _failure_verdict(outcomes: list[RankOutcome]) -> Verdict | None:
     first = failing_rank(outcomes)
     if first is None:
         return None
-    if first.status == "crashed":
-        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == "crashed")
+    if first.status == RankStatus.CRASHED:
+        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == RankStatus.CRASHED)
         return Verdict(
             CRASHED,
             f"rank(s) {ranks} died by {first.signal} during {first.stage or 'setup'}",
             {"signal": first.signal, "stage": first.stage, **_stack_of(first)},
         )
-    if first.status == "timeout":
-        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == "timeout")
+    if first.status == RankStatus.TIMEOUT:
+        ranks = ", ".join(str(o.rank) for o in outcomes if o.status == RankStatus.TIMEOUT)
         return Verdict(
             TIMEOUT,
             f"rank(s) {ranks} did not finish "

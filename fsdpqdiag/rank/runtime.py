@@ -21,7 +21,7 @@ from pathlib import Path
 
 from fsdpqdiag.core import registry
 from fsdpqdiag.core.config import RankTask
-from fsdpqdiag.core.outcome import RankOutcome
+from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 from fsdpqdiag.launcher import batch
 from fsdpqdiag.report.model import atomic_write_text
 
@@ -52,9 +52,9 @@ class RankContext:
         """Record the evidence so far and the stage about to run."""
         self.stage = stage
         self.evidence = evidence
-        self._write({"status": "running", "stage": stage, "evidence": evidence})
+        self._write({"status": RankStatus.RUNNING, "stage": stage, "evidence": evidence})
 
-    def finish(self, status: str, evidence: dict, error: str | None = None) -> None:
+    def finish(self, status: RankStatus, evidence: dict, error: str | None = None) -> None:
         self.evidence = evidence
         failed_at = time.time() if error is not None else None
         self._write(
@@ -131,9 +131,9 @@ def main(argv: list[str]) -> int:
         _init_process_group(ctx)
         evidence = execute(task, ctx)
     except BaseException as exc:  # noqa: BLE001 - every failure of the stack is a result
-        ctx.finish("error", ctx.evidence, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        ctx.finish(RankStatus.ERROR, ctx.evidence, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         return 1
-    ctx.finish("ok", evidence)
+    ctx.finish(RankStatus.OK, evidence)
     import torch.distributed as dist
 
     with contextlib.suppress(Exception):
@@ -149,11 +149,11 @@ def run_in_job(task: RankTask) -> list[RankOutcome]:
     _init_process_group(ctx)
     started = time.monotonic()
     try:
-        outcome = RankOutcome(ctx.rank, "ok", execute(task, ctx), ctx.stage)
+        outcome = RankOutcome(ctx.rank, RankStatus.OK, execute(task, ctx), ctx.stage)
     except Exception as exc:  # noqa: BLE001
         outcome = RankOutcome(
             ctx.rank,
-            "error",
+            RankStatus.ERROR,
             ctx.evidence,
             ctx.stage,
             error=f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}",

@@ -15,6 +15,7 @@ from typing import Any
 from fsdpqdiag.analyses.matrix.cells import Cell
 from fsdpqdiag.analyses.matrix.record import append_line
 from fsdpqdiag.analyses.matrix.task import NAME
+from fsdpqdiag.core.outcome import RankStatus
 from fsdpqdiag.launcher import batch
 from fsdpqdiag.probes.base import failing_rank
 
@@ -24,8 +25,9 @@ def casualty_row(outcomes: list) -> dict[str, Any]:
     same rank a probe's verdict reads; rank 0 is usually one the launcher killed after its
     peer died, and taking it made a SIGSEGV cell an ERROR row "killed: a peer rank ended")."""
     failed = failing_rank(outcomes) or outcomes[0]
+    ended = failed.status in (RankStatus.CRASHED, RankStatus.TIMEOUT)
     row = {
-        "status": failed.status if failed.status in ("crashed", "timeout") else "error",
+        "status": failed.status.value if ended else "error",
         "signal": failed.signal,
         "error": (failed.error or "").strip().splitlines()[-1:] or None,
     }
@@ -82,7 +84,7 @@ def sweep(
                 stop = lead[1](part)
                 continue
             first = part.outcomes[0]
-            if first.status == "ok":  # rank 0 finished the cell: its row, as recorded
+            if first.status == RankStatus.OK:  # rank 0 finished the cell: its row, as recorded
                 rows[part.probe] = first.evidence
             else:  # the launch ended inside this cell: it is the casualty
                 rows[part.probe] = casualty_row(part.outcomes)
