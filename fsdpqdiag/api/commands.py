@@ -6,6 +6,9 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Sequence
 
+from fsdpqdiag.analyses import fix_verify
+from fsdpqdiag.analyses import forensics as forensics_task
+from fsdpqdiag.analyses import localize as localize_task
 from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
@@ -26,6 +29,7 @@ from fsdpqdiag.api.running import (
 )
 from fsdpqdiag.core.config import LinearConfig, RunConfig
 from fsdpqdiag.launcher import batch
+from fsdpqdiag.probes import storage_dtype_mismatch
 from fsdpqdiag.report.model import Report
 
 
@@ -46,7 +50,7 @@ def reproduce(
 
     linear = _linear(linear)
     names = check_probes(probes)
-    if "storage-dtype-mismatch" in names:
+    if storage_dtype_mismatch.PROBE.name in names:
         _check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
@@ -98,7 +102,7 @@ def localize(
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
         config = dataclasses.asdict(linear)
-        result, checked = _one_checked("localize", config, run, {"linear": config})
+        result, checked = _one_checked(localize_task.PROBE.name, config, run, {"linear": config})
         checks.append(checked)
         results.append(result)
     return Report(command="localize", argv=list(argv), env=env.stack(), results=results, preflight=checks)
@@ -150,7 +154,9 @@ def fix(
         else {"linear": dataclasses.asdict(LinearConfig())}
     )
     items = [
-        batch.Item(f"{w} on {target}", "fix-verify", {"workaround": w, "target": target, "steps": steps})
+        batch.Item(
+            f"{w} on {target}", fix_verify.PROBE.name, {"workaround": w, "target": target, "steps": steps}
+        )
         for target in targets
         for w in ["none", *names]
     ]
@@ -228,7 +234,7 @@ def forensics(
     for run in runs:
         if on_progress:
             on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
-        result, checked = _one_checked("forensics", config, run, subject)
+        result, checked = _one_checked(forensics_task.PROBE.name, config, run, subject)
         checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)

@@ -7,6 +7,7 @@ import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from fsdpqdiag.analyses.matrix.task import NAME as MATRIX_TASK
 from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
@@ -168,7 +169,7 @@ class _Sweep:
         def refuses_the_cells(part) -> bool:
             # The preflight leads the cells' launch: a launch costs seconds of imports.
             decided["checked"] = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
-            decided["refused"] = unsupported("matrix", {}, run, decided["checked"])
+            decided["refused"] = unsupported(MATRIX_TASK, {}, run, decided["checked"])
             return decided["refused"] is not None
 
         rows = mx.sweep(
@@ -198,7 +199,7 @@ class _Sweep:
         for cell in self.selected:
             row = rows[cell.name]
             result = ProbeResult(
-                probe="matrix",
+                probe=MATRIX_TASK,
                 verdict=mx.cell_verdict(row),
                 world_size=run.world_size,
                 device=run.device,
@@ -208,7 +209,7 @@ class _Sweep:
                 summary=row.get("error") or cell.describe() or "defaults",
                 evidence=({**row, **refused.evidence} if refused is not None else row),
             )
-            _attribute("matrix", result, run, signal=row.get("signal"))
+            _attribute(MATRIX_TASK, result, run, signal=row.get("signal"))
             self.results.append(result)
 
     def analysis(self) -> dict[str, Any]:
