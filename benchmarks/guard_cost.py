@@ -193,6 +193,8 @@ def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
         "guarded_weights": len(state["guarded"]),
         "checks_per_step": round(sum(g["checks"] for g in state["guarded"]) / steps, 2),
         "findings": len(state["findings"]),
+        # A hook that raised stops verifying its weights: a path that failed is not a cheap one.
+        "errors": state["errors"],
         "setup_s": state["setup_s"],
         "hook_s_per_step": round(state["hook_s"] / steps, 6),
         "hook_pct_of_vanilla_step": round(100 * state["hook_s"] / steps / base_time, 3),

@@ -17,6 +17,8 @@ from fsdpqdiag.weightguard import verify
 from fsdpqdiag.weightguard.digest import (
     MASK32,
     column_factors,
+    digest,
+    host,
     host32,
     raw_bytes,
     row_factors,
@@ -157,3 +159,16 @@ def test_one_flipped_bit_anywhere_is_seen(packed):
         flipped = storage.clone()
         flipped[byte] ^= 1 << bit
         assert _seen(entry, flipped.view(torch.bfloat16)) != entry.expected, (byte, bit)
+
+
+def test_the_old_per_weight_path_still_checks_its_own_digest(packed):
+    """``legacy=True`` (kept to measure against): its hook code against its per-element digest."""
+    weight, _ = packed
+    entry = _guarded(weight)
+    verify.prepare([entry], legacy=True)
+    entry.expected_legacy = host(digest(weight))
+    seen = int(torch.stack([verify.observe(entry, weight, legacy=True)]).bitwise_and_(verify.mask(True)))
+    assert seen == verify.expected(entry, legacy=True)
+    altered = plain(weight).clone()
+    canonicalize_nans_(altered)
+    assert int(verify.observe(entry, altered, legacy=True)) != verify.expected(entry, legacy=True)

@@ -21,7 +21,6 @@ from typing import Any
 from fsdpqdiag.weightguard.digest import (
     CHUNK,
     MASK32,
-    MASK64,
     column_factors,
     digest,
     digest_words,
@@ -59,7 +58,9 @@ def expected(entry: GuardedParam, legacy: bool) -> int:
 
 
 def mask(legacy: bool) -> int:
-    return MASK64 if legacy else MASK32
+    """What of the device's int64 digest counts: the low 32 bits of the word digest; all 64 of
+    the per-element one (-1: every bit set, as an int64 takes it)."""
+    return -1 if legacy else MASK32
 
 
 def prepare(entries: list[GuardedParam], legacy: bool) -> int:
