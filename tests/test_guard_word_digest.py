@@ -172,3 +172,18 @@ def test_the_old_per_weight_path_still_checks_its_own_digest(packed):
     altered = plain(weight).clone()
     canonicalize_nans_(altered)
     assert int(verify.observe(entry, altered, legacy=True)) != verify.expected(entry, legacy=True)
+
+
+def test_a_weight_larger_than_one_chunk_digests_the_same_in_chunks_and_scratch():
+    from fsdpqdiag.weightguard.digest import CHUNK, rows_digest
+
+    width = 4096
+    rows = CHUNK // width + 3
+    generator = torch.Generator().manual_seed(13)
+    words = torch.randint(-(1 << 31), 1 << 31, (rows, width), dtype=torch.int32, generator=generator)
+    columns, factors = column_factors("cpu")[:width], row_factors(rows, "cpu")[:rows]
+    whole = host32(rows_digest(words, columns, factors))
+    assert host32(rows_digest(words, columns, factors, torch.empty(CHUNK, dtype=torch.int32))) == whole
+    halves = rows_digest(words[:5], columns, factors[:5]) + rows_digest(words[5:], columns, factors[5:])
+    assert host32(halves) == whole
+    assert host32(word_digest(words.view(-1).view(torch.uint8), 0, width)) == whole

@@ -244,16 +244,20 @@ def word_digest(data, start: int, width: int, scratch=None):
 def rows_digest(words, columns, factors, scratch=None):
     """The guard's hot path: ``sum_r factors[r] * sum_j words[r, j] * columns[j]`` in wrapping
     integer arithmetic. int32 products wrap modulo 2**32 and sum exactly in int64; no copy of
-    the weight, and a temporary (or ``scratch``, CPU) of at most ``CHUNK`` words."""
+    the weight, and a temporary of at most ``CHUNK`` words: ``scratch`` where one is given (a
+    CPU buffer shaped like a whole weight's, or a flat one of ``CHUNK`` words for a larger one)."""
     import torch
 
     per = max(1, CHUNK // words.shape[1])
+    if words.shape[0] <= per:  # one pass: the common case, with no Python loop or list
+        out = scratch if scratch is not None and scratch.shape == words.shape else None
+        return torch.mul(torch.mul(words, columns, out=out).sum(dim=1), factors).sum()
     sums = []
     for begin in range(0, words.shape[0], per):
         block = words[begin : begin + per]
-        out = None if scratch is None else scratch[: block.numel()].view(block.shape)
+        out = None if scratch is None or scratch.dim() != 1 else scratch[: block.numel()].view(block.shape)
         sums.append(torch.mul(block, columns, out=out).sum(dim=1))
-    return torch.mul(sums[0] if len(sums) == 1 else torch.cat(sums), factors).sum()
+    return torch.mul(torch.cat(sums), factors).sum()
 
 
 def _ragged(data, start: int, width: int):

@@ -35,6 +35,9 @@ from fsdpqdiag.weightguard.digest import (
 )
 from fsdpqdiag.weightguard.params import GuardedParam
 
+# Below this many words the CPU allocator hands a temporary back faster than an ``out=`` takes.
+SCRATCH_MIN = 1 << 16
+
 
 @dataclass
 class Unit:
@@ -87,8 +90,13 @@ def prepare(entries: list[GuardedParam], legacy: bool) -> int:
             continue
         nbytes = entry.numel * entry.torch_dtype.itemsize
         if nbytes % (4 * entry.width) == 0:  # whole rows: the hot path; else the general one
+            rows = count // entry.width
             entry.columns = column_factors(device)[: entry.width]
-            entry.factors = row_factors(count // entry.width, device)[: count // entry.width]
+            entry.factors = row_factors(rows, device)[:rows]
+            if entry.scratch is not None and count <= CHUNK:
+                entry.scratch = entry.scratch.view(rows, entry.width)
+            if entry.scratch is not None and count < SCRATCH_MIN:
+                entry.scratch = None  # a small temporary costs less than writing into a view
     legacy_bytes = sum(t.numel() * t.element_size() for t in tables.values())
     return factor_bytes() + legacy_bytes + scratch.numel() * scratch.element_size()
 
