@@ -119,7 +119,12 @@ class Guard:
         self.setup_s = time.perf_counter() - began
         for unit in verify.units(self.guarded, self.legacy):
             # After FSDP2's pre-forward hook (prepended at fully_shard): the unit is unsharded.
-            self.handles.append(unit.module.register_forward_pre_hook(self._make_hook(unit.entries)))
+            hook = self._make_hook(unit.entries)
+            self.handles.append(unit.module.register_forward_pre_hook(hook))
+            # Set up inside a unit's forward (``watch`` attaches at the first one, after FSDP2's
+            # unshard), that forward's hooks have run already: its unsharded weights are checked now.
+            if any(not isinstance(getattr(e.module, e.param_name), DTensor) for e in unit.entries):
+                hook(unit.module, ())
         if self.params == "all" and any(entry.trainable for entry in self.guarded):
             self.handles.append(register_optimizer_step_post_hook(self._after_step))
         else:
