@@ -7,14 +7,20 @@ Run as ranks of one job::
 
 Variants, built side by side from the same preset (NF4, bf16 storage, LoRA, ``fully_shard`` per
 decoder layer then the root, bf16 MixedPrecisionPolicy, SGD on the adapters): ``vanilla``;
-``guard`` (``fsdpqdiag.guard(params="quantized", every=1)``); ``debugmode`` (the same step under
-``torch.utils._debug_mode.DebugMode`` with ``log_tensor_hashes``, PyTorch's per-op hashing, where
-the installed torch has it). Steps are interleaved round-robin so drift hits every variant alike;
-medians over rounds; peak memory of a step above what was allocated before it (CUDA only; on
-CPU the guard's own resident allocation is reported instead). Then the detection question on
-the same tensors: a real packed weight before and after FSDP2-style NaN canonicalization,
-hashed by DebugMode's two hash functions and by the guard's digest. Rank 0 prints one JSON
-object and a table.
+``guard`` (``fsdpqdiag.guard(params="quantized", every=1)``: a hook per FSDP unit, the word
+digest); ``guard-per-weight`` (the old path: a hook per module, the per-element digest and its
+multiplier table); ``debugmode`` (the same step under ``torch.utils._debug_mode.DebugMode`` with
+``log_tensor_hashes``, PyTorch's per-op hashing, where the installed torch has it). Steps are
+interleaved round-robin so drift hits every variant alike; medians over rounds.
+
+Reported per variant: the median step and its ratio to vanilla's, the guard's host time in its
+hooks per step, the bytes it keeps resident, the peak memory of a step above what was allocated
+before it (CUDA only: the CPU allocator keeps no peak), and the bytes its hooks read per step
+against the device's memory bandwidth (measured with a large read, or ``--bandwidth-gbs``): the
+physical floor of any guard that reads every guarded weight once per step. Then the detection
+question on the same tensors: a real packed weight before and after FSDP2-style NaN
+canonicalization, a swap of two containers and one flipped bit, hashed by DebugMode's two hash
+functions and by both of the guard's digests. Rank 0 prints one JSON object and a table.
 """
 
 from __future__ import annotations
@@ -67,8 +73,27 @@ def debug_mode_context():
     return per_op_hashing
 
 
+def bandwidth_gbs(device: torch.device) -> float:
+    """Read bandwidth of ``device`` in GB/s: the best of a few float32 sums (vectorized on every
+    device) over 1 GiB (256 MiB on CPU). On a CPU it is what this process reads at its thread
+    count, on a shared machine a lower bound."""
+    words = (1 << 28) if device.type == "cuda" else (1 << 26)
+    data = torch.ones(words, dtype=torch.float32, device=device)
+    best = float("inf")
+    for _ in range(5):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        data.sum()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - started)
+    del data
+    return 4 * words / best / 1e9
+
+
 def detection(model) -> dict:
-    """The same tensor, original and altered two ways: which hash tells them apart?"""
+    """The same tensor, original and altered three ways: which hash tells them apart?"""
     from fsdpqdiag.evidence.bytes import nan_census
 
     full = None
@@ -87,8 +112,20 @@ def detection(model) -> dict:
     bits = flat.view(torch.int16)
     other = int(torch.nonzero(bits != bits[0])[0])
     flat[[0, other]] = flat[[other, 0]]
+    # One bit flipped in the middle of the weight: the lowest mantissa bit of one container.
+    flipped = full.clone()
+    middle = flipped.numel() // 2
+    flipped.view(-1).view(torch.int16)[middle] ^= 1
     found: dict = {"weight": _name, "nan_elements": nan_census(full)["nan_elements"]}
-    hashes = {"fsdpqdiag_digest": lambda t: f"{guard_digest.host(guard_digest.digest(t)):016x}"}
+    width = guard_digest.row_width(full.numel() * full.element_size())
+
+    def word(t):
+        return f"{guard_digest.host32(guard_digest.word_digest(guard_digest.raw_bytes(t), 0, width)):08x}"
+
+    hashes = {
+        "fsdpqdiag_digest": word,
+        "fsdpqdiag_per_element_digest": lambda t: f"{guard_digest.host(guard_digest.digest(t)):016x}",
+    }
     try:
         from torch.utils._debug_mode import hash_tensor_fn, norm_hash_fn
 
@@ -96,7 +133,11 @@ def detection(model) -> dict:
         hashes["debugmode_hash_tensor"] = lambda t: repr(hash_tensor_fn(t, use_scalar=True))
     except ImportError as exc:
         found["debugmode"] = f"unavailable: {exc}"
-    alterations = {"nan_canonicalization": canonicalized, "swap_two_elements": swapped}
+    alterations = {
+        "nan_canonicalization": canonicalized,
+        "swap_two_elements": swapped,
+        "one_bit_flip": flipped,
+    }
     for label, fn in hashes.items():
         before = fn(full)
         found[label] = {
@@ -106,42 +147,10 @@ def detection(model) -> dict:
     return found
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser()
-    parser.add_argument("--preset", default="tiny-llama")
-    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=8)
-    parser.add_argument("--warmup", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--seq-len", type=int, default=64)
-    parser.add_argument("--no-debugmode", action="store_true", help="leave the per-op hashing variant out")
-    args = parser.parse_args()
-    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    cuda = args.device == "cuda"
-    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-        dist.init_process_group("nccl", device_id=device)
-    else:
-        dist.init_process_group("gloo")
-    if rank == 0:
-        models.preset_dir(args.preset)  # build the preset once before the others read it
-    dist.barrier()
-    _, MixedPrecisionPolicy = fsdp_api()
-    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
-    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
-
-    per_op = None if args.no_debugmode else debug_mode_context()
-    names = ["vanilla", "guard"] + (["debugmode"] if per_op else [])
-    variants = {name: build(args.preset, device, mesh, policy) for name in names}
-    guard = weight_guard.guard(variants["guard"][0], params="quantized", action="raise", every=1)
-    contexts = {name: contextlib.nullcontext for name in names}
-    if per_op:
-        contexts["debugmode"] = per_op
-    ids = models.fixed_input(variants["vanilla"][0].config.vocab_size, args.batch, args.seq_len).to(device)
-
-    times: dict[str, list[float]] = {name: [] for name in names}
-    peaks: dict[str, list[int]] = {name: [] for name in names}
+def run_rounds(variants, contexts, ids, args, cuda: bool):
+    """Interleaved rounds: every variant steps once per round, in the same order."""
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    peaks: dict[str, list[int]] = {name: [] for name in variants}
     failed: dict[str, str] = {}
     for round_index in range(args.warmup + args.rounds):
         for name, (model, optimizer) in list(variants.items()):
@@ -160,7 +169,7 @@ def main() -> None:
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=True)
             except Exception as exc:  # noqa: BLE001 - a per-op hashing mode this stack cannot run
-                if name == "vanilla" or name == "guard":
+                if name.startswith(("vanilla", "guard")):
                     raise
                 failed[name] = f"{type(exc).__name__}: {exc}"[:500]
                 continue
@@ -171,77 +180,166 @@ def main() -> None:
                 times[name].append(elapsed)
                 if cuda:
                     peaks[name].append(torch.cuda.max_memory_allocated() - resident)
-    names = [name for name in names if name not in failed]
-    state = guard.close()
-    table_bytes = sum(t.numel() * t.element_size() for t in guard_digest._TABLES.values())
-    param_bytes = sum(plain(p).numel() * plain(p).element_size() for p in variants["guard"][0].parameters())
-    caught = detection(variants["vanilla"][0])
+    return times, peaks, failed
 
+
+def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
+    """What a guard spent: host time in its hooks, resident bytes, bytes its hooks read."""
+    steps = max(state["steps"], 1)
+    sizes = {entry.name: entry.numel * entry.torch_dtype.itemsize for entry in guard.guarded}
+    read = sum(sizes[g["parameter"]] * g["checks"] for g in state["guarded"]) / steps
+    floor_s = read / (bandwidth * 1e9)
+    return {
+        "guarded_weights": len(state["guarded"]),
+        "checks_per_step": round(sum(g["checks"] for g in state["guarded"]) / steps, 2),
+        "findings": len(state["findings"]),
+        # A hook that raised stops verifying its weights: a path that failed is not a cheap one.
+        "errors": state["errors"],
+        "setup_s": state["setup_s"],
+        "hook_s_per_step": round(state["hook_s"] / steps, 6),
+        "hook_pct_of_vanilla_step": round(100 * state["hook_s"] / steps / base_time, 3),
+        "resident_bytes": guard.resident_bytes,
+        "bytes_read_per_step": int(read),
+        "read_floor_s_per_step": round(floor_s, 7),
+        "read_floor_pct_of_vanilla_step": round(100 * floor_s / base_time, 4),
+    }
+
+
+def summarize(names, times, peaks) -> list[dict]:
     base_time = statistics.median(times["vanilla"])
     base_peak = statistics.median(peaks["vanilla"]) if peaks["vanilla"] else None
     rows = []
     for name in names:
         median = statistics.median(times[name])
         peak = statistics.median(peaks[name]) if peaks[name] else None
+        delta = None if peak is None or base_peak is None else peak - base_peak
         rows.append(
             {
                 "variant": name,
                 "median_step_s": round(median, 5),
                 "min_step_s": round(min(times[name]), 5),
                 "max_step_s": round(max(times[name]), 5),
+                "ratio_to_vanilla": round(median / base_time, 4),
                 "step_overhead_pct": round(100 * (median / base_time - 1), 2),
                 "peak_step_mem_mib": None if peak is None else round(peak / 2**20, 1),
+                "peak_mem_delta_mib": None if delta is None else round(delta / 2**20, 2),
                 "peak_mem_overhead_pct": None
                 if peak is None or not base_peak
-                else round(100 * (peak / base_peak - 1), 2),
+                else round(100 * (peak / base_peak - 1), 3),
             }
-        )
+        )  # fmt: skip
+    return rows
+
+
+def parse_args():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--preset", default="tiny-llama")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--seq-len", type=int, default=64)
+    parser.add_argument("--no-debugmode", action="store_true", help="leave the per-op hashing variant out")
+    parser.add_argument("--no-per-weight", action="store_true", help="leave the old per-weight guard out")
+    parser.add_argument(
+        "--bandwidth-gbs",
+        type=float,
+        default=None,
+        help="the device's memory bandwidth to state (else measured)",
+    )
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    rank, world_size = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    cuda = args.device == "cuda"
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
     if rank == 0:
-        stack = env.capture()
-        result = {
-            "benchmark": "guard_cost",
-            "preset": args.preset,
-            "world_size": world_size,
-            "device": args.device,
-            "rounds": args.rounds,
-            "batch": args.batch,
-            "seq_len": args.seq_len,
-            "rows": rows,
-            "failed": failed,
-            "guard": {
-                "guarded_weights": len(state["guarded"]),
-                "checks_per_rank": sum(g["checks"] for g in state["guarded"]),
-                "findings": len(state["findings"]),
-                "setup_s": state["setup_s"],
-                "hook_s_per_step": round(state["hook_s"] / max(state["steps"], 1), 6),
-                "hook_pct_of_vanilla_step": round(
-                    100 * state["hook_s"] / max(state["steps"], 1) / statistics.median(times["vanilla"]), 2
-                ),
-                "multiplier_table_bytes": table_bytes,
-                "shard_param_bytes": param_bytes,
-                "resident_pct_of_shard_params": round(100 * table_bytes / param_bytes, 2),
-            },
-            "detection": caught,
-            "stack": {
-                "torch": stack["torch"]["version"],
-                "bitsandbytes": stack["bitsandbytes"]["version"],
-                "gpus": stack["gpus"],
-                "cpu_count": os.cpu_count(),
-            },
-        }
-        print(json.dumps(result))
-        print(f"{'variant':<11}{'median step s':>15}{'overhead %':>12}{'peak MiB':>10}{'mem overhead %':>16}")
-        for row in rows:
-            print(
-                f"{row['variant']:<11}{row['median_step_s']:>15}{row['step_overhead_pct']:>12}"
-                f"{str(row['peak_step_mem_mib']):>10}{str(row['peak_mem_overhead_pct']):>16}"
-            )
-        print(f"guard hook time per step (rank 0): {result['guard']['hook_s_per_step'] * 1e3:.2f} ms")
-        for label in ("debugmode_norm", "debugmode_hash_tensor", "fsdpqdiag_digest"):
-            if label in caught:
-                seen = ", ".join(f"{alteration} {v['caught']}" for alteration, v in caught[label].items())
-                print(f"{label:<24} caught: {seen}")
+        models.preset_dir(args.preset)  # build the preset once before the others read it
+    dist.barrier()
+    _, MixedPrecisionPolicy = fsdp_api()
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+    mesh = torch.distributed.device_mesh.init_device_mesh(device.type, (world_size,))
+    bandwidth = args.bandwidth_gbs or bandwidth_gbs(device)
+
+    per_op = None if args.no_debugmode else debug_mode_context()
+    names = ["vanilla", "guard"] + ([] if args.no_per_weight else ["guard-per-weight"])
+    names += ["debugmode"] if per_op else []
+    variants = {name: build(args.preset, device, mesh, policy) for name in names}
+    guards = {"guard": weight_guard.guard(variants["guard"][0], params="quantized", action="raise", every=1)}
+    if "guard-per-weight" in variants:
+        guards["guard-per-weight"] = weight_guard.Guard(
+            variants["guard-per-weight"][0], params="quantized", action="raise", every=1, legacy=True
+        )
+    contexts = {name: contextlib.nullcontext for name in names}
+    if per_op:
+        contexts["debugmode"] = per_op
+    ids = models.fixed_input(variants["vanilla"][0].config.vocab_size, args.batch, args.seq_len).to(device)
+
+    times, peaks, failed = run_rounds(variants, contexts, ids, args, cuda)
+    names = [name for name in names if name not in failed]
+    base_time = statistics.median(times["vanilla"])
+    spent = {name: guard_row(guard, guard.close(), base_time, bandwidth) for name, guard in guards.items()}
+    caught = detection(variants["vanilla"][0])
+    rows = summarize(names, times, peaks)
+    if rank == 0:
+        report(args, world_size, rows, failed, spent, caught, bandwidth)
     dist.destroy_process_group()
+
+
+def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
+    stack = env.capture()
+    result = {
+        "benchmark": "guard_cost",
+        "preset": args.preset,
+        "world_size": world_size,
+        "device": args.device,
+        "rounds": args.rounds,
+        "batch": args.batch,
+        "seq_len": args.seq_len,
+        "bandwidth_gbs": round(bandwidth, 1),
+        "bandwidth_source": "stated (--bandwidth-gbs)" if args.bandwidth_gbs else "measured (a large sum)",
+        "rows": rows,
+        "failed": failed,
+        "guards": spent,
+        "detection": caught,
+        "stack": {
+            "torch": stack["torch"]["version"],
+            "bitsandbytes": stack["bitsandbytes"]["version"],
+            "gpus": stack["gpus"],
+            "cpu_count": os.cpu_count(),
+        },
+    }  # fmt: skip
+    print(json.dumps(result))
+    print(f"{'variant':<18}{'median step s':>15}{'ratio':>9}{'peak MiB':>10}{'peak delta MiB':>16}")
+    for row in rows:
+        print(
+            f"{row['variant']:<18}{row['median_step_s']:>15}{row['ratio_to_vanilla']:>9}"
+            f"{str(row['peak_step_mem_mib']):>10}{str(row['peak_mem_delta_mib']):>16}"
+        )
+    for name, guard in spent.items():
+        print(
+            f"{name} (rank 0): hooks {guard['hook_s_per_step'] * 1e3:.3f} ms/step "
+            f"({guard['hook_pct_of_vanilla_step']} % of vanilla), resident {guard['resident_bytes']} B, "
+            f"reads {guard['bytes_read_per_step'] / 1e6:.2f} MB/step, "
+            f"{guard['read_floor_s_per_step'] * 1e3:.4f} ms "
+            f"at {bandwidth:.1f} GB/s ({guard['read_floor_pct_of_vanilla_step']} % of vanilla)"
+        )
+    for label in (
+        "debugmode_norm",
+        "debugmode_hash_tensor",
+        "fsdpqdiag_per_element_digest",
+        "fsdpqdiag_digest",
+    ):
+        if label in caught:
+            seen = ", ".join(f"{alteration} {v['caught']}" for alteration, v in caught[label].items())
+            print(f"{label:<30} caught: {seen}")
 
 
 if __name__ == "__main__":

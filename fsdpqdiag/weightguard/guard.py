@@ -2,13 +2,15 @@
 
 ``guard(model)`` is called after ``fully_shard``. For every guarded parameter it digests the raw bits
 of each rank's shard at set-up (on the device; one collective combines the ranks), and at every
-unshard a forward pre-hook digests the tensor the owning module's forward receives. A digest that
-differs is localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's slice of
-the unsharded tensor against its own shard: differing elements, NaN classes, post bit patterns)
+unshard a forward pre-hook on the FSDP unit digests the tensors its modules' forwards receive
+(``verify``: the hot path, its cost and why it needs no host sync). A digest that differs is
+localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's slice of the
+unsharded tensor against its own shard: differing elements, NaN classes, post bit patterns)
 and a fingerprint, then acted on: raise, warn once per module, or record for a report.
 
-The pieces: ``digest`` (the digest, and why one of our own), ``params`` (which parameters, where
-each shard lies, the set-up digests), ``localize`` (the forensics of an altered weight), this
+The pieces: ``digest`` (the digest, why one of our own, why it sees every flipped bit, NaN payload
+and swap), ``params`` (which parameters, where each shard lies, the set-up digests), ``verify``
+(the hooks' work), ``localize`` (the forensics of an altered weight), this
 module (the hooks, the action, the per-process record) and ``watch`` (the merged report).
 
 Frozen parameters (quantized weights) are digested once; trainable ones (``params="all"``) again
@@ -27,7 +29,7 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-from fsdpqdiag.weightguard.digest import digest, digest_words, host, received_words
+from fsdpqdiag.weightguard import verify
 from fsdpqdiag.weightguard.localize import localize, unlocalized
 from fsdpqdiag.weightguard.params import GuardedParam, collect, digest_shards
 
@@ -64,6 +66,7 @@ class Guard:
         injected: str | None = None,
         fix: dict | None = None,
         argv: list[str] | None = None,
+        legacy: bool = False,
     ):
         import torch.distributed as dist
 
@@ -74,6 +77,8 @@ class Guard:
         # The workaround applied to this process ({"name", "error"}): the report names it.
         self.injected, self.fix = injected, fix
         self.argv = list(argv or [])
+        # The old per-weight path (a hook per module, a table of multipliers): to measure against.
+        self.legacy = bool(legacy)
         self.roots = list(model) if isinstance(model, (list, tuple)) else [model]
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
@@ -82,7 +87,7 @@ class Guard:
         self._optimizers: dict[int, bool] = {}
         self.forward_calls = 0
         self.findings: list[dict] = []
-        self.pending: list[tuple[GuardedParam, int, Any]] = []
+        self.pending: list[tuple[list[GuardedParam], int, Any]] = []
         self.in_flight: list[tuple[list, Any, Any]] = []
         self.handles: list = []
         self.closed = False
@@ -94,57 +99,38 @@ class Guard:
         self.setup_s = 0.0
         # Host time spent inside the verification hooks (on a GPU the kernels run after it).
         self.hook_s = 0.0
+        # Bytes the guard keeps allocated between steps (its digest's factors, a CPU scratch).
+        self.resident_bytes = 0
         self.guarded, self.skipped = collect(self.roots, params)
         self._set_up()
 
     def _set_up(self) -> None:
         """Digest the shards, hook every guarded module's forward and the optimizer steps."""
         import torch
+        from torch.distributed.tensor import DTensor
         from torch.optim.optimizer import register_optimizer_step_post_hook
 
         self.device = self.guarded[0].fsdp_param.sharded_param.device if self.guarded else torch.device("cpu")
         began = time.perf_counter()
-        digest_shards(self.guarded)
-        self._prepare_hot_path()
+        digest_shards(self.guarded, self.legacy)
+        self.resident_bytes = verify.prepare(self.guarded, self.legacy)
+        self._dtensor = DTensor
+        self._mask = verify.mask(self.legacy)
         self.setup_s = time.perf_counter() - began
-        by_module: dict[int, list[GuardedParam]] = {}
-        for entry in self.guarded:
-            by_module.setdefault(id(entry.module), []).append(entry)
-        for entries in by_module.values():
-            self.handles.append(entries[0].module.register_forward_pre_hook(self._make_hook(entries)))
+        for unit in verify.units(self.guarded, self.legacy):
+            # After FSDP2's pre-forward hook (prepended at fully_shard): the unit is unsharded.
+            hook = self._make_hook(unit.entries)
+            self.handles.append(unit.module.register_forward_pre_hook(hook))
+            # Set up inside a unit's forward (``watch`` attaches at the first one, after FSDP2's
+            # unshard), that forward's hooks have run already: its unsharded weights are checked now.
+            if any(not isinstance(getattr(e.module, e.param_name), DTensor) for e in unit.entries):
+                hook(unit.module, ())
         if self.params == "all" and any(entry.trainable for entry in self.guarded):
             self.handles.append(register_optimizer_step_post_hook(self._after_step))
         else:
             self.handles.append(register_optimizer_step_post_hook(self._count_step))
         atexit.register(self._at_exit)
         self.write_state()
-
-    def _prepare_hot_path(self) -> None:
-        """What each verification needs, once: every entry's word dtype, multipliers (one table
-        per device, grown once, then views of it) and, on a CPU, its view of one int32 scratch
-        for the products. Not on a GPU: the caching allocator hands a freed block back as cheaply
-        and keeps it stream-safe, which one shared buffer would not be across streams."""
-        import torch
-        from torch.distributed.tensor import DTensor
-
-        from fsdpqdiag.weightguard.digest import CHUNK, multipliers, word_dtype
-
-        self._dtensor = DTensor
-        counts: dict[Any, int] = {}
-        for entry in self.guarded:
-            entry.words = word_dtype(entry.torch_dtype.itemsize)
-            device = entry.fsdp_param.sharded_param.device
-            counts[device] = max(
-                counts.get(device, 0), entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
-            )
-        tables = {device: multipliers(count, device) for device, count in counts.items()}
-        cpu = torch.device("cpu")
-        scratch = torch.empty(min(counts.get(cpu, 0), CHUNK), dtype=torch.int32)
-        for entry in self.guarded:
-            device = entry.fsdp_param.sharded_param.device
-            count = entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
-            entry.table = tables[device][:count]
-            entry.scratch = scratch[: min(count, CHUNK)] if device == cpu else None
 
     # -- optimizer steps: counted, and trainable shards digested again --------------------
     def _steps_this_model(self, optimizer) -> bool:
@@ -168,7 +154,7 @@ class Guard:
         self._count_step(optimizer, args, kwargs)
         if self.closed or self.step % self.every:
             return
-        digest_shards([entry for entry in self.guarded if entry.trainable])
+        digest_shards([entry for entry in self.guarded if entry.trainable], self.legacy)
 
     # -- verification at unshard ----------------------------------------------------------
     def _due(self) -> bool:
@@ -180,7 +166,7 @@ class Guard:
                 return
             began = time.perf_counter()
             try:
-                self._verify(module, entries)
+                self._verify(entries)
             except GuardTripped:
                 raise
             except Exception as exc:  # noqa: BLE001 - the guard must not be what breaks a run
@@ -194,28 +180,35 @@ class Guard:
 
         return verify
 
-    def _verify(self, module, entries: list[GuardedParam]) -> None:
-        """The hot path, every forward of every guarded module: no import, string, lookup or
-        (on a GPU) host sync; per chunk of ``guard_digest.CHUNK`` a multiply and a sum."""
+    def _verify(self, entries: list[GuardedParam]) -> None:
+        """The hot path, every forward of every guarded unit: no import, string, lookup or (on a
+        GPU) host sync; per weight a view and the digest's kernels, per unit one stack."""
+        import torch
+
         self.forward_calls += 1
+        seen, observed = [], []
         for entry in entries:
-            tensor = getattr(module, entry.param_name)
+            tensor = getattr(entry.module, entry.param_name)
             if isinstance(tensor, self._dtensor):
                 continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
             entry.checks += 1
             if entry.localize_pending or tensor.dtype != entry.torch_dtype or tensor.numel() != entry.numel:
                 self._trip(entry, tensor, self.step)
                 continue
-            if tensor.device == entry.table.device:
-                observed = digest_words(received_words(tensor, entry.words), 0, entry.table, entry.scratch)
-            else:
-                observed = digest(tensor, 0)  # not where its shard lives: the general path
-            if observed.is_cpu:
-                if host(observed) != entry.expected:
-                    self._trip(entry, tensor, self.step)
-            else:
-                # No host sync per weight on a GPU: the digests are compared once per step.
-                self.pending.append((entry, self.step, observed))
+            seen.append(entry)
+            observed.append(verify.observe(entry, tensor, self.legacy))
+        if not seen:
+            return
+        values = torch.stack(observed).bitwise_and_(self._mask)
+        if values.is_cpu:
+            got = values.tolist()
+            if got != [verify.expected(entry, self.legacy) for entry in seen]:
+                for entry, value in zip(seen, got):
+                    if value != verify.expected(entry, self.legacy):
+                        self._trip(entry, getattr(entry.module, entry.param_name), self.step)
+        else:
+            # No host sync on a GPU: the unit's digests are compared once per step.
+            self.pending.append((seen, self.step, values))
 
     def _drain(self, block: bool) -> None:
         """Compare the digests taken on a GPU: copy this step's to the host without waiting;
@@ -226,8 +219,12 @@ class Guard:
             # The digests go to the host, not the expected ones to the GPU: a blocking copy from
             # host memory synchronizes the stream, a full sync per step. Each is compared there
             # with its expected digest of now (a trainable weight's changes after this step).
-            entries = [(entry, step, entry.expected) for entry, step, _ in self.pending]
-            observed = torch.stack([value for _, _, value in self.pending])
+            entries = [
+                (entry, step, verify.expected(entry, self.legacy))
+                for seen, step, _ in self.pending
+                for entry in seen
+            ]
+            observed = torch.cat([values for _, _, values in self.pending])
             # Into pinned memory: a copy to pageable host memory would wait for the GPU.
             digests = torch.empty(observed.shape, dtype=torch.int64, pin_memory=True)
             digests.copy_(observed, non_blocking=True)
@@ -242,8 +239,11 @@ class Guard:
             elif not event.query():
                 still.append((entries, digests, event))
                 continue
-            for (entry, step, expected), value in zip(entries, digests.tolist()):
-                if host(value) != expected and entry.first_step is None:
+            got = digests.tolist()
+            if got == [expected for _, _, expected in entries]:
+                continue
+            for (entry, step, expected), value in zip(entries, got):
+                if value != expected and entry.first_step is None:
                     # The bytes of that unshard are gone: localize at this module's next unshard.
                     entry.first_step = step
                     entry.localize_pending = True
@@ -385,7 +385,8 @@ def guard(
     ``params``: ``"quantized"`` (Params4bit, Int8Params, uint8/int8 parameters) or ``"all"``.
     ``action``: ``"raise"`` (GuardTripped), ``"warn"`` (once per module) or ``"report"`` (record;
     with ``report_path`` rank 0 writes a ``fsdpqdiag.report/1`` report at ``close()``).
-    ``every``: verify the forwards of every N-th optimizer step. ``fix``: the name of a
+    ``every``: verify the forwards of every N-th optimizer step (each check costs a pass over the
+    unit's weights, see docs/guard.md). ``fix``: the name of a
     workaround applied to this run (``fsdpqdiag.fixes.apply``), named in the report.
     """
     import sys

@@ -6,8 +6,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from fsdpqdiag.weightguard.digest import bit_words, digest, digest_words, host
-from fsdpqdiag.weightguard.params import GuardedParam, Slice
+from fsdpqdiag.weightguard.digest import host32, raw_bytes, word_digest
+from fsdpqdiag.weightguard.params import GuardedParam, Slice, shard_word_digest
 
 # What a finding keeps of ``fsdpqdiag.evidence.bytes.diff``'s comparison of this rank's slice.
 COMPARISON_KEYS = (
@@ -52,7 +52,7 @@ def localize(entry: GuardedParam, tensor, step: int, rank: int) -> dict:
 
     observed = plain(tensor)
     finding = {**finding_head(entry, rank, step), "dtype": entry.dtype, "elements": entry.numel}
-    shard_now = host(digest(entry.shard(), entry.start))
+    shard_now = host32(shard_word_digest(entry))
     finding["shard_byte_true"] = shard_now == entry.shard_digest
     if not same_form(entry, observed):
         finding.update(
@@ -79,11 +79,11 @@ def localize(entry: GuardedParam, tensor, step: int, rank: int) -> dict:
 
 def _slices_differing(entry: GuardedParam, observed) -> list[int]:
     """The shard-group ranks whose slice of ``observed`` no longer has its set-up digest."""
-    words, per_element = bit_words(observed)
+    data, size = raw_bytes(observed), observed.element_size()
     differing = []
     for piece in entry.slices_nonempty:
-        begin, end = piece.start * per_element, (piece.start + piece.numel) * per_element
-        if host(digest_words(words[begin:end], begin)) != piece.digest:
+        begin, end = piece.start * size, (piece.start + piece.numel) * size
+        if host32(word_digest(data[begin:end], begin, entry.width)) != piece.digest:
             differing.append(piece.rank)
     return differing
 

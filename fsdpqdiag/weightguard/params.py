@@ -6,7 +6,16 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from fsdpqdiag.weightguard.digest import MASK64, digest, host
+from fsdpqdiag.weightguard.digest import (
+    MASK32,
+    MASK64,
+    digest,
+    host,
+    host32,
+    raw_bytes,
+    row_width,
+    word_digest,
+)
 
 QUANTIZED_MODULES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
 QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
@@ -25,6 +34,8 @@ class GuardedParam:
     name: str
     module_name: str
     module: Any
+    # The FSDP unit (the module ``fully_shard`` was applied to) whose unshard gathers it.
+    unit: Any
     param_name: str
     fsdp_param: Any
     kind: str
@@ -38,20 +49,26 @@ class GuardedParam:
     start: int = 0
     shard_digest: int = 0
     slices: list[Slice] = field(default_factory=list)
+    # The word digest (``digest.word_digest``, modulo 2**32) of the unsharded tensor, the sum of
+    # its slices' digests; ``expected_legacy``: the per-element digest, for the old path only.
     expected: int = 0
+    expected_legacy: int = 0
+    width: int = 0
     checks: int = 0
     mismatches: int = 0
     first_step: int | None = None
     last_step: int | None = None
     localize_pending: bool = False
     warned: bool = False
-    # The hot path's precomputed pieces (``Guard``): the torch dtype forward must receive, the
-    # word dtype its bits are viewed as, the multipliers of the unsharded tensor's words and (on
-    # a CPU) the int32 scratch its products are written into.
+    # The hot path's precomputed pieces (``verify``): the torch dtype forward must receive, the
+    # row and column factors of the unsharded tensor's words and (on a CPU) the int32 scratch
+    # its products are written into; the old path's word dtype and multiplier table.
     torch_dtype: Any = None
+    columns: Any = None
+    factors: Any = None
+    scratch: Any = None
     words: Any = None
     table: Any = None
-    scratch: Any = None
 
     def shard(self):
         local = self.fsdp_param.sharded_param._local_tensor
@@ -71,7 +88,8 @@ def is_quantized(module, param_name: str, local) -> str | None:
 
 
 def fsdp_params(modules) -> list:
-    """Every FSDPParam of every FSDP unit under ``modules``, once each."""
+    """Every FSDPParam of every FSDP unit under ``modules``, once each, with its param group
+    and the unit's module."""
     seen, found = set(), []
     for root in modules:
         for module in root.modules():
@@ -87,7 +105,7 @@ def fsdp_params(modules) -> list:
                 for fsdp_param in group.fsdp_params:
                     if id(fsdp_param) not in seen:
                         seen.add(id(fsdp_param))
-                        found.append((fsdp_param, group))
+                        found.append((fsdp_param, group, module))
     return found
 
 
@@ -126,7 +144,7 @@ def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
         for name, module in root.named_modules():
             names.setdefault(id(module), name)
     guarded, skipped = [], []
-    for fsdp_param, group in fsdp_params(roots):
+    for fsdp_param, group, unit in fsdp_params(roots):
         info = fsdp_param._module_info
         module, param_name = info.module, info.param_name
         sharded = fsdp_param.sharded_param
@@ -146,6 +164,7 @@ def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
                 name=qualified,
                 module_name=module_name,
                 module=module,
+                unit=unit,
                 param_name=param_name,
                 fsdp_param=fsdp_param,
                 kind=quantized or ("trainable" if trainable else "frozen"),
@@ -160,27 +179,38 @@ def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
     return guarded, skipped
 
 
-def digest_shards(entries: list[GuardedParam]) -> None:
+def digest_shards(entries: list[GuardedParam], legacy: bool = False) -> None:
     """Digest each entry's shard at its global offset; one all-gather per process group
-    (the FSDP shard group) gives every rank every slice's digest."""
+    (the FSDP shard group) gives every rank every slice's digest. ``legacy``: the per-element
+    digests too, for the old per-weight path."""
     groups: dict[int, list[GuardedParam]] = {}
     for entry in entries:
         groups.setdefault(id(entry.group), []).append(entry)
     for members in groups.values():
-        _digest_group(members)
+        _digest_group(members, legacy)
 
 
-def _digest_group(members: list[GuardedParam]) -> None:
+def shard_word_digest(entry: GuardedParam, shard=None):
+    """The word digest of this rank's shard at its byte offset in the unsharded tensor."""
+    shard = entry.shard() if shard is None else shard
+    return word_digest(raw_bytes(shard), entry.start * shard.element_size(), entry.width)
+
+
+def _digest_group(members: list[GuardedParam], legacy: bool) -> None:
     import torch
     import torch.distributed as dist
 
-    digests = []
+    digests, legacies = [], []
     for entry in members:
         shard = entry.shard()
         entry.dtype = str(shard.dtype).removeprefix("torch.")
         entry.torch_dtype = shard.dtype
         entry.shard_numel = shard.numel()
-        digests.append(digest(shard, entry.start))
+        entry.width = row_width(entry.numel * shard.element_size())
+        digests.append(shard_word_digest(entry, shard))
+        if legacy:
+            legacies.append(digest(shard, entry.start))
+    digests += legacies
     # Where each shard lies never changes: it travels with the digests at set-up only.
     layout = torch.tensor(
         [v for entry in members for v in (entry.start, entry.shard_numel)],
@@ -192,7 +222,7 @@ def _digest_group(members: list[GuardedParam]) -> None:
     group = members[0].group
     table = _gather_rows(mine, group)
     own = dist.get_rank(group) if dist.is_initialized() else 0
-    _record_slices(members, table, first, own)
+    _record_slices(members, table, first, own, legacy)
 
 
 def _gather_rows(mine, group) -> list[list[int]]:
@@ -214,18 +244,24 @@ def _gather_rows(mine, group) -> list[list[int]]:
     return gathered.view(size, -1).tolist()
 
 
-def _record_slices(members: list[GuardedParam], table: list[list[int]], first: bool, own: int) -> None:
-    """Each member's slices and expected digest from the gathered rows: its digests first, then
-    (at set-up only) each member's start and element count."""
+def _record_slices(
+    members: list[GuardedParam], table: list[list[int]], first: bool, own: int, legacy: bool
+) -> None:
+    """Each member's slices and expected digest from the gathered rows: its word digests first,
+    then (``legacy``) its per-element digests, then (at set-up only) each member's start and
+    element count."""
     count = len(members)
+    layout = count * (2 if legacy else 1)
     for index, entry in enumerate(members):
         if first:
             entry.slices = [
-                Slice(rank, row[count + 2 * index], row[count + 2 * index + 1], 0)
+                Slice(rank, row[layout + 2 * index], row[layout + 2 * index + 1], 0)
                 for rank, row in enumerate(table)
             ]
         for piece in entry.slices:
-            piece.digest = host(table[piece.rank][index])
-        entry.shard_digest = host(table[own][index])
+            piece.digest = host32(table[piece.rank][index])
+        entry.shard_digest = host32(table[own][index])
         entry.slices_nonempty = [piece for piece in entry.slices if piece.numel > 0]
-        entry.expected = sum(piece.digest for piece in entry.slices) & MASK64
+        entry.expected = sum(piece.digest for piece in entry.slices) & MASK32
+        if legacy:
+            entry.expected_legacy = sum(host(row[count + index]) for row in table) & MASK64
