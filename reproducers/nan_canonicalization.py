@@ -105,7 +105,11 @@ def main():
     )
     y_post = linear(x).detach()
     linear.reshard()
-    full = linear.weight.full_tensor()
+    backend = dist.get_backend()
+    # full_tensor() on gloo with CUDA tensors dies by SIGSEGV in gloo itself (pytorch#152645),
+    # a crash of the backend, not of this bug: the verdict does not need it, so it is skipped.
+    gloo_on_cuda = backend == "gloo" and device.type == "cuda"
+    full = None if gloo_on_cuda else linear.weight.full_tensor()
 
     delta = (y_post.float() - y_pre.float()).abs()
     result = {
@@ -117,7 +121,7 @@ def main():
         "nan_elements": int(nan_mask(original.view(-1).view(torch.int16)).sum()),
         "swap_target": compare(original, seen["w"]),
         "local_tensor": compare(torch.chunk(original, world_size, dim=0)[rank], local),
-        "full_tensor": compare(original, full),
+        "full_tensor": compare(original, full) if full is not None else "skipped: gloo with CUDA tensors",
         "max_abs_delta": float(delta.max()),
         "mean_abs_delta": float(delta.mean()),
         "output_bit_equal": bool(torch.equal(y_pre.view(torch.int16), y_post.view(torch.int16))),
