@@ -111,7 +111,10 @@ app = typer.Typer(
         "Diagnose byte-level bugs of PyTorch FSDP2 sharding bitsandbytes quantized weights "
         "(bitsandbytes #1945 and relatives)."
     ),
-    epilog=EXIT_CODES_HELP + "\n\n" + ENVIRONMENT_HELP,
+    epilog=EXIT_CODES_HELP
+    + " compare: 0 identical, 4 verdicts identical but numbers differ, 1 verdicts differ."
+    + "\n\n"
+    + ENVIRONMENT_HELP,
     no_args_is_help=True,
     invoke_without_command=True,
     add_completion=True,
