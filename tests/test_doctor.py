@@ -55,7 +55,7 @@ def _assert_consistent(checked: dict) -> None:
 
 @pytest.mark.parametrize("world_size", [1, 2])
 def test_doctor_json_is_consistent_with_its_evidence(run_cli, world_size):
-    result = run_cli("doctor", "--ws", str(world_size), "--device", "cpu", "--json")
+    result = run_cli("doctor", "--ws", str(world_size), "--device", "cpu", "--json", "-")
     checked = json.loads(result.stdout)
     assert checked["world_size"] == world_size and checked["backend"] == "gloo"
     _assert_consistent(checked)

@@ -102,11 +102,11 @@ def test_key_numbers_of_forensics_and_a_refused_fully_shard():
 def test_compare_identical_and_different(run_cli, cpu_reports):
     same = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-again"]))
     assert same.returncode == 0 and "IDENTICAL" in same.stdout
-    other_ws = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws2"]), "--json")
+    other_ws = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws2"]), "--json", "-")
     assert other_ws.returncode == 1
     listing = json.loads(other_ws.stdout)
     assert listing["only_in_a"] and listing["only_in_b"]
-    other_seed = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-seed7"]), "--json")
+    other_seed = run_cli("compare", str(cpu_reports["ws1"]), str(cpu_reports["ws1-seed7"]), "--json", "-")
     assert other_seed.returncode == 1
     paths = {d["path"] for d in json.loads(other_seed.stdout)["differences"]}
     assert "config.weight_seed" in paths and "evidence.sha256" in paths
@@ -161,7 +161,7 @@ def test_oversized_report_is_folded_under_the_github_limit(cpu_reports, label):
 
 
 def test_env_command(run_cli):
-    result = run_cli("env", "--json")
+    result = run_cli("env", "--json", "-")
     data = json.loads(result.stdout)
     assert result.returncode == 0
     for key in ("python", "torch", "bitsandbytes", "transformers", "peft", "gpus", "driver"):
@@ -171,7 +171,7 @@ def test_env_command(run_cli):
 
     from fsdpqdiag.cli import app
 
-    markdown = CliRunner().invoke(app, ["env", "--markdown"])
+    markdown = CliRunner().invoke(app, ["env", "--markdown", "-"])
     assert markdown.exit_code == 0 and "| torch.version |" in markdown.stdout
 
 

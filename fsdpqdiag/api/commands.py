@@ -262,3 +262,21 @@ def doctor(
     except ModelSourceError as exc:
         raise BadInput(str(exc)) from exc
     return preflight(run, {"model": {"model": str(path), "label": model or preset}}, on_progress)
+
+
+def doctor_each(
+    world_sizes: Sequence[int] = (),
+    device: str = "auto",
+    backend: str = "auto",
+    timeout_s: float = 300.0,
+    inject: str | None = None,
+    model: str | None = None,
+    preset: str = "tiny-llama",
+    on_progress: Callable[[str], None] | None = None,
+) -> list[dict]:
+    """``doctor`` at each world size (the default one when none is given), every size
+    checked before the first launch: a bad second ``--ws`` costs no run."""
+    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    return [
+        doctor(run.world_size, device, backend, timeout_s, inject, model, preset, on_progress) for run in runs
+    ]

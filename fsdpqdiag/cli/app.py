@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import sys
+import textwrap
+import time
 from pathlib import Path
 from typing import Annotated
 
@@ -19,11 +21,69 @@ from typer.core import TyperGroup
 from fsdpqdiag.report.model import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
 from fsdpqdiag.stack.faults import FAULTS  # stdlib only: --help stays torch-free
 
+ENVIRONMENT_HELP = (
+    "Environment: FSDPQDIAG_CACHE=DIR where built model presets are kept (default: "
+    "$XDG_CACHE_HOME/fsdpqdiag or ~/.cache/fsdpqdiag); FSDPQDIAG_RANK_START=spawn|fork how ranks "
+    "start (default: forked from one warm process on a CPU-only machine, spawned where a GPU is "
+    "visible); FSDPQDIAG_BNB_CPU_REPACK=on|off forces bitsandbytes' CPU kernel path (on: the "
+    "AVX512-BF16 weight repack, off: plain dequantize) whatever the CPU. FSDPQDIAG_RESULT, "
+    "FSDPQDIAG_STACK_ENV and FSDPQDIAG_GUARD_* are set by fsdpqdiag for the processes it starts."
+)
+
+# How wide a list of choices is laid out in --help: the help column of an 80-column terminal.
+CHOICES_WIDTH = 44
+
+
+def choices_help(text: str, choices) -> str:
+    """Help text ending with its choices as a block click never rewraps (the ``\\b`` marker),
+    so that no name is cut at a hyphen or at the terminal's edge."""
+    lines = textwrap.wrap(
+        ", ".join(choices), width=CHOICES_WIDTH, break_on_hyphens=False, break_long_words=False
+    )
+    return text + "\n\n\b\n" + "\n".join(lines)
+
+
+# Metavars that read like values, by the Python type an option parses into; an option may
+# name its own (SECONDS, DIR).
+METAVARS = {int: "N", float: "NUMBER", Path: "PATH", str: "NAME"}
+
+
+def _parsed_type(param):
+    """The element type an option parses into: typer describes it (``type_descriptor``), a
+    plain click option by its ParamType."""
+    from typing import get_args, get_origin
+
+    described = getattr(param, "type_descriptor", None)
+    if described is None:
+        return {"integer": int, "float": float, "path": Path}.get(getattr(param.type, "name", ""), str)
+    annotation = described.annotation
+    if get_origin(annotation) is list:
+        (annotation,) = get_args(annotation)
+    return annotation
+
+
+def _value_metavars(command) -> None:
+    for param in getattr(command, "params", ()):
+        if param.param_type_name == "argument":
+            # An argument's name already says what it is (REPORT, A, B): typer would add its
+            # Python type after it ("REPORT <path>").
+            param.display_type_rich = lambda ctx: None
+            continue
+        if param.is_flag or param.metavar is not None:
+            continue
+        param.metavar = METAVARS.get(_parsed_type(param), "VALUE")
+    for sub in getattr(command, "commands", {}).values():
+        _value_metavars(sub)
+
 
 class OneLineErrors(TyperGroup):
     """click's own usage errors (a value of the wrong type, an unknown option, an extra
     argument) answer in one line on stderr with exit 2, like every other mistake, instead of
     click's usage block and error panel."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _value_metavars(self)
 
     def main(self, *args, standalone_mode: bool = True, **kwargs):
         if not standalone_mode:
@@ -51,10 +111,15 @@ app = typer.Typer(
         "Diagnose byte-level bugs of PyTorch FSDP2 sharding bitsandbytes quantized weights "
         "(bitsandbytes #1945 and relatives)."
     ),
-    epilog=EXIT_CODES_HELP,
+    epilog=EXIT_CODES_HELP
+    + " compare: 0 identical, 4 verdicts identical but numbers differ, 1 verdicts differ."
+    + "\n\n"
+    + ENVIRONMENT_HELP,
     no_args_is_help=True,
     invoke_without_command=True,
-    add_completion=False,
+    add_completion=True,
+    rich_markup_mode=None,
+    context_settings={"help_option_names": ["-h", "--help"]},
     pretty_exceptions_enable=False,
 )
 stdout = Console()
@@ -156,11 +221,13 @@ Backend = Annotated[
     str,
     typer.Option(help="auto | gloo | nccl (auto: nccl on cuda, gloo on cpu; gloo lets ranks share a GPU)."),
 ]
-Timeout = Annotated[float, typer.Option(help="Seconds per launch before every rank is killed.")]
+Timeout = Annotated[
+    float, typer.Option(metavar="SECONDS", help="Seconds per launch before every rank is killed.")
+]
 Inject = Annotated[
     str | None,
     typer.Option(
-        help=f"Positive control: replace a real step with a known-faulty one ({', '.join(FAULTS)})."
+        help=choices_help("Positive control: replace a real step with a known-faulty one:", FAULTS),
     ),
 ]
 JsonPath = Annotated[Path | None, typer.Option("--json", help="Write the JSON report here (- for stdout).")]
@@ -205,6 +272,24 @@ def write_report(report, json_path: Path | None, markdown_path: Path | None) -> 
     write_outputs((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
 
 
+class ProgressLines:
+    """One line on stderr per step of a run as it finishes (the next one's start ends it)."""
+
+    def __init__(self) -> None:
+        self.current: str | None = None
+        self.since = time.monotonic()
+
+    def started(self, text: str) -> None:
+        self.finish()
+        self.current, self.since = text, time.monotonic()
+
+    def finish(self) -> None:
+        if self.current is not None:
+            seconds = time.monotonic() - self.since
+            stderr.print(f"done: {self.current} ({seconds:.1f} s)", highlight=False, soft_wrap=True)
+        self.current = None
+
+
 def run_library(call, status_text: str = "starting…"):
     """Call the library with a progress line on stderr; map its failures to exit codes."""
     from fsdpqdiag.api import BadInput
@@ -214,7 +299,14 @@ def run_library(call, status_text: str = "starting…"):
     try:
         # A command's launches (a relaunch after a casualty, isolated cells) share zygotes.
         with stderr.status(status_text) as status, reusing_zygotes():
-            return call(lambda text: status.update(f"running {text}…"))
+            if stderr.is_terminal:
+                return call(lambda text: status.update(f"running {text}…"))
+            # No terminal (a pipe, a CI log): the spinner draws nothing, so each step says
+            # when it is done, one line each, instead of minutes of silence.
+            lines = ProgressLines()
+            done = call(lines.started)
+            lines.finish()
+            return done
     except BadInput as exc:
         raise fail(str(exc)) from None
     except KeyboardInterrupt as exc:

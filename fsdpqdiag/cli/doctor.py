@@ -7,42 +7,62 @@ from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import Backend, Device, Inject, Timeout, app, is_reporting_rank, run_library, stdout
+from fsdpqdiag.cli.app import (
+    Backend,
+    Device,
+    Inject,
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Timeout,
+    Wide,
+    WorldSizes,
+    app,
+    check_outputs,
+    is_reporting_rank,
+    print_tables,
+    run_library,
+    write_outputs,
+)
 
 DOCTOR_EXIT_CODES = (
     "Exit codes: 0 every capability ok; 2 bad input (nothing run); 3 a capability failed "
-    "(probes that rely on it report UNSUPPORTED); 130 interrupted."
+    "(probes that rely on it report UNSUPPORTED); 130 interrupted. --json writes the preflight "
+    "object of one world size, a list of them for several --ws."
 )
 
 
 @app.command(epilog=DOCTOR_EXIT_CODES)
 def doctor(
-    ws: Annotated[
-        int | None,
-        typer.Option("--ws", help="World size. Default: 2 where the devices allow, else 1."),
-    ] = None,
+    ws: WorldSizes = None,
     device: Device = "auto",
     backend: Backend = "auto",
     timeout: Timeout = 300.0,
     inject: Inject = None,
-    model: Annotated[str | None, typer.Option(help="Local Hugging Face causal-LM directory.")] = None,
+    model: Annotated[
+        str | None, typer.Option(metavar="DIR", help="Local Hugging Face causal-LM directory.")
+    ] = None,
     preset: Annotated[
         str, typer.Option(help="tiny-llama | tinyllama-1.1b (when no --model).")
     ] = "tiny-llama",
-    json_out: Annotated[bool, typer.Option("--json", help="Print the preflight as JSON.")] = False,
+    json_path: JsonPath = None,
+    markdown_path: MarkdownPath = None,
+    quiet: Quiet = False,
+    wide: Wide = False,
 ) -> None:
     """Can this stack run the probes? Collectives on ordinary tensors, bitsandbytes' kernel path,
     the dtype FSDP2 all-gathers each unit of the model in.
 
-    Example: fsdpqdiag doctor --ws 2 --device cpu --json
+    Example: fsdpqdiag doctor --ws 1 --ws 2 --device cpu --json doctor.json
     """
     from fsdpqdiag import api
-    from fsdpqdiag.render.preflight_table import preflight_table
+    from fsdpqdiag.render.preflight_table import checks_markdown_lines, preflight_table
     from fsdpqdiag.report.model import EXIT_CLEAN, EXIT_PROBE_FAILED
 
-    checked = run_library(
-        lambda progress: api.doctor(
-            world_size=ws,
+    quiet = check_outputs(json_path, markdown_path) or quiet
+    checks = run_library(
+        lambda progress: api.doctor_each(
+            world_sizes=ws or (),
             device=device,
             backend=backend,
             timeout_s=timeout,
@@ -53,8 +73,14 @@ def doctor(
         )
     )
     if is_reporting_rank():
-        if json_out:
-            print(json.dumps(checked, indent=2))
-        else:
-            stdout.print(preflight_table(checked))
-    raise typer.Exit(EXIT_CLEAN if api.preflight_ok(checked) else EXIT_PROBE_FAILED)
+        # One world size: its object, as every report's preflight entry; several: a list.
+        document = checks[0] if len(checks) == 1 else checks
+        write_outputs(
+            (json_path, lambda: json.dumps(document, indent=2) + "\n"),
+            (markdown_path, lambda: "\n".join(checks_markdown_lines(checks)).lstrip("\n") + "\n"),
+        )
+        if not quiet:
+            for checked in checks:
+                print_tables(preflight_table(checked, wide), wide)
+    ok = all(api.preflight_ok(checked) for checked in checks)
+    raise typer.Exit(EXIT_CLEAN if ok else EXIT_PROBE_FAILED)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from fsdpqdiag.analyses.fix_verify import TARGETS  # imports no torch
 from fsdpqdiag.cli.app import (
     Backend,
     Device,
@@ -19,11 +20,13 @@ from fsdpqdiag.cli.app import (
     WorldSizes,
     app,
     check_outputs,
+    choices_help,
     is_reporting_rank,
     print_report,
     run_library,
     write_report,
 )
+from fsdpqdiag.fixes import FIXES
 
 FIX_EXIT_CODES = (
     "Verdicts: VERIFIED bit-identical to training without FSDP; NOT VERIFIED diverges; STATE LOST "
@@ -43,12 +46,19 @@ def fix(
         typer.Option(
             "--workaround",
             "-w",
-            help="cached-ref | fsdp2-bytes | uint8-storage | axolotl-int8 | all (repeatable).",
+            help=choices_help("Workaround to verify (repeatable):", [*FIXES, "all"]),
         ),
     ] = None,
     target: Annotated[
         list[str] | None,
-        typer.Option("--target", help="linear (one Linear4bit + LoRA) | tiny-llama (preset + PEFT LoRA)."),
+        typer.Option(
+            "--target",
+            help=choices_help(
+                "What is trained (repeatable): linear is one Linear4bit + LoRA, tiny-llama the preset "
+                "+ PEFT LoRA:",
+                TARGETS,
+            ),
+        ),
     ] = None,
     steps: Annotated[int, typer.Option(help="Optimizer steps compared bit for bit.")] = 3,
     ws: WorldSizes = None,

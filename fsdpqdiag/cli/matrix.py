@@ -8,6 +8,7 @@ from typing import Annotated
 
 import typer
 
+from fsdpqdiag.analyses.matrix.cells import DEFAULT_CELLS  # imports no torch
 from fsdpqdiag.cli.app import (
     Backend,
     Device,
@@ -20,6 +21,7 @@ from fsdpqdiag.cli.app import (
     WorldSizes,
     app,
     check_outputs,
+    choices_help,
     is_reporting_rank,
     model_files,
     print_report,
@@ -34,7 +36,10 @@ from fsdpqdiag.report.model import EXIT_CODES_HELP
 @app.command(epilog=EXIT_CODES_HELP)
 def matrix(
     cells: Annotated[
-        list[str] | None, typer.Option("--cells", help="Cells to run (A–I; repeatable).")
+        list[str] | None,
+        typer.Option(
+            "--cells", help=choices_help("Cells to run (repeatable):", [c.name for c in DEFAULT_CELLS])
+        ),
     ] = None,
     grid: Annotated[
         list[str] | None,
@@ -139,6 +144,8 @@ def _run_with_progress(**options):
 
         def on_cell(name: str, row: dict) -> None:
             progress.update(bar, advance=1, description=f"cell {name}: {mx.cell_verdict(row)}")
+            if not stderr.is_terminal:  # a pipe or a CI log: one line per cell as it finishes
+                stderr.print(f"cell {name}: {mx.cell_verdict(row)}", highlight=False, soft_wrap=True)
 
         return run_library(lambda status: api.matrix(**options, on_progress=status, on_cell=on_cell))
 

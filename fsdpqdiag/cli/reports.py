@@ -9,10 +9,30 @@ from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import Wide, app, check_outputs, fail, print_tables, stdout, write_outputs
+from fsdpqdiag.cli.app import (
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Wide,
+    app,
+    check_outputs,
+    fail,
+    print_tables,
+    stderr,
+    stdout,
+    write_outputs,
+)
 from fsdpqdiag.cli.streams import STDOUT, is_stdout
 
-COMPARE_EXIT_CODES = "Exit codes: 0 identical; 1 different (listed); 2 incomparable or unreadable."
+COMPARE_EXIT_CODES = (
+    "Exit codes: 0 identical to the last bit; 4 verdicts identical, numbers differ (the same runs "
+    "measured different evidence); 1 verdicts differ (or a result is in one report only), or the "
+    "runs were configured differently; 2 incomparable or unreadable."
+)
+REPORT_FORMATS = (
+    "Formats: on a terminal the table; in a pipe, a file (-o) or with --upstream, Markdown; "
+    "-f picks one. --plot alone writes only the picture."
+)
 
 
 def report_tables(report, wide: bool = False, path: Path | None = None):
@@ -59,28 +79,39 @@ def _upstream_markdown(loaded, upstream: str) -> str:
 
 @app.command()
 def env(
-    json_out: Annotated[bool, typer.Option("--json", help="Print the environment as JSON.")] = False,
-    markdown: Annotated[bool, typer.Option("--markdown", help="Print it as a Markdown block.")] = False,
+    json_path: JsonPath = None,
+    markdown_path: MarkdownPath = None,
+    quiet: Quiet = False,
     wide: Wide = False,
 ) -> None:
-    """The stack under test: torch/CUDA/NCCL, bitsandbytes and its native library, GPUs, driver."""
+    """The stack under test: torch/CUDA/NCCL, bitsandbytes and its native library, GPUs, driver.
+
+    Example: fsdpqdiag env --markdown - (a block to paste into an issue)
+    """
     from fsdpqdiag.rank import env as environment
     from fsdpqdiag.render.env_table import env_markdown, env_table
 
+    quiet = check_outputs(json_path, markdown_path) or quiet
     captured = environment.capture()
-    if json_out:
-        stdout.print_json(json.dumps(captured))
-        return
-    if markdown:
-        print(env_markdown(captured))
-        return
-    print_tables(env_table(captured, wide), wide)
+    write_outputs(
+        (json_path, lambda: json.dumps(captured, indent=2) + "\n"),
+        (markdown_path, lambda: env_markdown(captured) + "\n"),
+    )
+    if not quiet:
+        print_tables(env_table(captured, wide), wide)
 
 
-@app.command()
+@app.command(epilog=REPORT_FORMATS)
 def report(
-    path: Annotated[Path, typer.Argument(help="A JSON report written by any fsdpqdiag command.")],
-    format: Annotated[str, typer.Option("--format", "-f", help="md | table | json")] = "md",
+    path: Annotated[
+        Path, typer.Argument(metavar="REPORT", help="A JSON report written by any fsdpqdiag command.")
+    ],
+    format: Annotated[
+        str | None,
+        typer.Option(
+            "--format", "-f", help="md | table | json (default: table on a terminal, md otherwise)."
+        ),
+    ] = None,
     output: Annotated[
         Path | None, typer.Option("-o", "--output", help="Write here instead of stdout (- is stdout).")
     ] = None,
@@ -89,30 +120,51 @@ def report(
         str | None,
         typer.Option(
             help="Markdown for one repository's bug template, with only the findings attributed to it "
-            "(pytorch, bitsandbytes, transformers, peft, axolotl)."
+            "(pytorch, bitsandbytes, transformers, peft, axolotl).",
         ),
     ] = None,
     wide: Wide = False,
 ) -> None:
-    """Render any report: Markdown for an upstream issue, a table, or JSON.
+    """Render any report: a table, Markdown for an upstream issue, or JSON.
 
     Example: fsdpqdiag report run.json --upstream bitsandbytes -o issue.md
     """
-    if format not in ("md", "table", "json"):
+    if format not in (None, "md", "table", "json"):
         raise fail(f"unknown format {format!r} (known: md, table, json)")
-    if upstream is not None and format != "md":
+    if upstream is not None and format not in (None, "md"):
         raise fail("--upstream renders Markdown only (drop --format)")
     check_outputs(output, inputs=(path,), binary=(plot,))
     loaded = _load(path)
     if plot is not None:
-        from fsdpqdiag.render.plot import byte_map
-
-        if byte_map(loaded, plot) == 0:
-            raise fail(f"{path} holds no element positions to map")
-    if format == "table" and (output is None or is_stdout(output)):
+        _plot(loaded, path, plot)
+        if format is None and output is None and upstream is None:
+            return  # the picture was asked for, not a rendering on stdout as well
+    to_stdout = output is None or is_stdout(output)
+    if format is None:
+        terminal = to_stdout and stdout.is_terminal and upstream is None
+        format = "table" if terminal else "md"
+    if format == "table" and to_stdout:
         print_tables(report_tables(loaded, wide, path), wide)
         return
     write_outputs((output or Path(STDOUT), lambda: _rendered(loaded, format, wide, path, upstream)))
+
+
+def _plot(loaded, path: Path, plot: Path) -> None:
+    from fsdpqdiag.render.plot import byte_map, byte_map_sources
+
+    if not byte_map_sources(loaded):
+        raise fail(f"{path} holds no element positions to map")
+    drawn = byte_map(loaded, plot)
+    if drawn:
+        stderr.print(
+            f"wrote a byte map of {drawn} altered tensor(s) to {plot}", highlight=False, soft_wrap=True
+        )
+    else:
+        stderr.print(
+            f"no byte map: no element of {path} was altered (every compared byte kept), {plot} not written",
+            highlight=False,
+            soft_wrap=True,
+        )
 
 
 def _rendered(loaded, format: str, wide: bool, path: Path, upstream: str | None) -> str:
@@ -135,37 +187,33 @@ def _rendered(loaded, format: str, wide: bool, path: Path, upstream: str | None)
 
 @app.command(epilog=COMPARE_EXIT_CODES)
 def compare(
-    a: Annotated[Path, typer.Argument(help="First report.")],
-    b: Annotated[Path, typer.Argument(help="Second report.")],
-    json_out: Annotated[bool, typer.Option("--json", help="Print the comparison as JSON.")] = False,
+    a: Annotated[Path, typer.Argument(metavar="A", help="First report.")],
+    b: Annotated[Path, typer.Argument(metavar="B", help="Second report.")],
+    json_path: JsonPath = None,
+    listing: Annotated[
+        bool, typer.Option("--all", help="List every leaf that differs, after the verdicts and key numbers.")
+    ] = False,
+    quiet: Quiet = False,
     wide: Wide = False,
 ) -> None:
-    """Compare two reports to the last bit: verdicts, element positions, bit patterns, losses."""
+    """Compare two reports to the last bit: what changed first (verdicts, then key numbers), then
+    the rest.
+
+    Example: fsdpqdiag compare reports/a.json reports/b.json --all
+    """
     from dataclasses import asdict
 
-    from fsdpqdiag.render.compare_table import differences_table
+    from fsdpqdiag.render.compare_table import compare_view
     from fsdpqdiag.report.compare import Incomparable, compare
 
+    quiet = check_outputs(json_path, inputs=(a, b)) or quiet
     left, right = _load(a), _load(b)
     try:
         result = compare(left, right)
     except Incomparable as exc:
         raise fail(str(exc)) from None
-    if json_out:
-        stdout.print_json(json.dumps(asdict(result), default=str))
-    else:
-        verdict = "IDENTICAL" if result.identical else "DIFFERENT"
-        stdout.print(
-            f"[bold]{verdict}[/]: {result.matched} results matched, {len(result.differences)} differences"
-        )
-        for label, keys in (("only in A", result.only_in_a), ("only in B", result.only_in_b)):
-            if keys:
-                stdout.print(f"{label}: {', '.join(keys)}")
-        if result.differences:
-            print_tables(differences_table(result.differences, wide), wide)
-        if result.environment:
-            stdout.print(
-                f"[dim]environments differ in {len(result.environment)} fields "
-                f"(e.g. {', '.join(e['path'] for e in result.environment[:4])})[/]"
-            )
-    raise typer.Exit(0 if result.identical else 1)
+    document = {**asdict(result), "exit_code": result.exit_code}
+    write_outputs((json_path, lambda: json.dumps(document, indent=2, default=str) + "\n"))
+    if not quiet:
+        print_tables(compare_view(result, left, right, wide, listing), wide)
+    raise typer.Exit(result.exit_code)

@@ -19,6 +19,7 @@ from fsdpqdiag.cli.app import (
     WorldSizes,
     app,
     check_outputs,
+    choices_help,
     fail,
     is_reporting_rank,
     print_report,
@@ -26,13 +27,16 @@ from fsdpqdiag.cli.app import (
     write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
+from fsdpqdiag.tasks import PROBES  # imports no torch: --help stays fast
 
 
 @app.command(epilog=EXIT_CODES_HELP)
 def reproduce(
     probe: Annotated[
         list[str] | None,
-        typer.Option("--probe", "-p", help="Probe to run (repeatable); all by default."),
+        typer.Option(
+            "--probe", "-p", help=choices_help("Probe to run (repeatable); all by default:", PROBES)
+        ),
     ] = None,
     ws: WorldSizes = None,
     device: Device = "auto",

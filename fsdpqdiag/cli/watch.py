@@ -7,9 +7,31 @@ from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
+from fsdpqdiag.cli.app import (
+    Inject,
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Wide,
+    app,
+    check_outputs,
+    choices_help,
+    fail,
+)
 from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
+
+Fix = Annotated[
+    str | None,
+    typer.Option(
+        metavar="NAME",
+        help=choices_help(
+            "Apply this workaround in every process, around fully_shard; the report says "
+            "whether forward then received true bytes:",
+            installable(),
+        ),
+    ),
+]
 
 
 @app.command(
@@ -18,7 +40,8 @@ from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
 )
 def watch(
     command: Annotated[
-        list[str] | None, typer.Argument(help="The training command, after --, as you would run it.")
+        list[str] | None,
+        typer.Argument(metavar="COMMAND", help="The training command, after --, as you would run it."),
     ] = None,
     params: Annotated[
         str, typer.Option(help="quantized (Params4bit, Int8Params, int8/uint8) | all (trainable too).")
@@ -28,14 +51,7 @@ def watch(
     ] = "report",
     every: Annotated[int, typer.Option(help="Verify the forwards of every N-th optimizer step.")] = 1,
     inject: Inject = None,
-    fix: Annotated[
-        str | None,
-        typer.Option(
-            metavar="NAME",
-            help=f"Apply this workaround in every process, around fully_shard ({', '.join(installable())}); "
-            "the report says whether forward then received true bytes.",
-        ),
-    ] = None,
+    fix: Fix = None,
     json_path: JsonPath = None,
     markdown_path: MarkdownPath = None,
     quiet: Quiet = False,

@@ -24,8 +24,9 @@ class Column:
     header: str
     # 0: always shown. As the width shrinks, columns of the highest number go first.
     priority: int = 0
-    # A value that may legitimately break mid-word (an exception message, a path, a list of
-    # call sites): a word too long for the column folds instead of widening the table.
+    # A value whose words may be too long for any column (an exception message, a path, a
+    # list of call sites): such a word is shortened with "…" in its middle instead of widening
+    # the table; --wide shows it whole.
     breakable: bool = False
     justify: str = "left"
 

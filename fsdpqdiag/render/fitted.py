@@ -6,7 +6,9 @@ four characters and a matrix row fifteen. A ``FittedTable`` instead decides at p
 for the console it is printed on, which columns to show and how wide each is:
 
 - a word (a probe, module or cell name, a number, a bit pattern) is never split: every
-  column is at least as wide as its longest word;
+  column is at least as wide as its longest word, except a ``breakable`` column (paths, hashes,
+  evidence paths), where a word longer than the column is shortened with ``…`` in its middle,
+  keeping both ends (``--wide`` shows it whole);
 - values up to ``WRAP_WIDTH`` characters are never wrapped at all; longer free text wraps
   at spaces to at least that width;
 - when that does not fit, columns are dropped, the least important first (their
@@ -85,6 +87,25 @@ def _extent(column: Column, cells: Sequence[Text]) -> _Extent:
         header_natural=cell_len(column.header),
         header_word=_longest(column.header.split()),
     )
+
+
+def middle_ellipsis(word: str, width: int) -> str:
+    """``word`` in ``width`` cells: its head, ``…``, its tail (a path's file, a hash's end)."""
+    if cell_len(word) <= width:
+        return word
+    if width <= 1:
+        return "…"[:width]
+    tail = (width - 1) // 2
+    return word[: width - 1 - tail] + "…" + (word[-tail:] if tail else "")
+
+
+def _shortened(cell: Text, width: int) -> Text:
+    """A breakable cell whose words each fit ``width``: rich then wraps it at spaces only."""
+    lines = cell.plain.splitlines() or [""]
+    if all(cell_len(word) <= width for line in lines for word in line.split()):
+        return cell
+    text = "\n".join(" ".join(middle_ellipsis(word, width) for word in line.split(" ")) for line in lines)
+    return Text(text, style=cell.style)
 
 
 def _chrome(columns: int) -> int:
@@ -168,12 +189,17 @@ class FittedTable:
                 column.header,
                 width=column_width,
                 justify=column.justify,
-                # Only breakable text can hold a word longer than its column; every other
-                # column is at least as wide as its longest word, so rich wraps at spaces.
+                # Every column is at least as wide as its longest word, or (breakable) its
+                # longer words are shortened below: rich only ever wraps at spaces.
                 overflow="fold" if column.breakable else "ellipsis",
             )
         for row in self.rows:
-            table.add_row(*(row[i] for i in shown))
+            table.add_row(
+                *(
+                    _shortened(row[i], w) if self.columns[i].breakable and not self.wide else row[i]
+                    for i, w in zip(shown, widths)
+                )
+            )
         return table
 
     def __rich_console__(self, console: Console, options: ConsoleOptions) -> RenderResult:

@@ -18,19 +18,23 @@ def byte_map_sources(report: Report) -> list[tuple[str, dict, int]]:
     return found
 
 
+def altered_sources(report: Report) -> list[tuple[str, dict, int]]:
+    """The comparisons with positions in which some element was altered: what a map shows."""
+    return [source for source in byte_map_sources(report) if source[1].get("differing_elements")]
+
+
 def byte_map(report: Report, path: Path, columns: int = 256) -> int:
-    """Draw each comparison's altered positions as a grid of blocks; returns maps drawn."""
+    """Draw each comparison's altered positions as a grid of blocks; returns maps drawn (0,
+    and nothing written, where no element was altered: an empty map says nothing)."""
+    sources = altered_sources(report)
+    if not sources:
+        return 0
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import numpy as np
 
-    sources = byte_map_sources(report)
-    if not sources:
-        return 0
-    altered = [source for source in sources if source[1].get("differing_elements")]
-    sources = altered or sources[:1]  # untouched maps are all alike: show one
     fig, axes = plt.subplots(
         len(sources), 1, figsize=(8, 2.6 * len(sources)), squeeze=False, constrained_layout=True
     )
@@ -49,9 +53,10 @@ def byte_map(report: Report, path: Path, columns: int = 256) -> int:
         axis.set_title(
             f"{title}: {section.get('differing_elements', 0)} of {elements} elements altered", fontsize=9
         )
-        axis.set_xlabel(f"element % {columns}")
-        axis.set_ylabel(f"element // {columns * block}")
-        fig.colorbar(image, ax=axis, label="altered per block")
+        # The weight read as rows of `columns` elements, `block` rows summed per pixel row.
+        axis.set_xlabel(f"position within each run of {columns} elements of the weight")
+        axis.set_ylabel(f"offset in the weight\n(×{columns * block} elements)")
+        fig.colorbar(image, ax=axis, label=f"altered elements per pixel (of {block})")
     image_bytes = io.BytesIO()
     fig.savefig(image_bytes, format="png", dpi=110)
     plt.close(fig)

@@ -6,8 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 from rich.console import Group
-from rich.table import Table
 from rich.text import Text
+
+from fsdpqdiag.render.fitted import Column, FittedTable
 
 
 def _where(checked: dict[str, Any]) -> str:
@@ -75,31 +76,42 @@ def summary_lines(report) -> list[Text]:
     return [summary_line(checked) for checked in getattr(report, "preflight", None) or []]
 
 
-def preflight_table(checked: dict[str, Any]) -> Group:
+# Details are sentences: they wrap at spaces. Unit names (model.layers.0) never split.
+CAPABILITY_COLUMNS = (Column("capability"), Column("ok"), Column("detail", breakable=True))
+UNIT_COLUMNS = (
+    Column("unit"),
+    Column("params", justify="right"),
+    Column("param dtypes", priority=2),
+    Column("all-gather", priority=1),
+    Column("quantized", justify="right"),
+    Column("packed storage exposed"),
+)
+
+
+def preflight_table(checked: dict[str, Any], wide: bool = False) -> Group:
     """`fsdpqdiag doctor`: every capability, bitsandbytes' path, every FSDP unit."""
-    capabilities = Table(title=f"stack preflight, {_where(checked)}", title_justify="left")
-    for column in ("capability", "ok", "detail"):
-        capabilities.add_column(column, overflow="fold")
-    for capability in checked.get("capabilities") or []:
-        ok = Text("yes", style="green") if capability["ok"] else Text("NO", style="bold red")
-        capabilities.add_row(capability["name"], ok, capability["detail"])
-    parts: list[Any] = [capabilities, Text(bnb_path_text(checked.get("bitsandbytes_path")))]
+    capabilities = [
+        [c["name"], Text("yes", style="green") if c["ok"] else Text("NO", style="bold red"), c["detail"]]
+        for c in checked.get("capabilities") or []
+    ]
+    parts: list[Any] = [
+        FittedTable(CAPABILITY_COLUMNS, capabilities, title=f"stack preflight, {_where(checked)}", wide=wide),
+        Text(bnb_path_text(checked.get("bitsandbytes_path"))),
+    ]
     units = checked.get("fsdp_units") or {}
     if units.get("units"):
-        table = Table(title=units_text(units), title_justify="left")
-        for column in ("unit", "params", "param dtypes", "all-gather", "quantized", "packed storage exposed"):
-            table.add_column(column, overflow="fold")
-        for row in units["units"]:
-            dtypes = ", ".join(f"{name}×{count}" for name, count in row["parameter_dtypes"].items())
-            table.add_row(
+        rows = [
+            [
                 row["unit"],
                 str(row["parameters"]),
-                dtypes,
+                ", ".join(f"{name}×{count}" for name, count in row["parameter_dtypes"].items()),
                 f"by {row['all_gather_by']} in {row['all_gather_dtype']} ({row['source']})",
                 str(row["quantized_parameters"]),
                 Text("yes", style="yellow") if row["packed_storage_exposed"] else "no",
-            )
-        parts.append(table)
+            ]
+            for row in units["units"]
+        ]
+        parts.append(FittedTable(UNIT_COLUMNS, rows, title=units_text(units), wide=wide))
     else:
         parts.append(Text(units_text(units or None)))
     if checked.get("injected"):
@@ -110,8 +122,13 @@ def preflight_table(checked: dict[str, Any]) -> Group:
 
 def markdown_lines(report) -> list[str]:
     """The preflight of each run as Markdown for an upstream issue."""
+    return checks_markdown_lines(getattr(report, "preflight", None) or [])
+
+
+def checks_markdown_lines(checks: list[dict[str, Any]]) -> list[str]:
+    """Each preflight of ``checks`` (one per world size) as Markdown: `doctor --markdown`."""
     lines: list[str] = []
-    for checked in getattr(report, "preflight", None) or []:
+    for checked in checks:
         lines += [
             "",
             f"Stack preflight ({_where(checked)}"

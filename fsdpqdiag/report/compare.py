@@ -26,6 +26,23 @@ VOLATILE = {
 }
 
 
+# The conclusions, in the order a reader is told them, with the exit code of each.
+IDENTICAL = "identical"
+NUMBERS_DIFFER = "verdicts identical, numbers differ"
+CONFIGURATIONS_DIFFER = "verdicts identical, configurations differ"
+VERDICTS_DIFFER = "verdicts differ"
+EXIT_NUMBERS_DIFFER = 4
+CONCLUSION_EXIT = {
+    IDENTICAL: 0,
+    NUMBERS_DIFFER: EXIT_NUMBERS_DIFFER,
+    CONFIGURATIONS_DIFFER: 1,
+    VERDICTS_DIFFER: 1,
+}
+# What a run was asked (not what it measured): a difference here makes the runs answer
+# different questions, whose numbers are expected to differ.
+ASKED = ("config", "backend")
+
+
 class Incomparable(ValueError):
     """Two reports of different commands or schemas: no answer but 'cannot compare'."""
 
@@ -38,9 +55,33 @@ class Comparison:
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
     environment: list[dict[str, Any]] = field(default_factory=list)
+    conclusion: str = IDENTICAL
+
+    @property
+    def exit_code(self) -> int:
+        return CONCLUSION_EXIT[self.conclusion]
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """The differences of one kind: ``verdict``, ``asked`` (config, backend) or ``evidence``."""
+        return [d for d in self.differences if _kind(d["path"]) == kind]
 
 
-def _key(result) -> str:
+def _kind(path: str) -> str:
+    head = path.split(".", 1)[0].split("[", 1)[0]
+    return "verdict" if head == "verdict" else "asked" if head in ASKED else "evidence"
+
+
+def _conclusion(differences: list[dict[str, Any]], only_a: list[str], only_b: list[str]) -> str:
+    kinds = {_kind(d["path"]) for d in differences}
+    if "verdict" in kinds or only_a or only_b:
+        return VERDICTS_DIFFER
+    if "asked" in kinds:
+        return CONFIGURATIONS_DIFFER
+    return NUMBERS_DIFFER if kinds else IDENTICAL
+
+
+def result_key(result) -> str:
+    """What a result answers: the key that pairs it with its counterpart in another report."""
     config = result.config
     selector = config.get("cell", {}).get("name") or config.get("workaround") or ""
     target = config.get("target", "")
@@ -72,8 +113,8 @@ def _walk(a: Any, b: Any, path: str, out: list[dict[str, Any]]) -> None:
 def compare(a: Report, b: Report) -> Comparison:
     if a.command != b.command:
         raise Incomparable(f"reports of different commands: {a.command!r} vs {b.command!r}")
-    left = {_key(r): r for r in a.results}
-    right = {_key(r): r for r in b.results}
+    left = {result_key(r): r for r in a.results}
+    right = {result_key(r): r for r in b.results}
     differences: list[dict[str, Any]] = []
     for key in sorted(set(left) & set(right)):
         ra, rb = left[key], right[key]
@@ -92,4 +133,5 @@ def compare(a: Report, b: Report) -> Comparison:
         only_in_a=only_a,
         only_in_b=only_b,
         environment=environment,
+        conclusion=_conclusion(differences, only_a, only_b),
     )
