@@ -25,7 +25,18 @@ def _json_objects(text: str) -> list[dict]:
     return found
 
 
-def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
+EXIT_STATUS = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}
+
+
+def exit_status(verdict: str, ws: int) -> int:
+    """A script's exit status for the tool's verdict: torchrun turns any rank's failure into 1."""
+    status = EXIT_STATUS.get(verdict, 2)
+    return min(status, 1) if ws > 1 else status
+
+
+def _standalone(script: str, ws: int, *extra: str, verdict: str) -> list[dict]:
+    """``reproducers/SCRIPT`` on the tests' small layer with ``--json``: its ranks' JSON
+    objects, after checking that it printed ``verdict`` and exited with that verdict's status."""
     args = [
         f"reproducers/{script}",
         "--device",
@@ -34,24 +45,32 @@ def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] 
         str(FEATURES),
         "--out-features",
         str(FEATURES),
+        "--json",
         *extra,
     ]
-    return run_script(args, ws, returncodes)
+    return run_script(args, ws, verdict=verdict)
 
 
-def run_script(args: list[str], ws: int, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
-    """A standalone script (path and options, from the checkout's root) at world size ``ws``;
-    its ranks' JSON objects, by rank."""
+def run_script(args: list[str], ws: int, *, verdict: str) -> list[dict]:
+    """A standalone script (path and options, from the checkout's root) at world size ``ws``,
+    which must print one line starting ``verdict`` and exit with its status; its ranks' JSON
+    objects (``--json``), by rank."""
+    done = launch_script(args, ws)
+    assert done.returncode == exit_status(verdict, ws), (verdict, done.stdout[-2000:], done.stderr[-3000:])
+    verdicts = [line for line in done.stdout.splitlines() if line.startswith(tuple(EXIT_STATUS))]
+    assert len(verdicts) == 1, done.stdout[-3000:]
+    assert verdicts[0].split(" ws=")[0] == verdict, (verdicts[0], verdict)
+    return sorted(_json_objects(done.stdout), key=lambda line: line["rank"])
+
+
+def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
     launcher = (
         [sys.executable]
         if ws == 1
         else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode in returncodes, done.stderr[-3000:]
-    lines = _json_objects(done.stdout)
-    return sorted((line for line in lines if "calling" not in line), key=lambda line: line["rank"])
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
@@ -63,10 +82,7 @@ def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
 @pytest.mark.parametrize("ws", [1, 2])
 def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
     result = shared_probe("nan-canonicalization", ws)
-    # The script's exit status is its verdict (torchrun reports any rank's failure as 1).
-    status = {"REPRODUCED": 1, "NOT REPRODUCED": 0}.get(result.verdict, 2)
-    status = min(status, 1) if ws > 1 else status
-    script_ranks = _standalone("nan_canonicalization.py", ws, "--json", returncodes=(status,))
+    script_ranks = _standalone("nan_canonicalization.py", ws, verdict=result.verdict)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
@@ -79,8 +95,8 @@ def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
 
 
 def test_full_tensor_reproducer_matches_probe(shared_probe):
-    script_ranks = _standalone("full_tensor_crash.py", 2)
     result = shared_probe("full-tensor-crash", 2)
+    script_ranks = _standalone("full_tensor_crash.py", 2, verdict=result.verdict)
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
