@@ -316,7 +316,8 @@ def verdict(ranks, device):
         kept = "every stage kept the int8 bytes and SCB; outputs and gradients bit-equal"
         return 0, f"NOT REPRODUCED {head}: {kept}"
     (name, (rank, entry)), *later = failing.items()
-    why = entry.get("error") or ", ".join(k for k, v in entry.items() if v is False) or "not ok"
+    lost = ", ".join(k for k, v in entry.items() if v is False and k != "ok")
+    why = entry.get("error") or (f"false: {lost}" if lost else "not ok")
     then = f"; then failing: {', '.join(n for n, _ in later)}" if later else ""
     return 1, f"REPRODUCED {head}: first failing stage {name} (rank {rank}): {why}{then}"
 
