@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -101,3 +102,36 @@ def test_full_tensor_reproducer_matches_probe(shared_probe):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
         assert line["redistribute_bytes_equal"] == ev["redistribute([Replicate()])"]["bytes_equal"]
+
+
+def _printed_lines(markdown: str) -> list[str]:
+    """The standalone lines under a report's "To reproduce" (the tool's own command first)."""
+    section = markdown.split("To reproduce:", 1)[1].split("\n\n", 2)[1]
+    return [row.strip() for row in section.splitlines() if ".py" in row]
+
+
+def test_each_line_a_report_prints_gives_the_tools_verdict(shared_cli):
+    """What a maintainer runs: each standalone line under "To reproduce" of the shared
+    uninjected run, as printed, prints the tool's verdict and exits with it. (The forced
+    repack path, an injected condition a script can be given, is checked the same way in
+    test_probe_cpu_weight_repack.py; the tool's own faults have no script option, and their
+    lines say so.)"""
+    from fsdpqdiag.render import reproducer
+    from fsdpqdiag.report.model import Report
+
+    from .conftest import reproduce_small
+
+    run = shared_cli(*reproduce_small(2), timeout=600)
+    report = Report.from_dict(run.report)
+    lines = _printed_lines(run.markdown_path.read_text())
+    if not lines:
+        pytest.skip("nothing reproduced on this stack at ws=2 on CPU: the report prints no standalone line")
+    for line in lines:
+        command, _, note = line.partition("  # ")
+        assert not note, f"the line does not rerun the tool's run: {line}"
+        result = next(r for r in report.results if reproducer.command(r) == command)
+        words = shlex.split(command)
+        script_at = next(i for i, word in enumerate(words) if word.endswith(".py"))
+        ws = int(words[words.index("--nproc-per-node") + 1]) if words[0] == "torchrun" else 1
+        assert ws == result.world_size and "--device" in words and "--backend" in words
+        run_script([*words[script_at:], "--json"], ws, verdict=result.verdict)
