@@ -135,3 +135,77 @@ def test_each_line_a_report_prints_gives_the_tools_verdict(shared_cli):
         ws = int(words[words.index("--nproc-per-node") + 1]) if words[0] == "torchrun" else 1
         assert ws == result.world_size and "--device" in words and "--backend" in words
         run_script([*words[script_at:], "--json"], ws, verdict=result.verdict)
+
+
+def _script_verdict(name: str):
+    """The ``verdict`` of ``reproducers/NAME.py``, loaded as a file (the scripts are no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"reproducer_{name}", ROOT / "reproducers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.verdict
+
+
+STACK = {"world_size": 2, "torch": "t", "bitsandbytes": "b", "peft": "p", "transformers": "x"}
+
+
+def _verdicts(name: str, ranks: list[dict]) -> tuple[int, str]:
+    status, line = _script_verdict(name)([{**STACK, "rank": i, **r} for i, r in enumerate(ranks)], "cuda")
+    assert "\n" not in line and line.split(" ws=")[0] in EXIT_STATUS
+    assert EXIT_STATUS[line.split(" ws=")[0]] == status
+    return status, line
+
+
+def test_script_verdicts_on_the_paths_this_cpu_does_not_take():
+    """The REPRODUCED (and INCONCLUSIVE) branches a CPU run rarely reaches, on data shaped as
+    each script measures it: a finding on one rank is the run's finding, as in the probes."""
+    good = {"full_tensor_bytes_equal": True, "redistribute_bytes_equal": True}
+    assert _verdicts("full_tensor_crash", [good, good])[0] == 0
+    status, line = _verdicts("full_tensor_crash", [good, {**good, "redistribute_bytes_equal": False}])
+    assert status == 1 and "redistribute([Replicate()])" in line and "rank 1" in line
+
+    kept = {"unsharded_dtype": "torch.uint8", "bytes_equal": True}
+    shard = {"fully_shard": {"status": "completed"}, "u8": kept, "i8": kept}
+    assert _verdicts("non_float_params", [shard, shard])[0] == 0
+    refused = {"fully_shard": {"status": "raised", "error": "RuntimeError: only float"}}
+    assert _verdicts("non_float_params", [refused, refused])[0] == 1
+    cast = {**shard, "i8": {"unsharded_dtype": "torch.bfloat16", "bytes_equal": False}}
+    assert "['i8']" in _verdicts("non_float_params", [shard, cast])[1]
+
+    def pair(matching, preserved):
+        return {"combination": "a/b", "matching": matching, "preserved": preserved, "failure": None}
+
+    assert _verdicts("storage_dtype_mismatch", [{"rows": [pair(True, False), pair(False, True)]}] * 2)[0] == 0
+    assert (
+        _verdicts("storage_dtype_mismatch", [{"rows": [pair(False, True)]}, {"rows": [pair(False, False)]}])[
+            0
+        ]
+        == 1
+    )
+
+    stages = {"fully_shard": {"ok": True}, "save": {"ok": False, "scb_saved": False}}
+    status, line = _verdicts("int8_params", [{"stages": {"fully_shard": {"ok": True}}}, {"stages": stages}])
+    assert status == 1 and "save (rank 1)" in line and "scb_saved" in line
+
+    recovered = {"needed": True, "restored": True}
+    reshard = {"module_weight_is_fsdp_sharded_param": True, "memory_freed": True}
+    clean = {
+        "forward_weight": {"type": "Parameter", "has_quant_state": False},
+        "forward": {"error": None},
+        "recovery": recovered,
+        "after_reshard": reshard,
+        "after_update": {"stale": False},
+    }
+    assert _verdicts("quant_state_loss", [clean, clean])[0] == 0
+    assert _verdicts("quant_state_loss", [clean, {**clean, "after_update": {"stale": True}}])[0] == 1
+    raised = {**clean, "forward": {"error": "E: x"}, "after_reshard": {}, "after_update": {}}
+    assert _verdicts("quant_state_loss", [raised, raised])[0] == 2
+
+    grads = {"trainable": 4, "with_grad": 4, "nonfinite_elements": 0, "bit_equal": 4}
+    moe = {"failures": [], "loss_bit_equal": True, "experts": {"e": {"forward": {"bytes_equal": True}}}}
+    moe["lora_grads"] = grads
+    assert _verdicts("moe_expert_quant", [moe, moe])[0] == 0
+    assert _verdicts("moe_expert_quant", [moe, {**moe, "lora_grads": {**grads, "bit_equal": 3}}])[0] == 1
+    setup = {**moe, "failures": [{"stage": "quantize experts", "exception": "E: x"}]}
+    assert _verdicts("moe_expert_quant", [setup, setup])[0] == 2
