@@ -209,3 +209,15 @@ def test_script_verdicts_on_the_paths_this_cpu_does_not_take():
     assert _verdicts("moe_expert_quant", [moe, {**moe, "lora_grads": {**grads, "bit_equal": 3}}])[0] == 1
     setup = {**moe, "failures": [{"stage": "quantize experts", "exception": "E: x"}]}
     assert _verdicts("moe_expert_quant", [setup, setup])[0] == 2
+
+
+def test_a_line_for_a_run_with_an_injected_fault_says_the_script_has_none():
+    """The scripts run the stack as it is: beside a line whose result ran under a fault of the
+    tool's, the report names the fault rather than promise the same verdict."""
+    from fsdpqdiag.render import markdown, reproducer
+    from fsdpqdiag.report.model import Report
+
+    report = Report.load(ROOT / "reports/reproduce-ws2-h200x2-torch2.11-bnb0.50.2-segfault.json")
+    (result,) = [r for r in report.results if r.probe == "nan-canonicalization"]
+    assert result.injected == "segfault" and "inject=segfault" in reproducer.arguments(result)[1]
+    assert f"{reproducer.command(result)}  # the script has no option for" in markdown.render(report)
