@@ -2,8 +2,9 @@
 under FSDP2 ``fully_shard`` (torch + bitsandbytes + peft only). Stage by stage (fully_shard,
 unshard, forward, backward, state_dict, save, load), are the int8 bytes and the ``SCB`` row
 scales of ``Int8Params`` kept, and do outputs and LoRA gradients equal a non-FSDP baseline?
-A stage that raises is recorded with the exception and the frame it came from. Prints one
-JSON line per rank.
+A stage that raises is recorded with the exception and the frame it came from. Rank 0
+prints one verdict line for the run (``--json`` adds each rank's measurements, one JSON
+object a line); the exit status is 1 where a stage fails on any rank, 0 where none does.
 
     torchrun --nproc-per-node 2 reproducers/int8_params.py               # CPU/gloo or GPU/NCCL
     python reproducers/int8_params.py --device cpu                       # world size 1
@@ -133,6 +134,8 @@ def main():
     parser.add_argument("--weight-seed", type=int, default=42)
     parser.add_argument("--input-seed", type=int, default=123)
     parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -148,7 +151,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
     x = torch.randn(args.batch, args.in_features, generator=torch.Generator().manual_seed(args.input_seed))
     x = x.to(dtype=torch.bfloat16, device=device)
     loss_of = lambda output: output.float().pow(2).mean()  # noqa: E731
@@ -282,14 +285,47 @@ def main():
         "stages": stages,
         "first_failing_stage": next((s for s in STAGES if not stages.get(s, {"ok": False})["ok"]), None),
     }
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device.type)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED (a stage fails on some rank),
+    0 NOT REPRODUCED."""
+    first = ranks[0]
+    head = (
+        f"ws={first['world_size']} {device} torch {first['torch']} bitsandbytes {first['bitsandbytes']} "
+        f"peft {first['peft']}"
+    )
+    failing = {}
+    for name in STAGES:
+        for each in ranks:
+            entry = each["stages"].get(name)
+            if entry is not None and not entry["ok"]:
+                failing[name] = (each["rank"], entry)
+                break
+    if not failing:
+        kept = "every stage kept the int8 bytes and SCB; outputs and gradients bit-equal"
+        return 0, f"NOT REPRODUCED {head}: {kept}"
+    (name, (rank, entry)), *later = failing.items()
+    lost = ", ".join(k for k, v in entry.items() if v is False and k != "ok")
+    why = entry.get("error") or (f"false: {lost}" if lost else "not ok")
+    then = f"; then failing: {', '.join(n for n, _ in later)}" if later else ""
+    return 1, f"REPRODUCED {head}: first failing stage {name} (rank {rank}): {why}{then}"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

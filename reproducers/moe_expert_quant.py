@@ -7,8 +7,11 @@ stage runs in turn: LoRA, quantize the experts (``replace_parameter_4bit``), bas
 and backward without FSDP, ``fully_shard``, forward, backward, explicit unshard. It then
 compares the loss, the LoRA gradients and every byte of the packed expert storage (the
 rank's shard, what ``dequantize_4bit`` receives in forward, the storage after unshard)
-with the baseline. A stage that raises is reported with its exception. Prints one JSON
-line per rank.
+with the baseline. A stage that raises is reported with its exception. Rank 0 prints one
+verdict line for the run (``--json`` adds each rank's measurements, one JSON object a line);
+the exit status is 1 where it reproduces (a stage under FSDP2 fails, or the loss, the LoRA
+gradients or an expert's bytes differ), 0 where not, 2 where the setup already fails
+without FSDP2 (no conclusion).
 
     torchrun --nproc-per-node 2 reproducers/moe_expert_quant.py               # CPU/gloo or GPU/NCCL
     python reproducers/moe_expert_quant.py --device cpu                       # world size 1
@@ -83,6 +86,8 @@ def main():
     parser.add_argument("--quant-type", choices=["nf4", "fp4"], default="nf4")
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=16)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -98,7 +103,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
     result = {
         "rank": rank,
         "world_size": world_size,
@@ -220,14 +225,55 @@ def main():
                 layer.reshard()
 
         stage("unshard", unshard)
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device.type)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+PRE_SHARD_STAGES = ("build model", "LoRA", "quantize experts", "baseline forward", "baseline backward")
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED, 2 INCONCLUSIVE."""
+    first = ranks[0]
+    head = (
+        f"ws={first['world_size']} {device} torch {first['torch']} bitsandbytes {first['bitsandbytes']} "
+        f"transformers {first['transformers']} peft {first['peft']}"
+    )
+    failures = [(r["rank"], f) for r in ranks for f in r["failures"]]
+    setup = [(rank, f) for rank, f in failures if f["stage"] in PRE_SHARD_STAGES]
+    if setup:
+        rank, f = setup[0]
+        failed = f"{f['stage']} on rank {rank}: {f['exception']}"
+        return 2, f"INCONCLUSIVE {head}: the setup fails without FSDP2: {failed}"
+    findings = [f"{f['stage']} fails on rank {rank}: {f['exception']}" for rank, f in failures]
+    if any(r.get("loss_bit_equal") is False for r in ranks):
+        findings.append(f"loss {first.get('loss')} vs baseline {first.get('baseline_loss')}")
+    for view in ("forward", "local", "unsharded"):
+        if any(not e[view]["bytes_equal"] for r in ranks for e in r.get("experts", {}).values() if view in e):
+            findings.append(f"expert storage ({view}) differs from the quantized original")
+    grads = [r["lora_grads"] for r in ranks if "lora_grads" in r]
+    if any(
+        g["with_grad"] < g["trainable"] or g["nonfinite_elements"] or g["bit_equal"] < g["with_grad"]
+        for g in grads
+    ):
+        findings.append("LoRA gradient shards differ from the baseline's")
+    if findings:
+        return 1, f"REPRODUCED {head}: {'; '.join(findings)}"
+    return 0, f"NOT REPRODUCED {head}: loss, LoRA gradients and every expert byte equal the baseline's"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

@@ -1,6 +1,8 @@
 """Standalone reproducer: frozen uint8/int8 parameters beside float ones under FSDP2
 ``fully_shard`` with a bf16 ``MixedPrecisionPolicy`` (torch only). After unshard, are their
-dtype and every byte preserved? Prints one JSON line per rank.
+dtype and every byte preserved? Rank 0 prints one verdict line for the run (``--json`` adds
+each rank's measurements, one JSON object a line); the exit status is 1 where it reproduces
+(``fully_shard`` refuses the parameters, or unshard alters their bytes), 0 where not.
 
     torchrun --nproc-per-node 2 reproducers/non_float_params.py               # CPU/gloo or GPU/NCCL
     python reproducers/non_float_params.py --device cpu                       # world size 1
@@ -32,6 +34,8 @@ def main():
         "--device", choices=["cpu", "cuda"], default="cuda" if torch.cuda.is_available() else "cpu"
     )
     parser.add_argument("--weight-seed", type=int, default=42)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -47,7 +51,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
 
     torch.manual_seed(args.weight_seed)
     shape = (args.out_features, args.in_features)
@@ -66,8 +70,7 @@ def main():
         )
     except RuntimeError as exc:  # torch <= 2.11 refuses integer parameters here
         result["fully_shard"] = {"status": "raised", "error": f"{type(exc).__name__}: {exc}"}
-        print(json.dumps(result), flush=True)
-        return
+        return report(result, args.json, device.type)
     result["fully_shard"] = {"status": "completed"}
     module.unshard()
     for name, original in originals.items():
@@ -83,14 +86,44 @@ def main():
             ),
         }
     module.reshard()
-    print(json.dumps(result), flush=True)
+    return report(result, args.json, device.type)
+
+
+def report(result, with_json, device):
+    """Rank 0 prints the run's verdict line (and each rank's measurements with ``--json``)."""
+    ranks = [None] * result["world_size"]
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device)
+    if result["rank"] == 0:
+        if with_json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED."""
+    first = ranks[0]
+    head = f"ws={first['world_size']} {device} torch {first['torch']}"
+    refused = [r for r in ranks if r["fully_shard"]["status"] == "raised"]
+    if refused:
+        which = ", ".join(str(r["rank"]) for r in refused)
+        error = refused[0]["fully_shard"]["error"].splitlines()[0]
+        refusal = f"fully_shard refused the frozen uint8/int8 parameters on rank(s) {which}"
+        return 1, f"REPRODUCED {head}: {refusal}: {error}"
+    detail = ", ".join(f"{n}: {first[n]['unsharded_dtype']}" for n in ("u8", "i8"))
+    broken = sorted({n for r in ranks for n in ("u8", "i8") if not r[n]["bytes_equal"]})
+    if broken:
+        return 1, f"REPRODUCED {head}: after unshard {detail}; bytes altered in {broken}"
+    return 0, f"NOT REPRODUCED {head}: after unshard {detail}; dtype and every byte preserved"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

@@ -1,6 +1,9 @@
 """Standalone reproducer: does bitsandbytes ``Linear4bit`` keep (or recover) its QuantState
 under FSDP2 ``fully_shard``, and does the module still compute with the weight FSDP2
-manages (torch + bitsandbytes only)? Prints one JSON line per rank.
+manages (torch + bitsandbytes only)? Rank 0 prints one verdict line for the run (``--json``
+adds each rank's measurements, one JSON object a line); the exit status is 1 where it
+reproduces (quant_state lost, or module.weight, its memory or its data no longer FSDP2's),
+0 where not, 2 where forward raised with nothing else wrong (no conclusion).
 
     torchrun --nproc-per-node 2 reproducers/quant_state_loss.py               # CPU/gloo or GPU/NCCL
     python reproducers/quant_state_loss.py --device cpu                       # world size 1
@@ -122,6 +125,8 @@ def main():
     )
     parser.add_argument("--weight-seed", type=int, default=42)
     parser.add_argument("--input-seed", type=int, default=123)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     if "MASTER_PORT" not in os.environ:  # a lone process: any free port will do
         with socket.socket() as probe:
@@ -135,7 +140,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
 
     linear = build(args, device)
     x = torch.randn(2, args.in_features, generator=torch.Generator().manual_seed(args.input_seed))
@@ -231,14 +236,56 @@ def main():
             "max_abs_delta_to_reference": float((second["output"].float() - y_reference.float()).abs().max()),
         }
         linear.reshard()
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device.type)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def problems(result):
+    """What one rank found wrong, as phrases."""
+    found = []
+    recovery, reshard = result["recovery"], result.get("after_reshard") or {}
+    if recovery["needed"] and not recovery["restored"]:
+        found.append("bitsandbytes' recovery did not restore quant_state")
+    if reshard and not reshard["module_weight_is_fsdp_sharded_param"]:
+        found.append("module.weight is not FSDP2's sharded parameter after reshard")
+    if reshard and not reshard["memory_freed"]:
+        kept = reshard["fsdp_unsharded_storage_bytes"] + reshard["retained_storage_bytes"]
+        found.append(f"{kept} bytes of the unsharded weight stay allocated after reshard")
+    if (result.get("after_update") or {}).get("stale"):
+        found.append("after an update of the shard, forward computed with stale data")
+    return found
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED, 2 INCONCLUSIVE."""
+    first = ranks[0]
+    head = f"ws={first['world_size']} {device} torch {first['torch']} bitsandbytes {first['bitsandbytes']}"
+    handed = first["forward_weight"]
+    state = "with" if handed["has_quant_state"] else "without"
+    seen = f"forward receives a {handed['type']} {state} quant_state"
+    found = list(dict.fromkeys(p for r in ranks for p in problems(r)))
+    errors = [r["forward"]["error"] for r in ranks if r["forward"]["error"]]
+    if found:
+        raised = f"; forward raised {errors[0]}" if errors else ""
+        return 1, f"REPRODUCED {head}: {seen}; {'; '.join(found)}{raised}"
+    if errors:
+        return 2, f"INCONCLUSIVE {head}: {seen}, yet forward raised {errors[0]}"
+    recovered = "bitsandbytes' recovery restored it" if first["recovery"]["needed"] else "no recovery needed"
+    return 0, f"NOT REPRODUCED {head}: {seen}; {recovered}; reshard freed the storage; no stale data"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

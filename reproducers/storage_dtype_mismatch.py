@@ -4,7 +4,10 @@
 For each (quant_storage, param_dtype) pair, on a fresh layer: does ``fully_shard``
 succeed, does unshard (the all-gather) and forward run, which dtype does forward see, are
 the packed bytes and the output (vs the same layer without FSDP) preserved? A failure is
-recorded with its stage and the next pair still runs. Prints one JSON line per rank.
+recorded with its stage and the next pair still runs. Rank 0 prints one verdict line for
+the run (``--json`` adds each rank's measurements, one JSON object a line); the exit status
+is 1 where a mismatched pair breaks (it fails, or forward gets other bytes or gives another
+output), 0 where every mismatched pair keeps bytes and output.
 
     torchrun --nproc-per-node 2 reproducers/storage_dtype_mismatch.py          # CPU/gloo or GPU/NCCL
     python reproducers/storage_dtype_mismatch.py --device cpu                  # world size 1
@@ -80,6 +83,7 @@ def run_pair(quant_storage, param_dtype, args, device, mesh):
         "combination": f"{SHORT.get(quant_storage, quant_storage)}/{SHORT.get(param_dtype, param_dtype)}",
         "quant_storage": quant_storage,
         "param_dtype": param_dtype,
+        "matching": quant_storage == param_dtype,
         "sharded": False,
         "failure": None,
     }
@@ -108,6 +112,10 @@ def run_pair(quant_storage, param_dtype, args, device, mesh):
         row["max_abs_delta"] = float(delta.max())
         row["mean_abs_delta"] = float(delta.mean())
         row["output_bit_equal"] = bool(torch.equal(raw(y_pre), raw(y_post)))
+        # FSDP2's param_dtype decides the output dtype: equal values in another dtype are kept.
+        row["output_value_equal"] = row["output_bit_equal"] or bool(
+            y_pre.shape == y_post.shape and torch.isfinite(delta).all() and not (delta != 0).any()
+        )
     except Exception as exc:  # the stack's refusal is this pair's finding
         row["failure"] = {
             "stage": stage,
@@ -115,6 +123,11 @@ def run_pair(quant_storage, param_dtype, args, device, mesh):
         }
     if "w" in seen:
         row["forward_weight"] = compare(original, seen["w"])
+    row["preserved"] = (
+        row["failure"] is None
+        and bool(row.get("forward_weight", {}).get("bytes_equal"))
+        and bool(row.get("output_value_equal"))
+    )
     return row
 
 
@@ -127,6 +140,8 @@ def main():
     )
     parser.add_argument("--weight-seed", type=int, default=42)
     parser.add_argument("--input-seed", type=int, default=123)
+    parser.add_argument("--backend", choices=["gloo", "nccl"], help="default: nccl on cuda, gloo on cpu")
+    parser.add_argument("--json", action="store_true", help="also print each rank's measurements")
     args = parser.parse_args()
     for key, value in {
         "RANK": "0",
@@ -142,7 +157,7 @@ def main():
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    dist.init_process_group(args.backend or ("nccl" if device.type == "cuda" else "gloo"))
     mesh = init_device_mesh(device.type, (world_size,))
 
     rows = [
@@ -156,14 +171,54 @@ def main():
         "bitsandbytes": bnb.__version__,
         "rows": rows,
     }
-    print(json.dumps(result), flush=True)
+    ranks = [None] * world_size
+    dist.all_gather_object(ranks, result)  # rank 0 speaks for the run, in one line
     dist.destroy_process_group()
+    status, line = verdict(ranks, device.type)
+    if rank == 0:
+        if args.json:
+            for each in ranks:
+                print(json.dumps(each), flush=True)
+        print(line, flush=True)
+    return status
+
+
+def describe(row):
+    if row["failure"]:
+        return f"{row['failure']['stage']} raised {row['failure']['exception']}"
+    weight = row.get("forward_weight") or {}
+    if not weight.get("bytes_equal"):
+        how = (
+            "cast by value"
+            if weight.get("cast_by_value")
+            else f"{weight.get('differing_bytes')} bytes differ"
+        )
+        return f"forward weight {weight.get('dtype')} ({how}), max |dy| {row.get('max_abs_delta')}"
+    return f"max |dy| {row.get('max_abs_delta')}"
+
+
+def verdict(ranks, device):
+    """The run's exit status and its one line: 1 REPRODUCED, 0 NOT REPRODUCED. A pair breaks
+    if it breaks on any rank."""
+    first = ranks[0]
+    head = f"ws={first['world_size']} {device} torch {first['torch']} bitsandbytes {first['bitsandbytes']}"
+    broken = {}
+    for each in ranks:
+        for row in each["rows"]:
+            if not row["matching"] and not row["preserved"]:
+                broken.setdefault(row["combination"], row)
+    mismatched = [row for row in first["rows"] if not row["matching"]]
+    if broken:
+        details = "; ".join(f"{name}: {describe(row)}" for name, row in broken.items())
+        counts = f"{len(broken)} of {len(mismatched)} mismatched storage/param pairs break"
+        return 1, f"REPRODUCED {head}: {counts}: {details}"
+    return 0, f"NOT REPRODUCED {head}: all {len(mismatched)} mismatched pairs keep every byte and the output"
 
 
 if __name__ == "__main__":
-    main()
+    status = main()
     # Skip interpreter teardown: a gloo worker thread can still be freeing the last
     # all-gather's Python-owned tensors then, and taking the GIL during finalization makes it
     # std::terminate (SIGABRT) after the results above were printed (seen on CPU under load).
     sys.stdout.flush()
-    os._exit(0)
+    os._exit(status)

@@ -120,7 +120,7 @@ def test_evidence_consistent_and_matches_standalone(ws, cli_ws1, ws2):
     if failing:
         assert result["summary"].startswith(f"first failing stage {ev['first_failing_stage']} ")
 
-    script_ranks = _standalone("int8_params.py", ws)
+    script_ranks = _standalone("int8_params.py", ws, verdict=result["verdict"])
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result["ranks"]):
         probe, script = rank["evidence"]["stages"], line["stages"]

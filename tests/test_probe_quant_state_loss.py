@@ -110,8 +110,8 @@ def _check_verdict_matches_evidence(result) -> None:
     assert (result.verdict == "REPRODUCED") == problems, result.summary
 
 
-def _check_matches_standalone(ranks: list[dict], ws: int) -> None:
-    script_ranks = _standalone("quant_state_loss.py", ws)
+def _check_matches_standalone(ranks: list[dict], ws: int, verdict: str) -> None:
+    script_ranks = _standalone("quant_state_loss.py", ws, verdict=verdict)
     assert len(script_ranks) == len(ranks) == ws
     for line, rank in zip(script_ranks, ranks):
         assert line["rank"] == rank["rank"]
@@ -127,7 +127,7 @@ def test_ws1_evidence_consistent_and_matches_standalone(cli_report):
     for rank in result["ranks"]:
         assert rank["status"] == "ok", rank.get("error")
         _check_rank_evidence(rank["evidence"])
-    _check_matches_standalone(result["ranks"], 1)
+    _check_matches_standalone(result["ranks"], 1, result["verdict"])
 
 
 def test_ws2_evidence_consistent_and_matches_standalone(shared_probe):
@@ -140,7 +140,7 @@ def test_ws2_evidence_consistent_and_matches_standalone(shared_probe):
     assert result.evidence["ranks_agree"] is True
     for rank in result.ranks:
         assert _check_control(rank["evidence"])["module_copy_survives"]
-    _check_matches_standalone(result.ranks, 2)
+    _check_matches_standalone(result.ranks, 2, result.verdict)
 
 
 def test_cli_json_validates_and_renders(cli_report, tmp_path):

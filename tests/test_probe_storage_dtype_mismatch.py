@@ -107,7 +107,7 @@ def test_evidence_is_self_consistent(results, ws):
 @pytest.mark.parametrize("ws", [1, 2])
 def test_matches_standalone_reproducer(results, ws):
     result = results(ws)
-    script_ranks = _standalone("storage_dtype_mismatch.py", ws)
+    script_ranks = _standalone("storage_dtype_mismatch.py", ws, verdict=result.verdict)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         rows = rank["evidence"]["rows"]

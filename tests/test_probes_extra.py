@@ -13,7 +13,7 @@ INTEGER_PARAMS = ("u8", "i8")
 def test_non_float_params_evidence_consistent_and_matches_standalone(shared_probe, ws):
     result = shared_probe("non-float-params", ws)
     assert len(result.ranks) == ws
-    script_ranks = _standalone("non_float_params.py", ws)
+    script_ranks = _standalone("non_float_params.py", ws, verdict=result.verdict)
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]

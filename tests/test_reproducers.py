@@ -2,6 +2,7 @@
 
 import json
 import os
+import shlex
 import subprocess
 import sys
 
@@ -25,7 +26,18 @@ def _json_objects(text: str) -> list[dict]:
     return found
 
 
-def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
+EXIT_STATUS = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}
+
+
+def exit_status(verdict: str, ws: int) -> int:
+    """A script's exit status for the tool's verdict: torchrun turns any rank's failure into 1."""
+    status = EXIT_STATUS.get(verdict, 2)
+    return min(status, 1) if ws > 1 else status
+
+
+def _standalone(script: str, ws: int, *extra: str, verdict: str) -> list[dict]:
+    """``reproducers/SCRIPT`` on the tests' small layer with ``--json``: its ranks' JSON
+    objects, after checking that it printed ``verdict`` and exited with that verdict's status."""
     args = [
         f"reproducers/{script}",
         "--device",
@@ -34,24 +46,32 @@ def _standalone(script: str, ws: int, *extra: str, returncodes: tuple[int, ...] 
         str(FEATURES),
         "--out-features",
         str(FEATURES),
+        "--json",
         *extra,
     ]
-    return run_script(args, ws, returncodes)
+    return run_script(args, ws, verdict=verdict)
 
 
-def run_script(args: list[str], ws: int, returncodes: tuple[int, ...] = (0,)) -> list[dict]:
-    """A standalone script (path and options, from the checkout's root) at world size ``ws``;
-    its ranks' JSON objects, by rank."""
+def run_script(args: list[str], ws: int, *, verdict: str) -> list[dict]:
+    """A standalone script (path and options, from the checkout's root) at world size ``ws``,
+    which must print one line starting ``verdict`` and exit with its status; its ranks' JSON
+    objects (``--json``), by rank."""
+    done = launch_script(args, ws)
+    assert done.returncode == exit_status(verdict, ws), (verdict, done.stdout[-2000:], done.stderr[-3000:])
+    verdicts = [line for line in done.stdout.splitlines() if line.startswith(tuple(EXIT_STATUS))]
+    assert len(verdicts) == 1, done.stdout[-3000:]
+    assert verdicts[0].split(" ws=")[0] == verdict, (verdicts[0], verdict)
+    return sorted(_json_objects(done.stdout), key=lambda line: line["rank"])
+
+
+def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
     launcher = (
         [sys.executable]
         if ws == 1
         else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
     )
     env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    done = subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-    assert done.returncode in returncodes, done.stderr[-3000:]
-    lines = _json_objects(done.stdout)
-    return sorted((line for line in lines if "calling" not in line), key=lambda line: line["rank"])
+    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
@@ -63,10 +83,7 @@ def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
 @pytest.mark.parametrize("ws", [1, 2])
 def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
     result = shared_probe("nan-canonicalization", ws)
-    # The script's exit status is its verdict (torchrun reports any rank's failure as 1).
-    status = {"REPRODUCED": 1, "NOT REPRODUCED": 0}.get(result.verdict, 2)
-    status = min(status, 1) if ws > 1 else status
-    script_ranks = _standalone("nan_canonicalization.py", ws, "--json", returncodes=(status,))
+    script_ranks = _standalone("nan_canonicalization.py", ws, verdict=result.verdict)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
@@ -79,9 +96,128 @@ def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
 
 
 def test_full_tensor_reproducer_matches_probe(shared_probe):
-    script_ranks = _standalone("full_tensor_crash.py", 2)
     result = shared_probe("full-tensor-crash", 2)
+    script_ranks = _standalone("full_tensor_crash.py", 2, verdict=result.verdict)
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
         assert line["redistribute_bytes_equal"] == ev["redistribute([Replicate()])"]["bytes_equal"]
+
+
+def _printed_lines(markdown: str) -> list[str]:
+    """The standalone lines under a report's "To reproduce" (the tool's own command first)."""
+    section = markdown.split("To reproduce:", 1)[1].split("\n\n", 2)[1]
+    return [row.strip() for row in section.splitlines() if ".py" in row]
+
+
+def test_each_line_a_report_prints_gives_the_tools_verdict(shared_cli):
+    """What a maintainer runs: each standalone line under "To reproduce" of the shared
+    uninjected run, as printed, prints the tool's verdict and exits with it. (The forced
+    repack path, an injected condition a script can be given, is checked the same way in
+    test_probe_cpu_weight_repack.py; the tool's own faults have no script option, and their
+    lines say so.)"""
+    from fsdpqdiag.render import reproducer
+    from fsdpqdiag.report.model import Report
+
+    from .conftest import reproduce_small
+
+    run = shared_cli(*reproduce_small(2), timeout=600)
+    report = Report.from_dict(run.report)
+    lines = _printed_lines(run.markdown_path.read_text())
+    if not lines:
+        pytest.skip("nothing reproduced on this stack at ws=2 on CPU: the report prints no standalone line")
+    for line in lines:
+        command, _, note = line.partition("  # ")
+        assert not note, f"the line does not rerun the tool's run: {line}"
+        result = next(r for r in report.results if reproducer.command(r) == command)
+        words = shlex.split(command)
+        script_at = next(i for i, word in enumerate(words) if word.endswith(".py"))
+        ws = int(words[words.index("--nproc-per-node") + 1]) if words[0] == "torchrun" else 1
+        assert ws == result.world_size and "--device" in words and "--backend" in words
+        run_script([*words[script_at:], "--json"], ws, verdict=result.verdict)
+
+
+def _script_verdict(name: str):
+    """The ``verdict`` of ``reproducers/NAME.py``, loaded as a file (the scripts are no package)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(f"reproducer_{name}", ROOT / "reproducers" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module.verdict
+
+
+STACK = {"world_size": 2, "torch": "t", "bitsandbytes": "b", "peft": "p", "transformers": "x"}
+
+
+def _verdicts(name: str, ranks: list[dict]) -> tuple[int, str]:
+    status, line = _script_verdict(name)([{**STACK, "rank": i, **r} for i, r in enumerate(ranks)], "cuda")
+    assert "\n" not in line and line.split(" ws=")[0] in EXIT_STATUS
+    assert EXIT_STATUS[line.split(" ws=")[0]] == status
+    return status, line
+
+
+def test_script_verdicts_on_the_paths_this_cpu_does_not_take():
+    """The REPRODUCED (and INCONCLUSIVE) branches a CPU run rarely reaches, on data shaped as
+    each script measures it: a finding on one rank is the run's finding, as in the probes."""
+    good = {"full_tensor_bytes_equal": True, "redistribute_bytes_equal": True}
+    assert _verdicts("full_tensor_crash", [good, good])[0] == 0
+    status, line = _verdicts("full_tensor_crash", [good, {**good, "redistribute_bytes_equal": False}])
+    assert status == 1 and "redistribute([Replicate()])" in line and "rank 1" in line
+
+    kept = {"unsharded_dtype": "torch.uint8", "bytes_equal": True}
+    shard = {"fully_shard": {"status": "completed"}, "u8": kept, "i8": kept}
+    assert _verdicts("non_float_params", [shard, shard])[0] == 0
+    refused = {"fully_shard": {"status": "raised", "error": "RuntimeError: only float"}}
+    assert _verdicts("non_float_params", [refused, refused])[0] == 1
+    cast = {**shard, "i8": {"unsharded_dtype": "torch.bfloat16", "bytes_equal": False}}
+    assert "['i8']" in _verdicts("non_float_params", [shard, cast])[1]
+
+    def pair(matching, preserved):
+        return {"combination": "a/b", "matching": matching, "preserved": preserved, "failure": None}
+
+    assert _verdicts("storage_dtype_mismatch", [{"rows": [pair(True, False), pair(False, True)]}] * 2)[0] == 0
+    assert (
+        _verdicts("storage_dtype_mismatch", [{"rows": [pair(False, True)]}, {"rows": [pair(False, False)]}])[
+            0
+        ]
+        == 1
+    )
+
+    stages = {"fully_shard": {"ok": True}, "save": {"ok": False, "scb_saved": False}}
+    status, line = _verdicts("int8_params", [{"stages": {"fully_shard": {"ok": True}}}, {"stages": stages}])
+    assert status == 1 and "save (rank 1)" in line and "scb_saved" in line
+
+    recovered = {"needed": True, "restored": True}
+    reshard = {"module_weight_is_fsdp_sharded_param": True, "memory_freed": True}
+    clean = {
+        "forward_weight": {"type": "Parameter", "has_quant_state": False},
+        "forward": {"error": None},
+        "recovery": recovered,
+        "after_reshard": reshard,
+        "after_update": {"stale": False},
+    }
+    assert _verdicts("quant_state_loss", [clean, clean])[0] == 0
+    assert _verdicts("quant_state_loss", [clean, {**clean, "after_update": {"stale": True}}])[0] == 1
+    raised = {**clean, "forward": {"error": "E: x"}, "after_reshard": {}, "after_update": {}}
+    assert _verdicts("quant_state_loss", [raised, raised])[0] == 2
+
+    grads = {"trainable": 4, "with_grad": 4, "nonfinite_elements": 0, "bit_equal": 4}
+    moe = {"failures": [], "loss_bit_equal": True, "experts": {"e": {"forward": {"bytes_equal": True}}}}
+    moe["lora_grads"] = grads
+    assert _verdicts("moe_expert_quant", [moe, moe])[0] == 0
+    assert _verdicts("moe_expert_quant", [moe, {**moe, "lora_grads": {**grads, "bit_equal": 3}}])[0] == 1
+    setup = {**moe, "failures": [{"stage": "quantize experts", "exception": "E: x"}]}
+    assert _verdicts("moe_expert_quant", [setup, setup])[0] == 2
+
+
+def test_a_line_for_a_run_with_an_injected_fault_says_the_script_has_none():
+    """The scripts run the stack as it is: beside a line whose result ran under a fault of the
+    tool's, the report names the fault rather than promise the same verdict."""
+    from fsdpqdiag.render import markdown, reproducer
+    from fsdpqdiag.report.model import Report
+
+    report = Report.load(ROOT / "reports/reproduce-ws2-h200x2-torch2.11-bnb0.50.2-segfault.json")
+    (result,) = [r for r in report.results if r.probe == "nan-canonicalization"]
+    assert result.injected == "segfault" and "inject=segfault" in reproducer.arguments(result)[1]
+    assert f"{reproducer.command(result)}  # the script has no option for" in markdown.render(report)

@@ -11,15 +11,20 @@ from __future__ import annotations
 
 import re
 import shlex
+import site
+import sysconfig
 from functools import cache
 from pathlib import Path
 
 from fsdpqdiag.core.config import LinearConfig
 from fsdpqdiag.tasks import PROBES
 
-# The checkout's scripts: beside the package (``reproducers/`` is not inside the wheel, so a
-# report embeds the script it names).
+# The checkout's scripts sit beside the package; an installed wheel puts them under its data
+# prefix (``share/fsdpqdiag/reproducers/``, see pyproject.toml), for a system, venv or user install.
 SCRIPTS_ROOT = Path(__file__).resolve().parents[2]
+INSTALLED_ROOTS = tuple(
+    Path(prefix) / "share" / "fsdpqdiag" for prefix in (sysconfig.get_path("data"), site.USER_BASE) if prefix
+)
 _OPTION = re.compile(r"add_argument\(\s*\"(--[\w-]+)\"")
 # Configuration keys a script may take as an option of the same name.
 _CONFIG_OPTIONS = ("in_features", "out_features", "weight_seed", "input_seed", "batch", "quant_type")
@@ -31,22 +36,23 @@ def script_of(probe: str) -> str | None:
     return PROBES[probe].standalone if probe in PROBES else None
 
 
+def path_of(script: str) -> Path | None:
+    """Where this installation keeps ``script`` (``reproducers/NAME.py``), or None."""
+    for root in (SCRIPTS_ROOT, *INSTALLED_ROOTS):
+        if (root / script).is_file():
+            return root / script
+    return None
+
+
 @cache
 def source_of(script: str) -> str | None:
     """The script's text, or None where this installation has no ``reproducers/``."""
-    path = SCRIPTS_ROOT / script
-    return path.read_text() if path.is_file() else None
+    path = path_of(script)
+    return path.read_text() if path else None
 
 
 def _options(script: str) -> set[str]:
     return set(_OPTION.findall(source_of(script) or ""))
-
-
-def prints_verdict(probe: str) -> bool:
-    """Whether the probe's script prints one verdict line and exits with it (1 where it
-    reproduces): the scripts that do offer ``--json`` for their ranks' measurements."""
-    script = script_of(probe)
-    return bool(script) and "--json" in _options(script)
 
 
 def arguments(result) -> tuple[list[str], list[str]]:
@@ -74,6 +80,8 @@ def arguments(result) -> tuple[list[str], list[str]]:
     for key, value in result.config.items():
         if key not in _CONFIG_OPTIONS and key in _DEFAULTS and value != _DEFAULTS[key]:
             missing.append(f"{key}={value}")
+    if getattr(result, "injected", None):  # a fault of the tool's: the script runs the stack as it is
+        missing.append(f"inject={result.injected}")
     return args, missing
 
 

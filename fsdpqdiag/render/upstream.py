@@ -132,13 +132,13 @@ def _finding_lines(r) -> list[str]:
             lines.append(f"(The script has no option for {', '.join(missing)}; the run used these.)")
         lines.append("")
     lines += [f"**Observed** (fsdpqdiag's measurement of the same code): {r.summary}", ""]
-    verdict_line = line and reproducer.prints_verdict(r.probe)
-    if verdict_line and status is not None:
+    # Every script prints one verdict line from rank 0 and exits with it.
+    if line and status is not None:
         lines += [f"The script prints one line starting `{r.verdict}` and exits {status}.", ""]
     lines += [
         "**Expected:** every rank completes, and the layer gives the same bytes and the same "
         "output under FSDP2 as without it"
-        + (" (the script prints `NOT REPRODUCED` and exits 0)." if verdict_line else "."),
+        + (" (the script prints `NOT REPRODUCED` and exits 0)." if line else "."),
         "",
         "Controls that decided the component:",
         *(f"- {decided}" for decided in attribution.get("decided_by") or []),
