@@ -99,7 +99,9 @@ def main():
         os.environ.setdefault(key, value)
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     device = (
-        torch.device("cuda", int(os.environ["LOCAL_RANK"])) if args.device == "cuda" else torch.device("cpu")
+        torch.device("cuda", int(os.environ["LOCAL_RANK"]) % torch.cuda.device_count())
+        if args.device == "cuda"
+        else torch.device("cpu")
     )
     if device.type == "cuda":
         torch.cuda.set_device(device)
