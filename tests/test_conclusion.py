@@ -57,14 +57,14 @@ def test_next_step_names_the_report_to_file_for_each_upstream(path):
 
 
 def test_without_a_kept_report_the_hint_says_how_to_keep_one():
-    path = next(p for p in REPORTS if p.name.startswith("reproduce-ws2-gloo-shared-h200"))
+    path = next(p for p in REPORTS if p.name == "reproduce-ws2-gloo-shared-h200-torch2.11-bnb0.50.2.json")
     steps = " ".join(conclude(Report.load(path)).next_steps)
     assert f"fsdpqdiag report {PLACEHOLDER_JSON} --upstream pytorch" in steps
     assert f"rerun with --json {PLACEHOLDER_JSON}" in steps
 
 
 def test_report_table_in_a_pipe_ends_with_the_conclusion_whole():
-    path = next(p for p in REPORTS if p.name.startswith("reproduce-ws2-gloo-shared-h200"))
+    path = next(p for p in REPORTS if p.name == "reproduce-ws2-gloo-shared-h200-torch2.11-bnb0.50.2.json")
     env = {k: v for k, v in os.environ.items() if k != "COLUMNS"}
     completed = subprocess.run(
         [sys.executable, "-m", "fsdpqdiag", "report", str(path), "-f", "table"],

@@ -118,7 +118,7 @@ def test_a_stop_outside_a_launch_keeps_its_own_exit_code(tmp_path):
         "    os.kill(os.getpid(), signal.SIGTERM)\n"
         "    time.sleep(5)\n"
         "env.capture = capture\n"
-        "sys.argv = ['fsdpqdiag', 'env', '--json']\n"
+        "sys.argv = ['fsdpqdiag', 'env', '--json', '-']\n"
         "from fsdpqdiag.cli import main\n"
         "main()\n"
     )
