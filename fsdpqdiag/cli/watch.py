@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -86,10 +87,22 @@ def watch(
         inject=inject,
         fix=fix,
         argv=["watch", *sys.argv[2:]],
+        report_path=str(Path(json_path).resolve()) if json_path and json_path != "-" else None,
     )
     from fsdpqdiag.cli.app import print_error, print_report, write_report
 
-    write_report(outcome.report, json_path, markdown_path)
+    if outcome.job is None or outcome.job["writes"]:
+        write_report(outcome.report, json_path, markdown_path)
+    else:
+        # One report per job: the node of the lowest rank writes it (weightguard.job).
+        lead = outcome.job["writer"]
+        where = lead["report"] or "its --json/--markdown outputs"
+        from rich.markup import escape
+
+        from fsdpqdiag.cli.app import stderr
+
+        line = f"watch: rank {lead['rank']}'s node ({lead['host']}) writes the job's report: {where}"
+        stderr.print(escape(line), highlight=False, soft_wrap=True)
     if not quiet:
         print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
     if not outcome.checked:
