@@ -8,7 +8,18 @@ from typing import Annotated
 
 import typer
 
-from fsdpqdiag.cli.app import Inject, JsonPath, MarkdownPath, Quiet, Wide, app, check_outputs, fail
+from fsdpqdiag.cli.app import (
+    Inject,
+    JsonPath,
+    MarkdownPath,
+    Quiet,
+    Wide,
+    app,
+    check_outputs,
+    fail,
+    print_error,
+    print_report,
+)
 from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
 
@@ -89,23 +100,27 @@ def watch(
         argv=["watch", *sys.argv[2:]],
         report_path=str(Path(json_path).resolve()) if json_path and json_path != "-" else None,
     )
-    from fsdpqdiag.cli.app import print_error, print_report, write_report
+    _write_or_say_where(outcome, json_path, markdown_path)
 
-    if outcome.job is None or outcome.job["writes"]:
-        write_report(outcome.report, json_path, markdown_path)
-    else:
-        # One report per job: the node of the lowest rank writes it (weightguard.job).
-        lead = outcome.job["writer"]
-        where = lead["report"] or "its --json/--markdown outputs"
-        from rich.markup import escape
-
-        from fsdpqdiag.cli.app import stderr
-
-        line = f"watch: rank {lead['rank']}'s node ({lead['host']}) writes the job's report: {where}"
-        stderr.print(escape(line), highlight=False, soft_wrap=True)
     if not quiet:
         print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
     if not outcome.checked:
         # Even with -q: an exit without a finding must not pass for a clean run.
         print_error(f"watch: {outcome.report.results[0].summary}")
     raise typer.Exit(outcome.exit_code)
+
+
+def _write_or_say_where(outcome, json_path, markdown_path) -> None:
+    """One report per job: the node of the lowest rank writes it (weightguard.job); the
+    other nodes say where it is."""
+    from rich.markup import escape
+
+    from fsdpqdiag.cli.app import stderr, write_report
+
+    if outcome.job is None or outcome.job["writes"]:
+        write_report(outcome.report, json_path, markdown_path)
+        return
+    lead = outcome.job["writer"]
+    where = lead["report"] or "its --json/--markdown outputs"
+    line = f"watch: rank {lead['rank']}'s node ({lead['host']}) writes the job's report: {where}"
+    stderr.print(escape(line), highlight=False, soft_wrap=True)
