@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -17,6 +18,8 @@ from fsdpqdiag.cli.app import (
     check_outputs,
     choices_help,
     fail,
+    print_error,
+    print_report,
 )
 from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
@@ -102,13 +105,29 @@ def watch(
         inject=inject,
         fix=fix,
         argv=["watch", *sys.argv[2:]],
+        report_path=str(Path(json_path).resolve()) if json_path and json_path != "-" else None,
     )
-    from fsdpqdiag.cli.app import print_error, print_report, write_report
+    _write_or_say_where(outcome, json_path, markdown_path)
 
-    write_report(outcome.report, json_path, markdown_path)
     if not quiet:
         print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
     if not outcome.checked:
         # Even with -q: an exit without a finding must not pass for a clean run.
         print_error(f"watch: {outcome.report.results[0].summary}")
     raise typer.Exit(outcome.exit_code)
+
+
+def _write_or_say_where(outcome, json_path, markdown_path) -> None:
+    """One report per job: the node of the lowest rank writes it (weightguard.job); the
+    other nodes say where it is."""
+    from rich.markup import escape
+
+    from fsdpqdiag.cli.app import stderr, write_report
+
+    if outcome.job is None or outcome.job["writes"]:
+        write_report(outcome.report, json_path, markdown_path)
+        return
+    lead = outcome.job["writer"]
+    where = lead["report"] or "its --json/--markdown outputs"
+    line = f"watch: rank {lead['rank']}'s node ({lead['host']}) writes the job's report: {where}"
+    stderr.print(escape(line), highlight=False, soft_wrap=True)

@@ -52,7 +52,7 @@ def install() -> None:
     """Arm the guard in this process (idempotent); a no-op outside ``fsdpqdiag watch``."""
     if _state["installed"] or not os.environ.get(ENV_DIR):
         return
-    _state["installed"] = True
+    _state["installed"], _state["pid"] = True, os.getpid()
     module = sys.modules.get(FSDP_MODULE)
     if module is not None:
         _patch(module)
@@ -74,6 +74,7 @@ def _patch(fsdp) -> None:
         return result
 
     fsdp.fully_shard = fully_shard
+    _gather_at_close()
     for name in ("torch.distributed.fsdp._fully_shard", "torch.distributed._composable.fsdp"):
         owner = sys.modules.get(name)
         if owner is not None and getattr(owner, "fully_shard", None) is original:
@@ -87,6 +88,43 @@ def _patch(fsdp) -> None:
         _state["undo"] = faults.get(inject).apply(rank, world_size)
     if os.environ.get(ENV_FIX):
         _apply_fix(os.environ[ENV_FIX])
+
+
+def _gather_at_close() -> None:
+    """At the guard's close, while the job's process group still stands (the script's
+    ``destroy_process_group``, else this process's exit), gather every rank's record over the
+    job (``weightguard.job``): each node's ``watch`` then knows the whole job."""
+    import atexit
+
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    @functools.wraps(original)
+    def destroy_process_group(group=None):
+        if group is None or group is dist.group.WORLD:
+            _gather_job()
+        return original(group)
+
+    dist.destroy_process_group = destroy_process_group
+    atexit.register(_gather_job)
+
+
+def _gather_job() -> None:
+    from fsdpqdiag.weightguard import job
+
+    if _state.get("gathered") or _state.get("pid", os.getpid()) != os.getpid():
+        return
+    _state["gathered"] = True
+    records = []
+    try:
+        for guard in _state["guards"]:
+            guard._finish_checks()
+            records.append(guard.state())
+        records += [_state["attach_failure"]] if _state.get("attach_failure") else []
+        job.publish_and_gather(records, os.environ[ENV_DIR])
+    except Exception:  # noqa: BLE001 - never the reason a training run fails; watch reads locals
+        pass
 
 
 def _apply_fix(name: str) -> None:
@@ -167,4 +205,5 @@ def _record_attach_failure(exc: BaseException) -> None:
         "errors": [f"the guard could not attach: {type(exc).__name__}: {exc}"[:500]],
         "traceback": traceback.format_exc()[-4000:],
     }
+    _state["attach_failure"] = record
     atomic_write_text(Path(os.environ[ENV_DIR]) / f"guard-{os.getpid()}-attach.json", json.dumps(record))

@@ -25,6 +25,7 @@ from typing import Any
 
 from fsdpqdiag.core.verdict import VerdictKind
 from fsdpqdiag.report.model import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
+from fsdpqdiag.weightguard import job
 from fsdpqdiag.weightguard.presentation import PRESENTATION  # noqa: F401 - found by RESULT_KIND
 
 # The probe name a guard's results carry in a report. No rank task writes them, so the
@@ -60,6 +61,8 @@ class WatchOutcome:
     command_exit: int
     exit_code: int
     checked: bool = True
+    # Multi-node: whether this node writes the report, and which node does (weightguard.job).
+    job: dict | None = None
 
 
 def check_command(command: list[str]) -> None:
@@ -73,7 +76,14 @@ def check_command(command: list[str]) -> None:
 
 
 def child_environment(
-    state_dir: Path, *, params: str, action: str, every: int, inject: str | None, fix: str | None = None
+    state_dir: Path,
+    *,
+    params: str,
+    action: str,
+    every: int,
+    inject: str | None,
+    fix: str | None = None,
+    report_path: str | None = None,
 ) -> dict[str, str]:
     env = dict(os.environ)
     paths = [str(SITE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
@@ -88,6 +98,10 @@ def child_environment(
         env[ENV_FIX] = fix
     else:
         env.pop(ENV_FIX, None)
+    if report_path:
+        env[job.ENV_REPORT] = report_path
+    else:
+        env.pop(job.ENV_REPORT, None)
     return env
 
 
@@ -100,6 +114,7 @@ def run(
     inject: str | None = None,
     fix: str | None = None,
     argv: list[str] | None = None,
+    report_path: str | None = None,
 ) -> WatchOutcome:
     """Run ``command`` guarded (with workaround ``fix`` applied in every process); the merged
     report and the exit code ``watch`` answers with."""
@@ -114,7 +129,8 @@ def run(
         fixes.check_installable(fix)  # ValueError: unknown, or not applicable from outside
     state_dir = Path(tempfile.mkdtemp(prefix="fsdpqdiag-watch-"))
     try:
-        env = child_environment(state_dir, params=params, action=action, every=every, inject=inject, fix=fix)
+        options = dict(params=params, action=action, every=every, inject=inject, fix=fix)
+        env = child_environment(state_dir, report_path=report_path, **options)
         process = subprocess.Popen(command, env=env)
         forwarded = _forward_stop_signals(process)
         try:
@@ -123,7 +139,7 @@ def run(
             for signum, previous in forwarded.items():
                 signal.signal(signum, previous)
         command_exit = returncode if returncode >= 0 else 128 - returncode
-        states = read_states(state_dir)
+        states, job_view = job.combine(job.read_states(state_dir), job.read_job(state_dir))
     finally:
         shutil.rmtree(state_dir, ignore_errors=True)
     report = build_report(
@@ -136,6 +152,7 @@ def run(
         action=action,
         every=every,
         fix=fix,
+        job_view=job_view,
     )
     (result,) = report.results
     checked = bool(result.evidence.get("checks"))
@@ -145,7 +162,7 @@ def run(
         exit_code = EXIT_UNCHECKED  # a silent exit 0 would read as a pass in CI
     else:
         exit_code = command_exit
-    return WatchOutcome(report, command_exit, exit_code, checked)
+    return WatchOutcome(report, command_exit, exit_code, checked, job_view)
 
 
 def _forward_stop_signals(process: subprocess.Popen) -> dict:
@@ -164,16 +181,6 @@ def _forward_stop_signals(process: subprocess.Popen) -> dict:
         previous[signum] = signal.signal(signum, forward)
     previous[signal.SIGINT] = signal.signal(signal.SIGINT, lambda s, f: None)
     return previous
-
-
-def read_states(state_dir: Path) -> list[dict]:
-    states = []
-    for path in sorted(Path(state_dir).glob("guard-*.json")):
-        try:
-            states.append(json.loads(path.read_text()))
-        except (OSError, ValueError):
-            continue  # a record torn by a kill mid-rename cannot exist (atomic writes); skip junk
-    return states
 
 
 def _merge_counts(target: dict, source: dict | None) -> None:
@@ -254,6 +261,7 @@ def build_report(
     action: str | None = None,
     every: int | None = None,
     fix: str | None = None,
+    job_view: dict | None = None,
 ) -> Report:
     """The merged ``fsdpqdiag.report/1`` report of every guarded process."""
     from fsdpqdiag.evidence import attribution
@@ -274,6 +282,9 @@ def build_report(
     }
     modules = merge_modules(states)
     evidence = _evidence(states, modules)
+    if job_view and (job_view.get("world_size") or 1) > 1:
+        keys = ("world_size", "ranks_answered", "lost_ranks", "hosts", "timeout_s")
+        evidence["job"] = {key: job_view.get(key) for key in keys}
     if fix:
         failed = [f"rank {s.get('rank', 0)}: {(s.get('fix') or {}).get('error')}" for s in states]
         evidence["fix"] = {"name": fix, "errors": [e for e in failed if not e.endswith(": None")]}
@@ -346,6 +357,14 @@ def _verdict(
     fixed = f"with fix {fix['name']} applied, " if fix else ""
     if fix and fix["errors"]:
         exit_note = f"; the fix could not be applied on {', '.join(fix['errors'])}" + exit_note
+    lost = (evidence.get("job") or {}).get("lost_ranks")
+    if lost:
+        timeout_s = evidence["job"]["timeout_s"]
+        within = f"within {timeout_s:g} s " if timeout_s else "at the guard's close "
+        exit_note = (
+            f"; rank(s) {', '.join(map(str, lost))} lost: no record {within}"
+            "(their node died, stopped answering, or was stopped first)" + exit_note
+        )
     if not states:
         return SKIPPED, "nothing checked: no process of the command called fully_shard" + exit_note
     if not guarded and evidence["errors"]:
@@ -359,6 +378,9 @@ def _verdict(
             + ("; the fix does not help here" if fix else "")
             + exit_note
         )
+    if lost:
+        checked = f"not every rank checked: {evidence['checks']} checks byte-true on the others"
+        return ERROR, checked + exit_note
     if not evidence["checks"]:
         what = f"no forward of the {guarded} guarded weights was verified" if guarded else (
             f"fully_shard was called but the guard attached to no {evidence['params']} weight"

@@ -1,0 +1,177 @@
+"""Two nodes on one machine: two torchrun agents (``--nnodes 2``, c10d rendezvous on 127.0.0.1),
+each its own process tree, as ``srun`` starts one per node; LOCAL_RANK differs from RANK on one.
+
+``watch`` runs once per agent, as it would once per node: with the injected fault both exit 1 and
+one report (written by rank 0's node alone, gathered over the job, not a shared folder) holds both
+nodes' ranks; a node killed mid-run leaves the other a bounded wait and a result naming the lost
+rank. ``reproduce`` under the two agents: one node writes, both exit with the same code.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fsdpqdiag.report.model import Report
+from tests.conftest import ROOT
+
+SCRIPT = ROOT / "tests" / "multinode_train.py"
+pytestmark = pytest.mark.slow
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _agent(node: int, port: int) -> list[str]:
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--node-rank", str(node),
+        "--nproc-per-node", "1", "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{port}",
+    ]  # fmt: skip
+
+
+def _start_nodes(tmp: Path, command, extra_env: dict | None = None) -> list[subprocess.Popen]:
+    """``command(node, port)``: the argv each node runs, in its own folder and session."""
+    port = _free_port()
+    env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", OMP_NUM_THREADS="1", **(extra_env or {}))
+    nodes = []
+    for node in (0, 1):
+        folder = tmp / f"node{node}"
+        folder.mkdir()
+        nodes.append(
+            subprocess.Popen(
+                command(node, port),
+                cwd=folder,
+                env=env,
+                start_new_session=True,
+                stdout=open(folder / "out", "w"),
+                stderr=open(folder / "err", "w"),
+            )  # fmt: skip
+        )
+    return nodes
+
+
+def _finish(nodes: list[subprocess.Popen], timeout: float = 400) -> list[int]:
+    deadline = time.monotonic() + timeout
+    try:
+        return [node.wait(timeout=max(1, deadline - time.monotonic())) for node in nodes]
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                _kill_tree(node.pid)
+
+
+def _descendants(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        current = todo.pop()
+        found.append(current)
+        todo += children.get(current, [])
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """A node dies: its watch, its agent and the agent's workers (in sessions of their own)."""
+    for victim in _descendants(pid):
+        try:
+            os.kill(victim, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def _watch(watch_args: list[str], script_args: list[str]):
+    def command(node: int, port: int) -> list[str]:
+        return [
+            sys.executable, "-m", "fsdpqdiag", "watch", *watch_args, "--",
+            *_agent(node, port), str(SCRIPT), *script_args,
+        ]  # fmt: skip
+
+    return command
+
+
+def _text(tmp: Path, node: int, name: str) -> str:
+    return (tmp / f"node{node}" / name).read_text()
+
+
+@pytest.fixture(scope="module")
+def injected(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("two-nodes-injected")
+    nodes = _start_nodes(tmp, _watch(["--json", "w.json", "--inject", "nan-canonicalize"], ["2"]))
+    codes = _finish(nodes)
+    return tmp, codes
+
+
+def test_two_watches_exit_1_and_one_report_holds_both_nodes(injected):
+    tmp, codes = injected
+    assert codes == [1, 1], [_text(tmp, n, "err")[-3000:] for n in (0, 1)]
+    written = [node for node in (0, 1) if (tmp / f"node{node}" / "w.json").exists()]
+    assert len(written) == 1, "exactly one node writes the job's report"
+    (writer,) = written
+    other = 1 - writer
+    report = Report.load(tmp / f"node{writer}" / "w.json")
+    (result,) = report.results
+    assert result.verdict == "REPRODUCED" and result.world_size == 2
+    assert sorted(rank["rank"] for rank in result.ranks) == [0, 1]
+    assert result.evidence["job"]["ranks_answered"] == [0, 1] and result.evidence["job"]["lost_ranks"] == []
+    nan_weights = set(_text(tmp, 0, "out").split("nan-weights ", 1)[1].split()[0].split(","))
+    assert {m["module"] for m in result.evidence["modules"]} == nan_weights
+    # every altered weight was seen by both nodes' ranks, each in its own slice
+    assert all(sorted(m["ranks"]) == [0, 1] for m in result.evidence["modules"])
+    assert f"writes the job's report: {tmp / f'node{writer}' / 'w.json'}" in _text(tmp, other, "err")
+    assert "REPRODUCED" in _text(tmp, other, "out")
+
+
+def test_a_node_killed_mid_run_leaves_the_other_a_result_naming_the_lost_rank(tmp_path):
+    nodes = _start_nodes(
+        tmp_path,
+        _watch(["--json", "w.json"], ["100000", "0.2"]),
+        {"FSDPQDIAG_GUARD_GATHER_TIMEOUT": "5"},
+    )
+    deadline = time.monotonic() + 300
+    while not any("step 2 " in _text(tmp_path, n, "out") for n in (0, 1)):
+        assert time.monotonic() < deadline and all(node.poll() is None for node in nodes)
+        time.sleep(0.3)
+    _kill_tree(nodes[1].pid)
+    began = time.monotonic()
+    (code,) = _finish(nodes[:1], timeout=240)
+    assert time.monotonic() - began < 240
+    assert code != 0, "a job that lost a node is not a clean run"
+    report = Report.load(tmp_path / "node0" / "w.json")
+    (result,) = report.results
+    lost = result.evidence["job"]["lost_ranks"]
+    assert len(lost) == 1 and lost[0] in (0, 1)
+    assert f"rank(s) {lost[0]} lost" in result.summary
+    assert result.verdict == "ERROR"
+
+
+def test_reproduce_under_two_agents_one_node_writes_both_exit_alike(tmp_path):
+    def command(node: int, port: int) -> list[str]:
+        return [
+            *_agent(node, port), "-m", "fsdpqdiag", "reproduce", "--device", "cpu",
+            "--probe", "nan-canonicalization", "--inject", "nan-canonicalize", "--json", "r.json", "-q",
+        ]  # fmt: skip
+
+    codes = _finish(_start_nodes(tmp_path, command))
+    assert codes[0] == codes[1] == 1, [_text(tmp_path, n, "err")[-3000:] for n in (0, 1)]
+    written = [n for n in (0, 1) if (tmp_path / f"node{n}" / "r.json").exists()]
+    assert len(written) == 1
+    report = json.loads((tmp_path / f"node{written[0]}" / "r.json").read_text())
+    assert report["world_sizes"] == [2] and report["results"][0]["verdict"] == "REPRODUCED"
