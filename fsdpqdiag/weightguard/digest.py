@@ -260,6 +260,45 @@ def rows_digest(words, columns, factors, scratch=None):
     return torch.mul(torch.cat(sums), factors).sum()
 
 
+def host_factors(rows: int):
+    """numpy uint32 copies of the column factors and of the first ``rows`` row factors (their
+    low 32 bits: all the digest modulo 2**32 depends on), for the CPU's hot path."""
+    import numpy
+
+    columns = column_factors("cpu").numpy().astype(numpy.uint32)
+    factors = (row_factors(max(rows, 1), "cpu")[: max(rows, 1)] & MASK32).numpy().astype(numpy.uint32)
+    return columns, factors
+
+
+def host_words(address: int, count: int):
+    """A numpy uint32 view of ``count`` words at a CPU tensor's raw ``address``, to use at once.
+    Not ``Tensor.numpy()``: exporting a storage to numpy makes it unresizable, and FSDP2 frees
+    an unsharded parameter by resizing its storage to 0 after forward."""
+    import ctypes
+
+    import numpy
+
+    return numpy.frombuffer((ctypes.c_uint32 * count).from_address(address), dtype=numpy.uint32)
+
+
+def host_rows_digest(words, columns, factors, scratch) -> int:
+    """``rows_digest`` in numpy on a CPU: ``words`` a ``(rows, width)`` array of 4-byte words,
+    multiplied into the flat uint32 ``scratch`` (no allocation), summed per row and dotted with
+    the row factors, all in uint32 that wraps modulo 2**32 as the digest is defined. numpy's
+    elementwise multiply and row sum are vectorized where torch's integer ones cost twice as
+    much; a weight larger than ``scratch`` goes in blocks of rows."""
+    import numpy
+
+    words = words.view(numpy.uint32)
+    per = max(1, scratch.size // words.shape[1])
+    total = 0
+    for begin in range(0, words.shape[0], per):
+        block = words[begin : begin + per]
+        products = numpy.multiply(block, columns, out=scratch[: block.size].reshape(block.shape))
+        total += int(numpy.dot(products.sum(axis=1, dtype=numpy.uint32), factors[begin : begin + per]))
+    return total & MASK32
+
+
 def _ragged(data, start: int, width: int):
     """Bytes that do not fill a row, one by one: byte ``p`` adds ``byte << 8 (p mod 4)`` times
     its word's multiplier, which is its share of that word's product modulo 2**32."""
