@@ -23,9 +23,18 @@ and a multiply by an odd number is a bijection modulo 2**32, so:
 
 Several unrelated changes go unseen only if they cancel exactly (about 2**-32). It is linear
 in the bytes modulo 2**32, so a shard's digest at its global byte offset needs no other rank's
-bytes, and the ranks' shard digests sum to the unsharded tensor's. The cost is one pass over the
-weight read as int32 words (no widening of packed bytes, no per-element table): an int32
-multiply by the broadcast row of column factors, a row sum, and a dot with the row factors.
+bytes, and the ranks' shard digests sum to the unsharded tensor's.
+
+Where it is computed: ``c[j] = odd31(mix64(j))`` and ``r[i] = odd31(mix64(i + 2**40))`` are
+functions of the word's index, so three implementations give the same number bit for bit:
+torch ops reading the factors from two small tables (set-up over each shard at its global
+offset, localization, a GPU without Triton: ``word_digest``, ``rows_digest``), numpy on a CPU's
+hot path (``host_rows_digest``: uint32 arithmetic, which wraps modulo 2**32 as defined), and
+the Triton kernel of ``fused`` on a GPU, which computes both factors from the index and keeps
+no table. The kernel sums one total per weight, never one per unit: each weight's check is its
+own digest, so nothing that alters one weight can be cancelled by another weight of its unit,
+and the three properties above hold per weight whatever path checked it. Each path reads the
+weight once as 32-bit words: no widening of packed bytes, no per-element table.
 
 **The per-element digest** (the old per-weight path, kept selectable for comparison)::
 

@@ -22,23 +22,28 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from fsdpqdiag.evidence.bytes import _MIX
+from fsdpqdiag.weightguard.digest import _ROW_SALT, MASK32
+
 # Weights per launch: a unit with more is digested in several launches of at most this many.
 SLOTS = 8
 # Words per program: 16 KiB of a weight.
 BLOCK = 4096
-# A unit's layout row (int64): words, row width, first program of each slot; then, after
+# A unit's layout row (int64): words, log2 of the row width (``digest.row_width`` is always a
+# power of two: shifts, not 64-bit divisions, per word), first program of each slot; then, after
 # ``3 * SLOTS``, each slot's index in the guard's expected/mismatch vectors (-1: unused) and
-# the launch's program count.
-LAYOUT = 4 * SLOTS + 1
-# A unit's counters (int32): each slot's running total, then the finished-programs counter.
-COUNTERS = SLOTS + 1
+# the launch's program count; padded to 16 bytes, as every unit's row starts aligned alike.
+LAYOUT = 4 * SLOTS + 2
+# A unit's counters (int32): each slot's running total, then the finished-programs counter;
+# padded to 16 bytes.
+COUNTERS = SLOTS + 4
 
-# ``fsdpqdiag.evidence.bytes.mix64``'s constants as signed 64-bit integers, and the row salt.
-MIX0 = tl.constexpr(-7046029254386353131)
-MIX1 = tl.constexpr(-4658895280553007687)
-MIX2 = tl.constexpr(-7723592293110705685)
-ROW_SALT = tl.constexpr(1 << 40)
-LOW32 = tl.constexpr(0xFFFFFFFF)
+# ``mix64``'s constants (signed 64-bit) and the row salt: the factors ``digest`` defines.
+MIX0 = tl.constexpr(_MIX[0])
+MIX1 = tl.constexpr(_MIX[1])
+MIX2 = tl.constexpr(_MIX[2])
+ROW_SALT = tl.constexpr(_ROW_SALT)
+LOW32 = tl.constexpr(MASK32)
 
 
 @triton.jit
@@ -50,8 +55,12 @@ def _odd31(x):
     return ((z >> 16) & 0x7FFFFFFF) | 1
 
 
-# Addresses change at every unshard: one compiled kernel whatever their alignment.
-@triton.jit(do_not_specialize=["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"])
+# Addresses change at every unshard, and each unit has its own layout and counters: one
+# compiled kernel whatever their alignment, which ``Launcher``'s direct launches rely on.
+@triton.jit(
+    do_not_specialize=["a0", "a1", "a2", "a3", "a4", "a5", "a6", "a7"],
+    do_not_specialize_on_alignment=["layout", "counters", "expected", "mismatches"],
+)
 def _unit_digest_kernel(
     a0, a1, a2, a3, a4, a5, a6, a7, layout, counters, expected, mismatches, BLOCK: tl.constexpr
 ):
@@ -60,7 +69,7 @@ def _unit_digest_kernel(
     firsts = tl.load(layout + 2 * 8 + slots)
     slot = tl.sum((firsts <= pid).to(tl.int32), axis=0) - 1
     words = tl.load(layout + slot)
-    width = tl.load(layout + 8 + slot)
+    shift = tl.load(layout + 8 + slot)  # a row is 2**shift words
     first = tl.load(layout + 2 * 8 + slot)
     address = tl.where(slot == 1, a1, a0)
     address = tl.where(slot == 2, a2, address)
@@ -72,12 +81,13 @@ def _unit_digest_kernel(
     base = address.to(tl.pointer_type(tl.int32))
     offsets = (pid - first).to(tl.int64) * BLOCK + tl.arange(0, BLOCK).to(tl.int64)
     inside = offsets < words
-    values = tl.load(base + offsets, mask=inside, other=0).to(tl.int64)
-    # |word| < 2**31 and both factors < 2**31: every product below fits an int64 before the mask.
-    product = (values * _odd31(offsets % width)) & LOW32
-    product = (product * _odd31(offsets // width + ROW_SALT)) & LOW32
-    partial = tl.sum(tl.where(inside, product, 0), axis=0) & LOW32
-    tl.atomic_add(counters + slot, partial.to(tl.int32))
+    values = tl.load(base + offsets, mask=inside, other=0).to(tl.uint32, bitcast=True)
+    # uint32 products and sums wrap modulo 2**32, as the digest is defined; outside the weight
+    # the word is 0 and adds nothing.
+    columns = _odd31(offsets & ((1 << shift) - 1)).to(tl.uint32)
+    rows = _odd31((offsets >> shift) + ROW_SALT).to(tl.uint32)
+    partial = tl.sum(values * columns * rows, axis=0)
+    tl.atomic_add(counters + slot, partial.to(tl.int32, bitcast=True))
     finished = tl.atomic_add(counters + 8, 1)
     if finished == tl.load(layout + 4 * 8) - 1:  # the last program: every partial is in
         for index in tl.static_range(8):
@@ -96,11 +106,43 @@ def layout_row(words: list[int], widths: list[int], positions: list[int]) -> tup
         firsts.append(programs)
         programs += -(-count // BLOCK)
     unused = SLOTS - len(words)
-    row = [*words, *[0] * unused, *widths, *[1] * unused, *firsts, *[programs] * unused]
-    return [*row, *positions, *[-1] * unused, programs], programs
+    shifts = [width.bit_length() - 1 for width in widths]
+    if any(1 << shift != width for shift, width in zip(shifts, widths)):
+        raise ValueError(f"row widths must be powers of two, got {widths}")
+    row = [*words, *[0] * unused, *shifts, *[0] * unused, *firsts, *[programs] * unused]
+    return [*row, *positions, *[-1] * unused, programs, 0], programs
 
 
-def launch(addresses: list[int], programs: int, layout, counters, expected, mismatches) -> None:
-    """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous) on the current stream."""
-    padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
-    _unit_digest_kernel[(programs,)](*padded, layout, counters, expected, mismatches, BLOCK=BLOCK)
+class Launcher:
+    """Launches the kernel on the current stream: through Triton's JIT the first time (which
+    compiles it), then straight through the compiled kernel's launcher. The JIT's per-call
+    argument binding, specialization and cache lookup cost more host time than everything else
+    the guard does per unit; with one compiled variant (no specialization on the arguments)
+    they decide nothing after the first call. Back to the JIT for good if the compiled kernel's
+    interface is not the one expected, and whenever a launch hook (a profiler) is set."""
+
+    def __init__(self):
+        self.compiled = None
+        self.direct = True
+        self.device_index = None
+
+    def __call__(self, addresses: list[int], programs: int, layout, counters, expected, mismatches) -> None:
+        """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous)."""
+        padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
+        runtime = triton.knobs.runtime
+        compiled = self.compiled
+        if compiled is not None and runtime.launch_enter_hook is None and runtime.launch_exit_hook is None:
+            try:
+                stream = triton.runtime.driver.active.get_current_stream(self.device_index)
+                compiled.run(
+                    programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
+                    *padded, layout, counters, expected, mismatches, BLOCK,
+                )  # fmt: skip
+                return
+            except (TypeError, AttributeError, ValueError):  # another Triton's interface
+                self.compiled, self.direct = None, False
+        kernel = _unit_digest_kernel[(programs,)](
+            *padded, layout, counters, expected, mismatches, BLOCK=BLOCK
+        )
+        if self.direct and self.compiled is None:
+            self.compiled, self.device_index = kernel, layout.device.index

@@ -56,7 +56,7 @@ class UnitCheck:
     module: Any
     entries: list[GuardedParam]
     positions: list[int] = field(default_factory=list)
-    launches: list[tuple[int, int, int, Any, Any]] = field(default_factory=list)
+    launches: list[tuple[list[int], int, Any, Any]] = field(default_factory=list)
 
 
 def units(entries: list[GuardedParam], legacy: bool) -> list[UnitCheck]:
@@ -102,6 +102,7 @@ class Checks:
         device = entries[0].fsdp_param.sharded_param.device if entries else torch.device("cpu")
         self.on_gpu = device.type == "cuda"
         self.kernel = _fused_module() if self.on_gpu and not legacy else None
+        self.launch = self.kernel.Launcher() if self.kernel else None
         # Which hot path the hooks take: named in the benchmark's output.
         self.path = (
             "per-weight" if legacy else "triton" if self.kernel else "torch" if self.on_gpu else "numpy"
@@ -141,7 +142,7 @@ class Checks:
         layouts = torch.tensor([row for *_, row in launches], dtype=torch.int64, device=device)
         counters = torch.zeros(len(launches), fused.COUNTERS, dtype=torch.int32, device=device)
         for index, (unit, chosen, programs, _) in enumerate(launches):
-            unit.launches.append((min(chosen), max(chosen) + 1, programs, layouts[index], counters[index]))
+            unit.launches.append((chosen, programs, layouts[index], counters[index]))
         return layouts.numel() * 8 + counters.numel() * 4
 
     def refresh(self) -> None:
@@ -170,18 +171,33 @@ class Checks:
 
     def _launch(self, unit: UnitCheck, received) -> set[int]:
         """The fused kernel over each launch whose weights all came, contiguous and aligned."""
-        by_index = {i: tensor for i, _, tensor in received}
+        if len(received) == len(unit.entries):  # all of them, in order: the common case
+            by_index = [tensor for _, _, tensor in received]
+        else:
+            by_index = [None] * len(unit.entries)
+            for i, _, tensor in received:
+                by_index[i] = tensor
         done = set()
-        for begin, end, programs, layout, counters in unit.launches:
-            tensors = [by_index.get(i) for i in range(begin, end)]
+        for chosen, programs, layout, counters in unit.launches:
+            tensors = [by_index[i] for i in chosen]
             if any(t is None or not t.is_contiguous() for t in tensors):
                 continue
             addresses = [t.data_ptr() for t in tensors]
             if any(address % 4 for address in addresses):
                 continue
-            self.kernel.launch(addresses, programs, layout, counters, self.expected, self.mismatches)
-            done.update(range(begin, end))
+            try:
+                self.launch(addresses, programs, layout, counters, self.expected, self.mismatches)
+            except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile here: torch's path
+                self._without_kernel(exc)
+                return set()
+            done.update(chosen)
         return done
+
+    def _without_kernel(self, exc: Exception) -> None:
+        self.kernel = self.launch = None
+        self.path = f"torch (the fused kernel failed: {type(exc).__name__}: {exc})"[:300]
+        for unit in self.units:
+            unit.launches = []
 
     def _count_on_device(self, unit: UnitCheck, rest) -> None:
         """The torch path: each weight's digest compared with its expected one on the device."""
