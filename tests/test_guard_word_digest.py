@@ -233,6 +233,9 @@ def test_fused_kernel_is_the_word_digest_over_more_weights_than_one_launch_takes
         altered = [d.clone() for d in datas]
         altered[k][-1] ^= 0x80
         assert _differs(checks, [d.view(torch.int32) for d in altered]) == [f"w{k}"]
+    # after the first, the launches went straight to the compiled kernel, unless this Triton's
+    # interface sent them back to the JIT for good
+    assert checks.launch.direct_launches > 0 or not checks.launch.direct
 
 
 @pytest.mark.gpu

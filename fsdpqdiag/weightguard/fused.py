@@ -113,6 +113,11 @@ def layout_row(words: list[int], widths: list[int], positions: list[int]) -> tup
     return [*row, *positions, *[-1] * unused, programs, 0], programs
 
 
+def _hooked(hook) -> bool:
+    """Whether a Triton launch hook is set: None, or a chain of hooks with none in it, is not."""
+    return hook is not None and bool(getattr(hook, "calls", True))
+
+
 class Launcher:
     """Launches the kernel on the current stream: through Triton's JIT the first time (which
     compiles it), then straight through the compiled kernel's launcher. The JIT's per-call
@@ -125,19 +130,25 @@ class Launcher:
         self.compiled = None
         self.direct = True
         self.device_index = None
+        self.direct_launches = 0
 
     def __call__(self, addresses: list[int], programs: int, layout, counters, expected, mismatches) -> None:
         """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous)."""
         padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
         runtime = triton.knobs.runtime
         compiled = self.compiled
-        if compiled is not None and runtime.launch_enter_hook is None and runtime.launch_exit_hook is None:
+        if (
+            compiled is not None
+            and not _hooked(runtime.launch_enter_hook)
+            and not _hooked(runtime.launch_exit_hook)
+        ):
             try:
                 stream = triton.runtime.driver.active.get_current_stream(self.device_index)
                 compiled.run(
                     programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
                     *padded, layout, counters, expected, mismatches, BLOCK,
                 )  # fmt: skip
+                self.direct_launches += 1
                 return
             except (TypeError, AttributeError, ValueError):  # another Triton's interface
                 self.compiled, self.direct = None, False
