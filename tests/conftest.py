@@ -84,6 +84,18 @@ def _zygotes_kept_between_tests():
         yield
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _script_runs_shared(tmp_path_factory):
+    """A standalone script's line is run once per session, by whichever worker asks first."""
+    from . import scripts
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    scripts.RUNS_DIR = (root.parent if worker else root) / "script-runs"
+    yield
+    scripts.RUNS_DIR = None
+
+
 @pytest.fixture
 def single_use_zygotes():
     """A launch's zygote ends with it, as for a library call outside any command."""
