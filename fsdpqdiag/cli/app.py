@@ -18,16 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from fsdpqdiag import envvars
 from fsdpqdiag.report.model import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
 from fsdpqdiag.stack.faults import FAULTS  # stdlib only: --help stays torch-free
 
 ENVIRONMENT_HELP = (
-    "Environment: FSDPQDIAG_CACHE=DIR where built model presets are kept (default: "
-    "$XDG_CACHE_HOME/fsdpqdiag or ~/.cache/fsdpqdiag); FSDPQDIAG_RANK_START=spawn|fork how ranks "
+    f"Environment: {envvars.CACHE}=DIR where built model presets are kept (default: "
+    f"$XDG_CACHE_HOME/fsdpqdiag or ~/.cache/fsdpqdiag); {envvars.RANK_START}=spawn|fork how ranks "
     "start (default: forked from one warm process on a CPU-only machine, spawned where a GPU is "
-    "visible); FSDPQDIAG_BNB_CPU_REPACK=on|off forces bitsandbytes' CPU kernel path (on: the "
-    "AVX512-BF16 weight repack, off: plain dequantize) whatever the CPU. FSDPQDIAG_RESULT, "
-    "FSDPQDIAG_STACK_ENV and FSDPQDIAG_GUARD_* are set by fsdpqdiag for the processes it starts."
+    f"visible); {envvars.BNB_CPU_REPACK}=on|off forces bitsandbytes' CPU kernel path (on: the "
+    f"AVX512-BF16 weight repack, off: plain dequantize) whatever the CPU. {envvars.RESULT}, "
+    f"{envvars.STACK} and {envvars.GUARD_PREFIX}* are set by fsdpqdiag for the processes it starts."
 )
 
 # How wide a list of choices is laid out in --help: the help column of an 80-column terminal.

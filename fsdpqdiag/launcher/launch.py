@@ -27,6 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import NoReturn
 
+from fsdpqdiag import envvars
 from fsdpqdiag.core.config import RankTask
 from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 from fsdpqdiag.errors import BadInput
@@ -34,9 +35,8 @@ from fsdpqdiag.launcher import rank_start
 from fsdpqdiag.launcher.rank_log import LOG_TAIL_CHARS, python_stack
 from fsdpqdiag.launcher.stop_signals import interrupts_latched, raise_if_interrupted
 from fsdpqdiag.rank import env
-from fsdpqdiag.rank.env import STACK_ENV
 
-# Where in a launch's directory rank 0 writes the stack it runs on (``env.STACK_ENV``).
+# Where in a launch's directory rank 0 writes the stack it runs on (``envvars.STACK``).
 STACK_FILE = "stack.json"
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
@@ -119,7 +119,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop(STACK_ENV, None)
+    env.pop(envvars.STACK, None)
     for key in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     package_root = str(Path(__file__).resolve().parents[2])
@@ -131,8 +131,8 @@ def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         PYTHONUNBUFFERED="1",
-        FSDPQDIAG_RESULT=str(result_path),
     )
+    env[envvars.RESULT] = str(result_path)
     # N ranks share the host's cores; unbounded OpenMP threads per rank oversubscribe them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     return env
@@ -201,7 +201,7 @@ def _launch_once(
     task_path.write_text(json.dumps(task.to_dict()))
     results = [workdir / f"rank{rank}.json" for rank in range(world_size)]
     envs = [_child_env(rank, world_size, port, results[rank]) for rank in range(world_size)]
-    envs[0][STACK_ENV] = str(workdir / STACK_FILE)
+    envs[0][envvars.STACK] = str(workdir / STACK_FILE)
     started = time.monotonic()
     ended_at: dict[int, float] = {}
     forced: dict[int, str] = {}

@@ -8,7 +8,7 @@ theirs; within ``reusing_zygotes`` (a CLI command) it serves the command's later
 too. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
 import initializes one, so not for CPU runs on a machine with a GPU either. Either way a
 rank is a process of its own, in a session of its own, with the same environment and its
-own log; ``FSDPQDIAG_RANK_START=spawn`` takes the spawn path on CPU too.
+own log; ``envvars.RANK_START`` (spawn) takes the spawn path on CPU too.
 
 The launcher sees either kind through the same handle: ``poll()``, ``returncode``,
 ``kill_session()`` (SIGKILL to the rank's session, then reap) and ``log_text()``.
@@ -29,18 +29,18 @@ import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+from fsdpqdiag import envvars
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.launcher.rank_log import read_log
-from fsdpqdiag.rank.env import STACK_ENV
 
-START_ENV = "FSDPQDIAG_RANK_START"
+START_ENV = envvars.RANK_START
 FORK, SPAWN = "fork", "spawn"
 # How long a killed forked rank's exit status may take to come back through its zygote.
 REAP_WAIT_S = 10.0
 
 
 def requested_start() -> str | None:
-    """What ``FSDPQDIAG_RANK_START`` asks for (None: the default), or BadInput."""
+    """What ``envvars.RANK_START`` asks for (None: the default), or BadInput."""
     chosen = os.environ.get(START_ENV, "").strip().lower()
     if chosen not in ("", FORK, SPAWN):
         raise BadInput(f"{START_ENV}={chosen!r}: expected {FORK} or {SPAWN}")
@@ -59,7 +59,7 @@ def gpu_visible() -> bool:
 
 def start_method(device: str) -> str:
     """``fork`` on CPU, ``spawn`` on GPUs (and on CPU where a GPU is visible), unless
-    ``FSDPQDIAG_RANK_START`` says otherwise."""
+    ``envvars.RANK_START`` says otherwise."""
     chosen = requested_start()
     if chosen == FORK and device != "cpu":
         raise BadInput(f"{START_ENV}={FORK}: only CPU ranks can be forked (CUDA does not survive a fork)")
@@ -220,8 +220,8 @@ LAUNCH_VARIABLES = (
     "WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
-    "FSDPQDIAG_RESULT",
-    STACK_ENV,
+    envvars.RESULT,
+    envvars.STACK,
 )
 
 

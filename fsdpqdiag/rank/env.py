@@ -133,9 +133,6 @@ def capture() -> dict[str, Any]:
     }
 
 
-# The environment variable naming the file a launch's first rank writes its stack (``capture``) to.
-STACK_ENV = "FSDPQDIAG_STACK_ENV"
-
 # The stack as the last launch's first rank captured it (see ``fsdpqdiag.launcher.launch``): the
 # same interpreter, packages and environment as this process, without importing them here.
 _from_rank: dict[str, Any] | None = None
