@@ -11,7 +11,7 @@ import pytest
 from fsdpqdiag import api
 from fsdpqdiag.core.config import LinearConfig, RunConfig
 
-from .conftest import ROOT, SMALL_FEATURES
+from .conftest import ROOT, SMALL_FEATURES, worker_session
 
 FEATURES = SMALL_FEATURES
 
@@ -77,7 +77,8 @@ def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
 def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
     """One probe through the real launcher on CPU/gloo, on the tests' small layer."""
     config = dict(LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__, **config)
-    return api.run_probe(name, config, RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject))
+    run = RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
+    return api.run_probe(name, config, run, session=worker_session())
 
 
 @pytest.mark.parametrize("ws", [1, 2])

@@ -292,20 +292,19 @@ class ProgressLines:
 
 
 def run_library(call, status_text: str = "starting…"):
-    """Call the library with a progress line on stderr; map its failures to exit codes."""
-    from fsdpqdiag.api import BadInput
-    from fsdpqdiag.launcher.rank_start import reusing_zygotes
+    """``call(session, on_progress)`` the library in one session (the command's launches share
+    its zygotes), with a progress line on stderr; map its failures to exit codes."""
+    from fsdpqdiag.api import BadInput, Session
     from fsdpqdiag.report.model import EXIT_INTERRUPTED
 
     try:
-        # A command's launches (a relaunch after a casualty, isolated cells) share zygotes.
-        with stderr.status(status_text) as status, reusing_zygotes():
+        with stderr.status(status_text) as status, Session() as session:
             if stderr.is_terminal:
-                return call(lambda text: status.update(f"running {text}…"))
+                return call(session, lambda text: status.update(f"running {text}…"))
             # No terminal (a pipe, a CI log): the spinner draws nothing, so each step says
             # when it is done, one line each, instead of minutes of silence.
             lines = ProgressLines()
-            done = call(lines.started)
+            done = call(session, lines.started)
             lines.finish()
             return done
     except BadInput as exc:
