@@ -332,7 +332,7 @@ def test_cells_are_reported_while_their_launch_still_runs():
     returned: list[float] = []
 
     def execute(task, watch):
-        outcomes = launch(task, watch=watch)
+        outcomes = launch(task, watch=watch).outcomes
         returned.append(time.monotonic())
         return outcomes
 

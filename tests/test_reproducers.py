@@ -7,7 +7,7 @@ import pytest
 from fsdpqdiag import api
 from fsdpqdiag.core.config import LinearConfig, RunConfig
 
-from .conftest import ROOT, SMALL_FEATURES
+from .conftest import ROOT, SMALL_FEATURES, worker_session
 from .scripts import EXIT_STATUS, line_arguments, run_script, standalone
 
 FEATURES = SMALL_FEATURES
@@ -16,7 +16,8 @@ FEATURES = SMALL_FEATURES
 def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
     """One probe through the real launcher on CPU/gloo, on the tests' small layer."""
     config = dict(LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__, **config)
-    return api.run_probe(name, config, RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject))
+    run = RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
+    return api.run_probe(name, config, run, session=worker_session())
 
 
 @pytest.mark.parametrize("ws", [1, 2])

@@ -24,11 +24,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag import envvars
 from fsdpqdiag.weightguard import verify
 from fsdpqdiag.weightguard.localize import localize, unlocalized
 from fsdpqdiag.weightguard.params import GuardedParam, collect, digest_shards
@@ -389,12 +391,10 @@ def guard(
     unit's weights, see docs/guard.md). ``fix``: the name of a
     workaround applied to this run (``fsdpqdiag.fixes.apply``), named in the report.
     """
-    import sys
-
     return Guard(
         model, params=params, action=action, every=every, report_path=report_path,
         fix={"name": fix, "error": None} if fix else None,
-        state_dir=os.environ.get("FSDPQDIAG_GUARD_DIR") or None,
+        state_dir=os.environ.get(envvars.GUARD_DIR) or None,
         # What a report's "To reproduce" shows: the same script, guarded from outside.
         argv=["watch", "--", "python", *sys.argv],
     )  # fmt: skip
