@@ -20,8 +20,8 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-ENV_REPORT = "FSDPQDIAG_GUARD_REPORT"
-ENV_GATHER_TIMEOUT = "FSDPQDIAG_GUARD_GATHER_TIMEOUT"
+from fsdpqdiag import envvars
+
 DEFAULT_GATHER_TIMEOUT_S = 60.0
 JOB_SCHEMA = "fsdpqdiag.guard-job/1"
 _KEY = "fsdpqdiag/guard/"
@@ -29,7 +29,7 @@ _KEY = "fsdpqdiag/guard/"
 
 def gather_timeout_s() -> float:
     try:
-        return max(0.1, float(os.environ.get(ENV_GATHER_TIMEOUT, DEFAULT_GATHER_TIMEOUT_S)))
+        return max(0.1, float(os.environ.get(envvars.GUARD_GATHER_TIMEOUT, DEFAULT_GATHER_TIMEOUT_S)))
     except ValueError:
         return DEFAULT_GATHER_TIMEOUT_S
 
@@ -45,7 +45,7 @@ def publish_and_gather(records: list[dict], state_dir: str | Path) -> dict | Non
 
     store = distributed_c10d._get_default_store()
     rank, world_size = dist.get_rank(), dist.get_world_size()
-    me = {"rank": rank, "host": socket.gethostname(), "report": os.environ.get(ENV_REPORT) or None}
+    me = {"rank": rank, "host": socket.gethostname(), "report": os.environ.get(envvars.GUARD_REPORT) or None}
     store.set(f"{_KEY}{rank}", json.dumps({"node": me, "records": records}, default=str))
     keys = [f"{_KEY}{r}" for r in range(world_size)]
     try:
