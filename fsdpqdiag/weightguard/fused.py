@@ -14,7 +14,8 @@ with an atomic add; the last program of the launch (a counter every program incr
 the totals, compares them, resets them and the counter to zero for the next launch. Integer
 sums modulo 2**32 do not depend on the order of the atomics: the result is deterministic.
 
-Imports triton at module level: import it only where ``available()`` says so.
+Imports triton at module level: ``verify`` imports it where Triton is installed and takes
+torch's path where it is not.
 """
 
 from __future__ import annotations
@@ -135,10 +136,11 @@ class Launcher:
     def __call__(self, addresses: list[int], programs: int, layout, counters, expected, mismatches) -> None:
         """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous)."""
         padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
-        runtime = triton.knobs.runtime
+        runtime = getattr(getattr(triton, "knobs", None), "runtime", None)  # None: an older Triton
         compiled = self.compiled
         if (
             compiled is not None
+            and runtime is not None
             and not _hooked(runtime.launch_enter_hook)
             and not _hooked(runtime.launch_exit_hook)
         ):
