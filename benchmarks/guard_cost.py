@@ -8,10 +8,12 @@ Run as ranks of one job::
 Variants, built side by side from the same preset (NF4, bf16 storage, LoRA, ``fully_shard`` per
 decoder layer then the root, bf16 MixedPrecisionPolicy, SGD on the adapters): ``vanilla``;
 ``guard`` (``fsdpqdiag.guard(params="quantized", every=1)``: a hook per FSDP unit, the word
-digest); ``guard-per-weight`` (the old path: a hook per module, the per-element digest and its
-multiplier table); ``debugmode`` (the same step under ``torch.utils._debug_mode.DebugMode`` with
-``log_tensor_hashes``, PyTorch's per-op hashing, where the installed torch has it). Steps are
-interleaved round-robin so drift hits every variant alike; medians over rounds.
+digest: one Triton kernel per unit on a GPU, numpy on a CPU); ``guard-per-weight`` (the old
+path: a hook per module, the per-element digest and its multiplier table); ``debugmode`` (the
+same step under ``torch.utils._debug_mode.DebugMode`` with ``log_tensor_hashes``, PyTorch's
+per-op hashing, where the installed torch has it; in the first ``--debugmode-rounds`` only, it
+is an order of magnitude slower). Steps are interleaved round-robin so drift hits every variant
+alike; medians over rounds, and the median of each round's own ratio.
 
 Reported per variant: the median step and its ratio to vanilla's, the guard's host time in its
 hooks per step, the bytes it keeps resident, the peak memory of a step above what was allocated
@@ -20,7 +22,8 @@ against the device's memory bandwidth (measured with a large read, or ``--bandwi
 physical floor of any guard that reads every guarded weight once per step. Then the detection
 question on the same tensors: a real packed weight before and after FSDP2-style NaN
 canonicalization, a swap of two containers and one flipped bit, hashed by DebugMode's two hash
-functions and by both of the guard's digests. Rank 0 prints one JSON object and a table.
+functions and by both of the guard's digests, and judged by the guard's hot path itself (on a
+GPU the fused kernel). Rank 0 prints one JSON object and a table.
 """
 
 from __future__ import annotations
@@ -46,6 +49,7 @@ from fsdpqdiag.stack import models
 from fsdpqdiag.stack.faults import canonicalize_nans_  # noqa: E402
 from fsdpqdiag.weightguard import digest as guard_digest
 from fsdpqdiag.weightguard import guard as weight_guard
+from fsdpqdiag.weightguard import verify
 
 
 def build(preset: str, device: torch.device, mesh, policy):
@@ -144,17 +148,31 @@ def detection(model) -> dict:
             name: {"before": before, "after": fn(altered), "caught": fn(altered) != before}
             for name, altered in alterations.items()
         }
+    # The hook's own verdict on the altered bytes (a GPU's fused kernel, a CPU's numpy pass).
+    hot_path = verify.single(full)
+    found["guard_hot_path"] = {
+        "path": hot_path.path,
+        "unaltered_seen_as_altered": bool(hot_path.differs([full])),
+    }
+    found["fsdpqdiag_guard_hot_path"] = {
+        name: {"caught": bool(hot_path.differs([altered]))} for name, altered in alterations.items()
+    }
     return found
 
 
-def run_rounds(variants, contexts, ids, args, cuda: bool):
-    """Interleaved rounds: every variant steps once per round, in the same order."""
+def run_rounds(variants, contexts, ids, args, cuda: bool, guards: dict):
+    """Interleaved rounds: every variant steps once per round, in the same order. Each guard's
+    hook time and step count when the warm-up ends (its kernel's first compile is not a step's
+    cost) go into ``warm``."""
     times: dict[str, list[float]] = {name: [] for name in variants}
     peaks: dict[str, list[int]] = {name: [] for name in variants}
     failed: dict[str, str] = {}
     for round_index in range(args.warmup + args.rounds):
+        if round_index == args.warmup:
+            for guard in guards.values():
+                guard.warm = (guard.hook_s, guard.step)
         for name, (model, optimizer) in list(variants.items()):
-            if name in failed:
+            if name in failed or (name == "debugmode" and round_index >= args.warmup + args.debugmode_rounds):
                 continue
             if cuda:
                 torch.cuda.synchronize()
@@ -185,19 +203,24 @@ def run_rounds(variants, contexts, ids, args, cuda: bool):
 
 def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
     """What a guard spent: host time in its hooks, resident bytes, bytes its hooks read."""
-    steps = max(state["steps"], 1)
+    warm_hook_s, warm_steps = guard.warm
+    steps = max(state["steps"] - warm_steps, 1)
+    hook_s = state["hook_s"] - warm_hook_s
     sizes = {entry.name: entry.numel * entry.torch_dtype.itemsize for entry in guard.guarded}
-    read = sum(sizes[g["parameter"]] * g["checks"] for g in state["guarded"]) / steps
+    all_steps = max(state["steps"], 1)
+    read = sum(sizes[g["parameter"]] * g["checks"] for g in state["guarded"]) / all_steps
     floor_s = read / (bandwidth * 1e9)
     return {
+        "hot_path": guard.checks.path,
         "guarded_weights": len(state["guarded"]),
-        "checks_per_step": round(sum(g["checks"] for g in state["guarded"]) / steps, 2),
+        "checks_per_step": round(sum(g["checks"] for g in state["guarded"]) / all_steps, 2),
         "findings": len(state["findings"]),
         # A hook that raised stops verifying its weights: a path that failed is not a cheap one.
         "errors": state["errors"],
         "setup_s": state["setup_s"],
-        "hook_s_per_step": round(state["hook_s"] / steps, 6),
-        "hook_pct_of_vanilla_step": round(100 * state["hook_s"] / steps / base_time, 3),
+        # After the warm-up rounds only.
+        "hook_s_per_step": round(hook_s / steps, 6),
+        "hook_pct_of_vanilla_step": round(100 * hook_s / steps / base_time, 3),
         "resident_bytes": guard.resident_bytes,
         "bytes_read_per_step": int(read),
         "read_floor_s_per_step": round(floor_s, 7),
@@ -206,6 +229,8 @@ def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
 
 
 def summarize(names, times, peaks) -> list[dict]:
+    """Per variant: its median step against vanilla's, and the median of each round's own ratio
+    (the same round's vanilla step: drift between rounds cancels)."""
     base_time = statistics.median(times["vanilla"])
     base_peak = statistics.median(peaks["vanilla"]) if peaks["vanilla"] else None
     rows = []
@@ -220,6 +245,9 @@ def summarize(names, times, peaks) -> list[dict]:
                 "min_step_s": round(min(times[name]), 5),
                 "max_step_s": round(max(times[name]), 5),
                 "ratio_to_vanilla": round(median / base_time, 4),
+                "median_round_ratio": round(
+                    statistics.median(t / v for t, v in zip(times[name], times["vanilla"])), 4
+                ),
                 "step_overhead_pct": round(100 * (median / base_time - 1), 2),
                 "peak_step_mem_mib": None if peak is None else round(peak / 2**20, 1),
                 "peak_mem_delta_mib": None if delta is None else round(delta / 2**20, 2),
@@ -240,6 +268,7 @@ def parse_args():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
     parser.add_argument("--no-debugmode", action="store_true", help="leave the per-op hashing variant out")
+    parser.add_argument("--debugmode-rounds", type=int, default=4, help="rounds that step the per-op hashing")
     parser.add_argument("--no-per-weight", action="store_true", help="leave the old per-weight guard out")
     parser.add_argument(
         "--bandwidth-gbs",
@@ -282,7 +311,7 @@ def main() -> None:
         contexts["debugmode"] = per_op
     ids = models.fixed_input(variants["vanilla"][0].config.vocab_size, args.batch, args.seq_len).to(device)
 
-    times, peaks, failed = run_rounds(variants, contexts, ids, args, cuda)
+    times, peaks, failed = run_rounds(variants, contexts, ids, args, cuda, guards)
     names = [name for name in names if name not in failed]
     base_time = statistics.median(times["vanilla"])
     spent = {name: guard_row(guard, guard.close(), base_time, bandwidth) for name, guard in guards.items()}
@@ -301,6 +330,9 @@ def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
         "world_size": world_size,
         "device": args.device,
         "rounds": args.rounds,
+        "debugmode_rounds": args.debugmode_rounds,
+        # The machine's load (1, 5, 15 minutes) at the end: on a shared CPU it moves every figure.
+        "load_average": [round(v, 2) for v in os.getloadavg()],
         "batch": args.batch,
         "seq_len": args.seq_len,
         "bandwidth_gbs": round(bandwidth, 1),
@@ -317,15 +349,17 @@ def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
         },
     }  # fmt: skip
     print(json.dumps(result))
-    print(f"{'variant':<18}{'median step s':>15}{'ratio':>9}{'peak MiB':>10}{'peak delta MiB':>16}")
+    header = f"{'variant':<18}{'median step s':>15}{'ratio':>9}{'round ratio':>13}"
+    print(f"{header}{'peak MiB':>10}{'peak delta MiB':>16}")
     for row in rows:
         print(
             f"{row['variant']:<18}{row['median_step_s']:>15}{row['ratio_to_vanilla']:>9}"
+            f"{row['median_round_ratio']:>13}"
             f"{str(row['peak_step_mem_mib']):>10}{str(row['peak_mem_delta_mib']):>16}"
         )
     for name, guard in spent.items():
         print(
-            f"{name} (rank 0): hooks {guard['hook_s_per_step'] * 1e3:.3f} ms/step "
+            f"{name} (rank 0, {guard['hot_path']}): hooks {guard['hook_s_per_step'] * 1e3:.3f} ms/step "
             f"({guard['hook_pct_of_vanilla_step']} % of vanilla), resident {guard['resident_bytes']} B, "
             f"reads {guard['bytes_read_per_step'] / 1e6:.2f} MB/step, "
             f"{guard['read_floor_s_per_step'] * 1e3:.4f} ms "
@@ -336,6 +370,7 @@ def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
         "debugmode_hash_tensor",
         "fsdpqdiag_per_element_digest",
         "fsdpqdiag_digest",
+        "fsdpqdiag_guard_hot_path",
     ):
         if label in caught:
             seen = ", ".join(f"{alteration} {v['caught']}" for alteration, v in caught[label].items())

@@ -1,7 +1,8 @@
 """The guard's word digest: against a pure-Python reference, split over shards at any byte, and
 through the guard's own hot path on real packed bitsandbytes Params4bit weights, the three
 alterations it must see: a NaN payload rewritten into another NaN, two containers swapped, one
-bit flipped anywhere."""
+bit flipped anywhere. On a CPU the hot path is numpy's; on a GPU the fused Triton kernel, held
+to the same digest and the same three alterations (``gpu``)."""
 
 from __future__ import annotations
 
@@ -26,6 +27,8 @@ from fsdpqdiag.weightguard.digest import (
     word_digest,
 )
 from fsdpqdiag.weightguard.params import GuardedParam
+
+from .conftest import gpu
 
 
 def _reference(data: torch.Tensor, start: int, width: int) -> int:
@@ -75,13 +78,14 @@ def _guarded(weight) -> GuardedParam:
     )  # fmt: skip
     entry.torch_dtype = weight.dtype
     entry.width = row_width(weight.numel() * weight.element_size())
-    verify.prepare([entry], legacy=False)
     entry.expected = host32(word_digest(raw_bytes(weight), 0, entry.width))
+    verify.Checks([entry], legacy=False)
     return entry
 
 
 def _seen(entry: GuardedParam, tensor) -> int:
-    return host32(verify.observe(entry, tensor, legacy=False))
+    """What the CPU hook computes for ``tensor``."""
+    return verify.observe_host(entry, tensor)
 
 
 @pytest.fixture(scope="module")
@@ -93,10 +97,17 @@ def packed():
 def test_hot_path_is_the_general_digest_and_never_writes_the_weight(packed):
     weight, entry = packed
     before = plain(weight).clone()
-    assert entry.factors is not None  # whole rows: the hot path, not the general one
+    assert entry.scratch is not None  # whole rows: the hot path, not the general one
     assert _seen(entry, weight) == entry.expected
+    # the hook's decision on it: nothing differs; the same weight with one bit flipped differs
+    checks = verify.Checks([entry], legacy=False)
+    (unit,) = checks.units
+    assert checks.run(unit, [(0, entry, weight)]) == []
+    flipped = before.clone()
+    flipped.view(torch.int16)[7] ^= 1 << 14
+    assert checks.run(unit, [(0, entry, flipped)]) == [entry]
     assert torch.equal(plain(weight).view(torch.int16), before.view(torch.int16))
-    # a copy 2 bytes into its storage cannot be viewed as int32: the hook's general path
+    # a copy 2 bytes into its storage (its words not 4-byte aligned): the same digest
     shifted = torch.empty(before.numel() + 1, dtype=torch.bfloat16)[1:]
     shifted.copy_(before.reshape(-1))
     with pytest.raises(RuntimeError):
@@ -165,17 +176,22 @@ def test_the_old_per_weight_path_still_checks_its_own_digest(packed):
     """``legacy=True`` (kept to measure against): its hook code against its per-element digest."""
     weight, _ = packed
     entry = _guarded(weight)
-    verify.prepare([entry], legacy=True)
+    verify.Checks([entry], legacy=True)
     entry.expected_legacy = host(digest(weight))
     seen = int(torch.stack([verify.observe(entry, weight, legacy=True)]).bitwise_and_(verify.mask(True)))
     assert seen == verify.expected(entry, legacy=True)
     altered = plain(weight).clone()
     canonicalize_nans_(altered)
     assert int(verify.observe(entry, altered, legacy=True)) != verify.expected(entry, legacy=True)
+    # and the hook's decision on a CPU
+    checks = verify.Checks([entry], legacy=True)
+    assert checks.differs([weight]) == [] and checks.differs([altered]) == [entry]
 
 
 def test_a_weight_larger_than_one_chunk_digests_the_same_in_chunks_and_scratch():
-    from fsdpqdiag.weightguard.digest import CHUNK, rows_digest
+    import numpy
+
+    from fsdpqdiag.weightguard.digest import CHUNK, host_factors, host_rows_digest, rows_digest
 
     width = 4096
     rows = CHUNK // width + 3
@@ -187,3 +203,65 @@ def test_a_weight_larger_than_one_chunk_digests_the_same_in_chunks_and_scratch()
     halves = rows_digest(words[:5], columns, factors[:5]) + rows_digest(words[5:], columns, factors[5:])
     assert host32(halves) == whole
     assert host32(word_digest(words.view(-1).view(torch.uint8), 0, width)) == whole
+    # the CPU hook's numpy path, whole and in blocks of rows through a smaller scratch
+    host_columns, host_rows = host_factors(rows)
+    for scratch_words in (rows * width, CHUNK, 3 * width, width):
+        scratch = numpy.empty(scratch_words, dtype=numpy.uint32)
+        assert host_rows_digest(words.numpy(), host_columns[:width], host_rows, scratch) == whole
+
+
+# -- the fused kernel on a GPU: the same digest, the same three alterations -----------------------
+def _differs(checks, tensors) -> list[str]:
+    """What the GPU hook counts for ``tensors`` (one per entry), read back as the drain does."""
+    return [entry.name for entry in checks.differs(tensors)]
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_kernel_is_the_word_digest_over_more_weights_than_one_launch_takes():
+    pytest.importorskip("triton", reason="the fused kernel needs Triton")
+    generator = torch.Generator().manual_seed(17)
+    # whole rows, a ragged last row, a row width of 64, one word: twelve weights, two launches
+    words = [4096 * 3, 5000, 64 * 7, 1, 12345, 4096, *[999 * (k + 1) for k in range(6)]]
+    datas = [torch.randint(0, 256, (4 * n,), dtype=torch.uint8, generator=generator).cuda() for n in words]
+    entries = [verify.single(data.view(torch.int32), f"w{k}").entries[0] for k, data in enumerate(datas)]
+    checks = verify.Checks(entries, legacy=False)
+    assert checks.path == "triton" and len(checks.units[0].launches) == 2
+    for _ in range(3):  # the counters reset themselves after every launch
+        assert _differs(checks, [d.view(torch.int32) for d in datas]) == []
+    for k in (0, 3, 11):
+        altered = [d.clone() for d in datas]
+        altered[k][-1] ^= 0x80
+        assert _differs(checks, [d.view(torch.int32) for d in altered]) == [f"w{k}"]
+    # after the first, the launches went straight to the compiled kernel, unless this Triton's
+    # interface sent them back to the JIT for good
+    assert checks.launch.direct_launches > 0 or not checks.launch.direct
+
+
+@pytest.mark.gpu
+@gpu
+def test_fused_kernel_sees_the_three_alterations_on_a_real_packed_weight():
+    pytest.importorskip("triton", reason="the fused kernel needs Triton")
+    weight = bnb.nn.Linear4bit(
+        1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16
+    ).to("cuda").weight  # fmt: skip
+    assert type(weight).__name__ == "Params4bit" and weight.is_cuda
+    storage = plain(weight).reshape(-1)
+    checks = verify.single(storage)
+    assert _differs(checks, [weight]) == []
+    canonical = storage.clone()
+    canonicalize_nans_(canonical)
+    assert not torch.equal(canonical.view(torch.int16), storage.view(torch.int16))
+    assert _differs(checks, [canonical]) == ["weight"]
+    bits = storage.view(torch.int16)
+    other = int(torch.nonzero(bits != bits[0])[0])
+    swapped = storage.clone()
+    swapped[[0, other]] = swapped[[other, 0]]
+    assert _differs(checks, [swapped]) == ["weight"]
+    generator = torch.Generator().manual_seed(23)
+    raw = storage.view(torch.uint8)
+    for byte, bit in zip(torch.randint(0, raw.numel(), (50,), generator=generator).tolist(),
+                         torch.randint(0, 8, (50,), generator=generator).tolist()):  # fmt: skip
+        flipped = raw.clone()
+        flipped[byte] ^= 1 << bit
+        assert _differs(checks, [flipped.view(torch.bfloat16)]) == ["weight"], (byte, bit)

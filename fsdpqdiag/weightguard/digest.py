@@ -23,9 +23,18 @@ and a multiply by an odd number is a bijection modulo 2**32, so:
 
 Several unrelated changes go unseen only if they cancel exactly (about 2**-32). It is linear
 in the bytes modulo 2**32, so a shard's digest at its global byte offset needs no other rank's
-bytes, and the ranks' shard digests sum to the unsharded tensor's. The cost is one pass over the
-weight read as int32 words (no widening of packed bytes, no per-element table): an int32
-multiply by the broadcast row of column factors, a row sum, and a dot with the row factors.
+bytes, and the ranks' shard digests sum to the unsharded tensor's.
+
+Where it is computed: ``c[j] = odd31(mix64(j))`` and ``r[i] = odd31(mix64(i + 2**40))`` are
+functions of the word's index, so three implementations give the same number bit for bit:
+torch ops reading the factors from two small tables (set-up over each shard at its global
+offset, localization, a GPU without Triton: ``word_digest``, ``rows_digest``), numpy on a CPU's
+hot path (``host_rows_digest``: uint32 arithmetic, which wraps modulo 2**32 as defined), and
+the Triton kernel of ``fused`` on a GPU, which computes both factors from the index and keeps
+no table. The kernel sums one total per weight, never one per unit: each weight's check is its
+own digest, so nothing that alters one weight can be cancelled by another weight of its unit,
+and the three properties above hold per weight whatever path checked it. Each path reads the
+weight once as 32-bit words: no widening of packed bytes, no per-element table.
 
 **The per-element digest** (the old per-weight path, kept selectable for comparison)::
 
@@ -258,6 +267,45 @@ def rows_digest(words, columns, factors, scratch=None):
         out = None if scratch is None or scratch.dim() != 1 else scratch[: block.numel()].view(block.shape)
         sums.append(torch.mul(block, columns, out=out).sum(dim=1))
     return torch.mul(torch.cat(sums), factors).sum()
+
+
+def host_factors(rows: int):
+    """numpy uint32 copies of the column factors and of the first ``rows`` row factors (their
+    low 32 bits: all the digest modulo 2**32 depends on), for the CPU's hot path."""
+    import numpy
+
+    columns = column_factors("cpu").numpy().astype(numpy.uint32)
+    factors = (row_factors(max(rows, 1), "cpu")[: max(rows, 1)] & MASK32).numpy().astype(numpy.uint32)
+    return columns, factors
+
+
+def host_words(address: int, count: int):
+    """A numpy uint32 view of ``count`` words at a CPU tensor's raw ``address``, to use at once.
+    Not ``Tensor.numpy()``: exporting a storage to numpy makes it unresizable, and FSDP2 frees
+    an unsharded parameter by resizing its storage to 0 after forward."""
+    import ctypes
+
+    import numpy
+
+    return numpy.frombuffer((ctypes.c_uint32 * count).from_address(address), dtype=numpy.uint32)
+
+
+def host_rows_digest(words, columns, factors, scratch) -> int:
+    """``rows_digest`` in numpy on a CPU: ``words`` a ``(rows, width)`` array of 4-byte words,
+    multiplied into the flat uint32 ``scratch`` (no allocation), summed per row and dotted with
+    the row factors, all in uint32 that wraps modulo 2**32 as the digest is defined. numpy's
+    elementwise multiply and row sum are vectorized where torch's integer ones cost twice as
+    much; a weight larger than ``scratch`` goes in blocks of rows."""
+    import numpy
+
+    words = words.view(numpy.uint32)
+    per = max(1, scratch.size // words.shape[1])
+    total = 0
+    for begin in range(0, words.shape[0], per):
+        block = words[begin : begin + per]
+        products = numpy.multiply(block, columns, out=scratch[: block.size].reshape(block.shape))
+        total += int(numpy.dot(products.sum(axis=1, dtype=numpy.uint32), factors[begin : begin + per]))
+    return total & MASK32
 
 
 def _ragged(data, start: int, width: int):

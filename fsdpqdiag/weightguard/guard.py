@@ -27,7 +27,6 @@ import sys
 import time
 import warnings
 from pathlib import Path
-from typing import Any
 
 from fsdpqdiag import envvars
 from fsdpqdiag.weightguard import verify
@@ -88,8 +87,6 @@ class Guard:
         self._optimizers: dict[int, bool] = {}
         self.forward_calls = 0
         self.findings: list[dict] = []
-        self.pending: list[tuple[list[GuardedParam], int, Any]] = []
-        self.in_flight: list[tuple[list, Any, Any]] = []
         self.handles: list = []
         self.closed = False
         self.started = time.time()
@@ -98,10 +95,9 @@ class Guard:
         self.pid = os.getpid()
         self.errors: list[str] = []
         self.setup_s = 0.0
-        # Host time spent inside the verification hooks (on a GPU the kernels run after it).
+        # Host time spent in the verification hooks and reading their results (on a GPU the
+        # kernels run after it).
         self.hook_s = 0.0
-        # Bytes the guard keeps allocated between steps (its digest's factors, a CPU scratch).
-        self.resident_bytes = 0
         self.guarded, self.skipped = collect(self.roots, params)
         self._set_up()
 
@@ -114,13 +110,15 @@ class Guard:
         self.device = self.guarded[0].fsdp_param.sharded_param.device if self.guarded else torch.device("cpu")
         began = time.perf_counter()
         digest_shards(self.guarded, self.legacy)
-        self.resident_bytes = verify.prepare(self.guarded, self.legacy)
+        self.checks = verify.Checks(self.guarded, self.legacy)
+        # Bytes the guard keeps allocated between steps (factors, a CPU scratch, device counters).
+        self.resident_bytes = self.checks.resident_bytes
         self._dtensor = DTensor
-        self._mask = verify.mask(self.legacy)
+        self._no_subclass_ops = torch._C.DisableTorchFunctionSubclass
         self.setup_s = time.perf_counter() - began
-        for unit in verify.units(self.guarded, self.legacy):
+        for unit in self.checks.units:
             # After FSDP2's pre-forward hook (prepended at fully_shard): the unit is unsharded.
-            hook = self._make_hook(unit.entries)
+            hook = self._make_hook(unit)
             self.handles.append(unit.module.register_forward_pre_hook(hook))
             # Set up inside a unit's forward (``watch`` attaches at the first one, after FSDP2's
             # unshard), that forward's hooks have run already: its unsharded weights are checked now.
@@ -147,7 +145,9 @@ class Guard:
         if not self._steps_this_model(optimizer):
             return
         self.step += 1
-        self._drain(block=False)
+        began = time.perf_counter()
+        self._drain(self.step - 1, block=False)
+        self.hook_s += time.perf_counter() - began
 
     def _after_step(self, optimizer, args, kwargs) -> None:
         if not self._steps_this_model(optimizer):
@@ -156,100 +156,64 @@ class Guard:
         if self.closed or self.step % self.every:
             return
         digest_shards([entry for entry in self.guarded if entry.trainable], self.legacy)
+        self.checks.refresh()
 
     # -- verification at unshard ----------------------------------------------------------
     def _due(self) -> bool:
         return not self.closed and self.step % self.every == 0
 
-    def _make_hook(self, entries: list[GuardedParam]):
+    def _make_hook(self, unit: verify.UnitCheck):
         def verify(module, args) -> None:  # returns None: forward's inputs are left alone
             if not self._due():
                 return
             began = time.perf_counter()
             try:
-                self._verify(entries)
+                self._verify(unit)
             except GuardTripped:
                 raise
             except Exception as exc:  # noqa: BLE001 - the guard must not be what breaks a run
                 # Recorded, and these weights are no longer verified: a guard that failed once
                 # on a weight would fail on every forward.
-                self.errors.append(f"{entries[0].module_name}: {type(exc).__name__}: {exc}"[:500])
-                entries.clear()
+                self.errors.append(f"{unit.entries[0].module_name}: {type(exc).__name__}: {exc}"[:500])
+                unit.entries.clear()
                 self.write_state()
             finally:
                 self.hook_s += time.perf_counter() - began
 
         return verify
 
-    def _verify(self, entries: list[GuardedParam]) -> None:
-        """The hot path, every forward of every guarded unit: no import, string, lookup or (on a
-        GPU) host sync; per weight a view and the digest's kernels, per unit one stack."""
-        import torch
-
+    def _verify(self, unit: verify.UnitCheck) -> None:
+        """The hot path, every forward of every guarded unit: no import, string or (on a GPU)
+        host sync; per weight a dict lookup and a few checks, per unit one kernel on a GPU."""
         self.forward_calls += 1
-        seen, observed = [], []
-        for entry in entries:
-            tensor = getattr(entry.module, entry.param_name)
-            if isinstance(tensor, self._dtensor):
-                continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
-            tensor = entry.received(tensor)  # of a tensor subclass (NF4Tensor), an inner tensor
-            entry.checks += 1
-            if entry.localize_pending or tensor.dtype != entry.torch_dtype or tensor.numel() != entry.numel:
-                self._trip(entry, tensor, self.step)
-                continue
-            seen.append(entry)
-            observed.append(verify.observe(entry, tensor, self.legacy))
-        if not seen:
-            return
-        values = torch.stack(observed).bitwise_and_(self._mask)
-        if values.is_cpu:
-            got = values.tolist()
-            if got != [verify.expected(entry, self.legacy) for entry in seen]:
-                for entry, value in zip(seen, got):
-                    if value != verify.expected(entry, self.legacy):
-                        self._trip(entry, entry.unsharded(), self.step)
-        else:
-            # No host sync on a GPU: the unit's digests are compared once per step.
-            self.pending.append((seen, self.step, values))
+        received, altered = [], []
+        # Params4bit & co. route every attribute read through their ``__torch_function__``
+        # (microseconds each): the storage's dtype, size and address are all this reads.
+        with self._no_subclass_ops():
+            for index, entry in enumerate(unit.entries):
+                tensor = entry.module._parameters.get(entry.param_name)
+                if tensor is None:  # not registered as a parameter: what attribute lookup finds
+                    tensor = getattr(entry.module, entry.param_name, None)
+                if tensor is None or isinstance(tensor, self._dtensor):
+                    continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
+                tensor = entry.received(tensor)  # of a tensor subclass (NF4Tensor), an inner tensor
+                entry.checks += 1
+                same = tensor.dtype == entry.torch_dtype and tensor.numel() == entry.numel
+                if entry.localize_pending or not same:
+                    altered.append(entry)
+                else:
+                    received.append((index, entry, tensor))
+            altered += self.checks.run(unit, received)
+        for entry in altered:
+            self._trip(entry, entry.unsharded(), self.step)
 
-    def _drain(self, block: bool) -> None:
-        """Compare the digests taken on a GPU: copy this step's to the host without waiting;
-        compare those whose copy has landed (all, when ``block``)."""
-        import torch
-
-        if self.pending:
-            # The digests go to the host, not the expected ones to the GPU: a blocking copy from
-            # host memory synchronizes the stream, a full sync per step. Each is compared there
-            # with its expected digest of now (a trainable weight's changes after this step).
-            entries = [
-                (entry, step, verify.expected(entry, self.legacy))
-                for seen, step, _ in self.pending
-                for entry in seen
-            ]
-            observed = torch.cat([values for _, _, values in self.pending])
-            # Into pinned memory: a copy to pageable host memory would wait for the GPU.
-            digests = torch.empty(observed.shape, dtype=torch.int64, pin_memory=True)
-            digests.copy_(observed, non_blocking=True)
-            event = torch.cuda.Event()
-            event.record()
-            self.in_flight.append((entries, digests, event))
-            self.pending = []
-        still = []
-        for entries, digests, event in self.in_flight:
-            if block:
-                event.synchronize()
-            elif not event.query():
-                still.append((entries, digests, event))
-                continue
-            got = digests.tolist()
-            if got == [expected for _, _, expected in entries]:
-                continue
-            for (entry, step, expected), value in zip(entries, got):
-                if value != expected and entry.first_step is None:
-                    # The bytes of that unshard are gone: localize at this module's next unshard.
-                    entry.first_step = step
-                    entry.localize_pending = True
-        self.in_flight = still
+    def _drain(self, step: int, block: bool) -> None:
+        """The GPU's mismatch counts of ``step``: a weight whose digest differed is localized at
+        its next unshard (the bytes of the unshard that differed are gone by then)."""
+        for entry, first_step in self.checks.collect(step, block):
+            if entry.first_step is None:
+                entry.first_step = first_step
+                entry.localize_pending = True
 
     def _trip(self, entry: GuardedParam, tensor, step: int) -> None:
         finding = localize(entry, tensor, step, self.rank)
@@ -326,8 +290,7 @@ class Guard:
         return bool(self.findings) or any(e.first_step is not None for e in self.guarded)
 
     def _finish_checks(self) -> None:
-        if self.in_flight or self.pending:
-            self._drain(block=True)
+        self._drain(self.step, block=True)
         # A mismatch found after the last unshard could not be localized: record it as it is.
         for entry in self.guarded:
             if entry.localize_pending:

@@ -2,12 +2,19 @@
 
 A forward pre-hook on each FSDP unit runs after FSDP2's own (``fully_shard`` prepends its
 pre-forward hook, which unshards the unit), so every guarded weight of the unit is then the
-tensor its module's forward receives. Per weight: its bytes viewed as int32 words, no copy, and
-the word digest's multiply, row sum and dot (``digest.rows_digest``); per unit: one stack of
-the digests. On a CPU the unit's digests are compared at once; on a GPU they join the step's
-and are copied to the host without waiting, at the optimizer step, and compared there once the
-copy has landed. Only a weight whose digest differs costs more: localization, at once on a CPU,
-at its next unshard on a GPU (the bytes of the unshard that differed are gone by then).
+tensor its module's forward receives. What a check costs is launches and Python per weight, not
+bytes, so each device gets the path with the fewest of them:
+
+- a GPU with Triton: one kernel per unit (``fused``) digests every weight of the unit from its
+  raw address, compares and counts a mismatch per weight on the device;
+- a GPU without Triton, or a weight the kernel cannot take (not contiguous, not whole 4-byte
+  words): the word digest in torch ops, compared and counted on the device the same way;
+- a CPU: the word digest in numpy (a multiply and a row sum that wrap modulo 2**32, with no
+  per-call allocation), compared at once.
+
+On a GPU the mismatch counts are copied to the host without waiting, once per optimizer step,
+and read once the copy has landed. Only a weight whose digest differs costs more: localization,
+at once on a CPU, at its next unshard on a GPU (the bytes of the unshard that differed are gone).
 
 ``legacy``: the old per-weight path, a hook on every guarded module and the per-element digest
 with its table of one multiplier per element of the largest weight; kept to measure against.
@@ -15,7 +22,8 @@ with its table of one multiplier per element of the largest weight; kept to meas
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from types import SimpleNamespace
 from typing import Any
 
 from fsdpqdiag.weightguard.digest import (
@@ -25,6 +33,9 @@ from fsdpqdiag.weightguard.digest import (
     digest,
     digest_words,
     factor_bytes,
+    host_factors,
+    host_rows_digest,
+    host_words,
     multipliers,
     received_words,
     row_factors,
@@ -35,23 +46,26 @@ from fsdpqdiag.weightguard.digest import (
 )
 from fsdpqdiag.weightguard.params import GuardedParam
 
-# Below this many words the CPU allocator hands a temporary back faster than an ``out=`` takes.
-SCRATCH_MIN = 1 << 16
-
 
 @dataclass
-class Unit:
-    """The guarded weights one hook verifies: an FSDP unit's (a module's, ``legacy``)."""
+class UnitCheck:
+    """The guarded weights one hook verifies: an FSDP unit's (a module's, ``legacy``), where each
+    sits in the guard's expected and mismatch vectors, and (``fused``) its kernel launches'
+    layouts and counters, one per ``fused.SLOTS`` weights."""
 
     module: Any
     entries: list[GuardedParam]
+    positions: list[int] = field(default_factory=list)
+    launches: list[tuple[list[int], int, Any, Any]] = field(default_factory=list)
 
 
-def units(entries: list[GuardedParam], legacy: bool) -> list[Unit]:
-    grouped: dict[int, Unit] = {}
-    for entry in entries:
+def units(entries: list[GuardedParam], legacy: bool) -> list[UnitCheck]:
+    grouped: dict[int, UnitCheck] = {}
+    for position, entry in enumerate(entries):
         owner = entry.module if legacy else entry.unit
-        grouped.setdefault(id(owner), Unit(owner, [])).entries.append(entry)
+        unit = grouped.setdefault(id(owner), UnitCheck(owner, []))
+        unit.entries.append(entry)
+        unit.positions.append(position)
     return list(grouped.values())
 
 
@@ -66,49 +80,269 @@ def mask(legacy: bool) -> int:
     return -1 if legacy else MASK32
 
 
-def prepare(entries: list[GuardedParam], legacy: bool) -> int:
-    """What each verification needs, once, and the bytes it keeps resident: the digest's factors
-    (one set per device, views of it per weight) and, on a CPU, one int32 scratch for the
-    products. Not on a GPU: the caching allocator hands a freed block back as cheaply and keeps
-    it stream-safe, which one shared buffer would not be across streams."""
-    import torch
-
-    cpu = torch.device("cpu")
-    largest: dict[Any, int] = {}
-    for entry in entries:
-        device = entry.fsdp_param.sharded_param.device
-        largest[device] = max(largest.get(device, 0), _word_count(entry, legacy))
-    tables = {device: multipliers(count, device) for device, count in largest.items()} if legacy else {}
-    scratch = torch.empty(min(largest.get(cpu, 0), CHUNK), dtype=torch.int32)
-    for entry in entries:
-        device = entry.fsdp_param.sharded_param.device
-        count = _word_count(entry, legacy)
-        entry.scratch = scratch[: min(count, CHUNK)] if device == cpu else None
-        if legacy:
-            entry.words = word_dtype(entry.torch_dtype.itemsize)
-            entry.table = tables[device][:count]
-            continue
-        nbytes = entry.numel * entry.torch_dtype.itemsize
-        if nbytes % (4 * entry.width) == 0:  # whole rows: the hot path; else the general one
-            rows = count // entry.width
-            entry.columns = column_factors(device)[: entry.width]
-            entry.factors = row_factors(rows, device)[:rows]
-            if entry.scratch is not None and count <= CHUNK:
-                entry.scratch = entry.scratch.view(rows, entry.width)
-            if entry.scratch is not None and count < SCRATCH_MIN:
-                entry.scratch = None  # a small temporary costs less than writing into a view
-    legacy_bytes = sum(t.numel() * t.element_size() for t in tables.values())
-    return factor_bytes() + legacy_bytes + scratch.numel() * scratch.element_size()
-
-
 def _word_count(entry: GuardedParam, legacy: bool) -> int:
     if legacy:
         return entry.numel * (2 if entry.torch_dtype.itemsize == 8 else 1)
     return entry.numel * entry.torch_dtype.itemsize // 4
 
 
+def _whole_rows(entry: GuardedParam) -> bool:
+    return (entry.numel * entry.torch_dtype.itemsize) % (4 * entry.width) == 0
+
+
+class Checks:
+    """What every verification needs, prepared once (``prepare``), and on a GPU the device's
+    expected digests, its mismatch counts and their copies to the host in flight."""
+
+    def __init__(self, entries: list[GuardedParam], legacy: bool):
+        import torch
+
+        self.entries, self.legacy, self.mask = entries, legacy, mask(legacy)
+        self.units = units(entries, legacy)
+        device = entries[0].fsdp_param.sharded_param.device if entries else torch.device("cpu")
+        self.on_gpu = device.type == "cuda"
+        self.kernel = _fused_module() if self.on_gpu and not legacy else None
+        self.launch = self.kernel.Launcher() if self.kernel else None
+        # Which hot path the hooks take: named in the benchmark's output.
+        self.path = (
+            "per-weight" if legacy else "triton" if self.kernel else "torch" if self.on_gpu else "numpy"
+        )
+        self.expected = self.mismatches = None
+        self.in_flight: list[tuple[int, Any, Any]] = []
+        self.dirty = False
+        state_bytes = 0
+        if self.on_gpu:
+            values = [expected(entry, legacy) for entry in entries]
+            self.expected = torch.tensor(values, dtype=torch.int64, device=device)
+            self.mismatches = torch.zeros(len(entries), dtype=torch.int32, device=device)
+            state_bytes = 12 * len(entries)
+        if self.kernel is not None:
+            state_bytes += self._lay_out_launches(device)
+        self.resident_bytes = state_bytes + _prepare_digests(entries, legacy, self.on_gpu)
+
+    def _lay_out_launches(self, device) -> int:
+        """Each unit's kernel launches: weights of whole 4-byte words, ``SLOTS`` at a time."""
+        import torch
+
+        fused = self.kernel
+        launches = []
+        for unit in self.units:
+            fits = [i for i, e in enumerate(unit.entries) if (e.numel * e.torch_dtype.itemsize) % 4 == 0]
+            for begin in range(0, len(fits), fused.SLOTS):
+                chosen = fits[begin : begin + fused.SLOTS]
+                members = [unit.entries[i] for i in chosen]
+                row, programs = fused.layout_row(
+                    [_word_count(e, False) for e in members],
+                    [e.width for e in members],
+                    [unit.positions[i] for i in chosen],
+                )
+                launches.append((unit, chosen, programs, row))
+        if not launches:
+            return 0
+        layouts = torch.tensor([row for *_, row in launches], dtype=torch.int64, device=device)
+        counters = torch.zeros(len(launches), fused.COUNTERS, dtype=torch.int32, device=device)
+        for index, (unit, chosen, programs, _) in enumerate(launches):
+            unit.launches.append((chosen, programs, layouts[index], counters[index]))
+        return layouts.numel() * 8 + counters.numel() * 4
+
+    def refresh(self) -> None:
+        """After the trainable weights' set-up digests changed: the device's expected ones too."""
+        if self.expected is not None:
+            import torch
+
+            values = [expected(entry, self.legacy) for entry in self.entries]
+            self.expected.copy_(torch.tensor(values, dtype=torch.int64))
+
+    def run(self, unit: UnitCheck, received: list[tuple[int, GuardedParam, Any]]) -> list[GuardedParam]:
+        """Check what ``unit``'s forward receives (``(index in unit, entry, tensor)``); returns
+        the entries whose digest differs now (a CPU's), none on a GPU (counted there)."""
+        if not received:
+            return []
+        if not self.on_gpu:
+            if self.legacy:
+                return [e for _, e, tensor in received if int(observe(e, tensor, True)) != expected(e, True)]
+            return [entry for _, entry, tensor in received if observe_host(entry, tensor) != entry.expected]
+        self.dirty = True
+        done = self._launch(unit, received) if unit.launches else set()
+        rest = [(i, tensor) for i, _, tensor in received if i not in done]
+        if rest:
+            self._count_on_device(unit, rest)
+        return []
+
+    def _launch(self, unit: UnitCheck, received) -> set[int]:
+        """The fused kernel over each launch whose weights all came, contiguous and aligned."""
+        if len(received) == len(unit.entries):  # all of them, in order: the common case
+            by_index = [tensor for _, _, tensor in received]
+        else:
+            by_index = [None] * len(unit.entries)
+            for i, _, tensor in received:
+                by_index[i] = tensor
+        done = set()
+        for chosen, programs, layout, counters in unit.launches:
+            tensors = [by_index[i] for i in chosen]
+            if any(t is None or not t.is_contiguous() for t in tensors):
+                continue
+            addresses = [t.data_ptr() for t in tensors]
+            if any(address % 4 for address in addresses):
+                continue
+            try:
+                self.launch(addresses, programs, layout, counters, self.expected, self.mismatches)
+            except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile here: torch's path
+                self._without_kernel(exc)
+                return set()
+            done.update(chosen)
+        return done
+
+    def _without_kernel(self, exc: Exception) -> None:
+        self.kernel = self.launch = None
+        self.path = f"torch (the fused kernel failed: {type(exc).__name__}: {exc})"[:300]
+        for unit in self.units:
+            unit.launches = []
+
+    def _count_on_device(self, unit: UnitCheck, rest) -> None:
+        """The torch path: each weight's digest compared with its expected one on the device."""
+        import torch
+
+        for index, tensor in rest:
+            position = unit.positions[index]
+            value = observe(unit.entries[index], tensor, self.legacy)
+            if self.mask != -1:
+                value = value.bitwise_and(self.mask)
+            differs = torch.ne(value, self.expected[position : position + 1])
+            self.mismatches[position : position + 1].add_(differs)
+
+    def differs(self, tensors: list) -> list[GuardedParam]:
+        """The entries whose ``tensors`` (one each, in order) the hooks would find altered, at
+        once: on a GPU this waits for the device."""
+        position = {id(entry): index for index, entry in enumerate(self.entries)}
+        found = []
+        for unit in self.units:
+            received = [(i, e, tensors[position[id(e)]]) for i, e in enumerate(unit.entries)]
+            found += self.run(unit, received)
+        return found + [entry for entry, _ in self.collect(0, block=True)]
+
+    def collect(self, step: int, block: bool) -> list[tuple[GuardedParam, int]]:
+        """GPU: copy the mismatch counts of ``step``'s checks to the host without waiting, and
+        return the entries (and steps) whose counts have landed nonzero (all of them: ``block``)."""
+        import torch
+
+        if self.mismatches is None:
+            return []
+        if self.dirty:
+            # Into pinned memory: a copy to pageable host memory would wait for the GPU. The
+            # counts restart from zero after the copy, in stream order.
+            counts = torch.empty(self.mismatches.shape, dtype=torch.int32, pin_memory=True)
+            counts.copy_(self.mismatches, non_blocking=True)
+            self.mismatches.zero_()
+            event = torch.cuda.Event()
+            event.record()
+            self.in_flight.append((step, counts, event))
+            self.dirty = False
+        found, still = [], []
+        for checked_step, counts, event in self.in_flight:
+            if block:
+                event.synchronize()
+            elif not event.query():
+                still.append((checked_step, counts, event))
+                continue
+            if counts.any():
+                found += [(e, checked_step) for e, count in zip(self.entries, counts.tolist()) if count]
+        self.in_flight = still
+        return found
+
+
+def single(reference, name: str = "weight") -> Checks:
+    """The hot path over one tensor outside any model, expecting ``reference``'s bytes: what the
+    guard's hook would conclude on this device, for benchmarks and tests (``Checks.differs``)."""
+    from fsdpqdiag.weightguard.digest import raw_bytes, row_width
+
+    entry = GuardedParam(
+        name=name, module_name="", module=None, unit=None, param_name=name,
+        fsdp_param=SimpleNamespace(sharded_param=reference), kind="tensor", trainable=False,
+        cast_dtype=None, group=None, numel=reference.numel(),
+    )  # fmt: skip
+    entry.torch_dtype, entry.dtype = reference.dtype, str(reference.dtype).removeprefix("torch.")
+    entry.width = row_width(reference.numel() * reference.element_size())
+    entry.expected = int(word_digest(raw_bytes(reference).cpu(), 0, entry.width)) & MASK32
+    return Checks([entry], legacy=False)
+
+
+def _fused_module():
+    """``fused`` where Triton imports (a GPU), else None: the torch path."""
+    try:
+        from fsdpqdiag.weightguard import fused
+    except ImportError:
+        return None
+    return fused
+
+
+def _prepare_digests(entries: list[GuardedParam], legacy: bool, on_gpu: bool) -> int:
+    """Each entry's precomputed pieces for the torch (GPU) and numpy (CPU) paths, and the bytes
+    they keep resident: the digest's factors (one set per device, views of it per weight) and on
+    a CPU one scratch for the products. No scratch on a GPU: the caching allocator hands a freed
+    block back as cheaply and keeps it stream-safe, which one shared buffer would not be."""
+    if not entries:
+        return 0
+    device = entries[0].fsdp_param.sharded_param.device
+    largest = max(_word_count(entry, legacy) for entry in entries)
+    if legacy:
+        table = multipliers(largest, device)
+        scratch = None if on_gpu else _torch_scratch(min(largest, CHUNK))
+        for entry in entries:
+            count = _word_count(entry, legacy)
+            entry.words, entry.table = word_dtype(entry.torch_dtype.itemsize), table[:count]
+            entry.scratch = None if scratch is None else scratch[: min(count, CHUNK)]
+        return factor_bytes() + table.numel() * 4 + (0 if scratch is None else scratch.numel() * 4)
+    if on_gpu:
+        for entry in entries:
+            if _whole_rows(entry):
+                rows = _word_count(entry, legacy) // entry.width
+                entry.columns = column_factors(device)[: entry.width]
+                entry.factors = row_factors(rows, device)[:rows]
+        return factor_bytes()
+    return _prepare_host(entries, largest)
+
+
+def _torch_scratch(count: int):
+    import torch
+
+    return torch.empty(count, dtype=torch.int32)
+
+
+def _prepare_host(entries: list[GuardedParam], largest: int) -> int:
+    """The CPU path's numpy factors and one flat uint32 scratch for the products."""
+    try:
+        import numpy
+    except ImportError:  # the torch path, unprepared: ``word_digest`` looks its factors up
+        return factor_bytes()
+    scratch = numpy.empty(min(largest, CHUNK), dtype=numpy.uint32)
+    columns, factors = host_factors(max(_word_count(e, False) // e.width for e in entries))
+    for entry in entries:
+        if _whole_rows(entry):
+            rows = _word_count(entry, False) // entry.width
+            entry.columns, entry.factors, entry.scratch = columns[: entry.width], factors[:rows], scratch
+    return factor_bytes() + columns.nbytes + factors.nbytes + scratch.nbytes
+
+
+def observe_host(entry: GuardedParam, tensor) -> int:
+    """The word digest (modulo 2**32) of a CPU tensor forward receives, as a host integer."""
+    if entry.scratch is not None and tensor.is_contiguous():
+        words = host_words(tensor.data_ptr(), _word_count(entry, False)).reshape(-1, entry.width)
+        return host_rows_digest(words, entry.columns, entry.factors, entry.scratch)
+    return int(word_digest(_plain_bytes(tensor), 0, entry.width)) & MASK32
+
+
+def _plain_bytes(tensor):
+    import torch
+
+    tensor = tensor.detach()
+    if type(tensor) is not torch.Tensor:
+        tensor = tensor.as_subclass(torch.Tensor)  # Params4bit & co.: the storage, not their ops
+    return tensor.contiguous().view(-1).view(torch.uint8)
+
+
 def observe(entry: GuardedParam, tensor, legacy: bool):
-    """The digest of the tensor forward receives, a device int64 scalar, no host sync."""
+    """The digest of the tensor forward receives in torch ops, a device int64 scalar, no sync."""
     import torch
 
     if legacy:
@@ -120,11 +354,11 @@ def observe(entry: GuardedParam, tensor, legacy: bool):
         tensor = tensor.as_subclass(torch.Tensor)  # Params4bit & co.: the storage, not their ops
     if not tensor.is_contiguous():
         tensor = tensor.contiguous()
-    if entry.factors is not None and tensor.device == entry.factors.device:
+    if isinstance(entry.factors, torch.Tensor) and tensor.device == entry.factors.device:
         try:
             words = tensor.view(-1).view(torch.int32)
         except RuntimeError:  # storage not 4-byte aligned: the general path copies it
             words = None
         if words is not None:
-            return rows_digest(words.view(-1, entry.width), entry.columns, entry.factors, entry.scratch)
+            return rows_digest(words.view(-1, entry.width), entry.columns, entry.factors)
     return word_digest(tensor.view(-1).view(torch.uint8), 0, entry.width)
