@@ -17,6 +17,7 @@ import importlib.abc
 import os
 import sys
 
+from fsdpqdiag.weightguard import job
 from fsdpqdiag.weightguard.watch import ENV_ACTION, ENV_DIR, ENV_EVERY, ENV_FIX, ENV_INJECT, ENV_PARAMS
 
 FSDP_MODULE = "torch.distributed.fsdp"
@@ -53,6 +54,13 @@ def install() -> None:
     if _state["installed"] or not os.environ.get(ENV_DIR):
         return
     _state["installed"], _state["pid"] = True, os.getpid()
+    if job.claim_rank_process():
+        # A rank whose script never imports FSDP still joins the job's gather at its exit: each
+        # node's watch then knows which node writes the report, even of "nothing checked".
+        import atexit
+
+        _state["rank_process"] = True
+        atexit.register(_gather_job)
     module = sys.modules.get(FSDP_MODULE)
     if module is not None:
         _patch(module)
@@ -111,8 +119,6 @@ def _gather_at_close() -> None:
 
 
 def _gather_job() -> None:
-    from fsdpqdiag.weightguard import job
-
     if _state.get("gathered") or _state.get("pid", os.getpid()) != os.getpid():
         return
     _state["gathered"] = True
@@ -122,7 +128,7 @@ def _gather_job() -> None:
             guard._finish_checks()
             records.append(guard.state())
         records += [_state["attach_failure"]] if _state.get("attach_failure") else []
-        job.publish_and_gather(records, os.environ[ENV_DIR])
+        job.publish_and_gather(records, os.environ[ENV_DIR], agent_store=_state.get("rank_process", False))
     except Exception:  # noqa: BLE001 - never the reason a training run fails; watch reads locals
         pass
 
