@@ -114,12 +114,35 @@ def _text(tmp: Path, node: int, name: str) -> str:
     return (tmp / f"node{node}" / name).read_text()
 
 
+def _reproduce(node: int, port: int) -> list[str]:
+    return [
+        *_agent(node, port), "-m", "fsdpqdiag", "reproduce", "--device", "cpu",
+        "--probe", "nan-canonicalization", "--inject", "nan-canonicalize", "--json", "r.json", "-q",
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="module")
-def injected(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two-nodes-injected")
-    nodes = _start_nodes(tmp, _watch(["--json", "w.json", "--inject", "nan-canonicalize"], ["2"]))
-    codes = _finish(nodes)
-    return tmp, codes
+def jobs(tmp_path_factory) -> dict[str, tuple[Path, list[int]]]:
+    """The module's two-node jobs that need nothing from one another, started together: each
+    spends much of its time waiting (rendezvous, the guard's gather, the agents' exit barrier),
+    and one launch after another would add those waits up. Name: (its folder, both exit codes)."""
+    commands = {
+        "injected": _watch(["--json", "w.json", "--inject", "nan-canonicalize"], ["2"]),
+        "clean": _watch(["--json", "w.json"], ["2"]),
+        "unsharded": _watch(["--json", "w.json", "-q"], ["unsharded"]),
+        "sweep": _matrix(*SWEEP_OPTIONS, "--out", "sweep"),
+        "reproduce": _reproduce,
+    }
+    started = {}
+    for name, command in commands.items():
+        tmp = tmp_path_factory.mktemp(f"two-nodes-{name}")
+        started[name] = (tmp, _start_nodes(tmp, command))
+    return {name: (tmp, _finish(nodes, timeout=600)) for name, (tmp, nodes) in started.items()}
+
+
+@pytest.fixture(scope="module")
+def injected(jobs):
+    return jobs["injected"]
 
 
 def test_two_watches_exit_1_and_one_report_holds_both_nodes(injected):
@@ -165,14 +188,8 @@ def test_a_node_killed_mid_run_leaves_the_other_a_result_naming_the_lost_rank(tm
     assert result.verdict == "ERROR"
 
 
-def test_reproduce_under_two_agents_one_node_writes_both_exit_alike(tmp_path):
-    def command(node: int, port: int) -> list[str]:
-        return [
-            *_agent(node, port), "-m", "fsdpqdiag", "reproduce", "--device", "cpu",
-            "--probe", "nan-canonicalization", "--inject", "nan-canonicalize", "--json", "r.json", "-q",
-        ]  # fmt: skip
-
-    codes = _finish(_start_nodes(tmp_path, command))
+def test_reproduce_under_two_agents_one_node_writes_both_exit_alike(jobs):
+    tmp_path, codes = jobs["reproduce"]
     assert codes[0] == codes[1] == 1, [_text(tmp_path, n, "err")[-3000:] for n in (0, 1)]
     written = [n for n in (0, 1) if (tmp_path / f"node{n}" / "r.json").exists()]
     assert len(written) == 1
@@ -188,9 +205,8 @@ def _one_writer(tmp: Path, name: str) -> tuple[int, int]:
 
 
 @pytest.fixture(scope="module")
-def clean(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two-nodes-clean")
-    return tmp, _finish(_start_nodes(tmp, _watch(["--json", "w.json"], ["2"])))
+def clean(jobs):
+    return jobs["clean"]
 
 
 def test_two_watches_of_a_clean_run_exit_0_and_one_report_holds_both_nodes(clean):
@@ -206,9 +222,8 @@ def test_two_watches_of_a_clean_run_exit_0_and_one_report_holds_both_nodes(clean
 
 
 @pytest.fixture(scope="module")
-def unsharded(tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("two-nodes-unsharded")
-    return tmp, _finish(_start_nodes(tmp, _watch(["--json", "w.json", "-q"], ["unsharded"])))
+def unsharded(jobs):
+    return jobs["unsharded"]
 
 
 def test_a_job_that_never_shards_is_one_nothing_checked_report_and_both_exit_3(unsharded):
@@ -223,6 +238,9 @@ def test_a_job_that_never_shards_is_one_nothing_checked_report_and_both_exit_3(u
     assert all("nothing checked" in _text(tmp, n, "err") for n in (0, 1)), "said even with -q"
 
 
+SWEEP_OPTIONS = ("--device", "cpu", "--cells", "A", "--cells", "H", "--inject", "nan-canonicalize")
+
+
 def _matrix(*options: str):
     def command(node: int, port: int) -> list[str]:
         return [*_agent(node, port), "-m", "fsdpqdiag", "matrix", *options, "--json", "m.json", "-q"]
@@ -231,11 +249,9 @@ def _matrix(*options: str):
 
 
 @pytest.fixture(scope="module")
-def sweep(tmp_path_factory):
+def sweep(jobs):
     """A new sweep of two cells with the fault injected, recorded in --out, under two agents."""
-    tmp = tmp_path_factory.mktemp("two-nodes-matrix")
-    options = ("--device", "cpu", "--cells", "A", "--cells", "H", "--inject", "nan-canonicalize")
-    return tmp, _finish(_start_nodes(tmp, _matrix(*options, "--out", "sweep")))
+    return jobs["sweep"]
 
 
 def _node_files(tmp: Path, node: int) -> list[str]:
