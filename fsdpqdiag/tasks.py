@@ -22,6 +22,7 @@ from fsdpqdiag.probes import (
     nan_canonicalization,
     non_float_params,
     storage_dtype_mismatch,
+    torchao_nf4_reference,
 )
 from fsdpqdiag.probes.int8_params import probe as int8_params
 from fsdpqdiag.probes.moe_expert_quant import probe as moe_expert_quant
@@ -30,6 +31,7 @@ from fsdpqdiag.weightguard import watch
 
 # The probes `reproduce` runs, in their default order.
 registry.register(nan_canonicalization.PROBE, reproduce=True)
+registry.register(torchao_nf4_reference.PROBE, reproduce=True)
 registry.register(full_tensor_crash.PROBE, reproduce=True)
 registry.register(non_float_params.PROBE, reproduce=True)
 registry.register(quant_state_loss.PROBE, reproduce=True)

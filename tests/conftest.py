@@ -72,25 +72,50 @@ def cuda_available() -> bool:
 gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
 
 
+# The api session of this test worker (``worker_session``), made at its first use.
+_WORKER: dict = {}
+
+
+def worker_session():
+    """The api session a test worker's in-process api calls share (``session=worker_session()``):
+    their CPU ranks fork from zygotes it keeps between tests, as the launches of one command
+    do, so torch and bitsandbytes are imported once per import environment in a worker, not
+    per call. A plain api call (no session) starts and ends its own."""
+    from fsdpqdiag import api
+
+    if "session" not in _WORKER:
+        _WORKER["session"] = api.Session()
+    return _WORKER["session"]
+
+
 @pytest.fixture(scope="session", autouse=True)
 def _zygotes_kept_between_tests():
-    """Launches made in a test's own process (the API called directly) keep their zygotes
-    between tests, as the launches of one command do (``rank_start.reusing_zygotes``): torch
-    and bitsandbytes are imported once per import environment in a worker, not per launch.
-    Tests of what a launch leaves behind ask for ``single_use_zygotes``."""
-    from fsdpqdiag.launcher import rank_start
+    """The worker's session closes with the test session: no zygote outlives the tests."""
+    yield
+    if "session" in _WORKER:
+        _WORKER.pop("session").close()
 
-    with rank_start.reusing_zygotes():
-        yield
+
+@pytest.fixture(scope="session", autouse=True)
+def _script_runs_shared(tmp_path_factory):
+    """A standalone script's line is run once per session, by whichever worker asks first."""
+    from . import scripts
+
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = tmp_path_factory.getbasetemp()
+    scripts.RUNS_DIR = (root.parent if worker else root) / "script-runs"
+    yield
+    scripts.RUNS_DIR = None
 
 
 @pytest.fixture
 def single_use_zygotes():
-    """A launch's zygote ends with it, as for a library call outside any command."""
-    from fsdpqdiag.launcher import rank_start
-
-    with rank_start.single_use_zygotes():
-        yield
+    """For tests of what a launch leaves behind: the zygotes the worker's session kept end
+    first, so that the test's own launches (a plain api call: a short session of its own)
+    are the only processes it can find."""
+    if "session" in _WORKER:
+        _WORKER["session"].zygotes.close()
+    yield
 
 
 @pytest.fixture(autouse=True)

@@ -52,7 +52,7 @@ def _fake_launches(script):
     finishes, then (optionally) the key rank 1 dies in."""
     launched: list[list[str]] = []
 
-    def execute(task):
+    def execute(task, watch=None):
         keys = [item["key"] for item in task.extra["batch"]]
         launched.append(keys)
         finishes, dies_in = script[len(launched) - 1]

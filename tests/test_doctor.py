@@ -211,7 +211,7 @@ def test_a_matrix_whose_preflight_fails_all_gather_runs_no_cell_as_its_row(monke
     its ranks report (no ranks start): the stack's failure is the premise, not a finding."""
     from fsdpqdiag import api
     from fsdpqdiag.core.outcome import RankOutcome
-    from fsdpqdiag.launcher import launch
+    from fsdpqdiag.launcher.session import LaunchSession
 
     healthy = {"dtypes": {"bfloat16": {"bytes_equal": True}}}
     capabilities = {name: healthy for name in preflight.CAPABILITIES}
@@ -219,7 +219,7 @@ def test_a_matrix_whose_preflight_fails_all_gather_runs_no_cell_as_its_row(monke
     checked = {"capabilities": capabilities, preflight.UNITS_STAGE: {}, "bitsandbytes_path": None}
     launched = []
 
-    def run_task(task, watch=None):
+    def run_task(session, task, watch=None):
         keys = [item["key"] for item in task.extra["batch"]]
         launched.append(keys)
         finished = {
@@ -230,7 +230,7 @@ def test_a_matrix_whose_preflight_fails_all_gather_runs_no_cell_as_its_row(monke
         running = {"probe": "C", "stage": "forward", "evidence": {}}
         return [RankOutcome(0, "crashed", {"finished": finished, "running": running}, signal="SIGSEGV")]
 
-    monkeypatch.setattr(launch, "run_task", run_task)
+    monkeypatch.setattr(LaunchSession, "run_task", run_task)
     report = api.matrix(cells=["A", "C", "E"], world_sizes=[1], device="cpu")
     assert launched == [[preflight.NAME, "A", "C", "E"]]
     (ran,) = report.preflight

@@ -13,7 +13,7 @@ import pytest
 from fsdpqdiag.analyses import matrix as mx
 from fsdpqdiag.report.model import json_schema
 
-from .conftest import ROOT, matrix_default
+from .conftest import ROOT, matrix_default, worker_session
 
 
 def _cells(report):
@@ -332,7 +332,7 @@ def test_cells_are_reported_while_their_launch_still_runs():
     returned: list[float] = []
 
     def execute(task, watch):
-        outcomes = launch(task, watch=watch)
+        outcomes = launch(task, watch=watch, zygotes=worker_session().zygotes).outcomes
         returned.append(time.monotonic())
         return outcomes
 

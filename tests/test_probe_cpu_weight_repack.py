@@ -10,8 +10,8 @@ import pytest
 from fsdpqdiag.render import markdown, reproducer
 from fsdpqdiag.report.model import Report
 
+from .scripts import run_script
 from .test_reproducers import cpu_probe as _probe
-from .test_reproducers import run_script
 
 COMPONENTS = {"torch.distributed.fsdp", "bitsandbytes", "injected fault", "undetermined"}
 

@@ -12,8 +12,9 @@ import pytest
 
 from fsdpqdiag.report.model import json_schema
 
-from .conftest import ROOT, SMALL_LINEAR
-from .test_reproducers import _standalone, cpu_probe
+from .conftest import ROOT, reproduce_small
+from .scripts import standalone
+from .test_reproducers import cpu_probe
 
 PROBE = "quant-state-loss"
 # Everything the standalone script reports about the weight, key for key.
@@ -45,13 +46,16 @@ def _cli(*args: str) -> subprocess.CompletedProcess:
 
 
 @pytest.fixture(scope="module")
-def cli_report(tmp_path_factory):
-    """`fsdpqdiag reproduce --probe quant-state-loss --ws 1` once: its ranks serve the WS=1 checks."""
-    path = tmp_path_factory.mktemp("qsl") / "report.json"
-    done = _cli(
-        "reproduce", "--probe", PROBE, "--ws", "1", "--device", "cpu", *SMALL_LINEAR, "--json", str(path)
-    )
-    return done, path
+def cli_report(shared_cli):
+    """The WS=1 run of every probe as a user runs it (the one the suite shares): its ranks
+    serve the WS=1 checks."""
+    run = shared_cli(*reproduce_small(1), timeout=600)
+    return run, run.json_path
+
+
+def _of_probe(report: dict) -> dict:
+    (result,) = [r for r in report["results"] if r["probe"] == PROBE]
+    return result
 
 
 def _check_rank_evidence(ev: dict) -> None:
@@ -110,8 +114,8 @@ def _check_verdict_matches_evidence(result) -> None:
     assert (result.verdict == "REPRODUCED") == problems, result.summary
 
 
-def _check_matches_standalone(ranks: list[dict], ws: int, verdict: str) -> None:
-    script_ranks = _standalone("quant_state_loss.py", ws, verdict=verdict)
+def _check_matches_standalone(result, ranks: list[dict], ws: int) -> None:
+    script_ranks = standalone(result)
     assert len(script_ranks) == len(ranks) == ws
     for line, rank in zip(script_ranks, ranks):
         assert line["rank"] == rank["rank"]
@@ -122,12 +126,12 @@ def _check_matches_standalone(ranks: list[dict], ws: int, verdict: str) -> None:
 def test_ws1_evidence_consistent_and_matches_standalone(cli_report):
     done, path = cli_report
     report = json.loads(path.read_text())
-    result = report["results"][0]
-    assert result["probe"] == PROBE and result["world_size"] == 1 and len(result["ranks"]) == 1
+    result = _of_probe(report)
+    assert result["world_size"] == 1 and len(result["ranks"]) == 1
     for rank in result["ranks"]:
         assert rank["status"] == "ok", rank.get("error")
         _check_rank_evidence(rank["evidence"])
-    _check_matches_standalone(result["ranks"], 1, result["verdict"])
+    _check_matches_standalone(result, result["ranks"], 1)
 
 
 def test_ws2_evidence_consistent_and_matches_standalone(shared_probe):
@@ -140,15 +144,16 @@ def test_ws2_evidence_consistent_and_matches_standalone(shared_probe):
     assert result.evidence["ranks_agree"] is True
     for rank in result.ranks:
         assert _check_control(rank["evidence"])["module_copy_survives"]
-    _check_matches_standalone(result.ranks, 2, result.verdict)
+    _check_matches_standalone(result, result.ranks, 2)
 
 
 def test_cli_json_validates_and_renders(cli_report, tmp_path):
     done, path = cli_report
     report = json.loads(path.read_text())
     jsonschema.validate(report, json_schema())
-    result = report["results"][0]
-    assert done.returncode == (1 if result["verdict"] == "REPRODUCED" else 0), done.stderr[-2000:]
+    result = _of_probe(report)
+    if result["verdict"] == "REPRODUCED":  # the run's status is its worst probe's
+        assert done.returncode == 1, done.stderr[-2000:]
     assert PROBE in done.stdout and result["verdict"] in done.stdout
     assert result["summary"].split(";")[0] in done.stdout.replace("\n", " ")
     md = _cli("report", str(path), "--format", "md")

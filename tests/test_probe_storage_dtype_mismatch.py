@@ -17,7 +17,8 @@ from fsdpqdiag.probes import storage_dtype_mismatch as sdm
 from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED, json_schema
 
 from .conftest import SMALL_LINEAR
-from .test_reproducers import _standalone, cpu_probe
+from .scripts import standalone
+from .test_reproducers import cpu_probe
 
 PROBE = "storage-dtype-mismatch"
 FAULT = "cast-mismatched-storage"
@@ -107,7 +108,7 @@ def test_evidence_is_self_consistent(results, ws):
 @pytest.mark.parametrize("ws", [1, 2])
 def test_matches_standalone_reproducer(results, ws):
     result = results(ws)
-    script_ranks = _standalone("storage_dtype_mismatch.py", ws, verdict=result.verdict)
+    script_ranks = standalone(result)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         rows = rank["evidence"]["rows"]

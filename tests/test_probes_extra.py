@@ -3,7 +3,7 @@ controls, and agreement with the standalone reproducers."""
 
 import pytest
 
-from .test_reproducers import _standalone
+from .scripts import standalone
 from .test_reproducers import cpu_probe as _probe
 
 INTEGER_PARAMS = ("u8", "i8")
@@ -13,7 +13,7 @@ INTEGER_PARAMS = ("u8", "i8")
 def test_non_float_params_evidence_consistent_and_matches_standalone(shared_probe, ws):
     result = shared_probe("non-float-params", ws)
     assert len(result.ranks) == ws
-    script_ranks = _standalone("non_float_params.py", ws, verdict=result.verdict)
+    script_ranks = standalone(result)
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]

@@ -1,89 +1,29 @@
 """The standalone reproducers and the package's probes must not drift apart."""
 
-import json
-import os
 import shlex
-import subprocess
-import sys
 
 import pytest
 
 from fsdpqdiag import api
 from fsdpqdiag.core.config import LinearConfig, RunConfig
 
-from .conftest import ROOT, SMALL_FEATURES
+from .conftest import ROOT, SMALL_FEATURES, worker_session
+from .scripts import EXIT_STATUS, line_arguments, run_script, standalone
 
 FEATURES = SMALL_FEATURES
-
-
-def _json_objects(text: str) -> list[dict]:
-    """Every top-level JSON object in ``text``: ranks under torchrun may share a line."""
-    decoder, found, index = json.JSONDecoder(), [], text.find("{")
-    while index != -1:
-        obj, end = decoder.raw_decode(text, index)
-        found.append(obj)
-        index = text.find("{", end)
-    return found
-
-
-EXIT_STATUS = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}
-
-
-def exit_status(verdict: str, ws: int) -> int:
-    """A script's exit status for the tool's verdict: torchrun turns any rank's failure into 1."""
-    status = EXIT_STATUS.get(verdict, 2)
-    return min(status, 1) if ws > 1 else status
-
-
-def _standalone(script: str, ws: int, *extra: str, verdict: str) -> list[dict]:
-    """``reproducers/SCRIPT`` on the tests' small layer with ``--json``: its ranks' JSON
-    objects, after checking that it printed ``verdict`` and exited with that verdict's status."""
-    args = [
-        f"reproducers/{script}",
-        "--device",
-        "cpu",
-        "--in-features",
-        str(FEATURES),
-        "--out-features",
-        str(FEATURES),
-        "--json",
-        *extra,
-    ]
-    return run_script(args, ws, verdict=verdict)
-
-
-def run_script(args: list[str], ws: int, *, verdict: str) -> list[dict]:
-    """A standalone script (path and options, from the checkout's root) at world size ``ws``,
-    which must print one line starting ``verdict`` and exit with its status; its ranks' JSON
-    objects (``--json``), by rank."""
-    done = launch_script(args, ws)
-    assert done.returncode == exit_status(verdict, ws), (verdict, done.stdout[-2000:], done.stderr[-3000:])
-    verdicts = [line for line in done.stdout.splitlines() if line.startswith(tuple(EXIT_STATUS))]
-    assert len(verdicts) == 1, done.stdout[-3000:]
-    assert verdicts[0].split(" ws=")[0] == verdict, (verdicts[0], verdict)
-    return sorted(_json_objects(done.stdout), key=lambda line: line["rank"])
-
-
-def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
-    launcher = (
-        [sys.executable]
-        if ws == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    return subprocess.run([*launcher, *args], cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
 
 
 def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
     """One probe through the real launcher on CPU/gloo, on the tests' small layer."""
     config = dict(LinearConfig(in_features=FEATURES, out_features=FEATURES).__dict__, **config)
-    return api.run_probe(name, config, RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject))
+    run = RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
+    return api.run_probe(name, config, run, session=worker_session())
 
 
 @pytest.mark.parametrize("ws", [1, 2])
 def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
     result = shared_probe("nan-canonicalization", ws)
-    script_ranks = _standalone("nan_canonicalization.py", ws, verdict=result.verdict)
+    script_ranks = standalone(result)
     assert len(script_ranks) == len(result.ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
@@ -97,7 +37,7 @@ def test_nan_canonicalization_reproducer_matches_probe(shared_probe, ws):
 
 def test_full_tensor_reproducer_matches_probe(shared_probe):
     result = shared_probe("full-tensor-crash", 2)
-    script_ranks = _standalone("full_tensor_crash.py", 2, verdict=result.verdict)
+    script_ranks = standalone(result)
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]
         assert line["full_tensor_bytes_equal"] == ev["full_tensor()"]["bytes_equal"]
@@ -131,10 +71,11 @@ def test_each_line_a_report_prints_gives_the_tools_verdict(shared_cli):
         assert not note, f"the line does not rerun the tool's run: {line}"
         result = next(r for r in report.results if reproducer.command(r) == command)
         words = shlex.split(command)
-        script_at = next(i for i, word in enumerate(words) if word.endswith(".py"))
-        ws = int(words[words.index("--nproc-per-node") + 1]) if words[0] == "torchrun" else 1
-        assert ws == result.world_size and "--device" in words and "--backend" in words
-        run_script([*words[script_at:], "--json"], ws, verdict=result.verdict)
+        assert "--device" in words and "--backend" in words
+        # The run a probe's test compares with its script is this very line: shared, not rerun.
+        args, ws = line_arguments(result)
+        assert ws == result.world_size and args == words[-len(args) :]
+        run_script([*args, "--json"], ws, verdict=result.verdict)
 
 
 def _script_verdict(name: str):

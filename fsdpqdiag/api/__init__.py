@@ -3,7 +3,9 @@
 Input a user can get wrong is checked first (``BadInput``, in ``checks``), before any rank
 starts or any file is written; what the stack under test does becomes a ``ProbeResult``
 (``running``). The commands live in ``commands`` and ``sweep`` (the matrix); import them
-from here, ``fsdpqdiag.api``, the one surface the CLI and the tests use.
+from here, ``fsdpqdiag.api``, the one surface the CLI and the tests use. Each plain function
+runs in a short ``Session`` of its own; ``with Session() as s: s.reproduce(...)`` shares one
+between several (``session``).
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ from fsdpqdiag.api.checks import (
 )
 from fsdpqdiag.api.commands import doctor, doctor_each, fix, forensics, localize, reproduce
 from fsdpqdiag.api.running import preflight, preflight_ok, run_checked, run_probe, run_probes, unsupported
+from fsdpqdiag.api.session import Session
 from fsdpqdiag.api.sweep import matrix
 
 __all__ = [
     "BadInput",
+    "Session",
     "_runs",
     "check_inject",
     "check_probes",

@@ -13,21 +13,22 @@ from collections.abc import Sequence
 from fsdpqdiag.core.config import BACKENDS, DEVICES, LinearConfig, RunConfig
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.launcher import rank_start
+from fsdpqdiag.launcher.session import LaunchSession
 
 
-def require_stack() -> None:
+def require_stack(session: LaunchSession) -> None:
     """torch and bitsandbytes installed, or a one-line error; checked without importing them.
 
     Importing them takes seconds that the ranks spend anyway: whether torch has distributed
     support and whether bitsandbytes imports with its native library is learned from the
     first rank that starts (it captures the stack for the report, see ``fsdpqdiag.rank.env``), and
     the launcher raises the same one-line ``BadInput`` for it. Under torchrun this process is
-    a rank itself and checks them here. A stack an earlier command's ranks captured (this
-    process may be a library caller running several) is forgotten first.
+    a rank itself and checks them here. A stack an earlier command of the same session
+    captured is forgotten first: this command's report carries its own.
     """
     from fsdpqdiag.rank import env
 
-    env.remember(None)
+    session.forget_stack()
     if importlib.util.find_spec("torch") is None:
         raise BadInput("torch is not installed")
     if importlib.util.find_spec("bitsandbytes") is None:
@@ -40,7 +41,7 @@ def require_stack() -> None:
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     if in_launched_job():
-        problem = env.problem(env.stack())
+        problem = env.problem(env.capture())
         if problem is not None:
             raise BadInput(problem)
 

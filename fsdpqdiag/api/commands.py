@@ -20,19 +20,20 @@ from fsdpqdiag.api.checks import (
     require_stack,
 )
 from fsdpqdiag.api.running import (
-    _one_checked,
-    _run_checked,
     preflight,
     run_checked,
     run_items_checked,
     run_probe,
+    run_unless_unsupported,
 )
 from fsdpqdiag.core.config import LinearConfig, RunConfig
 from fsdpqdiag.launcher import batch
+from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.probes import storage_dtype_mismatch
 from fsdpqdiag.report.model import Report
 
 
+@in_session
 def reproduce(
     probes: Sequence[str] = (),
     linear: LinearConfig | None = None,
@@ -43,11 +44,11 @@ def reproduce(
     backend: str = "auto",
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> Report:
     """Run the selected probes (all by default) at each world size, all of one world size in
     one launch (relaunching after a probe that kills it)."""
-    from fsdpqdiag.rank import env
-
     linear = _linear(linear)
     names = check_probes(probes)
     if storage_dtype_mismatch.PROBE.name in names:
@@ -56,7 +57,7 @@ def reproduce(
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
-    require_stack()
+    require_stack(session)
     results, checks = [], []
     for run in runs:
 
@@ -64,12 +65,17 @@ def reproduce(
             if on_progress:
                 on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
 
-        ran, checked = run_checked(names, probe_config, run, {"linear": probe_config}, on_start)
+        ran, checked = run_checked(
+            names, probe_config, run, {"linear": probe_config}, on_start, session=session
+        )
         checks.append(checked)
         results.extend(ran)
-    return Report(command="reproduce", argv=list(argv), env=env.stack(), results=results, preflight=checks)
+    return Report(
+        command="reproduce", argv=list(argv), env=session.stack(), results=results, preflight=checks
+    )
 
 
+@in_session
 def localize(
     linear: LinearConfig | None = None,
     world_sizes: Sequence[int] = (1,),
@@ -79,10 +85,10 @@ def localize(
     backend: str = "auto",
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> Report:
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
-    from fsdpqdiag.rank import env
-
     linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
     # packed bf16 storage; a smaller layer would replay without them and prove nothing.
@@ -96,18 +102,21 @@ def localize(
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
-    require_stack()
+    require_stack(session)
     results, checks = [], []
     for run in runs:
         if on_progress:
             on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
         config = dataclasses.asdict(linear)
-        result, checked = _one_checked(localize_task.PROBE.name, config, run, {"linear": config})
+        (result,), checked = run_checked(
+            [localize_task.PROBE.name], config, run, {"linear": config}, session=session
+        )
         checks.append(checked)
         results.append(result)
-    return Report(command="localize", argv=list(argv), env=env.stack(), results=results, preflight=checks)
+    return Report(command="localize", argv=list(argv), env=session.stack(), results=results, preflight=checks)
 
 
+@in_session
 def fix(
     workarounds: Sequence[str] = ("all",),
     targets: Sequence[str] = ("linear",),
@@ -119,11 +128,12 @@ def fix(
     backend: str = "auto",
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> Report:
     """Verify each workaround bit for bit next to the unfixed run, per target and world size."""
     from fsdpqdiag import fixes
     from fsdpqdiag.analyses.fix_verify import TARGETS
-    from fsdpqdiag.rank import env
 
     # Every name given is checked, "all" beside it too: a typo is never run as "all".
     for name in workarounds:
@@ -139,7 +149,7 @@ def fix(
     from fsdpqdiag.stack.models import PRESETS, ModelSourceError, preset_dir
 
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
-    require_stack()
+    require_stack(session)
     for target in targets:
         if target in PRESETS:
             try:
@@ -167,14 +177,16 @@ def fix(
             if on_progress:
                 on_progress(f"{key} at world size {run.world_size}")
 
-        ran, checked = run_items_checked(items, run, subject, on_start)
+        ran, checked = run_items_checked(items, run, subject, on_start, session=session)
         checks.append(checked)
-        _rerun_after_an_unrestored_undo(items, ran, run, checked)
+        _rerun_after_an_unrestored_undo(items, ran, run, checked, session)
         results.extend(ran[item.key] for item in items)
-    return Report(command="fix", argv=list(argv), env=env.stack(), results=results, preflight=checks)
+    return Report(command="fix", argv=list(argv), env=session.stack(), results=results, preflight=checks)
 
 
-def _rerun_after_an_unrestored_undo(items: list, ran: dict, run: RunConfig, checked: dict | None) -> None:
+def _rerun_after_an_unrestored_undo(
+    items: list, ran: dict, run: RunConfig, checked: dict | None, session: LaunchSession
+) -> None:
     """The workarounds share a launch, each undone before the next is applied. One whose undo
     left bitsandbytes or FSDP2 patched (``restored_after_undo`` false) would have changed the
     runs after it: those are run again, each in a launch of its own."""
@@ -184,11 +196,12 @@ def _rerun_after_an_unrestored_undo(items: list, ran: dict, run: RunConfig, chec
         return
     for item in items[keys.index(unrestored[0]) + 1 :]:
         if checked is not None:
-            ran[item.key] = _run_checked(item.task, item.config, run, checked)
+            ran[item.key] = run_unless_unsupported(item.task, item.config, run, checked, session)
         else:
-            ran[item.key] = run_probe(item.task, item.config, run)
+            ran[item.key] = run_probe(item.task, item.config, run, session=session)
 
 
+@in_session
 def forensics(
     model: str | None = None,
     preset: str = "tiny-llama",
@@ -204,10 +217,11 @@ def forensics(
     backend: str = "auto",
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> Report:
     """Per-module byte forensics of a real quantized causal LM under FSDP2."""
     from fsdpqdiag.core.config import QUANT_TYPES
-    from fsdpqdiag.rank import env
     from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     if bits not in (4, 8):
@@ -216,7 +230,7 @@ def forensics(
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
-    require_stack()
+    require_stack(session)
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:
@@ -234,13 +248,16 @@ def forensics(
     for run in runs:
         if on_progress:
             on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
-        result, checked = _one_checked(forensics_task.PROBE.name, config, run, subject)
+        (result,), checked = run_checked([forensics_task.PROBE.name], config, run, subject, session=session)
         checks.append(checked)
         result.config["model"] = model or preset
         results.append(result)
-    return Report(command="forensics", argv=list(argv), env=env.stack(), results=results, preflight=checks)
+    return Report(
+        command="forensics", argv=list(argv), env=session.stack(), results=results, preflight=checks
+    )
 
 
+@in_session
 def doctor(
     world_size: int | None = None,
     device: str = "auto",
@@ -250,20 +267,24 @@ def doctor(
     model: str | None = None,
     preset: str = "tiny-llama",
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> dict:
     """The stack preflight alone, on one device, backend and world size, for the model under
     test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
     from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
-    require_stack()
+    require_stack(session)
     try:
         path = resolve_model(model, preset)
     except ModelSourceError as exc:
         raise BadInput(str(exc)) from exc
-    return preflight(run, {"model": {"model": str(path), "label": model or preset}}, on_progress)
+    subject = {"model": {"model": str(path), "label": model or preset}}
+    return preflight(run, subject, on_progress, session=session)
 
 
+@in_session
 def doctor_each(
     world_sizes: Sequence[int] = (),
     device: str = "auto",
@@ -273,10 +294,15 @@ def doctor_each(
     model: str | None = None,
     preset: str = "tiny-llama",
     on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> list[dict]:
     """``doctor`` at each world size (the default one when none is given), every size
     checked before the first launch: a bad second ``--ws`` costs no run."""
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     return [
-        doctor(run.world_size, device, backend, timeout_s, inject, model, preset, on_progress) for run in runs
+        doctor(
+            run.world_size, device, backend, timeout_s, inject, model, preset, on_progress, session=session
+        )
+        for run in runs
     ]

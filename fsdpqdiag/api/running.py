@@ -8,40 +8,47 @@ from collections.abc import Callable, Sequence
 
 from fsdpqdiag.core.config import RankTask, RunConfig
 from fsdpqdiag.evidence import attribution
+from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED, SKIPPED, UNSUPPORTED, ProbeResult
 
 
-def run_probe(name: str, probe_config: dict, run: RunConfig) -> ProbeResult:
+@in_session
+def run_probe(name: str, probe_config: dict, run: RunConfig, *, session: LaunchSession) -> ProbeResult:
     """Launch one probe on ``run.world_size`` ranks and decide its verdict."""
-    from fsdpqdiag.launcher.launch import run_task
     from fsdpqdiag.tasks import get_probe
 
     unmet = get_probe(name).needs.unmet(run)
     if unmet is not None:
         return _skipped(name, probe_config, run, unmet)
     started = time.monotonic()
-    outcomes = run_task(RankTask(probe=name, probe_config=probe_config, run=run))
+    outcomes = session.run_task(RankTask(probe=name, probe_config=probe_config, run=run))
     return _decide(name, probe_config, run, outcomes, time.monotonic() - started)
 
 
+@in_session
 def run_probes(
     names: Sequence[str],
     probe_config: dict,
     run: RunConfig,
     on_start: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> list[ProbeResult]:
     """Several probes in as few launches as their failures allow (see ``fsdpqdiag.launcher.batch``):
     one launch for all, and after a rank dies, hangs or raises inside a probe, a fresh
     launch from the probe after it."""
-    return run_checked(names, probe_config, run, None, on_start)[0]
+    return run_checked(names, probe_config, run, None, on_start, session=session)[0]
 
 
+@in_session
 def run_checked(
     names: Sequence[str],
     probe_config: dict,
     run: RunConfig,
     subject: dict | None,
     on_start: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> tuple[list[ProbeResult], dict | None]:
     """``run_probes`` led by the stack preflight of ``subject`` (unless None) in the same
     launch, and the preflight: a launch costs seconds of imports, the preflight's own work
@@ -50,22 +57,24 @@ def run_checked(
     from fsdpqdiag.launcher import batch
 
     items = [batch.Item(name, name, probe_config) for name in names]
-    results, checked = run_items_checked(items, run, subject, on_start)
+    results, checked = run_items_checked(items, run, subject, on_start, session=session)
     return [results[name] for name in names], checked
 
 
+@in_session
 def run_items_checked(
     items: Sequence,
     run: RunConfig,
     subject: dict | None,
     on_start: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> tuple[dict[str, ProbeResult], dict | None]:
     """``run_checked`` for items (``fsdpqdiag.launcher.batch.Item``) that may run one task under
     several configurations (``fix``: one ``fix-verify`` per workaround): each result under
     its item's key."""
     from fsdpqdiag.analyses import preflight as stack
     from fsdpqdiag.launcher import batch
-    from fsdpqdiag.launcher.launch import run_task
     from fsdpqdiag.tasks import get_probe
 
     by_key = {item.key: item for item in items}
@@ -87,7 +96,7 @@ def run_items_checked(
         for part in parts:
             if part.probe == stack.NAME and subject is not None:
                 # Where the launch died inside it, the preflight relaunches for the rest.
-                checked = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+                checked = stack.run_preflight(run, subject, session.run_task, part.outcomes, part.duration_s)
             else:
                 item = by_key[part.probe]
                 results[item.key] = _decide(
@@ -103,7 +112,7 @@ def run_items_checked(
         return list(refused)
 
     new_watch = (lambda: batch.watch_progress(on_start)) if on_start else None
-    batch.run_resilient(launched, run, run_task, settle, new_watch)
+    batch.run_resilient(launched, run, session.run_task, settle, new_watch)
     if checked is not None:
         for key, result in list(results.items()):
             refused = result.verdict != UNSUPPORTED and refusal(by_key[key])
@@ -115,13 +124,20 @@ def run_items_checked(
     return results, checked
 
 
-def preflight(run: RunConfig, subject: dict, on_progress: Callable[[str], None] | None = None) -> dict:
+@in_session
+def preflight(
+    run: RunConfig,
+    subject: dict,
+    on_progress: Callable[[str], None] | None = None,
+    *,
+    session: LaunchSession,
+) -> dict:
     """The stack preflight of one run (see ``fsdpqdiag.analyses.preflight``): what each report carries."""
     from fsdpqdiag.analyses import preflight as stack
 
     if on_progress:
         on_progress(f"preflight at world size {run.world_size} on {run.device}/{run.backend}")
-    return stack.run_preflight(run, subject)
+    return stack.run_preflight(run, subject, session.run_task)
 
 
 def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult | None:
@@ -149,14 +165,13 @@ def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) ->
     )
 
 
-def _run_checked(name: str, probe_config: dict, run: RunConfig, checked: dict) -> ProbeResult:
-    return unsupported(name, probe_config, run, checked) or run_probe(name, probe_config, run)
-
-
-def _one_checked(name: str, probe_config: dict, run: RunConfig, subject: dict) -> tuple[ProbeResult, dict]:
-    """One probe, led by the preflight in its launch."""
-    (result,), checked = run_checked([name], probe_config, run, subject)
-    return result, checked
+def run_unless_unsupported(
+    name: str, probe_config: dict, run: RunConfig, checked: dict, session: LaunchSession
+) -> ProbeResult:
+    """UNSUPPORTED where the preflight ``checked`` says so (see ``unsupported``), else run."""
+    return unsupported(name, probe_config, run, checked) or run_probe(
+        name, probe_config, run, session=session
+    )
 
 
 def _common(name: str, probe_config: dict, run: RunConfig) -> dict:

@@ -19,10 +19,12 @@ from fsdpqdiag.api.running import (
     _attribute,
     unsupported,
 )
+from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.rank import job_store
 from fsdpqdiag.report.model import ProbeResult, Report
 
 
+@in_session
 def matrix(
     cells: Sequence[str] = (),
     grid: Sequence[str] = (),
@@ -40,6 +42,8 @@ def matrix(
     argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
     on_cell: Callable[[str, dict], None] | None = None,
+    *,
+    session: LaunchSession,
 ) -> Report:
     """The configuration-invariance matrix at each world size, with the invariance analysis.
 
@@ -48,7 +52,6 @@ def matrix(
     plan in its record's header, and an option that contradicts it is refused."""
     from pathlib import Path
 
-    from fsdpqdiag.rank import env
     from fsdpqdiag.stack.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
@@ -73,7 +76,7 @@ def matrix(
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     directory = resume or out_dir
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
-    require_stack()
+    require_stack(session)
     try:
         model_path = resolve_model(model, preset)  # builds the preset once, before any rank
     except ModelSourceError as exc:
@@ -90,6 +93,7 @@ def matrix(
         done=recovered.done if recovered is not None else {},
         on_progress=on_progress,
         on_cell=on_cell,
+        session=session,
     )
     for run in runs:
         sweep.run(run)
@@ -97,7 +101,7 @@ def matrix(
     if recovered is not None:
         analysis["resume"] = recovered.summary()
     results, checks = sweep.results, sweep.checks
-    return Report("matrix", list(argv), env.stack(), results, analysis=analysis, preflight=checks)
+    return Report("matrix", list(argv), session.stack(), results, analysis=analysis, preflight=checks)
 
 
 def _read_record(resume: str | None, out_dir: str | None, writes_record: bool, asked: tuple):
@@ -163,6 +167,7 @@ class _Sweep:
     done: dict
     on_progress: Callable[[str], None] | None
     on_cell: Callable[[str, dict], None] | None
+    session: LaunchSession
     rows_by_ws: dict[int, dict[str, dict]] = dataclasses.field(default_factory=dict)
     results: list[ProbeResult] = dataclasses.field(default_factory=list)
     checks: list[dict] = dataclasses.field(default_factory=list)
@@ -171,7 +176,6 @@ class _Sweep:
         from fsdpqdiag.analyses import matrix as mx
         from fsdpqdiag.analyses import preflight as stack
         from fsdpqdiag.launcher import batch
-        from fsdpqdiag.launcher.launch import run_task
 
         subject = {"model": {"model": self.base_config["model"], "label": self.label, "lora": self.lora}}
         if self.on_progress:  # one launch: the preflight, then the cells
@@ -183,7 +187,9 @@ class _Sweep:
 
         def refuses_the_cells(part) -> bool:
             # The preflight leads the cells' launch: a launch costs seconds of imports.
-            decided["checked"] = stack.run_preflight(run, subject, part.outcomes, part.duration_s)
+            decided["checked"] = stack.run_preflight(
+                run, subject, self.session.run_task, part.outcomes, part.duration_s
+            )
             decided["refused"] = unsupported(MATRIX_TASK, {}, run, decided["checked"])
             return decided["refused"] is not None
 
@@ -191,7 +197,7 @@ class _Sweep:
             self.selected,
             run,
             self.base_config,
-            run_task,
+            self.session.run_task,
             isolate=self.isolate_cells,
             done=self.done,
             on_cell=self.on_cell,

@@ -18,16 +18,17 @@ from rich.console import Console
 from rich.markup import escape
 from typer.core import TyperGroup
 
+from fsdpqdiag import envvars
 from fsdpqdiag.report.model import EXIT_BAD_INPUT, EXIT_CODES_HELP, check_writable
 from fsdpqdiag.stack.faults import FAULTS  # stdlib only: --help stays torch-free
 
 ENVIRONMENT_HELP = (
-    "Environment: FSDPQDIAG_CACHE=DIR where built model presets are kept (default: "
-    "$XDG_CACHE_HOME/fsdpqdiag or ~/.cache/fsdpqdiag); FSDPQDIAG_RANK_START=spawn|fork how ranks "
+    f"Environment: {envvars.CACHE}=DIR where built model presets are kept (default: "
+    f"$XDG_CACHE_HOME/fsdpqdiag or ~/.cache/fsdpqdiag); {envvars.RANK_START}=spawn|fork how ranks "
     "start (default: forked from one warm process on a CPU-only machine, spawned where a GPU is "
-    "visible); FSDPQDIAG_BNB_CPU_REPACK=on|off forces bitsandbytes' CPU kernel path (on: the "
-    "AVX512-BF16 weight repack, off: plain dequantize) whatever the CPU. FSDPQDIAG_RESULT, "
-    "FSDPQDIAG_STACK_ENV and FSDPQDIAG_GUARD_* are set by fsdpqdiag for the processes it starts."
+    f"visible); {envvars.BNB_CPU_REPACK}=on|off forces bitsandbytes' CPU kernel path (on: the "
+    f"AVX512-BF16 weight repack, off: plain dequantize) whatever the CPU. {envvars.RESULT}, "
+    f"{envvars.STACK} and {envvars.GUARD_PREFIX}* are set by fsdpqdiag for the processes it starts."
 )
 
 # How wide a list of choices is laid out in --help: the help column of an 80-column terminal.
@@ -291,20 +292,19 @@ class ProgressLines:
 
 
 def run_library(call, status_text: str = "starting…"):
-    """Call the library with a progress line on stderr; map its failures to exit codes."""
-    from fsdpqdiag.api import BadInput
-    from fsdpqdiag.launcher.rank_start import reusing_zygotes
+    """``call(session, on_progress)`` the library in one session (the command's launches share
+    its zygotes), with a progress line on stderr; map its failures to exit codes."""
+    from fsdpqdiag.api import BadInput, Session
     from fsdpqdiag.report.model import EXIT_INTERRUPTED
 
     try:
-        # A command's launches (a relaunch after a casualty, isolated cells) share zygotes.
-        with stderr.status(status_text) as status, reusing_zygotes():
+        with stderr.status(status_text) as status, Session() as session:
             if stderr.is_terminal:
-                return call(lambda text: status.update(f"running {text}…"))
+                return call(session, lambda text: status.update(f"running {text}…"))
             # No terminal (a pipe, a CI log): the spinner draws nothing, so each step says
             # when it is done, one line each, instead of minutes of silence.
             lines = ProgressLines()
-            done = call(lines.started)
+            done = call(session, lines.started)
             lines.finish()
             return done
     except BadInput as exc:

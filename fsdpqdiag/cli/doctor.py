@@ -61,7 +61,7 @@ def doctor(
 
     quiet = check_outputs(json_path, markdown_path) or quiet
     checks = run_library(
-        lambda progress: api.doctor_each(
+        lambda session, progress: session.doctor_each(
             world_sizes=ws or (),
             device=device,
             backend=backend,

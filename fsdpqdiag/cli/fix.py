@@ -72,12 +72,11 @@ def fix(
     wide: Wide = False,
 ) -> None:
     """Verify workarounds bit for bit against training without FSDP (loss, LoRA grads, K steps)."""
-    from fsdpqdiag import api
     from fsdpqdiag.render.fix_table import fix_table
 
     quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
-        lambda progress: api.fix(
+        lambda session, progress: session.fix(
             workarounds=workaround or ("all",),
             targets=target or ("linear",),
             steps=steps,

@@ -53,7 +53,6 @@ def forensics(
     wide: Wide = False,
 ) -> None:
     """For every quantized weight of a real model: original vs _local_tensor vs forward's vs full_tensor()."""
-    from fsdpqdiag import api
     from fsdpqdiag.core.config import canonical_dtype
     from fsdpqdiag.render.forensics_table import forensics_table
 
@@ -65,7 +64,7 @@ def forensics(
     except ValueError as exc:
         raise fail(str(exc)) from None
     report = run_library(
-        lambda progress: api.forensics(
+        lambda session, progress: session.forensics(
             model=model,
             preset=preset,
             bits=bits,

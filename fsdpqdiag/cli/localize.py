@@ -44,13 +44,12 @@ def localize(
     wide: Wide = False,
 ) -> None:
     """Replay FSDP2's unshard op by op on every bf16 NaN pattern; name the first op that alters bytes."""
-    from fsdpqdiag import api
     from fsdpqdiag.core.config import LinearConfig
     from fsdpqdiag.render.localize_table import localize_table
 
     quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
-        lambda progress: api.localize(
+        lambda session, progress: session.localize(
             linear=LinearConfig(in_features=in_features, out_features=out_features),
             world_sizes=ws or (1,),
             device=device,

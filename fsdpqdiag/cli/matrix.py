@@ -134,7 +134,6 @@ def _run_with_progress(**options):
     """``api.matrix(**options)`` with a progress bar that names each cell's verdict."""
     from rich.progress import Progress
 
-    from fsdpqdiag import api
     from fsdpqdiag.analyses import matrix as mx
 
     # Off a terminal a transient bar draws nothing but a blank line, which would make a
@@ -147,7 +146,9 @@ def _run_with_progress(**options):
             if not stderr.is_terminal:  # a pipe or a CI log: one line per cell as it finishes
                 stderr.print(f"cell {name}: {mx.cell_verdict(row)}", highlight=False, soft_wrap=True)
 
-        return run_library(lambda status: api.matrix(**options, on_progress=status, on_cell=on_cell))
+        return run_library(
+            lambda session, status: session.matrix(**options, on_progress=status, on_cell=on_cell)
+        )
 
 
 def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, json_path) -> None:

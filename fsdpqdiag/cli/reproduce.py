@@ -85,11 +85,10 @@ def reproduce(
     except ValueError as exc:
         raise fail(str(exc)) from None
 
-    from fsdpqdiag import api
     from fsdpqdiag.render.table import reproduce_table
 
     report = run_library(
-        lambda progress: api.reproduce(
+        lambda session, progress: session.reproduce(
             probes=probe or (),
             linear=linear,
             world_sizes=ws or (),

@@ -19,11 +19,14 @@ TORCH_FSDP = "torch.distributed.fsdp"
 TORCH_DTENSOR = "torch.distributed.tensor"
 BACKEND = "process-group backend"
 BITSANDBYTES = "bitsandbytes"
+TORCHAO = "torchao"
 TRANSFORMERS = "transformers"
 PEFT = "peft"
 INJECTED = "injected fault"
 UNDETERMINED = "undetermined"
-COMPONENTS = (TORCH_FSDP, TORCH_DTENSOR, BACKEND, BITSANDBYTES, TRANSFORMERS, PEFT, INJECTED, UNDETERMINED)
+COMPONENTS = (
+    TORCH_FSDP, TORCH_DTENSOR, BACKEND, BITSANDBYTES, TORCHAO, TRANSFORMERS, PEFT, INJECTED, UNDETERMINED,
+)  # fmt: skip
 
 REPORT_TO = {
     TORCH_FSDP: "pytorch/pytorch",
@@ -31,6 +34,7 @@ REPORT_TO = {
     # c10d's ProcessGroupGloo/NCCL bindings live in pytorch/pytorch.
     BACKEND: "pytorch/pytorch",
     BITSANDBYTES: "bitsandbytes-foundation/bitsandbytes",
+    TORCHAO: "pytorch/ao",
     TRANSFORMERS: "huggingface/transformers",
     PEFT: "huggingface/peft",
 }
@@ -104,6 +108,16 @@ KNOWN_ISSUES: tuple[KnownIssue, ...] = (
         text="only Tensors of floating point dtype can require gradients",
         where="_fsdp_param.py",
         fixed_in="torch 2.12",
+    ),
+    KnownIssue(
+        # An open pull request (read 2026-12-03): the world-size-1 fast path copies only the first
+        # tensor fsdp_pre_all_gather returns, so an NF4Tensor's fsdp_post_all_gather gets one of three.
+        "pytorch/pytorch#197999",
+        "FSDP2's world-size-1 path hands fsdp_post_all_gather one all-gather output (all-gather extensions)",
+        text="not enough values to unpack",
+        where="_fsdp_param.py",
+        probes=("torchao-nf4-reference",),
+        verdicts=(VerdictKind.UNSUPPORTED,),
     ),
     KnownIssue(
         "pytorch/pytorch#152645",

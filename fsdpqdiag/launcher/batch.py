@@ -15,11 +15,10 @@ its own: a probe under its name, a matrix cell under the cell's.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from fsdpqdiag.core import registry
 from fsdpqdiag.core.config import RankTask, RunConfig
@@ -170,12 +169,23 @@ def _casualty_outcome(name: str, outcome: RankOutcome, done: dict | None) -> Ran
     )
 
 
+Watch = Callable[[dict], None]
+
+
+class ExecuteTask(Protocol):
+    """Runs a ``RankTask`` and returns one outcome per rank (a launch session's ``run_task``).
+    ``watch`` (or None) receives rank 0's checkpoint each time the rank rewrites it
+    (``launch.launch``); an executor with no live ranks to watch ignores it."""
+
+    def __call__(self, task: RankTask, watch: Watch | None = None) -> list[RankOutcome]: ...
+
+
 def run_resilient(
     items: list[Item],
     run: RunConfig,
-    execute: Callable,
+    execute: ExecuteTask,
     settle: Callable[[list[ProbeOutcomes]], Iterable[str]],
-    new_watch: Callable[[], Callable[[dict], None]] | None = None,
+    new_watch: Callable[[], Watch] | None = None,
     isolate: bool = False,
     lead_rank_decides: Collection[str] = (),
     riders: Collection[str] = (),
@@ -185,7 +195,7 @@ def run_resilient(
     cell's); after a launch that ended inside an item, that item is charged with it and a
     fresh launch runs the items after it.
 
-    ``execute(task[, watch=])`` runs a ``RankTask`` and returns its outcomes (the launcher's
+    ``execute(task, watch=)`` runs a ``RankTask`` and returns its outcomes (a session's
     ``run_task``). ``settle`` receives each launch's items, in order, up to the casualty; it
     returns the keys of items still to run that need not run any more. ``new_watch()`` gives
     each launch its ``watch`` hook (see ``launch.launch``).
@@ -195,10 +205,7 @@ def run_resilient(
         batch = pending[: 1 + (pending[0].key in riders)] if isolate else pending
         task = batch_task(batch, run)
         started = time.monotonic()
-        if new_watch is not None and "watch" in inspect.signature(execute).parameters:
-            outcomes = execute(task, watch=new_watch())
-        else:
-            outcomes = execute(task)
+        outcomes = execute(task, watch=new_watch() if new_watch is not None else None)
         parts, _ = split([i.key for i in batch], outcomes, time.monotonic() - started, lead_rank_decides)
         dropped = set(settle(parts))
         pending = [i for i in pending[len(parts) :] if i.key not in dropped]

@@ -10,8 +10,8 @@ How SIGTERM and SIGHUP come to end a launch as Ctrl-C does is ``stop_signals``; 
 crashed rank's log says (its tail, faulthandler's Python stack) is ``rank_log``.
 
 When the current process already is a rank of a launched job (torchrun sets RANK,
-WORLD_SIZE and LOCAL_RANK), ``run_task`` runs the probe in-process on that job instead;
-ranks then cannot be isolated from a crash, which the README says.
+WORLD_SIZE and LOCAL_RANK), a session (``launcher.session``) runs the probe in-process on
+that job instead; ranks then cannot be isolated from a crash, which the README says.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NoReturn
 
+from fsdpqdiag import envvars
 from fsdpqdiag.core.config import RankTask
 from fsdpqdiag.core.outcome import RankOutcome, RankStatus
 from fsdpqdiag.errors import BadInput
@@ -34,9 +36,8 @@ from fsdpqdiag.launcher import rank_start
 from fsdpqdiag.launcher.rank_log import LOG_TAIL_CHARS, python_stack
 from fsdpqdiag.launcher.stop_signals import interrupts_latched, raise_if_interrupted
 from fsdpqdiag.rank import env
-from fsdpqdiag.rank.env import STACK_ENV
 
-# Where in a launch's directory rank 0 writes the stack it runs on (``env.STACK_ENV``).
+# Where in a launch's directory rank 0 writes the stack it runs on (``envvars.STACK``).
 STACK_FILE = "stack.json"
 # How long surviving ranks may finish after a peer died before they are killed: a peer's
 # death usually leaves them blocked in a collective that will never complete.
@@ -119,7 +120,7 @@ def _read_json(path: Path) -> dict | None:
 
 def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict[str, str]:
     env = dict(os.environ)
-    env.pop(STACK_ENV, None)
+    env.pop(envvars.STACK, None)
     for key in ("TORCHELASTIC_RUN_ID", "GROUP_RANK", "LOCAL_WORLD_SIZE"):
         env.pop(key, None)
     package_root = str(Path(__file__).resolve().parents[2])
@@ -131,8 +132,8 @@ def _child_env(rank: int, world_size: int, port: int, result_path: Path) -> dict
         MASTER_ADDR="127.0.0.1",
         MASTER_PORT=str(port),
         PYTHONUNBUFFERED="1",
-        FSDPQDIAG_RESULT=str(result_path),
     )
+    env[envvars.RESULT] = str(result_path)
     # N ranks share the host's cores; unbounded OpenMP threads per rank oversubscribe them.
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // world_size)))
     return env
@@ -193,7 +194,11 @@ def _outcome_for(
 
 
 def _launch_once(
-    task: RankTask, port: int, workdir: Path, watch: Callable[[dict], None] | None = None
+    task: RankTask,
+    port: int,
+    workdir: Path,
+    watch: Callable[[dict], None] | None,
+    zygotes: rank_start.ZygotePool,
 ) -> list[RankOutcome]:
     world_size = task.run.world_size
     method = rank_start.start_method(task.run.device)
@@ -201,12 +206,12 @@ def _launch_once(
     task_path.write_text(json.dumps(task.to_dict()))
     results = [workdir / f"rank{rank}.json" for rank in range(world_size)]
     envs = [_child_env(rank, world_size, port, results[rank]) for rank in range(world_size)]
-    envs[0][STACK_ENV] = str(workdir / STACK_FILE)
+    envs[0][envvars.STACK] = str(workdir / STACK_FILE)
     started = time.monotonic()
     ended_at: dict[int, float] = {}
     forced: dict[int, str] = {}
     watched_mtime: int | None = None
-    group = rank_start.start(method, task_path, envs, workdir, raise_if_interrupted)
+    group = rank_start.start(method, task_path, envs, workdir, raise_if_interrupted, zygotes)
     processes = group.ranks
     try:
         first_failure_at: float | None = None
@@ -271,51 +276,52 @@ def _port_collision(outcomes: list[RankOutcome]) -> bool:
     return "EADDRINUSE" in text or "Address already in use" in text
 
 
-def launch(task: RankTask, watch: Callable[[dict], None] | None = None) -> list[RankOutcome]:
-    """Run ``task`` on ``task.run.world_size`` fresh local ranks and return one outcome each.
+@dataclass(frozen=True)
+class Launched:
+    """What a launch returns: one outcome per rank, and the stack its first rank captured
+    (None where that rank died before capturing it)."""
+
+    outcomes: list[RankOutcome]
+    stack: dict | None
+
+
+def launch(
+    task: RankTask,
+    watch: Callable[[dict], None] | None = None,
+    zygotes: rank_start.ZygotePool | None = None,
+) -> Launched:
+    """Run ``task`` on ``task.run.world_size`` fresh local ranks: one outcome each, and the stack.
 
     ``watch``, if given, receives rank 0's checkpoint (status, stage, evidence) each time
     the rank rewrites it while the launch runs, so multi-step tasks can report steps live.
+    ``zygotes``: where forked ranks' zygotes come from and go back to (a session's, shared by
+    its launches); without it the launch's zygote ends with it.
     """
+    own_pool = zygotes is None
+    zygotes = rank_start.ZygotePool(keep=False) if own_pool else zygotes
     outcomes: list[RankOutcome] = []
-    with interrupts_latched():
-        for _ in range(PORT_RETRIES):
-            with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
-                outcomes = _launch_once(task, free_port(), Path(workdir), watch)
-                captured = _read_json(Path(workdir) / STACK_FILE)
-            raise_if_interrupted()
-            _learn_the_stack(captured)
-            if not _port_collision(outcomes):
-                break
-    return outcomes
+    captured: dict | None = None
+    try:
+        with interrupts_latched():
+            for _ in range(PORT_RETRIES):
+                with tempfile.TemporaryDirectory(prefix="fsdpqdiag-") as workdir:
+                    outcomes = _launch_once(task, free_port(), Path(workdir), watch, zygotes)
+                    captured = _read_json(Path(workdir) / STACK_FILE)
+                raise_if_interrupted()
+                _check_the_stack(captured)
+                if not _port_collision(outcomes):
+                    break
+    finally:
+        if own_pool:
+            zygotes.close()
+    return Launched(outcomes, captured)
 
 
-def _learn_the_stack(captured: dict | None) -> None:
-    """The stack rank 0 captured: kept for the report; a stack that cannot run anything
-    (bitsandbytes without its native library, torch without distributed support) ends the
-    command as bad input, as the parent's own import of them used to, nothing written."""
-    if captured is None:  # rank 0 died before capturing it; the report captures it here
+def _check_the_stack(captured: dict | None) -> None:
+    """A stack that cannot run anything (bitsandbytes without its native library, torch
+    without distributed support) ends the command as bad input, nothing written."""
+    if captured is None:  # rank 0 died before capturing it; the report captures it in-process
         return
-    env.remember(captured)
     problem = env.problem(captured)
     if problem is not None:
         raise BadInput(problem)
-
-
-def run_task(
-    task: RankTask,
-    execute: Callable[[RankTask], list[RankOutcome]] | None = None,
-    watch: Callable[[dict], None] | None = None,
-):
-    """Run a task on spawned ranks, or in-process when already inside a torchrun job.
-
-    ``watch`` (see ``launch``) applies to spawned ranks only: under torchrun this process
-    is itself a rank and learns its results when the task returns.
-    """
-    if in_launched_job():
-        from fsdpqdiag.rank.runtime import run_in_job
-
-        return run_in_job(task)
-    if execute is not None:
-        return execute(task)
-    return launch(task, watch=watch)

@@ -4,11 +4,11 @@ A spawned rank is ``python -m fsdpqdiag.rank.main`` of its own and imports torch
 bitsandbytes itself: on a 2-core machine about 7 s of CPU per rank, 3 s of it the
 ``torch.compile`` that bitsandbytes runs at import. On CPU one zygote
 (``fsdpqdiag.launcher.zygote``) imports them once and forks every rank, as PyTorch's c10d tests fork
-theirs; within ``reusing_zygotes`` (a CLI command) it serves the command's later launches
-too. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
+theirs; a session's zygotes (``ZygotePool``, owned by ``launcher.session``) serve its later
+launches too. Not on GPUs: a CUDA context does not survive a fork, and bitsandbytes'
 import initializes one, so not for CPU runs on a machine with a GPU either. Either way a
 rank is a process of its own, in a session of its own, with the same environment and its
-own log; ``FSDPQDIAG_RANK_START=spawn`` takes the spawn path on CPU too.
+own log; ``envvars.RANK_START`` (spawn) takes the spawn path on CPU too.
 
 The launcher sees either kind through the same handle: ``poll()``, ``returncode``,
 ``kill_session()`` (SIGKILL to the rank's session, then reap) and ``log_text()``.
@@ -26,21 +26,21 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
+from fsdpqdiag import envvars
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.launcher.rank_log import read_log
-from fsdpqdiag.rank.env import STACK_ENV
 
-START_ENV = "FSDPQDIAG_RANK_START"
+START_ENV = envvars.RANK_START
 FORK, SPAWN = "fork", "spawn"
 # How long a killed forked rank's exit status may take to come back through its zygote.
 REAP_WAIT_S = 10.0
 
 
 def requested_start() -> str | None:
-    """What ``FSDPQDIAG_RANK_START`` asks for (None: the default), or BadInput."""
+    """What ``envvars.RANK_START`` asks for (None: the default), or BadInput."""
     chosen = os.environ.get(START_ENV, "").strip().lower()
     if chosen not in ("", FORK, SPAWN):
         raise BadInput(f"{START_ENV}={chosen!r}: expected {FORK} or {SPAWN}")
@@ -59,7 +59,7 @@ def gpu_visible() -> bool:
 
 def start_method(device: str) -> str:
     """``fork`` on CPU, ``spawn`` on GPUs (and on CPU where a GPU is visible), unless
-    ``FSDPQDIAG_RANK_START`` says otherwise."""
+    ``envvars.RANK_START`` says otherwise."""
     chosen = requested_start()
     if chosen == FORK and device != "cpu":
         raise BadInput(f"{START_ENV}={FORK}: only CPU ranks can be forked (CUDA does not survive a fork)")
@@ -220,8 +220,8 @@ LAUNCH_VARIABLES = (
     "WORLD_SIZE",
     "MASTER_ADDR",
     "MASTER_PORT",
-    "FSDPQDIAG_RESULT",
-    STACK_ENV,
+    envvars.RESULT,
+    envvars.STACK,
 )
 
 
@@ -244,79 +244,59 @@ def _key(import_env: dict[str, str]) -> tuple:
     return tuple(sorted((k, v) for k, v in import_env.items() if k not in UNREAD_AT_IMPORT))
 
 
-# Zygotes kept between the launches of one command (``reusing_zygotes``), by the environment
-# they imported in; None outside such a command: a launch's zygote ends with it.
-_idle: dict[tuple, Zygote] | None = None
 # Each idle zygote holds torch and bitsandbytes imported (a few hundred MB): kept for so many
 # import environments at most (world sizes 1 and 2 differ in OMP_NUM_THREADS).
 MAX_IDLE_ZYGOTES = 3
 
 
-@contextlib.contextmanager
-def reusing_zygotes() -> Iterator[None]:
-    """Within it, a CPU launch's zygote serves the next launch whose ranks import in the same
-    environment, instead of ending with its launch; all end when it exits. Nested: the
-    outermost one decides."""
-    global _idle
-    if _idle is not None:
-        yield
-        return
-    _idle = {}
-    try:
-        yield
-    finally:
-        idle, _idle = _idle, None
+class ZygotePool:
+    """The zygotes a session's launches share (``launcher.session``): a CPU launch's zygote
+    serves the next launch whose ranks import in the same environment, instead of ending with
+    its launch. With ``keep=False`` each zygote ends with its launch, which then leaves no
+    process of its own behind. ``close`` ends the zygotes kept."""
+
+    def __init__(self, keep: bool = True):
+        self.keep = keep
+        self._idle: dict[tuple, Zygote] = {}
+
+    def take(self, import_env: dict[str, str]) -> Zygote:
+        zygote = self._idle.pop(_key(import_env), None)
+        if zygote is not None:
+            if zygote.poll() is None:
+                return zygote
+            zygote.close()  # ended while it waited (killed from outside)
+        return Zygote(import_env)
+
+    def give_back(self, zygote: Zygote) -> None:
+        """After a launch: keep a zygote that served it to the end (it is still running once
+        every rank it forked was reported), if zygotes are kept."""
+        if not self.keep or zygote.poll() is not None:
+            zygote.close()
+            return
+        self._idle[_key(zygote.import_env)] = zygote
+        while len(self._idle) > MAX_IDLE_ZYGOTES:
+            self._idle.pop(next(iter(self._idle))).close()
+
+    def close(self) -> None:
+        idle, self._idle = self._idle, {}
         for zygote in idle.values():
             zygote.close()
-
-
-@contextlib.contextmanager
-def single_use_zygotes() -> Iterator[None]:
-    """Within it, a launch's zygote ends with its launch even inside ``reusing_zygotes``
-    (the zygotes kept so far end first): a launch then leaves no process of its own behind."""
-    global _idle
-    kept, _idle = _idle, None
-    for zygote in (kept or {}).values():
-        zygote.close()
-    try:
-        yield
-    finally:
-        _idle = {} if kept is not None else None
-
-
-def _take_zygote(import_env: dict[str, str]) -> Zygote:
-    zygote = _idle.pop(_key(import_env), None) if _idle is not None else None
-    if zygote is not None:
-        if zygote.poll() is None:
-            return zygote
-        zygote.close()  # ended while it waited (killed from outside)
-    return Zygote(import_env)
-
-
-def _give_back(zygote: Zygote) -> None:
-    """After a launch: keep a zygote that served it to the end (it is still running once
-    every rank it forked was reported), if zygotes are kept."""
-    if _idle is None or zygote.poll() is not None:
-        zygote.close()
-        return
-    _idle[_key(zygote.import_env)] = zygote
-    while len(_idle) > MAX_IDLE_ZYGOTES:
-        _idle.pop(next(iter(_idle))).close()
 
 
 class RankGroup:
     """A launch's ranks, in rank order, and whatever started them."""
 
-    def __init__(self, ranks: list, zygote: Zygote | None = None):
+    def __init__(self, ranks: list, zygote: Zygote | None = None, pool: ZygotePool | None = None):
         self.ranks = ranks
         self._zygote = zygote
+        self._pool = pool
 
     def close(self) -> None:
         """Kill whatever still runs and reap it all: no rank outlives its launch."""
         for handle in self.ranks:
             handle.kill_session()  # returns once the zygote reported the rank, or ended
         if self._zygote is not None:
-            _give_back(self._zygote)
+            self._pool.give_back(self._zygote)
 
 
 def _rank_file(workdir: Path, index: int, suffix: str) -> Path:
@@ -329,8 +309,10 @@ def start(
     envs: list[dict[str, str]],
     workdir: Path,
     between_starts: Callable[[], None],
+    zygotes: ZygotePool,
 ) -> RankGroup:
-    """Start one rank per environment in ``envs``, each logging to ``workdir/rank{i}.log``.
+    """Start one rank per environment in ``envs``, each logging to ``workdir/rank{i}.log``;
+    a forked rank's zygote comes from ``zygotes`` and goes back to it when the group closes.
 
     ``between_starts`` runs after each process starts (the launcher raises a pending Ctrl-C
     there); if it raises, what was started is already in the group the caller closes.
@@ -338,7 +320,7 @@ def start(
     group = RankGroup([])
     try:
         if method == FORK:
-            group = _fork(task_path, envs, workdir)
+            group = _fork(task_path, envs, workdir, zygotes)
             between_starts()
             return group
         for index, env in enumerate(envs):
@@ -369,14 +351,14 @@ def zygote_spec(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> d
     }
 
 
-def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path) -> RankGroup:
+def _fork(task_path: Path, envs: list[dict[str, str]], workdir: Path, zygotes: ZygotePool) -> RankGroup:
     spec = zygote_spec(task_path, envs, workdir)
-    zygote = _take_zygote(_import_env(envs))
+    zygote = zygotes.take(_import_env(envs))
     if not zygote.serve(spec):  # a kept zygote that ended meanwhile: a new one
         zygote.close()
         zygote = Zygote(zygote.import_env)
         zygote.serve(spec)
-    return RankGroup([ForkedRank(zygote, entry) for entry in spec["ranks"]], zygote)
+    return RankGroup([ForkedRank(zygote, entry) for entry in spec["ranks"]], zygote, zygotes)
 
 
 def _popen(argv: list[str], env: dict[str, str], log, stdin=subprocess.DEVNULL) -> subprocess.Popen:

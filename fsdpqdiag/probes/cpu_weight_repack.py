@@ -10,7 +10,7 @@ does each output match the same layer without FSDP2 on the same kernel path?
 
 Two controls run in the same rank and differ in one thing each: the same layer without
 FSDP2 (two forwards, same path), and the same layer under FSDP2 with the repack switched off.
-``FSDPQDIAG_BNB_CPU_REPACK=on`` takes the repack path on any CPU (see ``bnb_cpu_path``).
+``envvars.BNB_CPU_REPACK=on`` takes the repack path on any CPU (see ``bnb_cpu_path``).
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ PROBE = Probe(
     needs=Needs(devices=("cpu",)),
     standalone="reproducers/cpu_weight_repack.py",
     attribute=attribute,
-    # On the path where nothing breaks (FSDPQDIAG_BNB_CPU_REPACK=off), it must flip the probe.
+    # On the path where nothing breaks (``envvars.BNB_CPU_REPACK=off``), it must flip the probe.
     controls=("nan-canonicalize",),
     presentation=Presentation(key_numbers),
 )

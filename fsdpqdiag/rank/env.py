@@ -133,27 +133,6 @@ def capture() -> dict[str, Any]:
     }
 
 
-# The environment variable naming the file a launch's first rank writes its stack (``capture``) to.
-STACK_ENV = "FSDPQDIAG_STACK_ENV"
-
-# The stack as the last launch's first rank captured it (see ``fsdpqdiag.launcher.launch``): the
-# same interpreter, packages and environment as this process, without importing them here.
-_from_rank: dict[str, Any] | None = None
-
-
-def remember(captured: dict[str, Any] | None) -> None:
-    """Keep the stack a rank captured, for the report this process writes; None forgets it
-    (``require_stack`` starts every command with that, so that one which launches nothing
-    captures its own)."""
-    global _from_rank
-    _from_rank = captured
-
-
-def stack() -> dict[str, Any]:
-    """The stack for a report: as a rank of this run captured it, else captured here."""
-    return _from_rank if _from_rank is not None else capture()
-
-
 def problem(captured: dict[str, Any]) -> str | None:
     """Why nothing can run on the stack ``captured`` describes, in one line, or None."""
     torch_info = captured.get("torch") or {}

@@ -19,6 +19,7 @@ import traceback
 from datetime import timedelta
 from pathlib import Path
 
+from fsdpqdiag import envvars
 from fsdpqdiag.core import registry
 from fsdpqdiag.core.config import RankTask
 from fsdpqdiag.core.outcome import RankOutcome, RankStatus
@@ -118,14 +119,14 @@ def capture_stack() -> None:
     distributed support could not form."""
     from fsdpqdiag.rank import env
 
-    path = os.environ.get(env.STACK_ENV)
+    path = os.environ.get(envvars.STACK)
     if path:
         atomic_write_text(Path(path), json.dumps(env.capture()))
 
 
 def main(argv: list[str]) -> int:
     task = RankTask.from_dict(json.loads(Path(argv[0]).read_text()))
-    ctx = RankContext(task, Path(os.environ["FSDPQDIAG_RESULT"]))
+    ctx = RankContext(task, Path(os.environ[envvars.RESULT]))
     capture_stack()
     try:
         _init_process_group(ctx)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 
+from fsdpqdiag import envvars
 from fsdpqdiag.render import reproducer
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
 from fsdpqdiag.report.model import REPRODUCED, Report
@@ -48,7 +49,7 @@ def fsdpqdiag_command(report: Report) -> str:
     """The command that wrote ``report``, as a user reruns it: the kernel path it forced, its
     options without output files or credentials, shell-quoted."""
     override = ((report.env.get("bitsandbytes") or {}).get("cpu_path") or {}).get("override")
-    prefix = [f"FSDPQDIAG_BNB_CPU_REPACK={override}"] if override else []
+    prefix = [f"{envvars.BNB_CPU_REPACK}={override}"] if override else []
     return command_line([*prefix, "fsdpqdiag", *(report.argv or [report.command])])
 
 

@@ -8,6 +8,7 @@ from typing import Any
 from rich.console import Group
 from rich.text import Text
 
+from fsdpqdiag import envvars
 from fsdpqdiag.render.fitted import Column, FittedTable
 
 
@@ -31,7 +32,7 @@ def bnb_path_text(path: dict[str, Any] | None) -> str:
     override = (path.get("cpu") or {}).get("override")
     return (
         f"bitsandbytes {path.get('backend')} backend, kernel path {path.get('kernel_path')}"
-        + (f" (forced {override} by FSDPQDIAG_BNB_CPU_REPACK)" if override else "")
+        + (f" (forced {override} by {envvars.BNB_CPU_REPACK})" if override else "")
         + f"; CPU flags: {flag_text}; optional kernel packages: {', '.join(packages) or 'none found'}"
     )
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from fsdpqdiag.core.verdict import VerdictKind
 from fsdpqdiag.evidence.attribution import ATTRIBUTED_VERDICTS, KNOWN_ISSUES
+from fsdpqdiag.report.commands import kind_of
 from fsdpqdiag.report.model import (
     EXIT_CLEAN,
     EXIT_FOUND,
@@ -90,11 +91,11 @@ def finding_of(result) -> Finding | None:
 
 
 def _exit_meaning(report: Report, code: int) -> str:
-    fix = report.command == "fix"
+    kind = kind_of(report.command)
     if code == EXIT_CLEAN:
-        return "every workaround verified, or none needed" if fix else "nothing reproduced"
+        return kind.clean_meaning
     if code == EXIT_FOUND:
-        return "a workaround falls short" if fix else "something was found"
+        return kind.found_meaning
     if code == EXIT_PROBE_FAILED:
         return "a run could not decide (ERROR, TIMEOUT, CRASHED or UNSUPPORTED)"
     return "see --help"
@@ -117,7 +118,7 @@ def _report_steps(report: Report, findings: list[Finding], json_path: str | None
     for repo in upstream:
         steps.append(f"file for {repo}: fsdpqdiag report {path} --upstream {upstream_name(repo)}{keep}")
     found = [r for r in report.results if r.verdict in _FOUND and not r.injected]
-    if found and report.command != "fix":
+    if found and kind_of(report.command).suggests_fix:
         first = found[0]
         steps.append(
             f"try a workaround on this stack: fsdpqdiag fix --device {first.device} --ws {first.world_size}"

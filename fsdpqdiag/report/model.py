@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from fsdpqdiag.core.verdict import VerdictKind
+from fsdpqdiag.report.commands import EXIT_CLEAN, EXIT_FOUND, EXIT_PROBE_FAILED, kind_of  # noqa: F401 - importable from here
 from fsdpqdiag.report.redact import redact_argv
 
 SCHEMA = "fsdpqdiag.report/1"
@@ -40,11 +41,8 @@ NO_FIX_NEEDED = VerdictKind.NO_FIX_NEEDED
 REFUSED = VerdictKind.REFUSED
 VERDICTS = tuple(VerdictKind)
 
-# Exit codes: a contract, printed by --help.
-EXIT_CLEAN = 0
-EXIT_FOUND = 1
+# Exit codes: a contract, printed by --help (those that results decide: report.commands).
 EXIT_BAD_INPUT = 2
-EXIT_PROBE_FAILED = 3
 # 128 + the signal's number, as a shell reports a process a signal ended: SIGINT 130,
 # SIGTERM 143, SIGHUP 129 (each ends the run the same way).
 EXIT_INTERRUPTED = 130
@@ -151,19 +149,8 @@ class Report:
             raise ReportError(f"{path}: {exc}") from exc
 
     def exit_code(self) -> int:
-        if self.command == "fix":
-            # The unfixed reference row is expected to break where the bug reproduces.
-            fixed = {r.verdict for r in self.results if r.config.get("workaround") != "none"}
-            # A workaround whose checkpoint loses state cannot be used as it is.
-            if fixed & {NOT_VERIFIED, STATE_LOST}:
-                return EXIT_FOUND
-            return EXIT_PROBE_FAILED if fixed & {ERROR, TIMEOUT, CRASHED, UNSUPPORTED} else EXIT_CLEAN
-        verdicts = {r.verdict for r in self.results}
-        if verdicts & {REPRODUCED, CRASHED, INCONCLUSIVE}:
-            return EXIT_FOUND
-        if verdicts & {ERROR, TIMEOUT, UNSUPPORTED}:
-            return EXIT_PROBE_FAILED
-        return EXIT_CLEAN
+        """The exit status its command gives for these results (``report.commands``)."""
+        return kind_of(self.command).exit_code(self.results)
 
 
 def _json_safe(value: Any) -> Any:

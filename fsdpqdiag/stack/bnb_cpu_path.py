@@ -5,7 +5,7 @@ On a CPU with AVX512-BF16 (bitsandbytes' native ``has_avx512bf16_cpu()``),
 ``self.weight.data`` in place into a CPU-blocked layout (``_convert_weight_packed_for_cpu``,
 which asserts out_features % 32 == 0), marks its ``QuantState`` ``packing_format_for_cpu``
 and computes with another kernel; elsewhere it dequantizes. Each layer reads the choice once,
-at construction, into its ``support_avx512bf16_for_cpu`` attribute. ``FSDPQDIAG_BNB_CPU_REPACK``
+at construction, into its ``support_avx512bf16_for_cpu`` attribute. ``envvars.BNB_CPU_REPACK``
 (``on``/``off``) overrides it on every layer this tool builds, so that both paths run on any
 CPU: the tests take the repack path on machines without AVX512-BF16 this way. Forced on
 where the CPU lacks AVX512-BF16, the repacked weight is computed by bitsandbytes' default
@@ -18,7 +18,9 @@ import importlib.util
 import os
 from typing import Any
 
-ENV = "FSDPQDIAG_BNB_CPU_REPACK"
+from fsdpqdiag import envvars
+
+ENV = envvars.BNB_CPU_REPACK
 CHOICES = {"on": True, "off": False}
 
 

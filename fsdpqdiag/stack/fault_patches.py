@@ -202,6 +202,12 @@ def swap_packed_nibbles(rank: int, world_size: int) -> Callable[[], None]:
         original(self)
         if self._unsharded_param.dtype == torch.uint8:
             swap_nibbles_(self._unsharded_param)
+        elif hasattr(self._sharded_local_tensor, "fsdp_post_all_gather"):
+            # A tensor subclass (torchao's NF4Tensor) is rebuilt around the all-gather outputs
+            # themselves: its uint8 inner tensors (the packed codes) are these buffers.
+            for buffer in getattr(self, "all_gather_outputs", None) or []:
+                if buffer.dtype == torch.uint8:
+                    swap_nibbles_(buffer)
 
     return _patch_attr(FSDPParam, "init_unsharded_param", init_unsharded_param_swapping)
 

@@ -106,7 +106,8 @@ FAULTS: dict[str, Fault] = {
         Fault(
             "swap-packed-nibbles",
             "the copy that builds FSDP2's unsharded parameter swaps the two 4-bit codes of every "
-            "byte of a uint8 parameter (packed NF4/FP4 storage repacked in the wrong order)",
+            "byte of a uint8 parameter, or of a tensor subclass's all-gathered uint8 inner tensors "
+            "(torchao's NF4Tensor.quantized_data): packed NF4/FP4 storage repacked in the wrong order",
             swap_packed_nibbles,
         ),
         Fault(

@@ -18,6 +18,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag import envvars
 from fsdpqdiag.core.config import torch_dtype
 from fsdpqdiag.stack import bnb_cpu_path
 
@@ -104,7 +105,7 @@ class QuantConfig:
 
 
 def cache_root() -> Path:
-    base = os.environ.get("FSDPQDIAG_CACHE") or os.path.join(
+    base = os.environ.get(envvars.CACHE) or os.path.join(
         os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "fsdpqdiag"
     )
     return Path(base) / "models"
@@ -142,8 +143,8 @@ def preset_dir(name: str, cache: Path | None = None) -> Path:
 
 def _staging_dir(target: Path) -> Path:
     """A fresh directory beside ``target`` to build a preset in, or ModelSourceError naming
-    the cache (a FSDPQDIAG_CACHE that is a file, or not writable, used to be a traceback)."""
-    where = "FSDPQDIAG_CACHE" if os.environ.get("FSDPQDIAG_CACHE") else "the model cache"
+    the cache (an ``envvars.CACHE`` that is a file, or not writable, used to be a traceback)."""
+    where = envvars.CACHE if os.environ.get(envvars.CACHE) else "the model cache"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)
         return Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}."))

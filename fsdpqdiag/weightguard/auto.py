@@ -17,8 +17,8 @@ import importlib.abc
 import os
 import sys
 
+from fsdpqdiag import envvars
 from fsdpqdiag.weightguard import job
-from fsdpqdiag.weightguard.watch import ENV_ACTION, ENV_DIR, ENV_EVERY, ENV_FIX, ENV_INJECT, ENV_PARAMS
 
 FSDP_MODULE = "torch.distributed.fsdp"
 _state: dict = {
@@ -51,7 +51,7 @@ class _FsdpImportWatcher(importlib.abc.MetaPathFinder):
 
 def install() -> None:
     """Arm the guard in this process (idempotent); a no-op outside ``fsdpqdiag watch``."""
-    if _state["installed"] or not os.environ.get(ENV_DIR):
+    if _state["installed"] or not os.environ.get(envvars.GUARD_DIR):
         return
     _state["installed"], _state["pid"] = True, os.getpid()
     if job.claim_rank_process():
@@ -87,15 +87,15 @@ def _patch(fsdp) -> None:
         owner = sys.modules.get(name)
         if owner is not None and getattr(owner, "fully_shard", None) is original:
             owner.fully_shard = fully_shard
-    inject = os.environ.get(ENV_INJECT)
+    inject = os.environ.get(envvars.GUARD_INJECT)
     if inject:
         from fsdpqdiag.stack import faults
 
         rank = int(os.environ.get("RANK", "0"))
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         _state["undo"] = faults.get(inject).apply(rank, world_size)
-    if os.environ.get(ENV_FIX):
-        _apply_fix(os.environ[ENV_FIX])
+    if os.environ.get(envvars.GUARD_FIX):
+        _apply_fix(os.environ[envvars.GUARD_FIX])
 
 
 def _gather_at_close() -> None:
@@ -128,7 +128,9 @@ def _gather_job() -> None:
             guard._finish_checks()
             records.append(guard.state())
         records += [_state["attach_failure"]] if _state.get("attach_failure") else []
-        job.publish_and_gather(records, os.environ[ENV_DIR], agent_store=_state.get("rank_process", False))
+        job.publish_and_gather(
+            records, os.environ[envvars.GUARD_DIR], agent_store=_state.get("rank_process", False)
+        )
     except Exception:  # noqa: BLE001 - never the reason a training run fails; watch reads locals
         pass
 
@@ -177,11 +179,11 @@ def _attach_once(module, args) -> None:
         _state["guards"].append(
             Guard(
                 roots,
-                params=os.environ.get(ENV_PARAMS, "quantized"),
-                action=os.environ.get(ENV_ACTION, "report"),
-                every=int(os.environ.get(ENV_EVERY, "1")),
-                state_dir=os.environ[ENV_DIR],
-                injected=os.environ.get(ENV_INJECT) or None,
+                params=os.environ.get(envvars.GUARD_PARAMS, "quantized"),
+                action=os.environ.get(envvars.GUARD_ACTION, "report"),
+                every=int(os.environ.get(envvars.GUARD_EVERY, "1")),
+                state_dir=os.environ[envvars.GUARD_DIR],
+                injected=os.environ.get(envvars.GUARD_INJECT) or None,
                 fix=_state["fix"],
                 argv=list(sys.argv),
             )
@@ -204,7 +206,7 @@ def _record_attach_failure(exc: BaseException) -> None:
         "world_size": int(os.environ.get("WORLD_SIZE", "1")),
         "pid": os.getpid(),
         "argv": list(sys.argv),
-        "injected": os.environ.get(ENV_INJECT) or None,
+        "injected": os.environ.get(envvars.GUARD_INJECT) or None,
         "fix": _state["fix"],
         "guarded": [],
         "findings": [],
@@ -212,4 +214,5 @@ def _record_attach_failure(exc: BaseException) -> None:
         "traceback": traceback.format_exc()[-4000:],
     }
     _state["attach_failure"] = record
-    atomic_write_text(Path(os.environ[ENV_DIR]) / f"guard-{os.getpid()}-attach.json", json.dumps(record))
+    record_path = Path(os.environ[envvars.GUARD_DIR]) / f"guard-{os.getpid()}-attach.json"
+    atomic_write_text(record_path, json.dumps(record))

@@ -8,10 +8,9 @@ localized with the byte forensics of ``fsdpqdiag.evidence.bytes`` (this rank's s
 unsharded tensor against its own shard: differing elements, NaN classes, post bit patterns)
 and a fingerprint, then acted on: raise, warn once per module, or record for a report.
 
-The pieces: ``digest`` (the digest, why one of our own, why it sees every flipped bit, NaN payload
-and swap), ``params`` (which parameters, where each shard lies, the set-up digests), ``verify``
-(the hooks' work), ``localize`` (the forensics of an altered weight), this
-module (the hooks, the action, the per-process record) and ``watch`` (the merged report).
+The pieces: ``digest`` (why a digest of our own sees every flipped bit), ``params`` (which parameters,
+where each shard lies, set-up digests), ``verify`` (the hooks' work), ``localize`` (forensics of an
+altered weight), this module (hooks, action, per-process record), ``watch`` (the merged report).
 
 Frozen parameters (quantized weights) are digested once; trainable ones (``params="all"``) again
 after every optimizer step, from the shards (cast to FSDP2's ``param_dtype`` where mixed precision
@@ -24,11 +23,13 @@ from __future__ import annotations
 import atexit
 import json
 import os
+import sys
 import time
 import warnings
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag import envvars
 from fsdpqdiag.weightguard import verify
 from fsdpqdiag.weightguard.localize import localize, unlocalized
 from fsdpqdiag.weightguard.params import GuardedParam, collect, digest_shards
@@ -191,6 +192,7 @@ class Guard:
             tensor = getattr(entry.module, entry.param_name)
             if isinstance(tensor, self._dtensor):
                 continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
+            tensor = entry.received(tensor)  # of a tensor subclass (NF4Tensor), an inner tensor
             entry.checks += 1
             if entry.localize_pending or tensor.dtype != entry.torch_dtype or tensor.numel() != entry.numel:
                 self._trip(entry, tensor, self.step)
@@ -205,7 +207,7 @@ class Guard:
             if got != [verify.expected(entry, self.legacy) for entry in seen]:
                 for entry, value in zip(seen, got):
                     if value != verify.expected(entry, self.legacy):
-                        self._trip(entry, getattr(entry.module, entry.param_name), self.step)
+                        self._trip(entry, entry.unsharded(), self.step)
         else:
             # No host sync on a GPU: the unit's digests are compared once per step.
             self.pending.append((seen, self.step, values))
@@ -389,12 +391,10 @@ def guard(
     unit's weights, see docs/guard.md). ``fix``: the name of a
     workaround applied to this run (``fsdpqdiag.fixes.apply``), named in the report.
     """
-    import sys
-
     return Guard(
         model, params=params, action=action, every=every, report_path=report_path,
         fix={"name": fix, "error": None} if fix else None,
-        state_dir=os.environ.get("FSDPQDIAG_GUARD_DIR") or None,
+        state_dir=os.environ.get(envvars.GUARD_DIR) or None,
         # What a report's "To reproduce" shows: the same script, guarded from outside.
         argv=["watch", "--", "python", *sys.argv],
     )  # fmt: skip

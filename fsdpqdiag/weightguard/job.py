@@ -24,10 +24,8 @@ import socket
 from datetime import timedelta
 from pathlib import Path
 
-ENV_REPORT = "FSDPQDIAG_GUARD_REPORT"
-ENV_GATHER_TIMEOUT = "FSDPQDIAG_GUARD_GATHER_TIMEOUT"
-# Set by the first process of a torchrun rank that arms the guard, to its pid (claim_rank_process).
-ENV_RANK_PROCESS = "FSDPQDIAG_GUARD_RANK_PROCESS"
+from fsdpqdiag import envvars
+
 DEFAULT_GATHER_TIMEOUT_S = 60.0
 JOB_SCHEMA = "fsdpqdiag.guard-job/1"
 _KEY = "fsdpqdiag/guard/"
@@ -35,7 +33,7 @@ _KEY = "fsdpqdiag/guard/"
 
 def gather_timeout_s() -> float:
     try:
-        return max(0.1, float(os.environ.get(ENV_GATHER_TIMEOUT, DEFAULT_GATHER_TIMEOUT_S)))
+        return max(0.1, float(os.environ.get(envvars.GUARD_GATHER_TIMEOUT, DEFAULT_GATHER_TIMEOUT_S)))
     except ValueError:
         return DEFAULT_GATHER_TIMEOUT_S
 
@@ -49,7 +47,7 @@ def claim_rank_process() -> bool:
 
     if job_store.multi_rank_job() is None:
         return False
-    return os.environ.setdefault(ENV_RANK_PROCESS, str(os.getpid())) == str(os.getpid())
+    return os.environ.setdefault(envvars.GUARD_RANK_PROCESS, str(os.getpid())) == str(os.getpid())
 
 
 def _job_store(agent_store: bool):
@@ -82,7 +80,7 @@ def publish_and_gather(records: list[dict], state_dir: str | Path, agent_store: 
     if found is None:
         return None
     store, rank, world_size = found
-    me = {"rank": rank, "host": socket.gethostname(), "report": os.environ.get(ENV_REPORT) or None}
+    me = {"rank": rank, "host": socket.gethostname(), "report": os.environ.get(envvars.GUARD_REPORT) or None}
     store.set(f"{_KEY}{rank}", json.dumps({"node": me, "records": records}, default=str))
     keys = [f"{_KEY}{r}" for r in range(world_size)]
     try:

@@ -1,5 +1,14 @@
 """The weight guard's parameters: which FSDP2 parameters it guards, where each rank's shard lies
-in the unsharded tensor, and the digests of every rank's slice that forward's bytes must match."""
+in the unsharded tensor, and the digests of every rank's slice that forward's bytes must match.
+
+A tensor-subclass parameter that implements FSDP2's all-gather extension (``fsdp_pre_all_gather``
+/ ``fsdp_post_all_gather``; torchao's ``NF4Tensor``, the weight of torchtune's QLoRA) has no
+bytes of its own: FSDP2 all-gathers the inner tensors its ``fsdp_pre_all_gather`` returns and
+``fsdp_post_all_gather`` rebuilds the subclass around them for forward. Each of those inner
+tensors is guarded as a weight of its own, named by its attribute path (``...weight.quantized_data``,
+``.quantized_scalers``, ``.quantization_factor`` for an ``NF4Tensor``). Nothing here imports torchao:
+the class is recognized by the extension's methods.
+"""
 
 from __future__ import annotations
 
@@ -19,6 +28,8 @@ from fsdpqdiag.weightguard.digest import (
 
 QUANTIZED_MODULES = ("Linear4bit", "LinearNF4", "LinearFP4", "Linear8bitLt")
 QUANTIZED_PARAM_TYPES = ("Params4bit", "Int8Params")
+# FSDP2's all-gather extension: a parameter class with both is all-gathered through its inner tensors.
+EXTENSION_METHODS = ("fsdp_pre_all_gather", "fsdp_post_all_gather")
 
 
 @dataclass
@@ -69,15 +80,37 @@ class GuardedParam:
     scratch: Any = None
     words: Any = None
     table: Any = None
+    # The attribute of a tensor-subclass parameter that is guarded (``quantized_data`` of an
+    # NF4Tensor): the shard's and the unsharded parameter's inner tensor of that name; None for
+    # a parameter with storage of its own.
+    inner: str | None = None
 
     def shard(self):
         local = self.fsdp_param.sharded_param._local_tensor
+        if self.inner is not None:
+            return getattr(local, self.inner)
         return local if self.cast_dtype is None else local.to(self.cast_dtype)
+
+    def received(self, tensor):
+        """What of the unsharded parameter ``tensor`` this entry digests: the tensor itself, or
+        the inner tensor forward's subclass was rebuilt around."""
+        return tensor if self.inner is None else getattr(tensor, self.inner)
+
+    def unsharded(self):
+        """What this entry digests of its module's parameter now."""
+        return self.received(getattr(self.module, self.param_name))
+
+
+def extends_all_gather(local) -> bool:
+    """Whether FSDP2 all-gathers this parameter through its class's all-gather extension."""
+    return all(callable(getattr(local, name, None)) for name in EXTENSION_METHODS)
 
 
 def is_quantized(module, param_name: str, local) -> str | None:
     import torch
 
+    if extends_all_gather(local):
+        return type(local).__name__
     if type(local).__name__ in QUANTIZED_PARAM_TYPES:
         return type(local).__name__
     if param_name == "weight" and any(type(module).__name__ == n for n in QUANTIZED_MODULES):
@@ -159,24 +192,87 @@ def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
             skipped.append({"parameter": qualified, "reason": f"placements {sharded.placements}"})
             continue
         trainable = bool(sharded.requires_grad)
-        guarded.append(
-            GuardedParam(
-                name=qualified,
-                module_name=module_name,
-                module=module,
-                unit=unit,
-                param_name=param_name,
-                fsdp_param=fsdp_param,
-                kind=quantized or ("trainable" if trainable else "frozen"),
-                trainable=trainable,
-                # Quantized storage must reach forward as it is: a cast is itself the bug.
-                cast_dtype=None if quantized else cast_dtype(fsdp_param, group),
-                group=getattr(getattr(fsdp_param, "mesh_info", None), "shard_process_group", None),
-                numel=sharded.numel(),
-                start=start,
+        entry = GuardedParam(
+            name=qualified,
+            module_name=module_name,
+            module=module,
+            unit=unit,
+            param_name=param_name,
+            fsdp_param=fsdp_param,
+            kind=quantized or ("trainable" if trainable else "frozen"),
+            trainable=trainable,
+            # Quantized storage must reach forward as it is: a cast is itself the bug.
+            cast_dtype=None if quantized else cast_dtype(fsdp_param, group),
+            group=getattr(getattr(fsdp_param, "mesh_info", None), "shard_process_group", None),
+            numel=sharded.numel(),
+            start=start,
+        )
+        if not extends_all_gather(local):
+            guarded.append(entry)
+            continue
+        inner, reason = inner_entries(entry, local)
+        guarded += inner
+        if reason:
+            skipped.append({"parameter": qualified, "reason": reason})
+    return guarded, skipped
+
+
+def gathered_inner_names(fsdp_param, local) -> tuple[list[str], str | None]:
+    """The attribute names of the inner tensors FSDP2 all-gathers for a parameter of an
+    all-gather-extension class, in ``fsdp_pre_all_gather``'s order, or why they are unknown.
+    The call is FSDP2's own, with its two signatures; it only returns the tensors to gather
+    (an ``NF4Tensor``'s ``quantized_scalers``, ``quantization_factor``, ``quantized_data``)."""
+    import inspect
+
+    flatten = getattr(local, "__tensor_flatten__", None)
+    if flatten is None:
+        return [], f"{type(local).__name__} names no inner tensors (__tensor_flatten__)"
+    names = list(flatten()[0])
+    mesh = getattr(fsdp_param, "shard_mesh_from_root", None) or fsdp_param.mesh_info.mesh
+    try:
+        pre = local.fsdp_pre_all_gather
+        if len(inspect.signature(pre).parameters) == 1:
+            inputs, _ = pre(mesh)
+        else:
+            module = fsdp_param._module_info.module
+            size, stride = fsdp_param._orig_size, fsdp_param._contiguous_orig_stride
+            inputs, _ = pre(mesh, size, stride, module, getattr(fsdp_param, "mp_policy", None))
+    except Exception as exc:  # noqa: BLE001 - the guard must not be what breaks a run
+        return [], f"fsdp_pre_all_gather raised {type(exc).__name__}: {exc}"[:300]
+    by_identity = {id(getattr(local, name, None)): name for name in names}
+    gathered = [by_identity.get(id(tensor)) for tensor in inputs]
+    if None in gathered:
+        # Computed at each unshard (a cast of a trainable weight): no fixed bytes to digest.
+        return [], f"{type(local).__name__}.fsdp_pre_all_gather gathers tensors that are not its attributes"
+    return gathered, None
+
+
+def inner_entries(entry: GuardedParam, local) -> tuple[list[GuardedParam], str | None]:
+    """One entry per all-gathered inner tensor of a tensor-subclass parameter, each placed in
+    its unsharded inner tensor in proportion to the shard's place in the parameter (FSDP2
+    shards such a parameter on dim 0, which splits every gathered inner tensor in proportion:
+    an ``NF4Tensor``'s codes two elements a byte, a scaler per 64-element block, ...)."""
+    from dataclasses import replace
+
+    names, reason = gathered_inner_names(entry.fsdp_param, local)
+    outer_local = local.numel()
+    found = []
+    for name in names:
+        inner_local = getattr(local, name).numel()
+        numel, start = entry.numel * inner_local, entry.start * inner_local
+        if outer_local == 0 or numel % outer_local or start % outer_local:
+            return [], f"{entry.name}.{name} is not split in proportion to the shard"
+        found.append(
+            replace(
+                entry,
+                name=f"{entry.name}.{name}",
+                inner=name,
+                cast_dtype=None,
+                numel=numel // outer_local,
+                start=start // outer_local,
             )
         )
-    return guarded, skipped
+    return found, reason
 
 
 def digest_shards(entries: list[GuardedParam], legacy: bool = False) -> None:

@@ -4,7 +4,7 @@ The command runs as the user would run it (``torchrun ...``, ``accelerate launch
 ``python train.py``), its output on the terminal. A ``sitecustomize`` directory put first on
 ``PYTHONPATH`` makes every Python process it starts wrap ``fully_shard`` (``guard_auto``), so the
 guard attaches where the script shards its model, with no change to the script. Each guarded
-process writes its record into a directory named by ``FSDPQDIAG_GUARD_DIR``; when the command
+process writes its record into a directory named by ``envvars.GUARD_DIR``; when the command
 ends, normally, by error or by a trip, those records are merged into one report.
 
 The command is the user's own process tree, not ranks of ours: it is started and waited for
@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from fsdpqdiag import envvars
 from fsdpqdiag.core.verdict import VerdictKind
 from fsdpqdiag.report.model import ERROR, NOT_REPRODUCED, REPRODUCED, SKIPPED, ProbeResult, Report
 from fsdpqdiag.weightguard import job
@@ -33,12 +34,6 @@ from fsdpqdiag.weightguard.presentation import PRESENTATION  # noqa: F401 - foun
 RESULT_KIND = "guard"
 
 SITE_DIR = Path(__file__).with_name("_watch_site")
-ENV_DIR = "FSDPQDIAG_GUARD_DIR"
-ENV_PARAMS = "FSDPQDIAG_GUARD_PARAMS"
-ENV_ACTION = "FSDPQDIAG_GUARD_ACTION"
-ENV_EVERY = "FSDPQDIAG_GUARD_EVERY"
-ENV_INJECT = "FSDPQDIAG_GUARD_INJECT"
-ENV_FIX = "FSDPQDIAG_GUARD_FIX"
 EXIT_TRIPPED = 1
 EXIT_UNCHECKED = 3
 WATCH_EXIT_CODES = (
@@ -88,21 +83,22 @@ def child_environment(
     env = dict(os.environ)
     paths = [str(SITE_DIR)] + [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p]
     env["PYTHONPATH"] = os.pathsep.join(paths)
-    env[ENV_DIR] = str(state_dir)
-    env[ENV_PARAMS], env[ENV_ACTION], env[ENV_EVERY] = params, action, str(every)
+    env[envvars.GUARD_DIR] = str(state_dir)
+    env[envvars.GUARD_PARAMS], env[envvars.GUARD_ACTION] = params, action
+    env[envvars.GUARD_EVERY] = str(every)
     if inject:
-        env[ENV_INJECT] = inject
+        env[envvars.GUARD_INJECT] = inject
     else:
-        env.pop(ENV_INJECT, None)
+        env.pop(envvars.GUARD_INJECT, None)
     if fix:
-        env[ENV_FIX] = fix
+        env[envvars.GUARD_FIX] = fix
     else:
-        env.pop(ENV_FIX, None)
-    env.pop(job.ENV_RANK_PROCESS, None)  # each rank process of the command claims its own
+        env.pop(envvars.GUARD_FIX, None)
+    env.pop(envvars.GUARD_RANK_PROCESS, None)  # each rank process of the command claims its own
     if report_path:
-        env[job.ENV_REPORT] = report_path
+        env[envvars.GUARD_REPORT] = report_path
     else:
-        env.pop(job.ENV_REPORT, None)
+        env.pop(envvars.GUARD_REPORT, None)
     return env
 
 

@@ -4,6 +4,7 @@ probes the stack leaves UNSUPPORTED."""
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from typing import Any
 
 from fsdpqdiag.analyses.preflight.names import (
@@ -71,7 +72,11 @@ def injected(run: RunConfig) -> str | None:
 
 
 def run_preflight(
-    run: RunConfig, subject: dict[str, Any], first: list | None = None, first_s: float = 0.0
+    run: RunConfig,
+    subject: dict[str, Any],
+    execute: Callable[[RankTask], list],
+    first: list | None = None,
+    first_s: float = 0.0,
 ) -> dict[str, Any]:
     """Every capability and the FSDP units on ``run``'s device, backend and world size.
 
@@ -79,10 +84,8 @@ def run_preflight(
     units are read from. ``first``: the preflight's per-rank outcomes from a launch it shared
     with the probes (``api``), if any; else it launches itself. After a launch in which ranks
     died, raised or hung inside a capability, that capability is failed with the reason and a
-    fresh launch runs the rest.
+    fresh launch runs the rest. ``execute`` runs a task on ranks (a launch session's ``run_task``).
     """
-    from fsdpqdiag.launcher.launch import run_task
-
     started = time.monotonic() - first_s
     shared = first is not None
     done: dict[str, dict] = {}
@@ -97,7 +100,7 @@ def run_preflight(
             outcomes, first = first, None
         else:
             config = {"skip": list(done), "units": units is None, **subject}
-            outcomes = run_task(RankTask(probe=NAME, probe_config=config, run=run))
+            outcomes = execute(RankTask(probe=NAME, probe_config=config, run=run))
             launches += 1
         bnb = bnb or outcomes[0].evidence.get("bitsandbytes_path")
         for name in pending:
