@@ -14,6 +14,7 @@ import socket
 
 import pytest
 
+from fsdpqdiag import envvars
 from fsdpqdiag.errors import BadInput
 from fsdpqdiag.rank import job_store
 from fsdpqdiag.weightguard import job
@@ -75,12 +76,12 @@ def test_without_an_agent_store_each_process_computes_its_own(monkeypatch):
 def test_only_the_first_process_of_a_rank_claims_its_record(monkeypatch):
     for key, value in dict(RANK="1", LOCAL_RANK="0", WORLD_SIZE="2").items():
         monkeypatch.setenv(key, value)
-    monkeypatch.delenv(job.ENV_RANK_PROCESS, raising=False)
+    monkeypatch.delenv(envvars.GUARD_RANK_PROCESS, raising=False)
     assert job.claim_rank_process()
     assert job.claim_rank_process(), "claiming again in the same process"
     # a child inherits the mark with its parent's pid
-    monkeypatch.setenv(job.ENV_RANK_PROCESS, str(os.getpid() + 1))
+    monkeypatch.setenv(envvars.GUARD_RANK_PROCESS, str(os.getpid() + 1))
     assert not job.claim_rank_process()
     monkeypatch.setenv("WORLD_SIZE", "1")
-    monkeypatch.delenv(job.ENV_RANK_PROCESS)
+    monkeypatch.delenv(envvars.GUARD_RANK_PROCESS)
     assert not job.claim_rank_process(), "a one-rank job has nothing to gather"
