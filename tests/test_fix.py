@@ -149,19 +149,19 @@ def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(mon
     ran = {key: shared_launch_result(key != "leaky on linear") for key in keys}
     relaunched = []
 
-    def own_launch(task, config, run, checked):
+    def own_launch(task, config, run, checked, session):
         relaunched.append(config["workaround"])
         return f"{config['workaround']} in its own launch"
 
-    monkeypatch.setattr(commands, "_run_checked", own_launch)
-    commands._rerun_after_an_unrestored_undo(items, ran, run=None, checked={})
+    monkeypatch.setattr(commands, "run_unless_unsupported", own_launch)
+    commands._rerun_after_an_unrestored_undo(items, ran, run=None, checked={}, session=None)
     assert relaunched == ["after", "last"]
     assert ran["after on linear"] == "after in its own launch"
     assert ran["leaky on linear"].evidence["restored_after_undo"] is False  # its own row stays
     assert ran["none on linear"].verdict == "VERIFIED"
     ran_clean = {key: shared_launch_result(True) for key in keys}
     relaunched.clear()
-    commands._rerun_after_an_unrestored_undo(items, ran_clean, run=None, checked={})
+    commands._rerun_after_an_unrestored_undo(items, ran_clean, run=None, checked={}, session=None)
     assert relaunched == []
 
 

@@ -201,7 +201,7 @@ def test_doctor_refuses_a_bad_second_world_size_before_running_the_first(monkeyp
 def test_progress_off_a_terminal_is_one_line_per_step_as_it_finishes(capsys):
     from fsdpqdiag.cli.app import run_library
 
-    def steps(progress):
+    def steps(session, progress):
         progress("preflight at world size 2")
         progress("nan-canonicalization at world size 2")
         return "done"

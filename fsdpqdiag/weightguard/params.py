@@ -102,8 +102,19 @@ class GuardedParam:
 
 
 def extends_all_gather(local) -> bool:
-    """Whether FSDP2 all-gathers this parameter through its class's all-gather extension."""
+    """Whether FSDP2 all-gathers this parameter through the all-gather extension."""
     return all(callable(getattr(local, name, None)) for name in EXTENSION_METHODS)
+
+
+def gathers_inner_tensors(local) -> bool:
+    """Whether what FSDP2 all-gathers for this parameter is its inner tensors (a wrapper
+    subclass whose class implements the extension, as torchao's ``NF4Tensor``), not storage of
+    its own. The ``fsdp2-bytes`` fix installs the extension on a ``Params4bit`` instance: the
+    bytes gathered, and digested, are still the parameter's own."""
+    cls = type(local)
+    return callable(getattr(cls, "__tensor_flatten__", None)) and all(
+        callable(getattr(cls, name, None)) for name in EXTENSION_METHODS
+    )
 
 
 def is_quantized(module, param_name: str, local) -> str | None:
@@ -207,7 +218,7 @@ def collect(roots: list, params: str) -> tuple[list[GuardedParam], list[dict]]:
             numel=sharded.numel(),
             start=start,
         )
-        if not extends_all_gather(local):
+        if not gathers_inner_tensors(local):
             guarded.append(entry)
             continue
         inner, reason = inner_entries(entry, local)
