@@ -33,3 +33,6 @@ GUARD_FIX = "FSDPQDIAG_GUARD_FIX"
 GUARD_REPORT = "FSDPQDIAG_GUARD_REPORT"
 # Seconds the node writing a multi-node job's report waits for the others' records.
 GUARD_GATHER_TIMEOUT = "FSDPQDIAG_GUARD_GATHER_TIMEOUT"
+# Set by the first process of a torchrun rank that arms the guard, to its pid: its children
+# inherit it and so do not publish a record under that rank (weightguard.job).
+GUARD_RANK_PROCESS = "FSDPQDIAG_GUARD_RANK_PROCESS"

@@ -169,14 +169,16 @@ def main() -> None:
     # the transformers TrainerCallback, driven through the hooks a Trainer calls
     from fsdpqdiag.integrations.hf_trainer import GuardCallback
 
+    # (the fault applied by the callback itself, made before the model is sharded: its report names it)
     model, _ = build()
-    callback = GuardCallback(action="report")
+    callback = GuardCallback(action="report", inject=fault.name)
     callback.on_train_begin(None, None, None, model=model)
-    with fault.active(rank, world_size):
-        train(model, 2, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
+    train(model, 2, torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1))
     callback.on_train_end(None, None, None, model=model)
     seen["callback"] = summary(callback.state)
+    seen["callback_injected"] = callback.state["injected"]
     seen["callback_closed"] = callback.guard is None and hook_counts(model)["optimizer_hooks"] == 0
+    seen["callback_closed"] = seen["callback_closed"] and callback.undo_fault is None
 
     # the callback with a workaround: made before the model is sharded, as a Trainer's callbacks
     # are, it applies fsdp2-bytes, and the same fault no longer reaches forward; undone at the end

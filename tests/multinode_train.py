@@ -2,7 +2,8 @@
 
 tests/guard_scenarios.py's model (trainable Linears and bitsandbytes Linear4bit, fully_shard per
 block), gloo over the job's environment; it prints each step so a test can kill a node mid-run.
-Nothing in it knows about fsdpqdiag's guard.
+With ``unsharded`` it forms the process group, runs one all-reduce and ends without importing
+FSDP at all: a job the guard has nothing to check in. Nothing in it knows about fsdpqdiag's guard.
 """
 
 from __future__ import annotations
@@ -13,12 +14,18 @@ import time
 import torch
 import torch.distributed as dist
 
-from tests.guard_scenarios import build, train
-
 
 def main() -> None:
-    steps, pause_s = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     dist.init_process_group("gloo")
+    if sys.argv[1] == "unsharded":
+        ones = torch.ones(1)
+        dist.all_reduce(ones)
+        print("all-reduce", ones.item(), flush=True)
+        dist.destroy_process_group()
+        return
+    from tests.guard_scenarios import build, train  # imports FSDP and bitsandbytes
+
+    steps, pause_s = int(sys.argv[1]), float(sys.argv[2]) if len(sys.argv) > 2 else 0.0
     model, nan_weights = build()
     print("nan-weights", ",".join(nan_weights), flush=True)
 

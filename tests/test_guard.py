@@ -118,6 +118,7 @@ def test_transformers_callback_attaches_and_closes(scenarios):
     for seen in scenarios["ranks"]:
         assert _modules(seen["callback"]) == set(seen["nan_weights"])
         assert {f["first_step"] for f in seen["callback"]["findings"]} == {0}
+        assert seen["callback_injected"] == "nan-canonicalize"
         assert seen["callback_closed"]
 
 

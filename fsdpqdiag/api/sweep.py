@@ -20,6 +20,7 @@ from fsdpqdiag.api.running import (
     unsupported,
 )
 from fsdpqdiag.launcher.session import LaunchSession, in_session
+from fsdpqdiag.rank import job_store
 from fsdpqdiag.report.model import ProbeResult, Report
 
 
@@ -53,15 +54,18 @@ def matrix(
 
     from fsdpqdiag.stack.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
-    recovered = None
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
         raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
-    if resume is not None:
-        recovered = _recover_sweep(Path(resume))
+    writes_record = (resume or out_dir) is not None and os.environ.get("RANK", "0") == "0"
+
+    # Under torchrun's agents every rank runs what rank 0 read (the other nodes' disks need not
+    # hold the record, nor see rank 0's appends at the same moment).
+    asked = (cells, grid, world_sizes, device, backend, model, preset, lora, inject)
+    recovered = job_store.share_from_rank_0(
+        "matrix", lambda: _read_record(resume, out_dir, writes_record, asked), timeout_s
+    )
+    if recovered is not None:
         plan = recovered.plan
-        _refuse_conflicts(
-            plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
-        )
         selected = plan.cell_list()
         world_sizes, device, backend, inject = plan.world_sizes, plan.device, plan.backend, plan.inject
         model, preset, lora = plan.model, plan.preset, plan.lora
@@ -71,9 +75,6 @@ def matrix(
         lora = True if lora is None else lora
     runs = _runs(world_sizes, device, backend, timeout_s, inject)
     directory = resume or out_dir
-    writes_record = directory is not None and os.environ.get("RANK", "0") == "0"
-    if out_dir is not None and resume is None and writes_record:
-        _check_new_sweep_dir(Path(out_dir))
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack(session)
     try:
@@ -101,6 +102,20 @@ def matrix(
         analysis["resume"] = recovered.summary()
     results, checks = sweep.results, sweep.checks
     return Report("matrix", list(argv), session.stack(), results, analysis=analysis, preflight=checks)
+
+
+def _read_record(resume: str | None, out_dir: str | None, writes_record: bool, asked: tuple):
+    """The sweep to resume, checked against the options ``asked``; or, for a new sweep that
+    this process records, its --out checked. Read on the disk of the rank that writes it."""
+    from pathlib import Path
+
+    if resume is None:
+        if out_dir is not None and writes_record:
+            _check_new_sweep_dir(Path(out_dir))
+        return None
+    found = _recover_sweep(Path(resume))
+    _refuse_conflicts(found.plan, resume, *asked)
+    return found
 
 
 def _selected_cells(cells: Sequence[str], grid: Sequence[str]) -> list:

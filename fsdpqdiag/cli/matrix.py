@@ -105,9 +105,9 @@ def matrix(
     if is_reporting_rank():
         _write_cell_outputs(report, csv, parquet, plot, quiet, wide, json_path)
     _wait_for_reporting_rank()
-    # Under torchrun the report's exit code is rank 0's to give: a peer leaving non-zero
-    # first would make torchrun SIGTERM rank 0 mid-exit.
-    raise typer.Exit(report.exit_code() if is_reporting_rank() else 0)
+    # Past the barrier rank 0 has written everything, so every rank may give the report's exit
+    # code: each node's torchrun then exits as the job's verdict says, not 0 on all but one.
+    raise typer.Exit(report.exit_code())
 
 
 def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> bool:

@@ -11,6 +11,9 @@ the guard at ``on_train_end``. Steps are the optimizer's, as the Trainer's ``glo
 ``GuardCallback(fix="fsdp2-bytes")`` applies that workaround process-wide when the callback is made
 (before the Trainer shards the model: ``fsdpqdiag.fixes.apply``), names it in the guard's report
 and removes it at ``on_train_end``; the guard then says whether forward received true bytes.
+``GuardCallback(inject="nan-canonicalize")`` applies one of ``fsdpqdiag.stack.faults`` the same
+way, the positive control the guard must trip on (``watch --inject`` inside the Trainer); the
+report names it, so that its finding is not taken for one of the stack's.
 Without a Trainer, call ``fsdpqdiag.guard(model)`` after ``fully_shard`` (see
 ``examples/train_fsdp2_qlora.py --guard``), or run the command under ``fsdpqdiag watch``.
 """
@@ -35,21 +38,32 @@ class GuardCallback(TrainerCallback):
         every: int = 1,
         report_path: str | Path | None = None,
         fix: str | None = None,
+        inject: str | None = None,
     ):
         self.options = dict(params=params, action=action, every=every, report_path=report_path, fix=fix)
         self.guard = None
         self.state: dict | None = None
         self.fix_handle = None
+        self.inject, self.undo_fault = inject, None
         if fix is not None:
             from fsdpqdiag import fixes
 
             self.fix_handle = fixes.apply(fix)  # ValueError for an unknown or inapplicable name
+        if inject is not None:
+            import os
+
+            from fsdpqdiag.stack import faults
+
+            rank, world_size = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+            self.undo_fault = faults.get(inject).apply(rank, world_size)  # ValueError: unknown fault
 
     def _attach(self, model) -> None:
         if self.guard is None and _is_sharded(model):
             from fsdpqdiag import guard
 
             self.guard = guard(model, **self.options)
+            # Read when the guard's record and report are made, at close.
+            self.guard.injected = self.inject
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
         self._attach(model)
@@ -64,3 +78,6 @@ class GuardCallback(TrainerCallback):
         if self.fix_handle is not None:
             self.fix_handle.undo()
             self.fix_handle = None
+        if self.undo_fault is not None:
+            self.undo_fault()
+            self.undo_fault = None

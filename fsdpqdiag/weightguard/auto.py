@@ -18,6 +18,7 @@ import os
 import sys
 
 from fsdpqdiag import envvars
+from fsdpqdiag.weightguard import job
 
 FSDP_MODULE = "torch.distributed.fsdp"
 _state: dict = {
@@ -53,6 +54,13 @@ def install() -> None:
     if _state["installed"] or not os.environ.get(envvars.GUARD_DIR):
         return
     _state["installed"], _state["pid"] = True, os.getpid()
+    if job.claim_rank_process():
+        # A rank whose script never imports FSDP still joins the job's gather at its exit: each
+        # node's watch then knows which node writes the report, even of "nothing checked".
+        import atexit
+
+        _state["rank_process"] = True
+        atexit.register(_gather_job)
     module = sys.modules.get(FSDP_MODULE)
     if module is not None:
         _patch(module)
@@ -111,8 +119,6 @@ def _gather_at_close() -> None:
 
 
 def _gather_job() -> None:
-    from fsdpqdiag.weightguard import job
-
     if _state.get("gathered") or _state.get("pid", os.getpid()) != os.getpid():
         return
     _state["gathered"] = True
@@ -122,7 +128,9 @@ def _gather_job() -> None:
             guard._finish_checks()
             records.append(guard.state())
         records += [_state["attach_failure"]] if _state.get("attach_failure") else []
-        job.publish_and_gather(records, os.environ[envvars.GUARD_DIR])
+        job.publish_and_gather(
+            records, os.environ[envvars.GUARD_DIR], agent_store=_state.get("rank_process", False)
+        )
     except Exception:  # noqa: BLE001 - never the reason a training run fails; watch reads locals
         pass
 

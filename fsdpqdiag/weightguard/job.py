@@ -8,6 +8,10 @@ formed over, and reads every other rank's back: no shared file system is involve
 leaves the whole job's records in its local folder, so each node's ``watch`` decides the job's
 verdict; the node holding the lowest rank that answered writes the report, the others say where.
 
+A script that never forms a process group, or forms one and never calls ``fully_shard`` (so no
+close was watched), still gathers at its exit over the store torchrun's agents host for the job:
+without it each node, having heard from no other, would write its own "nothing checked".
+
 The wait is bounded: a rank whose record is not in the store within the timeout (its node died,
 or stopped answering) is named as lost instead of hanging the survivors.
 """
@@ -34,17 +38,48 @@ def gather_timeout_s() -> float:
         return DEFAULT_GATHER_TIMEOUT_S
 
 
-def publish_and_gather(records: list[dict], state_dir: str | Path) -> dict | None:
-    """Put this rank's records in the job's store, read every rank's back (bounded), and leave
-    the job's record in ``state_dir``; None where there is no multi-rank group to gather over."""
+def claim_rank_process() -> bool:
+    """True in the process torchrun started as a rank of a multi-rank job, the first Python
+    process of it that arms the guard. Its children (data loader workers, compile workers, a
+    ``subprocess`` of the script) inherit RANK too; the mark they inherit names another pid, so
+    none of them publishes a record under its parent's rank."""
+    from fsdpqdiag.rank import job_store
+
+    if job_store.multi_rank_job() is None:
+        return False
+    return os.environ.setdefault(envvars.GUARD_RANK_PROCESS, str(os.getpid())) == str(os.getpid())
+
+
+def _job_store(agent_store: bool):
+    """(store, rank, world size) to gather over: the job's process group's, else (a rank
+    process whose script formed no group, or destroyed it unwatched) the store torchrun's
+    agents keep for the whole job; None where neither is there."""
     import torch.distributed as dist
 
-    if not dist.is_initialized() or dist.get_world_size() < 2:
-        return None
-    from torch.distributed import distributed_c10d
+    from fsdpqdiag.rank import job_store
 
-    store = distributed_c10d._get_default_store()
-    rank, world_size = dist.get_rank(), dist.get_world_size()
+    if dist.is_available() and dist.is_initialized():
+        if dist.get_world_size() < 2:
+            return None
+        from torch.distributed import distributed_c10d
+
+        return distributed_c10d._get_default_store(), dist.get_rank(), dist.get_world_size()
+    store = job_store.connect("guard", gather_timeout_s()) if agent_store else None
+    if store is None:
+        return None
+    rank, world_size = job_store.multi_rank_job()
+    return store, rank, world_size
+
+
+def publish_and_gather(records: list[dict], state_dir: str | Path, agent_store: bool = False) -> dict | None:
+    """Put this rank's records in the job's store, read every rank's back (bounded), and leave
+    the job's record in ``state_dir``; None where there is no multi-rank job to gather over.
+    ``agent_store``: this is the rank's own process (``claim_rank_process``), which may gather
+    over torchrun's agent store when its script formed no process group."""
+    found = _job_store(agent_store)
+    if found is None:
+        return None
+    store, rank, world_size = found
     me = {"rank": rank, "host": socket.gethostname(), "report": os.environ.get(envvars.GUARD_REPORT) or None}
     store.set(f"{_KEY}{rank}", json.dumps({"node": me, "records": records}, default=str))
     keys = [f"{_KEY}{r}" for r in range(world_size)]

@@ -94,6 +94,7 @@ def child_environment(
         env[envvars.GUARD_FIX] = fix
     else:
         env.pop(envvars.GUARD_FIX, None)
+    env.pop(envvars.GUARD_RANK_PROCESS, None)  # each rank process of the command claims its own
     if report_path:
         env[envvars.GUARD_REPORT] = report_path
     else:
@@ -267,7 +268,8 @@ def build_report(
     first = states[0] if states else {}
     injected = injected or first.get("injected")
     fix = fix or (first.get("fix") or {}).get("name")
-    world_size = max((s.get("world_size", 1) for s in states), default=1)
+    job_size = (job_view or {}).get("world_size") or 1  # where no rank guarded anything
+    world_size = max((s.get("world_size", 1) for s in states), default=job_size)
     config: dict[str, Any] = {
         "command": command or first.get("argv") or [],
         "params": params or first.get("params"),

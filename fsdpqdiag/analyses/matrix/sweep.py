@@ -7,6 +7,7 @@ launch, the sweep records it and relaunches from the next cell.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
@@ -88,7 +89,8 @@ def sweep(
                 rows[part.probe] = first.evidence
             else:  # the launch ended inside this cell: it is the casualty
                 rows[part.probe] = casualty_row(part.outcomes)
-                if base_config.get("out_dir"):
+                # Under torchrun every rank settles the cell; rank 0 alone records it.
+                if base_config.get("out_dir") and os.environ.get("RANK", "0") == "0":
                     append_line(
                         Path(base_config["out_dir"]), by_name[part.probe], rows[part.probe], run.world_size
                     )
