@@ -199,6 +199,10 @@ def shared_cli(tmp_path_factory):
         )
         result = CliResult(completed, json_path, markdown_path)
         result.out = out
+        if args[0] == "reproduce" and json_path.exists():  # its scripts' lines run as one batch
+            from . import scripts
+
+            scripts.register_report(result.report)
         if markdown_path.exists():  # every Markdown a test run writes is fit to publish
             from .publishable import check_markdown
 

@@ -2,10 +2,16 @@
 
 A script's run is the test suite's dearest step after the tool's own launches (torchrun and a
 fresh interpreter per rank, importing torch and bitsandbytes), and several tests ask questions
-of the same line: a probe's comparison with its script and the check that each line a report
-prints gives the tool's verdict. So a line's run is kept in the session's common directory
-(``RUNS_DIR``, set by ``conftest``) and shared by every test and every xdist worker that asks for
-the same line in the same environment.
+of the same line. So a line's run is kept in the session's common directory (``RUNS_DIR``, set
+by ``conftest``) and shared by every test and every xdist worker that asks for the same line in
+the same environment.
+
+The probes' comparisons with their scripts (``standalone``) read the lines of one shared
+``reproduce`` run (``register_report``): those run together, in one launch at the run's world
+size (``tests/script_batch.py``: each script's ``main()`` after the other in one interpreter
+per rank, its own argv, process group and output), their exit status the one torchrun would
+give. The check that each line a report prints gives the tool's verdict runs the line itself,
+as a maintainer would (``run_script``).
 """
 
 from __future__ import annotations
@@ -22,6 +28,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 # Set by conftest to a directory every worker of the session shares; None runs every line anew.
 RUNS_DIR: Path | None = None
+# A line (script and options, with --json) -> every line of the shared run it came from, at its
+# world size: the lines that run in one launch (``register_report``).
+_BATCH_OF: dict[tuple[str, ...], tuple[tuple[str, ...], ...]] = {}
 
 EXIT_STATUS = {"REPRODUCED": 1, "NOT REPRODUCED": 0, "INCONCLUSIVE": 2}
 
@@ -56,19 +65,41 @@ def line_arguments(result) -> tuple[list[str], int]:
     return words[script_at:], ws
 
 
+def register_report(report: dict) -> None:
+    """The lines of a shared ``reproduce`` run's results, by world size, to run as one batch."""
+    from fsdpqdiag.render import reproducer
+    from fsdpqdiag.report.model import ProbeResult
+
+    by_ws: dict[int, list[tuple[str, ...]]] = {}
+    for found in report["results"]:
+        result = ProbeResult(**found)
+        if reproducer.command(result) is not None:
+            args, ws = line_arguments(result)
+            by_ws.setdefault(ws, []).append((*args, "--json"))
+    for lines in by_ws.values():
+        for line in lines:
+            _BATCH_OF.setdefault(line, tuple(lines))
+
+
 def standalone(result) -> list[dict]:
     """The line a report prints for ``result``, run with ``--json``: its ranks' JSON objects,
     after checking that it printed the result's verdict and exited with that verdict's status."""
     args, ws = line_arguments(result)
     verdict = result["verdict"] if isinstance(result, dict) else result.verdict
-    return run_script([*args, "--json"], ws, verdict=verdict)
+    line = (*args, "--json")
+    if RUNS_DIR is None or line not in _BATCH_OF:
+        return run_script(list(line), ws, verdict=verdict)
+    return check_script(run_batched(line, _BATCH_OF[line], ws), ws, verdict)
 
 
 def run_script(args: list[str], ws: int, *, verdict: str) -> list[dict]:
     """A standalone script (path and options, from the checkout's root) at world size ``ws``,
     which must print one line starting ``verdict`` and exit with its status; its ranks' JSON
     objects (``--json``), by rank."""
-    done = launch_script(args, ws)
+    return check_script(launch_script(args, ws), ws, verdict)
+
+
+def check_script(done: subprocess.CompletedProcess, ws: int, verdict: str) -> list[dict]:
     assert done.returncode == exit_status(verdict, ws), (verdict, done.stdout[-2000:], done.stderr[-3000:])
     verdicts = [line for line in done.stdout.splitlines() if line.startswith(tuple(EXIT_STATUS))]
     assert len(verdicts) == 1, done.stdout[-3000:]
@@ -102,3 +133,53 @@ def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(
         recorded["args"], recorded["returncode"], recorded["stdout"], recorded["stderr"]
     )
+
+
+def run_batched(
+    line: tuple[str, ...], batch: tuple[tuple[str, ...], ...], ws: int
+) -> subprocess.CompletedProcess:
+    """``line``'s run within ``batch``'s one launch (made once per session): what it printed,
+    by rank, and the exit status ``python`` (one rank) or torchrun (any failing rank: 1) gives.
+    Where the batch's launch itself fails (a script that kills its process), each line of it
+    runs alone instead."""
+    key = hashlib.sha256(json.dumps([batch, ws]).encode()).hexdigest()[:16]
+    where = RUNS_DIR / f"batch-{key}"
+    where.mkdir(parents=True, exist_ok=True)
+    with open(where / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (where / "launched.json").exists():
+            (where / "plan.json").write_text(json.dumps([list(args) for args in batch]))
+            launcher = [sys.executable] if ws == 1 else [sys.executable, "-m", "torch.distributed.run"]
+            launcher += [] if ws == 1 else ["--nproc-per-node", str(ws)]
+            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+            port = str(_free_ports(len(batch)))
+            argv = [*launcher, "tests/script_batch.py", str(where / "plan.json"), str(where), port]
+            ran = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
+            (where / "launched.json").write_text(
+                json.dumps({"returncode": ran.returncode, "stderr": ran.stderr})
+            )
+    ranks = [where / f"rank{rank}.json" for rank in range(ws)]
+    if not all(path.exists() for path in ranks):
+        return launch_script(list(line), ws)
+    index = batch.index(line)
+    ran = [json.loads(path.read_text())[index] for path in ranks]
+    statuses = [r["status"] for r in ran]
+    status = statuses[0] if ws == 1 else int(any(statuses))
+    return subprocess.CompletedProcess(list(line), status, "".join(r["stdout"] for r in ran), "")
+
+
+def _free_ports(count: int) -> int:
+    """The first of ``count`` consecutive ports that are free now."""
+    import random
+    import socket
+
+    for _ in range(50):
+        first = random.randrange(20000, 60000 - count)
+        try:
+            for port in range(first, first + count):
+                with socket.socket() as probe:
+                    probe.bind(("127.0.0.1", port))
+        except OSError:
+            continue
+        return first
+    raise RuntimeError("no free ports")

@@ -9,47 +9,34 @@ import pytest
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, render
 from fsdpqdiag.report.model import Report, json_schema
 
-from .conftest import LOCALIZE_WS1, ROOT, SMALL_LINEAR, fix_all, matrix_default, reproduce_small
+from .conftest import (
+    LOCALIZE_WS1,
+    ROOT,
+    SMALL_FEATURES,
+    fix_all,
+    matrix_default,
+    reproduce_small,
+    worker_session,
+)
 
 GPU_REPORTS = sorted((ROOT / "reports").glob("*.json"))
 
 
 @pytest.fixture(scope="module")
 def cpu_reports(tmp_path_factory, shared_cli):
-    import os
-    import subprocess
-    import sys
+    from fsdpqdiag.core.config import LinearConfig
 
     out = tmp_path_factory.mktemp("reports")
     # At WS=2, the run of every probe that test_reproduce and the probe tests share.
     made = {"ws2": shared_cli(*reproduce_small(2)).json_path}
-    for label, args in {
-        "ws1": ["--ws", "1"],
-        "ws1-again": ["--ws", "1"],
-        "ws1-seed7": ["--ws", "1", "--weight-seed", "7"],
-    }.items():
-        path = out / f"{label}.json"
-        subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "fsdpqdiag",
-                "reproduce",
-                "--device",
-                "cpu",
-                "--probe",
-                "nan-canonicalization",
-                *SMALL_LINEAR,
-                *args,
-                "--json",
-                str(path),
-                "-q",
-            ],
-            env=dict(os.environ, PYTHONPATH=str(ROOT)),
-            check=False,
-            timeout=300,
+    # Three runs of one probe, in the worker's session: torch and bitsandbytes imported once.
+    for label, seed in {"ws1": 42, "ws1-again": 42, "ws1-seed7": 7}.items():
+        linear = LinearConfig(in_features=SMALL_FEATURES, out_features=SMALL_FEATURES, weight_seed=seed)
+        report = worker_session().reproduce(
+            probes=["nan-canonicalization"], linear=linear, world_sizes=[1], device="cpu"
         )
-        made[label] = path
+        made[label] = out / f"{label}.json"
+        made[label].write_text(report.to_json())
     return made
 
 
