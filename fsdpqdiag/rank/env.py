@@ -128,6 +128,8 @@ def capture() -> dict[str, Any]:
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "accelerate": _version("accelerate"),
+        # torchao's NF4Tensor is the reference the torchao-nf4-reference probe compares with.
+        "torchao": _version("torchao"),
         "gpus": _gpus(),
         "driver": _driver(),
     }

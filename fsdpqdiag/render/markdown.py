@@ -76,8 +76,14 @@ def _software_stack(env: dict) -> str:
     return (
         f"torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}), "
         f"bitsandbytes {bnb.get('version')} ({bnb.get('backend')}), transformers {env.get('transformers')}, "
-        f"peft {env.get('peft')}, {gpus}, driver {env.get('driver')}, Python {env.get('python')}"
+        f"peft {env.get('peft')}, {_torchao(env)}{gpus}, driver {env.get('driver')}, "
+        f"Python {env.get('python')}"
     )
+
+
+def _torchao(env: dict) -> str:
+    """torchao's version where the stack has it (reports of stacks without it read as before)."""
+    return f"torchao {env['torchao']}, " if env.get("torchao") else ""
 
 
 def _summary_lines(report: Report) -> list[str]:

@@ -78,7 +78,7 @@ def _stack_lines(env: dict) -> list[str]:
         f"- torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}, "
         f"cuDNN {torch_info.get('cudnn')})",
         f"- transformers {env.get('transformers')}, peft {env.get('peft')}, "
-        f"accelerate {env.get('accelerate')}",
+        f"accelerate {env.get('accelerate')}" + (f", torchao {env['torchao']}" if env.get("torchao") else ""),
         f"- Python {env.get('python')}, {env.get('platform')} ({env.get('machine')})",
         f"- GPU: {gpus}; driver {env.get('driver')}",
         *_cpu_path_lines(env),
