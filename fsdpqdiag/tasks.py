@@ -6,7 +6,7 @@ guard's results, which ``watch`` writes. It is imported by the composition roots
 and the rank process's entry ``fsdpqdiag.rank.main``, and by the renderers, which find how
 a result reads by its probe's name (:func:`presentation_of`). The modules it imports import
 only below all of them (``probes.base``, ``presentation``, ``outcome``, ``config``, ...), so
-it closes no import cycle (``tests/test_imports.py``). It lives outside ``fsdpqdiag.probes``
+it closes no import cycle (``tests/core/test_imports.py``). It lives outside ``fsdpqdiag.probes``
 for that reason: the package's ``__init__`` runs whenever a task imports ``probes.base``.
 """
 

@@ -21,6 +21,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+
+from tests.support import (  # noqa: E402 - the checkout first on sys.path
+    _WORKER,
+    SMALL_FEATURES,
+    CliResult,
+    reproduce_small,
+)
+
 # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the checkout.
 os.environ.setdefault(
     "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "fsdpqdiag-hypothesis")
@@ -35,58 +43,6 @@ if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
 if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
     signal.signal(signal.SIGHUP, signal.SIG_DFL)
 
-# Small enough for 2 CPU cores, large enough to hold NaN-class packed containers.
-SMALL_FEATURES = 256
-SMALL_LINEAR = ["--in-features", str(SMALL_FEATURES), "--out-features", str(SMALL_FEATURES)]
-
-# Command lines several test modules ask questions of, each run once (``shared_cli``).
-LOCALIZE_WS1 = ("localize", "--device", "cpu", "--in-features", "128", "--out-features", "128", "--ws", "1")
-
-
-def reproduce_small(ws: int) -> tuple[str, ...]:
-    """Every probe at world size ``ws``, uninjected, on the small layer (``shared_probe``)."""
-    return ("reproduce", "--ws", str(ws), "--device", "cpu", *SMALL_LINEAR)
-
-
-def fix_all(ws: int) -> tuple[str, ...]:
-    """Every workaround, uninjected."""
-    return ("fix", "--ws", str(ws), "--device", "cpu", "--steps", "2", "-q")
-
-
-def matrix_default(ws: int) -> tuple[str, ...]:
-    """Every default cell, uninjected; its CSV in the run's directory."""
-    return ("matrix", "--ws", str(ws), "--device", "cpu", "--csv", "{out}/m.csv", "-q")
-
-
-def forensics_default(ws: int) -> tuple[str, ...]:
-    """The tiny-llama preset, uninjected, on this CPU's own bitsandbytes path."""
-    return ("forensics", "--device", "cpu", "--ws", str(ws), "-q")
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
-
-gpu = pytest.mark.skipif("not __import__('torch').cuda.is_available()", reason="needs a CUDA GPU")
-
-
-# The api session of this test worker (``worker_session``), made at its first use.
-_WORKER: dict = {}
-
-
-def worker_session():
-    """The api session a test worker's in-process api calls share (``session=worker_session()``):
-    their CPU ranks fork from zygotes it keeps between tests, as the launches of one command
-    do, so torch and bitsandbytes are imported once per import environment in a worker, not
-    per call. A plain api call (no session) starts and ends its own."""
-    from fsdpqdiag import api
-
-    if "session" not in _WORKER:
-        _WORKER["session"] = api.Session()
-    return _WORKER["session"]
-
 
 @pytest.fixture(scope="session", autouse=True)
 def _zygotes_kept_between_tests():
@@ -99,7 +55,7 @@ def _zygotes_kept_between_tests():
 @pytest.fixture(scope="session", autouse=True)
 def _script_runs_shared(tmp_path_factory):
     """A standalone script's line is run once per session, by whichever worker asks first."""
-    from . import scripts
+    from tests.support import scripts
 
     worker = os.environ.get("PYTEST_XDIST_WORKER")
     root = tmp_path_factory.getbasetemp()
@@ -122,25 +78,6 @@ def single_use_zygotes():
 def _isolated_cache(tmp_path_factory, monkeypatch):
     # Presets are built once per test session, never in the user's real cache.
     monkeypatch.setenv("FSDPQDIAG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
-
-
-class CliResult:
-    def __init__(
-        self,
-        completed: subprocess.CompletedProcess,
-        json_path: Path | None,
-        markdown_path: Path | None = None,
-    ):
-        self.returncode = completed.returncode
-        self.stdout = completed.stdout
-        self.stderr = completed.stderr
-        self.json_path = json_path
-        self.markdown_path = markdown_path
-
-    @property
-    def report(self) -> dict:
-        assert self.json_path is not None
-        return json.loads(self.json_path.read_text())
 
 
 @pytest.fixture
@@ -200,11 +137,11 @@ def shared_cli(tmp_path_factory):
         result = CliResult(completed, json_path, markdown_path)
         result.out = out
         if args[0] == "reproduce" and json_path.exists():  # its scripts' lines run as one batch
-            from . import scripts
+            from tests.support import scripts
 
             scripts.register_report(result.report)
         if markdown_path.exists():  # every Markdown a test run writes is fit to publish
-            from .publishable import check_markdown
+            from tests.support.publishable import check_markdown
 
             check_markdown(markdown_path.read_text(), " ".join(args))
         return result

@@ -2,7 +2,7 @@
 
 Standard library only, and imported by every layer: the launcher builds a ``RankOutcome``
 per rank, probes' verdicts read them, reports store them. Keeping them here, below all of
-those, is what lets the package have no import cycle (``tests/test_imports.py``).
+those, is what lets the package have no import cycle (``tests/core/test_imports.py``).
 """
 
 from __future__ import annotations

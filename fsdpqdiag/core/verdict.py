@@ -46,7 +46,7 @@ class VerdictKind(str, Enum):
         return format(self.value, spec)
 
 
-# The rich style of each verdict in tables (tests/test_verdict.py checks every member has one).
+# The rich style of each verdict in tables (tests/core/test_verdict.py checks every member has one).
 STYLE: dict[VerdictKind, str] = {
     VerdictKind.REPRODUCED: "bold red",
     VerdictKind.CRASHED: "bold magenta",

@@ -65,7 +65,7 @@ class Probe:
     # A task that runs other probes (the batch) and applies the injected fault around each.
     applies_fault: bool = False
     # Its positive controls: names in fsdpqdiag.stack.faults.FAULTS, each of which must flip its
-    # verdict (tests/test_probe_contract.py checks they exist; the probe's tests flip it).
+    # verdict (tests/probes/test_probe_contract.py checks they exist; the probe's tests flip it).
     controls: tuple[str, ...] = ()
 
     # How its result reads: key numbers, its own table (see fsdpqdiag.core.presentation). The
