@@ -12,12 +12,12 @@ from fsdpqdiag.analyses import localize as localize_task
 from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
-    _check_storage_pairs,
-    _linear,
-    _runs,
     check_probes,
+    check_storage_pairs,
+    checked_linear,
     merged,
     require_stack,
+    run_configs,
 )
 from fsdpqdiag.api.running import (
     preflight,
@@ -49,12 +49,12 @@ def reproduce(
 ) -> Report:
     """Run the selected probes (all by default) at each world size, all of one world size in
     one launch (relaunching after a probe that kills it)."""
-    linear = _linear(linear)
+    linear = checked_linear(linear)
     names = check_probes(probes)
     if storage_dtype_mismatch.PROBE.name in names:
-        _check_storage_pairs(linear)
+        check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
@@ -89,7 +89,7 @@ def localize(
     session: LaunchSession,
 ) -> Report:
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
-    linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    linear = checked_linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
     # packed bf16 storage; a smaller layer would replay without them and prove nothing.
     nan_patterns = 254
@@ -99,7 +99,7 @@ def localize(
             f"a {linear.out_features}x{linear.in_features} layer packs into {containers} bf16 containers; "
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
@@ -145,10 +145,10 @@ def fix(
         if target not in TARGETS:
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
     if steps < 1:
-        raise BadInput(f"--steps must be >= 1, got {steps}")
+        raise BadInput.about("{steps} must be >= 1, got {0}", steps)
     from fsdpqdiag.stack.models import PRESETS, ModelSourceError, preset_dir
 
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     require_stack(session)
     for target in targets:
         if target in PRESETS:
@@ -225,10 +225,10 @@ def forensics(
     from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     if bits not in (4, 8):
-        raise BadInput(f"--bits must be 4 or 8, got {bits}")
+        raise BadInput.about("{bits} must be 4 or 8, got {0}", bits)
     if quant_type not in QUANT_TYPES:
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack(session)
     try:
@@ -274,7 +274,7 @@ def doctor(
     test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
     from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
-    (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
+    (run,) = run_configs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
     require_stack(session)
     try:
         path = resolve_model(model, preset)
@@ -299,7 +299,7 @@ def doctor_each(
 ) -> list[dict]:
     """``doctor`` at each world size (the default one when none is given), every size
     checked before the first launch: a bad second ``--ws`` costs no run."""
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     return [
         doctor(
             run.world_size, device, backend, timeout_s, inject, model, preset, on_progress, session=session

@@ -139,6 +139,49 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
+# The flag of each library parameter a ``BadInput`` may name: the library's messages name
+# its parameters, the CLI's name what the user typed.
+FLAGS = {
+    "world_sizes": "--ws",
+    "device": "--device",
+    "backend": "--backend",
+    "timeout_s": "--timeout",
+    "inject": "--inject",
+    "steps": "--steps",
+    "bits": "--bits",
+    "model": "--model",
+    "preset": "--preset",
+    "lora": "--lora/--no-lora",
+    "cells/grid": "--cells/--grid",
+    "resume": "--resume",
+    "out_dir": "--out",
+}
+
+
+class FlagNames:
+    """A ``BadInput``'s wording on the command line: each parameter by its flag (``FLAGS``),
+    set to a value as it is typed (``--ws 1 2``, ``--no-lora``)."""
+
+    def parameter(self, name: str) -> str:
+        return FLAGS[name]
+
+    def setting(self, name: str, value) -> str:
+        flag = FLAGS[name]
+        if isinstance(value, bool):  # a --x/--no-x pair: the half that sets this value
+            on, _, off = flag.partition("/")
+            return on if value else off
+        if value is None:
+            return f"no {flag}"
+        if isinstance(value, list):
+            return f"{flag} {' '.join(str(v) for v in value)}"
+        return f"{flag} {value}"
+
+
+def bad_input(exc) -> typer.Exit:
+    """``fail`` with a library ``BadInput``, its parameters named by their flags."""
+    return fail(exc.worded(FlagNames()))
+
+
 def is_reporting_rank() -> bool:
     """Under torchrun every rank runs the command; only global rank 0 writes and prints."""
     return os.environ.get("RANK", "0") == "0"
@@ -308,7 +351,7 @@ def run_library(call, status_text: str = "starting…"):
             lines.finish()
             return done
     except BadInput as exc:
-        raise fail(str(exc)) from None
+        raise bad_input(exc) from None
     except KeyboardInterrupt as exc:
         # The launcher has already killed and reaped every rank; nothing was written.
         # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.

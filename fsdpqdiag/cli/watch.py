@@ -15,6 +15,7 @@ from fsdpqdiag.cli.app import (
     Quiet,
     Wide,
     app,
+    bad_input,
     check_outputs,
     choices_help,
     fail,
@@ -85,7 +86,7 @@ def watch(
     try:
         check_inject(inject)  # the message every other command gives
     except BadInput as exc:
-        raise fail(str(exc)) from None
+        raise bad_input(exc) from None
     if fix is not None:
         try:
             fixes.check_installable(fix)
