@@ -26,7 +26,7 @@ from fsdpqdiag.api.checks import (
     run_configs,
     visible_gpus,
 )
-from fsdpqdiag.api.commands import doctor, doctor_each, fix, forensics, localize, reproduce
+from fsdpqdiag.api.commands import doctor, fix, forensics, localize, reproduce
 from fsdpqdiag.api.running import preflight, preflight_ok, run_checked, run_probe, run_probes, unsupported
 from fsdpqdiag.api.session import Session
 from fsdpqdiag.api.sweep import matrix
@@ -40,7 +40,6 @@ __all__ = [
     "check_world_size",
     "default_world_size",
     "doctor",
-    "doctor_each",
     "fix",
     "forensics",
     "localize",

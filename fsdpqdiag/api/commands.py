@@ -30,7 +30,35 @@ from fsdpqdiag.core.config import LinearConfig, RunConfig
 from fsdpqdiag.launcher import batch
 from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.probes import storage_dtype_mismatch
-from fsdpqdiag.report.model import Report
+from fsdpqdiag.report.commands import DOCTOR, FIX, FORENSICS, LOCALIZE, REPRODUCE
+from fsdpqdiag.report.model import ProbeResult, Report
+
+
+def _at_each_world_size(
+    runs: Sequence[RunConfig], run_one: Callable[[RunConfig], tuple[list[ProbeResult], dict | None]]
+) -> tuple[list[ProbeResult], list[dict | None]]:
+    """``run_one(run)`` at each world size, in order: every result, and each run's preflight."""
+    results: list[ProbeResult] = []
+    checks: list[dict | None] = []
+    for run in runs:
+        ran, checked = run_one(run)
+        results.extend(ran)
+        checks.append(checked)
+    return results, checks
+
+
+def _announcer(
+    on_progress: Callable[[str], None] | None, run: RunConfig, naming_the_stack: bool = True
+) -> Callable[[str], None]:
+    """The progress line of each step of ``run``: what runs, at which world size (and on
+    which device and backend)."""
+
+    def announce(what: str) -> None:
+        if on_progress:
+            where = f" on {run.device}/{run.backend}" if naming_the_stack else ""
+            on_progress(f"{what} at world size {run.world_size}{where}")
+
+    return announce
 
 
 @in_session
@@ -58,21 +86,13 @@ def reproduce(
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
-    results, checks = [], []
-    for run in runs:
-
-        def on_start(name: str, run: RunConfig = run) -> None:
-            if on_progress:
-                on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
-
-        ran, checked = run_checked(
-            names, probe_config, run, {"linear": probe_config}, on_start, session=session
-        )
-        checks.append(checked)
-        results.extend(ran)
-    return Report(
-        command="reproduce", argv=list(argv), env=session.stack(), results=results, preflight=checks
+    results, checks = _at_each_world_size(
+        runs,
+        lambda run: run_checked(
+            names, probe_config, run, {"linear": probe_config}, _announcer(on_progress, run), session=session
+        ),
     )
+    return Report(REPRODUCE.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
@@ -103,17 +123,14 @@ def localize(
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
-    results, checks = [], []
-    for run in runs:
-        if on_progress:
-            on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
-        config = dataclasses.asdict(linear)
-        (result,), checked = run_checked(
-            [localize_task.PROBE.name], config, run, {"linear": config}, session=session
-        )
-        checks.append(checked)
-        results.append(result)
-    return Report(command="localize", argv=list(argv), env=session.stack(), results=results, preflight=checks)
+    config = dataclasses.asdict(linear)
+
+    def replay(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        _announcer(on_progress, run)("localize")
+        return run_checked([localize_task.PROBE.name], config, run, {"linear": config}, session=session)
+
+    results, checks = _at_each_world_size(runs, replay)
+    return Report(LOCALIZE.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
@@ -170,18 +187,15 @@ def fix(
         for target in targets
         for w in ["none", *names]
     ]
-    results, checks = [], []
-    for run in runs:
 
-        def on_start(key: str, run: RunConfig = run) -> None:
-            if on_progress:
-                on_progress(f"{key} at world size {run.world_size}")
-
+    def verify(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        on_start = _announcer(on_progress, run, naming_the_stack=False)
         ran, checked = run_items_checked(items, run, subject, on_start, session=session)
-        checks.append(checked)
         _rerun_after_an_unrestored_undo(items, ran, run, checked, session)
-        results.extend(ran[item.key] for item in items)
-    return Report(command="fix", argv=list(argv), env=session.stack(), results=results, preflight=checks)
+        return [ran[item.key] for item in items], checked
+
+    results, checks = _at_each_world_size(runs, verify)
+    return Report(FIX.name, list(argv), session.stack(), results, preflight=checks)
 
 
 def _rerun_after_an_unrestored_undo(
@@ -244,48 +258,19 @@ def forensics(
         "lora": lora,
     }
     subject = {"model": {**config, "label": model or preset}}
-    results, checks = [], []
-    for run in runs:
-        if on_progress:
-            on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
+
+    def examine(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        _announcer(on_progress, run)("forensics")
         (result,), checked = run_checked([forensics_task.PROBE.name], config, run, subject, session=session)
-        checks.append(checked)
-        result.config["model"] = model or preset
-        results.append(result)
-    return Report(
-        command="forensics", argv=list(argv), env=session.stack(), results=results, preflight=checks
-    )
+        result.config["model"] = model or preset  # the name asked for, not the cache path
+        return [result], checked
+
+    results, checks = _at_each_world_size(runs, examine)
+    return Report(FORENSICS.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
 def doctor(
-    world_size: int | None = None,
-    device: str = "auto",
-    backend: str = "auto",
-    timeout_s: float = 300.0,
-    inject: str | None = None,
-    model: str | None = None,
-    preset: str = "tiny-llama",
-    on_progress: Callable[[str], None] | None = None,
-    *,
-    session: LaunchSession,
-) -> dict:
-    """The stack preflight alone, on one device, backend and world size, for the model under
-    test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
-    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
-
-    (run,) = run_configs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
-    require_stack(session)
-    try:
-        path = resolve_model(model, preset)
-    except ModelSourceError as exc:
-        raise BadInput(str(exc)) from exc
-    subject = {"model": {"model": str(path), "label": model or preset}}
-    return preflight(run, subject, on_progress, session=session)
-
-
-@in_session
-def doctor_each(
     world_sizes: Sequence[int] = (),
     device: str = "auto",
     backend: str = "auto",
@@ -293,16 +278,30 @@ def doctor_each(
     inject: str | None = None,
     model: str | None = None,
     preset: str = "tiny-llama",
+    argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
     *,
     session: LaunchSession,
-) -> list[dict]:
-    """``doctor`` at each world size (the default one when none is given), every size
-    checked before the first launch: a bad second ``--ws`` costs no run."""
+) -> Report:
+    """The stack preflight alone at each world size (the default one when none is given),
+    for the model under test (``model`` or a preset) wrapped as forensics and the matrix wrap
+    it: a report with no probe result, one preflight per world size. Every size is checked
+    before the first launch: a bad second world size costs no run."""
+    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
+
     runs = run_configs(world_sizes, device, backend, timeout_s, inject)
-    return [
-        doctor(
-            run.world_size, device, backend, timeout_s, inject, model, preset, on_progress, session=session
-        )
-        for run in runs
-    ]
+    require_stack(session)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    subject = {"model": {"model": str(path), "label": model or preset}}
+    checks = [preflight(run, subject, on_progress, session=session) for run in runs]
+    return Report(
+        command=DOCTOR.name,
+        argv=list(argv),
+        env=session.stack(),
+        results=[],
+        world_sizes=[run.world_size for run in runs],
+        preflight=checks,
+    )

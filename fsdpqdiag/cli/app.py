@@ -295,25 +295,34 @@ def print_tables(renderable, wide: bool) -> None:
     stdout.print(renderable, crop=not wide)
 
 
-def print_report(
-    view, report, wide: bool, json_path: Path | None = None, exit_code: int | None = None
-) -> None:
-    """Print a command's tables and its ending: a ``help:`` line per finding, the summary
-    line and the next step (``json_path``: where the report was kept, for that step)."""
-    from fsdpqdiag.render.conclusion import with_conclusion
-    from fsdpqdiag.report.conclusion import conclude
-
-    print_tables(with_conclusion(view, conclude(report, json_path, exit_code)), wide)
-
-
-def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
-    """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun);
-    either may be ``-``, stdout."""
+def end_command(
+    report,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    quiet: bool,
+    wide: bool,
+    *,
+    exit_code: int | None = None,
+    outputs: tuple | None = None,
+    after_outputs=None,
+) -> typer.Exit:
+    """The ending every command shares, returned for the command to raise. On the reporting
+    rank (rank 0 under torchrun): the outputs written atomically (the report's JSON and
+    Markdown, either may be ``-``, unless ``outputs`` gives others as (path, data) pairs),
+    then ``after_outputs()`` (a command's own files and notes), then the report's view and
+    conclusion unless quiet. The exit code is the one the report decides, or ``exit_code``."""
     from fsdpqdiag.render import markdown
+    from fsdpqdiag.render.views import report_view
 
-    if not is_reporting_rank():
-        return
-    write_outputs((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
+    if is_reporting_rank():
+        if outputs is None:
+            outputs = ((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
+        write_outputs(*outputs)
+        if after_outputs is not None:
+            after_outputs()
+        if not quiet:
+            print_tables(report_view(report, wide, json_path, exit_code), wide)
+    return typer.Exit(report.exit_code() if exit_code is None else exit_code)
 
 
 class ProgressLines:
