@@ -91,5 +91,5 @@ PROBE = Probe(
     standalone="reproducers/non_float_params.py",
     attribute=attribute,
     controls=("cast-integer-params", "refuse-integer-params"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({"fully_shard", *INTEGER_PARAMS})),
 )

@@ -339,5 +339,5 @@ PROBE = Probe(
     standalone="reproducers/storage_dtype_mismatch.py",
     attribute=attribute,
     controls=("cast-mismatched-storage",),
-    presentation=Presentation(key_numbers, detail),
+    presentation=Presentation(key_numbers, detail, reads=frozenset({"failing_combinations", "rows"})),
 )

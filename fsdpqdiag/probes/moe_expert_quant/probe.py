@@ -204,5 +204,17 @@ PROBE = Probe(
     # Its backward reduce-scatters the LoRA gradients.
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
     controls=("swap-packed-nibbles",),
-    presentation=Presentation(key_numbers, sections=SECTION_KEYS),
+    presentation=Presentation(
+        key_numbers,
+        sections=SECTION_KEYS,
+        reads=frozenset(
+            {
+                "loss",
+                "baseline_loss",
+                "lora_grads",
+                "failures",
+                *(f"expert_storage_{view}" for view in VIEW_LABELS),
+            }
+        ),
+    ),
 )

@@ -385,5 +385,8 @@ PROBE = Probe(
     # The first two break bitsandbytes' recovery only; the third FSDP2's reshard for every
     # parameter, which the same-launch control must then share (-> torch).
     controls=("drop-module-quant-state", "stale-recovered-weight", "keep-unsharded-after-reshard"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(
+        key_numbers,
+        reads=frozenset({"forward_weight", "recovery", "after_reshard", "after_update", "forward"}),
+    ),
 )
