@@ -21,6 +21,7 @@ from fsdpqdiag.api.running import (
 )
 from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.rank import job_store
+from fsdpqdiag.report.commands import MATRIX
 from fsdpqdiag.report.model import ProbeResult, Report
 
 
@@ -103,7 +104,7 @@ def matrix(
     if recovered is not None:
         analysis["resume"] = recovered.summary()
     results, checks = sweep.results, sweep.checks
-    return Report("matrix", list(argv), session.stack(), results, analysis=analysis, preflight=checks)
+    return Report(MATRIX.name, list(argv), session.stack(), results, analysis=analysis, preflight=checks)
 
 
 def _read_record(resume: str | None, out_dir: str | None, writes_record: bool, asked: tuple):
