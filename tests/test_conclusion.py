@@ -1,7 +1,9 @@
-"""Every command ends with its conclusion: a help: line per attributed finding (component,
-where to file, known issue or "none known", the deciding control), one summary line with
-the exit code's meaning, and the next step. Drawn from the committed reports of every
-command, so no rank is launched; one `report -f table` in a pipe checks the wiring."""
+"""Every command ends with its conclusion.
+
+A help: line per attributed finding (component, where to file, known issue or "none known",
+the deciding control), one summary line with the exit code's meaning, and the next step.
+Drawn from the committed reports of every command, so no rank is launched; one `report -f
+table` in a pipe checks the wiring."""
 
 import os
 import subprocess

@@ -1,5 +1,7 @@
-"""One CLI convention on every command: help, outputs, progress, compare's conclusion, report's
-default and byte map, tables that never split a token.
+"""One CLI convention on every command.
+
+Help, outputs, progress, compare's conclusion, report's default and byte map, tables that
+never split a token.
 
 In-process, on the committed reports under reports/: no rank is launched here (the runs that
 launch ranks are asked these questions by test_doctor, test_reports and test_cli).

@@ -1,6 +1,8 @@
-"""An output in FSDP2's param_dtype with equal values has not changed: `--quant-storage uint8
---param-dtype fp16` said INCONCLUSIVE "every byte survives, yet the output changed (max |Δy| =
-0.0)" while its evidence showed equal outputs (fp16 bits against a bf16 baseline)."""
+"""An output in FSDP2's param_dtype with equal values has not changed.
+
+With ``--quant-storage uint8 --param-dtype fp16`` the output is fp16 against a bf16
+baseline: equal values in other bits are a recast, not a change, and the verdict must follow
+the values (NOT REPRODUCED), never call them changed with max |Δy| = 0."""
 
 import json
 

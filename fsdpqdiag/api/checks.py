@@ -1,5 +1,6 @@
-"""Input a user can get wrong, checked before any rank starts or any file is written:
-each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it). A stack that
+"""Input a user can get wrong, checked before any rank starts or any file is written.
+
+Each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it). A stack that
 imports but cannot run (bitsandbytes without its native library) is learned from the first
 rank, before anything is written (see ``require_stack``)."""
 
@@ -140,7 +141,7 @@ def run_configs(
         raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     for world_size in world_sizes:
         _check_positive(world_size)
-    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    # nan compares false with everything: "<= 0" alone would let it through to the ranks.
     if not math.isfinite(timeout_s) or timeout_s <= 0:
         raise BadInput.about("{timeout_s} must be > 0 and finite, got {0}", timeout_s)
     # Last: where the device is "auto" or "cuda", resolving it imports torch.

@@ -1,5 +1,6 @@
-"""issue 6, probe 1: does ``Linear4bit`` keep its ``QuantState`` under ``fully_shard``, and
-does bitsandbytes' recovery leave FSDP2 in charge of the weight?
+"""quant-state-loss: does ``Linear4bit`` keep its ``QuantState`` under ``fully_shard``?
+
+And does bitsandbytes' recovery leave FSDP2 in charge of the weight?
 
 FSDP2 swaps a plain ``nn.Parameter`` (no ``quant_state`` attribute) into ``module.weight``
 for forward. ``Linear4bit.forward`` first calls ``fix_4bit_weight_quant_state_from_module``,
