@@ -1,5 +1,7 @@
-"""Standalone reproducer: a LoRA model over ``bnb.nn.Linear8bitLt(has_fp16_weights=False)``
-under FSDP2 ``fully_shard`` (torch + bitsandbytes + peft only). Stage by stage (fully_shard,
+"""Standalone reproducer: LoRA over ``Linear8bitLt(has_fp16_weights=False)`` under FSDP2.
+
+A LoRA model over ``bnb.nn.Linear8bitLt(has_fp16_weights=False)`` under FSDP2
+``fully_shard`` (torch + bitsandbytes + peft only). Stage by stage (fully_shard,
 unshard, forward, backward, state_dict, save, load), are the int8 bytes and the ``SCB`` row
 scales of ``Int8Params`` kept, and do outputs and LoRA gradients equal a non-FSDP baseline?
 A stage that raises is recorded with the exception and the frame it came from. Rank 0

@@ -1,6 +1,8 @@
-"""Standalone reproducer: MoE experts stored as fused 3-D parameters, quantized to 4-bit
-through bitsandbytes' parametrize API, LoRA on the attention, FSDP2 ``fully_shard`` per
-decoder layer and at the root (torch + bitsandbytes + transformers + peft only).
+"""Standalone reproducer: MoE experts as fused 3-D parameters, 4-bit, under FSDP2.
+
+The experts are quantized to 4-bit through bitsandbytes' parametrize API, with LoRA on the
+attention and FSDP2 ``fully_shard`` per decoder layer and at the root (torch + bitsandbytes
++ transformers + peft only).
 
 A tiny Qwen3-MoE (2 layers, hidden 64, 4 experts) is built offline from its config. Each
 stage runs in turn: LoRA, quantize the experts (``replace_parameter_4bit``), baseline loss

@@ -1,8 +1,10 @@
-"""Standalone reproducer: frozen uint8/int8 parameters beside float ones under FSDP2
-``fully_shard`` with a bf16 ``MixedPrecisionPolicy`` (torch only). After unshard, are their
-dtype and every byte preserved? Rank 0 prints one verdict line for the run (``--json`` adds
-each rank's measurements, one JSON object a line); the exit status is 1 where it reproduces
-(``fully_shard`` refuses the parameters, or unshard alters their bytes), 0 where not.
+"""Standalone reproducer: frozen uint8/int8 parameters beside float ones under FSDP2.
+
+Sharded by ``fully_shard`` with a bf16 ``MixedPrecisionPolicy`` (torch only). After unshard,
+are their dtype and every byte preserved? Rank 0 prints one verdict line for the run
+(``--json`` adds each rank's measurements, one JSON object a line); the exit status is 1
+where it reproduces (``fully_shard`` refuses the parameters, or unshard alters their bytes),
+0 where not.
 
     torchrun --nproc-per-node 2 reproducers/non_float_params.py               # CPU/gloo or GPU/NCCL
     python reproducers/non_float_params.py --device cpu                       # world size 1

@@ -1,9 +1,11 @@
-"""Standalone reproducer: does bitsandbytes ``Linear4bit`` keep (or recover) its QuantState
-under FSDP2 ``fully_shard``, and does the module still compute with the weight FSDP2
-manages (torch + bitsandbytes only)? Rank 0 prints one verdict line for the run (``--json``
-adds each rank's measurements, one JSON object a line); the exit status is 1 where it
-reproduces (quant_state lost, or module.weight, its memory or its data no longer FSDP2's),
-0 where not, 2 where forward raised with nothing else wrong (no conclusion).
+"""Standalone reproducer: does ``Linear4bit`` keep its QuantState under FSDP2?
+
+Does bitsandbytes ``Linear4bit`` keep (or recover) its QuantState under FSDP2 ``fully_shard``,
+and does the module still compute with the weight FSDP2 manages (torch + bitsandbytes only)?
+Rank 0 prints one verdict line for the run (``--json`` adds each rank's measurements, one
+JSON object a line); the exit status is 1 where it reproduces (quant_state lost, or
+module.weight, its memory or its data no longer FSDP2's), 0 where not, 2 where forward
+raised with nothing else wrong (no conclusion).
 
     torchrun --nproc-per-node 2 reproducers/quant_state_loss.py               # CPU/gloo or GPU/NCCL
     python reproducers/quant_state_loss.py --device cpu                       # world size 1

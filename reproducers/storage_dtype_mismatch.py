@@ -1,5 +1,6 @@
-"""Standalone reproducer: ``Linear4bit`` whose ``quant_storage`` differs from FSDP2's
-``MixedPrecisionPolicy.param_dtype`` (torch + bitsandbytes only).
+"""Standalone reproducer: ``Linear4bit`` whose ``quant_storage`` differs from FSDP2's ``param_dtype``.
+
+The ``param_dtype`` of its ``MixedPrecisionPolicy`` (torch + bitsandbytes only).
 
 For each (quant_storage, param_dtype) pair, on a fresh layer: does ``fully_shard``
 succeed, does unshard (the all-gather) and forward run, which dtype does forward see, are

@@ -1,5 +1,6 @@
-"""Standalone: one NF4 weight through bitsandbytes and torchao on one FSDP2 stack (torch,
-bitsandbytes and torchao only).
+"""Standalone: one NF4 weight through bitsandbytes and torchao on one FSDP2 stack.
+
+torch, bitsandbytes and torchao only.
 
 The same draw (``nn.Linear``'s initialization under the weight seed) is quantized by
 bitsandbytes' ``Linear4bit`` (NF4, bf16 quant storage) and by torchao's ``to_nf4``; each is

@@ -282,5 +282,5 @@ PROBE = Probe(
     # and the comparison itself reads every sharded gradient and parameter with full_tensor()
     # (on one H200 with gloo, that is where every workaround's ranks died, ordinary tensors too).
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor", "DTensor.full_tensor()"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({"first_divergence"})),
 )

@@ -14,7 +14,7 @@ import copy
 from dataclasses import dataclass
 from typing import Any
 
-from fsdpqdiag.core.presentation import Presentation, default_key_numbers
+from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, unfinished_rank
 from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
@@ -284,7 +284,7 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
 def key_numbers(evidence: dict) -> str:
     """How a result reads: altered weights, the loss, and how full_tensor() ended."""
     if "totals" not in evidence:  # the ranks ended before the totals
-        return default_key_numbers(evidence)
+        return ""  # the verdict line says why
     totals, ended = evidence["totals"], (evidence.get("full_tensor") or {})
     return (
         f"{totals['altered_modules']} of {totals['quantized_modules']} weights altered, "
@@ -301,5 +301,7 @@ PROBE = Probe(
     verdict=verdict,
     needs=Needs(packages=("bitsandbytes", "transformers")),
     attribute=attribute,
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(
+        key_numbers, reads=frozenset({"totals", "full_tensor", "loss_before", "loss_after"})
+    ),
 )

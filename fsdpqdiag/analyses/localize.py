@@ -369,5 +369,5 @@ PROBE = Probe(
     run=run,
     verdict=verdict,
     needs=Needs(),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({"first_altering_stage", "first_altering_op"})),
 )

@@ -15,7 +15,6 @@ from __future__ import annotations
 from fsdpqdiag import tasks as _every_task  # noqa: F401
 from fsdpqdiag.api.checks import (
     BadInput,
-    _runs,
     check_inject,
     check_probes,
     check_world_size,
@@ -24,9 +23,10 @@ from fsdpqdiag.api.checks import (
     require_stack,
     resolve_backend,
     resolve_device,
+    run_configs,
     visible_gpus,
 )
-from fsdpqdiag.api.commands import doctor, doctor_each, fix, forensics, localize, reproduce
+from fsdpqdiag.api.commands import doctor, fix, forensics, localize, reproduce
 from fsdpqdiag.api.running import preflight, preflight_ok, run_checked, run_probe, run_probes, unsupported
 from fsdpqdiag.api.session import Session
 from fsdpqdiag.api.sweep import matrix
@@ -34,13 +34,12 @@ from fsdpqdiag.api.sweep import matrix
 __all__ = [
     "BadInput",
     "Session",
-    "_runs",
+    "run_configs",
     "check_inject",
     "check_probes",
     "check_world_size",
     "default_world_size",
     "doctor",
-    "doctor_each",
     "fix",
     "forensics",
     "localize",

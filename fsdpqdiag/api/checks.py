@@ -1,5 +1,6 @@
-"""Input a user can get wrong, checked before any rank starts or any file is written:
-each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it). A stack that
+"""Input a user can get wrong, checked before any rank starts or any file is written.
+
+Each problem is a ``BadInput`` with a one-line message (the CLI exits 2 on it). A stack that
 imports but cannot run (bitsandbytes without its native library) is learned from the first
 rank, before anything is written (see ``require_stack``)."""
 
@@ -61,7 +62,7 @@ def resolve_device(requested: str) -> str:
     if requested == "auto":
         return "cuda" if gpus else "cpu"
     if gpus == 0:
-        raise BadInput("--device cuda, but no CUDA GPU is visible")
+        raise BadInput.about("{device=0}, but no CUDA GPU is visible", requested)
     return requested
 
 
@@ -78,22 +79,25 @@ def resolve_backend(requested: str, device: str) -> str:
     if requested == "auto":
         return "nccl" if device == "cuda" else "gloo"
     if requested == "nccl" and device != "cuda":
-        raise BadInput("--backend nccl needs --device cuda")
+        raise BadInput.about("{backend=0} needs {device=1}", "nccl", "cuda")
     return requested
 
 
 def _check_positive(world_size: int) -> None:
     if world_size < 1:
-        raise BadInput(f"--ws must be >= 1, got {world_size}")
+        raise BadInput.about("{world_sizes} must be >= 1, got {0}", world_size)
 
 
 def check_world_size(world_size: int, device: str, backend: str | None = None) -> None:
     _check_positive(world_size)
     backend = backend or ("nccl" if device == "cuda" else "gloo")
     if device == "cuda" and backend == "nccl" and world_size > visible_gpus():
-        raise BadInput(
-            f"--ws {world_size} needs {world_size} GPUs with NCCL, but {visible_gpus()} are visible "
-            "(--backend gloo lets ranks share GPUs)"
+        raise BadInput.about(
+            "{world_sizes=0} needs {0} GPUs with NCCL, but {1} are visible "
+            "({backend=2} lets ranks share GPUs)",
+            world_size,
+            visible_gpus(),
+            "gloo",
         )
 
 
@@ -101,7 +105,9 @@ def check_inject(inject: str | None) -> None:
     from fsdpqdiag.stack import faults
 
     if inject is not None and inject not in faults.FAULTS:
-        raise BadInput(f"unknown fault {inject!r} for --inject (known: {', '.join(faults.FAULTS)})")
+        raise BadInput.about(
+            "unknown fault {0!r} for {inject} (known: {1})", inject, ", ".join(faults.FAULTS)
+        )
 
 
 def check_probes(names: Sequence[str]) -> list[str]:
@@ -119,7 +125,7 @@ def merged(values: Sequence) -> list:
     return list(dict.fromkeys(values))
 
 
-def _runs(
+def run_configs(
     world_sizes: Sequence[int], device: str, backend: str, timeout_s: float, inject: str | None
 ) -> list[RunConfig]:
     """Validated run configurations, one per world size, or BadInput."""
@@ -135,9 +141,9 @@ def _runs(
         raise BadInput(f"unknown backend {backend!r} (known: {', '.join(BACKENDS)})")
     for world_size in world_sizes:
         _check_positive(world_size)
-    # nan compares false with everything, so "<= 0" alone let it through to the ranks.
+    # nan compares false with everything: "<= 0" alone would let it through to the ranks.
     if not math.isfinite(timeout_s) or timeout_s <= 0:
-        raise BadInput(f"--timeout must be > 0 and finite, got {timeout_s}")
+        raise BadInput.about("{timeout_s} must be > 0 and finite, got {0}", timeout_s)
     # Last: where the device is "auto" or "cuda", resolving it imports torch.
     resolved = resolve_device(device)
     rank_start.start_method(resolved)
@@ -153,7 +159,7 @@ def _runs(
     ]
 
 
-def _linear(linear: LinearConfig | None) -> LinearConfig:
+def checked_linear(linear: LinearConfig | None) -> LinearConfig:
     linear = linear or LinearConfig()
     try:
         linear.validate()
@@ -162,7 +168,7 @@ def _linear(linear: LinearConfig | None) -> LinearConfig:
     return linear
 
 
-def _check_storage_pairs(linear: LinearConfig) -> None:
+def check_storage_pairs(linear: LinearConfig) -> None:
     """storage-dtype-mismatch packs the layer in every storage dtype of its pairs, not only
     in --quant-storage: a geometry one of them cannot hold is refused here, not per rank."""
     from fsdpqdiag.core.config import packing_problem

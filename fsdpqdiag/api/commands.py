@@ -12,12 +12,12 @@ from fsdpqdiag.analyses import localize as localize_task
 from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
-    _check_storage_pairs,
-    _linear,
-    _runs,
     check_probes,
+    check_storage_pairs,
+    checked_linear,
     merged,
     require_stack,
+    run_configs,
 )
 from fsdpqdiag.api.running import (
     preflight,
@@ -30,7 +30,35 @@ from fsdpqdiag.core.config import LinearConfig, RunConfig
 from fsdpqdiag.launcher import batch
 from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.probes import storage_dtype_mismatch
-from fsdpqdiag.report.model import Report
+from fsdpqdiag.report.commands import DOCTOR, FIX, FORENSICS, LOCALIZE, REPRODUCE
+from fsdpqdiag.report.model import ProbeResult, Report
+
+
+def _at_each_world_size(
+    runs: Sequence[RunConfig], run_one: Callable[[RunConfig], tuple[list[ProbeResult], dict | None]]
+) -> tuple[list[ProbeResult], list[dict | None]]:
+    """``run_one(run)`` at each world size, in order: every result, and each run's preflight."""
+    results: list[ProbeResult] = []
+    checks: list[dict | None] = []
+    for run in runs:
+        ran, checked = run_one(run)
+        results.extend(ran)
+        checks.append(checked)
+    return results, checks
+
+
+def _announcer(
+    on_progress: Callable[[str], None] | None, run: RunConfig, naming_the_stack: bool = True
+) -> Callable[[str], None]:
+    """The progress line of each step of ``run``: what runs, at which world size (and on
+    which device and backend)."""
+
+    def announce(what: str) -> None:
+        if on_progress:
+            where = f" on {run.device}/{run.backend}" if naming_the_stack else ""
+            on_progress(f"{what} at world size {run.world_size}{where}")
+
+    return announce
 
 
 @in_session
@@ -49,30 +77,22 @@ def reproduce(
 ) -> Report:
     """Run the selected probes (all by default) at each world size, all of one world size in
     one launch (relaunching after a probe that kills it)."""
-    linear = _linear(linear)
+    linear = checked_linear(linear)
     names = check_probes(probes)
     if storage_dtype_mismatch.PROBE.name in names:
-        _check_storage_pairs(linear)
+        check_storage_pairs(linear)
     probe_config = dataclasses.asdict(linear)
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
-    results, checks = [], []
-    for run in runs:
-
-        def on_start(name: str, run: RunConfig = run) -> None:
-            if on_progress:
-                on_progress(f"{name} at world size {run.world_size} on {run.device}/{run.backend}")
-
-        ran, checked = run_checked(
-            names, probe_config, run, {"linear": probe_config}, on_start, session=session
-        )
-        checks.append(checked)
-        results.extend(ran)
-    return Report(
-        command="reproduce", argv=list(argv), env=session.stack(), results=results, preflight=checks
+    results, checks = _at_each_world_size(
+        runs,
+        lambda run: run_checked(
+            names, probe_config, run, {"linear": probe_config}, _announcer(on_progress, run), session=session
+        ),
     )
+    return Report(REPRODUCE.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
@@ -89,7 +109,7 @@ def localize(
     session: LaunchSession,
 ) -> Report:
     """Replay FSDP2's unshard path stage by stage on every bf16 NaN pattern."""
-    linear = _linear(linear or LinearConfig(in_features=256, out_features=256))
+    linear = checked_linear(linear or LinearConfig(in_features=256, out_features=256))
     # The payload plants every bf16 NaN pattern (2 signs x 127 non-zero mantissas) in the
     # packed bf16 storage; a smaller layer would replay without them and prove nothing.
     nan_patterns = 254
@@ -99,21 +119,18 @@ def localize(
             f"a {linear.out_features}x{linear.in_features} layer packs into {containers} bf16 containers; "
             f"the payload needs {nan_patterns} (in_features * out_features >= {nan_patterns * 4})"
         )
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     estimate = memory.layer_estimate(linear.in_features, linear.out_features, linear.batch)
     on_progress = memory.noting(on_progress, memory.check(estimate, runs))
     require_stack(session)
-    results, checks = [], []
-    for run in runs:
-        if on_progress:
-            on_progress(f"localize at world size {run.world_size} on {run.device}/{run.backend}")
-        config = dataclasses.asdict(linear)
-        (result,), checked = run_checked(
-            [localize_task.PROBE.name], config, run, {"linear": config}, session=session
-        )
-        checks.append(checked)
-        results.append(result)
-    return Report(command="localize", argv=list(argv), env=session.stack(), results=results, preflight=checks)
+    config = dataclasses.asdict(linear)
+
+    def replay(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        _announcer(on_progress, run)("localize")
+        return run_checked([localize_task.PROBE.name], config, run, {"linear": config}, session=session)
+
+    results, checks = _at_each_world_size(runs, replay)
+    return Report(LOCALIZE.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
@@ -145,10 +162,10 @@ def fix(
         if target not in TARGETS:
             raise BadInput(f"unknown fix target {target!r} (known: {', '.join(TARGETS)})")
     if steps < 1:
-        raise BadInput(f"--steps must be >= 1, got {steps}")
+        raise BadInput.about("{steps} must be >= 1, got {0}", steps)
     from fsdpqdiag.stack.models import PRESETS, ModelSourceError, preset_dir
 
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     require_stack(session)
     for target in targets:
         if target in PRESETS:
@@ -170,18 +187,15 @@ def fix(
         for target in targets
         for w in ["none", *names]
     ]
-    results, checks = [], []
-    for run in runs:
 
-        def on_start(key: str, run: RunConfig = run) -> None:
-            if on_progress:
-                on_progress(f"{key} at world size {run.world_size}")
-
+    def verify(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        on_start = _announcer(on_progress, run, naming_the_stack=False)
         ran, checked = run_items_checked(items, run, subject, on_start, session=session)
-        checks.append(checked)
         _rerun_after_an_unrestored_undo(items, ran, run, checked, session)
-        results.extend(ran[item.key] for item in items)
-    return Report(command="fix", argv=list(argv), env=session.stack(), results=results, preflight=checks)
+        return [ran[item.key] for item in items], checked
+
+    results, checks = _at_each_world_size(runs, verify)
+    return Report(FIX.name, list(argv), session.stack(), results, preflight=checks)
 
 
 def _rerun_after_an_unrestored_undo(
@@ -225,10 +239,10 @@ def forensics(
     from fsdpqdiag.stack.models import ModelSourceError, resolve_model
 
     if bits not in (4, 8):
-        raise BadInput(f"--bits must be 4 or 8, got {bits}")
+        raise BadInput.about("{bits} must be 4 or 8, got {0}", bits)
     if quant_type not in QUANT_TYPES:
         raise BadInput(f"unknown quant type {quant_type!r} (known: {', '.join(QUANT_TYPES)})")
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack(session)
     try:
@@ -244,48 +258,19 @@ def forensics(
         "lora": lora,
     }
     subject = {"model": {**config, "label": model or preset}}
-    results, checks = [], []
-    for run in runs:
-        if on_progress:
-            on_progress(f"forensics at world size {run.world_size} on {run.device}/{run.backend}")
+
+    def examine(run: RunConfig) -> tuple[list[ProbeResult], dict | None]:
+        _announcer(on_progress, run)("forensics")
         (result,), checked = run_checked([forensics_task.PROBE.name], config, run, subject, session=session)
-        checks.append(checked)
-        result.config["model"] = model or preset
-        results.append(result)
-    return Report(
-        command="forensics", argv=list(argv), env=session.stack(), results=results, preflight=checks
-    )
+        result.config["model"] = model or preset  # the name asked for, not the cache path
+        return [result], checked
+
+    results, checks = _at_each_world_size(runs, examine)
+    return Report(FORENSICS.name, list(argv), session.stack(), results, preflight=checks)
 
 
 @in_session
 def doctor(
-    world_size: int | None = None,
-    device: str = "auto",
-    backend: str = "auto",
-    timeout_s: float = 300.0,
-    inject: str | None = None,
-    model: str | None = None,
-    preset: str = "tiny-llama",
-    on_progress: Callable[[str], None] | None = None,
-    *,
-    session: LaunchSession,
-) -> dict:
-    """The stack preflight alone, on one device, backend and world size, for the model under
-    test (``--model DIR`` or a preset) wrapped as forensics and the matrix wrap it."""
-    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
-
-    (run,) = _runs([world_size] if world_size is not None else [], device, backend, timeout_s, inject)
-    require_stack(session)
-    try:
-        path = resolve_model(model, preset)
-    except ModelSourceError as exc:
-        raise BadInput(str(exc)) from exc
-    subject = {"model": {"model": str(path), "label": model or preset}}
-    return preflight(run, subject, on_progress, session=session)
-
-
-@in_session
-def doctor_each(
     world_sizes: Sequence[int] = (),
     device: str = "auto",
     backend: str = "auto",
@@ -293,16 +278,30 @@ def doctor_each(
     inject: str | None = None,
     model: str | None = None,
     preset: str = "tiny-llama",
+    argv: Sequence[str] = (),
     on_progress: Callable[[str], None] | None = None,
     *,
     session: LaunchSession,
-) -> list[dict]:
-    """``doctor`` at each world size (the default one when none is given), every size
-    checked before the first launch: a bad second ``--ws`` costs no run."""
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
-    return [
-        doctor(
-            run.world_size, device, backend, timeout_s, inject, model, preset, on_progress, session=session
-        )
-        for run in runs
-    ]
+) -> Report:
+    """The stack preflight alone at each world size (the default one when none is given),
+    for the model under test (``model`` or a preset) wrapped as forensics and the matrix wrap
+    it: a report with no probe result, one preflight per world size. Every size is checked
+    before the first launch: a bad second world size costs no run."""
+    from fsdpqdiag.stack.models import ModelSourceError, resolve_model
+
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
+    require_stack(session)
+    try:
+        path = resolve_model(model, preset)
+    except ModelSourceError as exc:
+        raise BadInput(str(exc)) from exc
+    subject = {"model": {"model": str(path), "label": model or preset}}
+    checks = [preflight(run, subject, on_progress, session=session) for run in runs]
+    return Report(
+        command=DOCTOR.name,
+        argv=list(argv),
+        env=session.stack(),
+        results=[],
+        world_sizes=[run.world_size for run in runs],
+        preflight=checks,
+    )

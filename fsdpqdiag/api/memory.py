@@ -1,6 +1,7 @@
-"""Memory a run needs, estimated before launch from the geometry and dtypes, against what
-the device has: work that cannot fit is refused (``BadInput``, nothing launched) instead of
-every rank ending in ERROR after minutes.
+"""Memory a run needs, estimated before launch and held against what the device has.
+
+The estimate comes from the geometry and dtypes: work that cannot fit is refused
+(``BadInput``, nothing launched) instead of every rank ending in ERROR after minutes.
 
 Two numbers per rank. The *floor* is memory the run certainly allocates (a Linear4bit's
 weight is created in float32 before it is quantized; a model is loaded at least as its

@@ -155,7 +155,7 @@ def unsupported(name: str, probe_config: dict, run: RunConfig, checked: dict) ->
     decided = stack.unsupported_verdict(name, probe.preconditions, checked, run)
     if decided is None:
         return None
-    _attribute(name, decided, run)
+    attribute(name, decided, run)
     return ProbeResult(
         verdict=decided.verdict,
         summary=decided.summary,
@@ -189,7 +189,7 @@ def _skipped(name: str, probe_config: dict, run: RunConfig, reason: str) -> Prob
     return ProbeResult(verdict=SKIPPED, summary=reason, reason=reason, **_common(name, probe_config, run))
 
 
-def _attribute(name: str, decided, run: RunConfig, signal: str | None = None) -> None:
+def attribute(name: str, decided, run: RunConfig, signal: str | None = None) -> None:
     """Put the attribution record into a verdict that names a culprit (see ``attribution``)."""
     from fsdpqdiag.tasks import get_probe
 
@@ -237,7 +237,7 @@ def _decide(
     if checked is not None:
         held = {c["name"] for c in checked.get("capabilities", []) if c["ok"]}
         decided.evidence["preflight_held"] = [name for name in probe.preconditions if name in held]
-    _attribute(name, decided, run, signal=next((o.signal for o in outcomes if o.signal), None))
+    attribute(name, decided, run, signal=next((o.signal for o in outcomes if o.signal), None))
     return ProbeResult(
         verdict=decided.verdict,
         summary=decided.summary,

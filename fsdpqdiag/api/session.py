@@ -37,9 +37,6 @@ class Session(LaunchSession):
     def doctor(self, *args, **kwargs):
         return commands.doctor(*args, session=self, **kwargs)
 
-    def doctor_each(self, *args, **kwargs):
-        return commands.doctor_each(*args, session=self, **kwargs)
-
     def run_probe(self, *args, **kwargs):
         return running.run_probe(*args, session=self, **kwargs)
 

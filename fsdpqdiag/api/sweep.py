@@ -11,16 +11,17 @@ from fsdpqdiag.analyses.matrix.task import NAME as MATRIX_TASK
 from fsdpqdiag.api import memory
 from fsdpqdiag.api.checks import (
     BadInput,
-    _runs,
     merged,
     require_stack,
+    run_configs,
 )
 from fsdpqdiag.api.running import (
-    _attribute,
+    attribute,
     unsupported,
 )
 from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.rank import job_store
+from fsdpqdiag.report.commands import MATRIX
 from fsdpqdiag.report.model import ProbeResult, Report
 
 
@@ -55,7 +56,9 @@ def matrix(
     from fsdpqdiag.stack.models import DEFAULT_PRESET, ModelSourceError, resolve_model
 
     if resume is not None and out_dir is not None and Path(resume).resolve() != Path(out_dir).resolve():
-        raise BadInput(f"--resume {resume} continues the sweep in its own directory; drop --out {out_dir}")
+        raise BadInput.about(
+            "{resume=0} continues the sweep in its own directory; drop {out_dir=1}", resume, out_dir
+        )
     writes_record = (resume or out_dir) is not None and os.environ.get("RANK", "0") == "0"
 
     # Under torchrun's agents every rank runs what rank 0 read (the other nodes' disks need not
@@ -73,7 +76,7 @@ def matrix(
         selected = _selected_cells(cells, grid)
         preset = preset or DEFAULT_PRESET
         lora = True if lora is None else lora
-    runs = _runs(world_sizes, device, backend, timeout_s, inject)
+    runs = run_configs(world_sizes, device, backend, timeout_s, inject)
     directory = resume or out_dir
     on_progress = memory.noting(on_progress, memory.check_model(model, preset, runs))
     require_stack(session)
@@ -101,7 +104,7 @@ def matrix(
     if recovered is not None:
         analysis["resume"] = recovered.summary()
     results, checks = sweep.results, sweep.checks
-    return Report("matrix", list(argv), session.stack(), results, analysis=analysis, preflight=checks)
+    return Report(MATRIX.name, list(argv), session.stack(), results, analysis=analysis, preflight=checks)
 
 
 def _read_record(resume: str | None, out_dir: str | None, writes_record: bool, asked: tuple):
@@ -140,7 +143,7 @@ def _write_record(directory: str, recovered, selected, runs, model, preset, lora
     try:
         path.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
-        raise BadInput(f"cannot create --out directory {directory}: {exc.strerror}") from exc
+        raise BadInput.about("cannot create {out_dir} directory {0}: {1}", directory, exc.strerror) from exc
     plan = mx.SweepPlan(
         cells=[dataclasses.asdict(c) for c in selected],
         world_sizes=[run.world_size for run in runs],
@@ -230,7 +233,7 @@ class _Sweep:
                 summary=row.get("error") or cell.describe() or "defaults",
                 evidence=({**row, **refused.evidence} if refused is not None else row),
             )
-            _attribute(MATRIX_TASK, result, run, signal=row.get("signal"))
+            attribute(MATRIX_TASK, result, run, signal=row.get("signal"))
             self.results.append(result)
 
     def analysis(self) -> dict[str, Any]:
@@ -254,63 +257,62 @@ def _recover_sweep(directory) -> Any:
 
     record = directory / mx.RECORD_NAME
     if not record.is_file():
-        raise BadInput(f"--resume {directory}: no {mx.RECORD_NAME} there to resume from")
+        raise BadInput.about("{resume=0}: no {1} there to resume from", str(directory), mx.RECORD_NAME)
     if not os.access(directory, os.W_OK) or not os.access(record, os.W_OK):
-        raise BadInput(f"--resume {directory}: {mx.RECORD_NAME} or its directory is not writable")
+        raise BadInput.about(
+            "{resume=0}: {1} or its directory is not writable", str(directory), mx.RECORD_NAME
+        )
     try:
         return mx.recover(directory)
     except mx.SweepRecordError as exc:
-        raise BadInput(f"--resume {directory}: {record} cannot be resumed: {exc}") from exc
+        raise BadInput.about("{resume=0}: {1} cannot be resumed: {2}", str(directory), record, exc) from exc
     except OSError as exc:
-        raise BadInput(f"--resume {directory}: cannot read {record}: {exc.strerror}") from exc
+        raise BadInput.about(
+            "{resume=0}: cannot read {1}: {2}", str(directory), record, exc.strerror
+        ) from exc
 
 
 def _refuse_conflicts(
     plan, resume, cells, grid, world_sizes, device, backend, model, preset, lora, inject
 ) -> None:
-    """BadInput when an option given with --resume contradicts the recorded plan: resuming a
-    LoRA sweep with --no-lora used to reuse the LoRA rows and label them lora: false."""
+    """BadInput when a parameter given with ``resume`` contradicts the recorded plan: the
+    recorded rows answer the recorded plan only (a LoRA sweep's rows are not rows without LoRA)."""
     from pathlib import Path
 
     from fsdpqdiag.analyses import matrix as mx
 
-    asked: list[tuple[str, Any, Any]] = []  # (option, recorded, requested)
+    asked: list[tuple[str, Any, Any]] = []  # (parameter, recorded, requested)
     if cells or grid:
         try:
             requested = [dataclasses.asdict(c) for c in mx.select_cells(cells, grid)]
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
         if requested != plan.cells:
-            asked.append(("--cells/--grid", [c["name"] for c in plan.cells], [c["name"] for c in requested]))
+            asked.append(("cells/grid", [c["name"] for c in plan.cells], [c["name"] for c in requested]))
     if world_sizes:
-        asked.append(("--ws", plan.world_sizes, merged(world_sizes)))
+        asked.append(("world_sizes", plan.world_sizes, merged(world_sizes)))
     if device != "auto":
-        asked.append(("--device", plan.device, device))
+        asked.append(("device", plan.device, device))
     if backend != "auto":
-        asked.append(("--backend", plan.backend, backend))
+        asked.append(("backend", plan.backend, backend))
     if model is not None:
-        asked.append(("--model", plan.model, str(Path(model).resolve())))
+        asked.append(("model", plan.model, str(Path(model).resolve())))
     if preset is not None:
-        asked.append(("--preset", plan.preset, preset))
+        asked.append(("preset", plan.preset, preset))
     if lora is not None:
-        asked.append(("--lora/--no-lora", plan.lora, lora))
+        asked.append(("lora", plan.lora, lora))
     if inject is not None:
-        asked.append(("--inject", plan.inject, inject))
-
-    def shown(option: str, value: Any) -> str:
-        if isinstance(value, bool):
-            return "--lora" if value else "--no-lora"
-        if value is None:
-            return f"no {option}"
-        if isinstance(value, list):
-            return f"{option} {' '.join(str(v) for v in value)}"
-        return f"{option} {value}"
-
-    for option, recorded, requested in asked:
+        asked.append(("inject", plan.inject, inject))
+    for parameter, recorded, requested in asked:
         if requested != recorded:
-            raise BadInput(
-                f"--resume {resume}: the sweep was recorded with {shown(option, recorded)}, this "
-                f"command asks for {shown(option, requested)}; leave {option} out to continue it"
+            raise BadInput.about(
+                (
+                    "{resume=0}: the sweep was recorded with {option=1}, this command asks for "
+                    "{option=2}; leave {option} out to continue it"
+                ).replace("option", parameter),
+                resume,
+                recorded,
+                requested,
             )
 
 
@@ -320,14 +322,17 @@ def _check_new_sweep_dir(path) -> None:
     from fsdpqdiag.analyses import matrix as mx
 
     if (path / mx.RECORD_NAME).exists():
-        raise BadInput(
-            f"--out {path} already holds a sweep ({mx.RECORD_NAME}): --resume {path} continues it, "
-            "or choose another directory"
+        raise BadInput.about(
+            "{out_dir=0} already holds a sweep ({1}): {resume=0} continues it, or choose another directory",
+            str(path),
+            mx.RECORD_NAME,
         )
     if path.exists() and not path.is_dir():
-        raise BadInput(f"--out {path} is not a directory")
+        raise BadInput.about("{out_dir=0} is not a directory", str(path))
     existing = path
     while not existing.exists():
         existing = existing.parent
     if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise BadInput(f"cannot create --out directory {path}: {existing} is not writable")
+        raise BadInput.about(
+            "cannot create {out_dir} directory {0}: {1} is not writable", str(path), existing
+        )

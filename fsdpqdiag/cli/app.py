@@ -139,6 +139,49 @@ def fail(message: str) -> typer.Exit:
     return typer.Exit(EXIT_BAD_INPUT)
 
 
+# The flag of each library parameter a ``BadInput`` may name: the library's messages name
+# its parameters, the CLI's name what the user typed.
+FLAGS = {
+    "world_sizes": "--ws",
+    "device": "--device",
+    "backend": "--backend",
+    "timeout_s": "--timeout",
+    "inject": "--inject",
+    "steps": "--steps",
+    "bits": "--bits",
+    "model": "--model",
+    "preset": "--preset",
+    "lora": "--lora/--no-lora",
+    "cells/grid": "--cells/--grid",
+    "resume": "--resume",
+    "out_dir": "--out",
+}
+
+
+class FlagNames:
+    """A ``BadInput``'s wording on the command line: each parameter by its flag (``FLAGS``),
+    set to a value as it is typed (``--ws 1 2``, ``--no-lora``)."""
+
+    def parameter(self, name: str) -> str:
+        return FLAGS[name]
+
+    def setting(self, name: str, value) -> str:
+        flag = FLAGS[name]
+        if isinstance(value, bool):  # a --x/--no-x pair: the half that sets this value
+            on, _, off = flag.partition("/")
+            return on if value else off
+        if value is None:
+            return f"no {flag}"
+        if isinstance(value, list):
+            return f"{flag} {' '.join(str(v) for v in value)}"
+        return f"{flag} {value}"
+
+
+def bad_input(exc) -> typer.Exit:
+    """``fail`` with a library ``BadInput``, its parameters named by their flags."""
+    return fail(exc.worded(FlagNames()))
+
+
 def is_reporting_rank() -> bool:
     """Under torchrun every rank runs the command; only global rank 0 writes and prints."""
     return os.environ.get("RANK", "0") == "0"
@@ -252,25 +295,34 @@ def print_tables(renderable, wide: bool) -> None:
     stdout.print(renderable, crop=not wide)
 
 
-def print_report(
-    view, report, wide: bool, json_path: Path | None = None, exit_code: int | None = None
-) -> None:
-    """Print a command's tables and its ending: a ``help:`` line per finding, the summary
-    line and the next step (``json_path``: where the report was kept, for that step)."""
-    from fsdpqdiag.render.conclusion import with_conclusion
-    from fsdpqdiag.report.conclusion import conclude
-
-    print_tables(with_conclusion(view, conclude(report, json_path, exit_code)), wide)
-
-
-def write_report(report, json_path: Path | None, markdown_path: Path | None) -> None:
-    """Write the report's JSON and Markdown views atomically (rank 0 only under torchrun);
-    either may be ``-``, stdout."""
+def end_command(
+    report,
+    json_path: Path | None,
+    markdown_path: Path | None,
+    quiet: bool,
+    wide: bool,
+    *,
+    exit_code: int | None = None,
+    outputs: tuple | None = None,
+    after_outputs=None,
+) -> typer.Exit:
+    """The ending every command shares, returned for the command to raise. On the reporting
+    rank (rank 0 under torchrun): the outputs written atomically (the report's JSON and
+    Markdown, either may be ``-``, unless ``outputs`` gives others as (path, data) pairs),
+    then ``after_outputs()`` (a command's own files and notes), then the report's view and
+    conclusion unless quiet. The exit code is the one the report decides, or ``exit_code``."""
     from fsdpqdiag.render import markdown
+    from fsdpqdiag.render.views import report_view
 
-    if not is_reporting_rank():
-        return
-    write_outputs((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
+    if is_reporting_rank():
+        if outputs is None:
+            outputs = ((json_path, report.to_json), (markdown_path, lambda: markdown.render(report)))
+        write_outputs(*outputs)
+        if after_outputs is not None:
+            after_outputs()
+        if not quiet:
+            print_tables(report_view(report, wide, json_path, exit_code), wide)
+    return typer.Exit(report.exit_code() if exit_code is None else exit_code)
 
 
 class ProgressLines:
@@ -308,7 +360,7 @@ def run_library(call, status_text: str = "starting…"):
             lines.finish()
             return done
     except BadInput as exc:
-        raise fail(str(exc)) from None
+        raise bad_input(exc) from None
     except KeyboardInterrupt as exc:
         # The launcher has already killed and reaped every rank; nothing was written.
         # SIGTERM and SIGHUP arrive as Stopped, a KeyboardInterrupt, and end the same way.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from typing import Annotated
 
 import typer
@@ -19,10 +20,8 @@ from fsdpqdiag.cli.app import (
     WorldSizes,
     app,
     check_outputs,
-    is_reporting_rank,
-    print_tables,
+    end_command,
     run_library,
-    write_outputs,
 )
 
 DOCTOR_EXIT_CODES = (
@@ -55,13 +54,11 @@ def doctor(
 
     Example: fsdpqdiag doctor --ws 1 --ws 2 --device cpu --json doctor.json
     """
-    from fsdpqdiag import api
-    from fsdpqdiag.render.preflight_table import checks_markdown_lines, preflight_table
-    from fsdpqdiag.report.model import EXIT_CLEAN, EXIT_PROBE_FAILED
+    from fsdpqdiag.render.preflight_table import checks_markdown_lines
 
     quiet = check_outputs(json_path, markdown_path) or quiet
-    checks = run_library(
-        lambda session, progress: session.doctor_each(
+    report = run_library(
+        lambda session, progress: session.doctor(
             world_sizes=ws or (),
             device=device,
             backend=backend,
@@ -69,18 +66,15 @@ def doctor(
             inject=inject,
             model=model,
             preset=preset,
+            argv=["doctor", *sys.argv[2:]],
             on_progress=progress,
         )
     )
-    if is_reporting_rank():
-        # One world size: its object, as every report's preflight entry; several: a list.
-        document = checks[0] if len(checks) == 1 else checks
-        write_outputs(
-            (json_path, lambda: json.dumps(document, indent=2) + "\n"),
-            (markdown_path, lambda: "\n".join(checks_markdown_lines(checks)).lstrip("\n") + "\n"),
-        )
-        if not quiet:
-            for checked in checks:
-                print_tables(preflight_table(checked, wide), wide)
-    ok = all(api.preflight_ok(checked) for checked in checks)
-    raise typer.Exit(EXIT_CLEAN if ok else EXIT_PROBE_FAILED)
+    checks = report.preflight
+    # One world size: its object, as every report's preflight entry; several: a list.
+    document = checks[0] if len(checks) == 1 else checks
+    outputs = (
+        (json_path, lambda: json.dumps(document, indent=2) + "\n"),
+        (markdown_path, lambda: "\n".join(checks_markdown_lines(checks)).lstrip("\n") + "\n"),
+    )
+    raise end_command(report, json_path, markdown_path, quiet, wide, outputs=outputs)

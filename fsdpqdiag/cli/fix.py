@@ -21,10 +21,8 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     choices_help,
-    is_reporting_rank,
-    print_report,
+    end_command,
     run_library,
-    write_report,
 )
 from fsdpqdiag.fixes import FIXES
 
@@ -72,7 +70,6 @@ def fix(
     wide: Wide = False,
 ) -> None:
     """Verify workarounds bit for bit against training without FSDP (loss, LoRA grads, K steps)."""
-    from fsdpqdiag.render.fix_table import fix_table
 
     quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
@@ -89,7 +86,4 @@ def fix(
             on_progress=progress,
         )
     )
-    write_report(report, json_path, markdown_path)
-    if not quiet and is_reporting_rank():
-        print_report(fix_table(report, wide), report, wide, json_path)
-    raise typer.Exit(report.exit_code())
+    raise end_command(report, json_path, markdown_path, quiet, wide)

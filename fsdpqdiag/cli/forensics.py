@@ -19,12 +19,10 @@ from fsdpqdiag.cli.app import (
     WorldSizes,
     app,
     check_outputs,
+    end_command,
     fail,
-    is_reporting_rank,
     model_files,
-    print_report,
     run_library,
-    write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
 
@@ -54,7 +52,6 @@ def forensics(
 ) -> None:
     """For every quantized weight of a real model: original vs _local_tensor vs forward's vs full_tensor()."""
     from fsdpqdiag.core.config import canonical_dtype
-    from fsdpqdiag.render.forensics_table import forensics_table
 
     quiet = (
         check_outputs(json_path, markdown_path, inputs=model_files(model)) or quiet
@@ -81,7 +78,4 @@ def forensics(
             on_progress=progress,
         )
     )
-    write_report(report, json_path, markdown_path)
-    if not quiet and is_reporting_rank():
-        print_report(forensics_table(report, wide), report, wide, json_path)
-    raise typer.Exit(report.exit_code())
+    raise end_command(report, json_path, markdown_path, quiet, wide)

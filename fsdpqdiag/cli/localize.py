@@ -18,10 +18,8 @@ from fsdpqdiag.cli.app import (
     Wide,
     app,
     check_outputs,
-    is_reporting_rank,
-    print_report,
+    end_command,
     run_library,
-    write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
 
@@ -45,7 +43,6 @@ def localize(
 ) -> None:
     """Replay FSDP2's unshard op by op on every bf16 NaN pattern; name the first op that alters bytes."""
     from fsdpqdiag.core.config import LinearConfig
-    from fsdpqdiag.render.localize_table import localize_table
 
     quiet = check_outputs(json_path, markdown_path) or quiet
     report = run_library(
@@ -60,7 +57,4 @@ def localize(
             on_progress=progress,
         )
     )
-    write_report(report, json_path, markdown_path)
-    if not quiet and is_reporting_rank():
-        print_report(localize_table(report, wide), report, wide, json_path)
-    raise typer.Exit(report.exit_code())
+    raise end_command(report, json_path, markdown_path, quiet, wide)

@@ -22,13 +22,11 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     choices_help,
-    is_reporting_rank,
+    end_command,
     model_files,
-    print_report,
     run_library,
     stderr,
     write_outputs,
-    write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
 
@@ -100,14 +98,16 @@ def matrix(
         resume=str(resume) if resume else None,
         argv=["matrix", *sys.argv[2:]],
     )
-    write_report(report, json_path, markdown_path)
-    _note_what_resume_set_aside(report, resume)
-    if is_reporting_rank():
-        _write_cell_outputs(report, csv, parquet, plot, quiet, wide, json_path)
+
+    def after_the_report() -> None:
+        _note_what_resume_set_aside(report, resume)
+        _write_cell_outputs(report, csv, parquet, plot)
+
+    ending = end_command(report, json_path, markdown_path, quiet, wide, after_outputs=after_the_report)
     _wait_for_reporting_rank()
     # Past the barrier rank 0 has written everything, so every rank may give the report's exit
     # code: each node's torchrun then exits as the job's verdict says, not 0 on all but one.
-    raise typer.Exit(report.exit_code())
+    raise ending
 
 
 def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> bool:
@@ -151,10 +151,10 @@ def _run_with_progress(**options):
         )
 
 
-def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, json_path) -> None:
-    """The cells as CSV / Parquet / heat map, and the table unless --quiet."""
+def _write_cell_outputs(report, csv, parquet, plot) -> None:
+    """The cells as CSV / Parquet / heat map."""
     from fsdpqdiag.analyses import matrix as mx
-    from fsdpqdiag.render.matrix_table import heat_map, matrix_table
+    from fsdpqdiag.render.matrix_table import heat_map
 
     cells_used = list(dict.fromkeys(mx.Cell(**r.config["cell"]) for r in report.results))
     rows = {
@@ -165,8 +165,6 @@ def _write_cell_outputs(report, csv, parquet, plot, quiet: bool, wide: bool, jso
     write_outputs((csv, lambda: frame.to_csv(index=False)), (parquet, frame.to_parquet))
     if plot is not None:
         heat_map(report, plot)
-    if not quiet:
-        print_report(matrix_table(report, wide), report, wide, json_path)
 
 
 def _note_what_resume_set_aside(report, resume: Path | None) -> None:
@@ -174,7 +172,7 @@ def _note_what_resume_set_aside(report, resume: Path | None) -> None:
     were run again, and the lines are kept in cells.rejected.jsonl."""
     recovered = report.analysis.get("resume") or {}
     rejected = recovered.get("rejected_records") or []
-    if not is_reporting_rank() or not (rejected or recovered.get("torn_line_truncated")):
+    if not (rejected or recovered.get("torn_line_truncated")):
         return
     parts = (
         [f"{len(rejected)} bad record(s) (lines {', '.join(str(r['line']) for r in rejected)})"]

@@ -36,27 +36,11 @@ REPORT_FORMATS = (
 
 
 def report_tables(report, wide: bool = False, path: Path | None = None):
-    """The rich view of any report: the table of the command that wrote it, the table of
-    probe results for the others. The choice is made here, where commands are wired to
-    their renderers (each command prints its own view the same way), so that no renderer
-    branches on a command."""
-    from fsdpqdiag.render.fix_table import fix_table
-    from fsdpqdiag.render.forensics_table import forensics_table
-    from fsdpqdiag.render.localize_table import localize_table
-    from fsdpqdiag.render.matrix_table import matrix_table
-    from fsdpqdiag.render.table import findings_table, reproduce_table
+    """The rich view of any report: its command's view and conclusion, as the command
+    printed them (``fsdpqdiag.render.views``)."""
+    from fsdpqdiag.render.views import report_view
 
-    views = {
-        "matrix": matrix_table,
-        "fix": fix_table,
-        "localize": localize_table,
-        "forensics": forensics_table,
-        "watch": findings_table,
-    }
-    from fsdpqdiag.render.conclusion import with_conclusion
-    from fsdpqdiag.report.conclusion import conclude
-
-    return with_conclusion(views.get(report.command, reproduce_table)(report, wide), conclude(report, path))
+    return report_view(report, wide, path)
 
 
 def _load(path: Path):

@@ -20,11 +20,9 @@ from fsdpqdiag.cli.app import (
     app,
     check_outputs,
     choices_help,
+    end_command,
     fail,
-    is_reporting_rank,
-    print_report,
     run_library,
-    write_report,
 )
 from fsdpqdiag.report.model import EXIT_CODES_HELP
 from fsdpqdiag.tasks import PROBES  # imports no torch: --help stays fast
@@ -85,8 +83,6 @@ def reproduce(
     except ValueError as exc:
         raise fail(str(exc)) from None
 
-    from fsdpqdiag.render.table import reproduce_table
-
     report = run_library(
         lambda session, progress: session.reproduce(
             probes=probe or (),
@@ -100,7 +96,4 @@ def reproduce(
             on_progress=progress,
         )
     )
-    write_report(report, json_path, markdown_path)
-    if not quiet and is_reporting_rank():
-        print_report(reproduce_table(report, wide), report, wide, json_path)
-    raise typer.Exit(report.exit_code())
+    raise end_command(report, json_path, markdown_path, quiet, wide)

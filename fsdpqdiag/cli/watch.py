@@ -15,11 +15,12 @@ from fsdpqdiag.cli.app import (
     Quiet,
     Wide,
     app,
+    bad_input,
     check_outputs,
     choices_help,
+    end_command,
     fail,
     print_error,
-    print_report,
 )
 from fsdpqdiag.fixes import installable
 from fsdpqdiag.weightguard.watch import WATCH_EXIT_CODES
@@ -72,7 +73,6 @@ def watch(
     """
     from fsdpqdiag import fixes
     from fsdpqdiag.api import BadInput, check_inject
-    from fsdpqdiag.render.table import findings_table
     from fsdpqdiag.weightguard import watch as watching
     from fsdpqdiag.weightguard.guard import ACTION_CHOICES, PARAM_CHOICES
 
@@ -85,7 +85,7 @@ def watch(
     try:
         check_inject(inject)  # the message every other command gives
     except BadInput as exc:
-        raise fail(str(exc)) from None
+        raise bad_input(exc) from None
     if fix is not None:
         try:
             fixes.check_installable(fix)
@@ -107,26 +107,35 @@ def watch(
         argv=["watch", *sys.argv[2:]],
         report_path=str(Path(json_path).resolve()) if json_path and json_path != "-" else None,
     )
-    _write_or_say_where(outcome, json_path, markdown_path)
-
-    if not quiet:
-        print_report(findings_table(outcome.report, wide), outcome.report, wide, json_path, outcome.exit_code)
+    ending = _end(outcome, json_path, markdown_path, quiet, wide)
     if not outcome.checked:
         # Even with -q: an exit without a finding must not pass for a clean run.
         print_error(f"watch: {outcome.report.results[0].summary}")
-    raise typer.Exit(outcome.exit_code)
+    raise ending
 
 
-def _write_or_say_where(outcome, json_path, markdown_path) -> None:
-    """One report per job: the node of the lowest rank writes it (weightguard.job); the
-    other nodes say where it is."""
+def _end(outcome, json_path, markdown_path, quiet: bool, wide: bool):
+    """``end_command`` for watch's outcome. One report per job: the node of the lowest rank
+    writes it (weightguard.job); the other nodes say where it is."""
+    writes = outcome.job is None or outcome.job["writes"]
+    return end_command(
+        outcome.report,
+        json_path,
+        markdown_path,
+        quiet,
+        wide,
+        exit_code=outcome.exit_code,
+        outputs=None if writes else (),
+        after_outputs=None if writes else lambda: _say_where(outcome),
+    )
+
+
+def _say_where(outcome) -> None:
+    """Where the node that writes the job's report writes it."""
     from rich.markup import escape
 
-    from fsdpqdiag.cli.app import stderr, write_report
+    from fsdpqdiag.cli.app import stderr
 
-    if outcome.job is None or outcome.job["writes"]:
-        write_report(outcome.report, json_path, markdown_path)
-        return
     lead = outcome.job["writer"]
     where = lead["report"] or "its --json/--markdown outputs"
     line = f"watch: rank {lead['rank']}'s node ({lead['host']}) writes the job's report: {where}"

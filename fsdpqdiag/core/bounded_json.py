@@ -1,5 +1,6 @@
-"""JSON read from files a user hands in (reports, cells.jsonl records, model config.json),
-parsed with limits.
+"""JSON read from files a user hands in, parsed with limits.
+
+The files: reports, cells.jsonl records, a model's config.json.
 
 Python's ``json`` bounds nesting only by the recursion limit (a file nested a few hundred
 thousand levels deep ends in a ``RecursionError`` traceback), accepts ``NaN`` and

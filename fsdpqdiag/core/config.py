@@ -87,7 +87,7 @@ class LinearConfig:
                 raise ValueError(f"{label} must be >= 1, got {value}")
         if self.batch < 1:
             raise ValueError(f"batch must be >= 1, got {self.batch}")
-        # torch.manual_seed takes what fits in 64 bits, signed or not; beyond, every rank raised.
+        # torch.manual_seed takes what fits in 64 bits, signed or not; beyond, every rank would raise.
         for label, seed in (("--weight-seed", self.weight_seed), ("--input-seed", self.input_seed)):
             if not -(1 << 63) <= seed < (1 << 64):
                 raise ValueError(f"{label} must fit in 64 bits (-2**63 .. 2**64-1), got {seed}")

@@ -23,7 +23,8 @@ class RankStatus(str, Enum):
     ABORTED = "aborted"  # killed by the launcher because a peer rank ended first
     RUNNING = "running"  # in a rank's result file only: the stage it was in when last written
 
-    # Text shows the value ("crashed"), as the plain strings did, on every Python version.
+    # Text shows the value ("crashed"), the same on every Python version (format() and
+    # f-strings show a str Enum member differently across them).
     def __str__(self) -> str:
         return self.value
 

@@ -91,14 +91,34 @@ def no_detail(evidence: dict) -> DetailTable | None:
     return None
 
 
+# The views of the packed weight the table of probe results has a column for, each by the
+# evidence key a probe writes it under unless its presentation's ``sections`` names its own.
+WEIGHT_VIEWS: Mapping[str, str] = {
+    "swap_target": "swap_target",
+    "local_tensor": "local_tensor",
+    "full_tensor": "full_tensor",
+    "redistribute": "redistribute([Replicate()])",
+}
+
+
 # Compared by identity: a Probe (frozen, hashable) carries one, and its sections are a dict.
 @dataclass(frozen=True, eq=False)
 class Presentation:
     """How a probe's result reads. The default is how a result of a probe without one, or of
-    an older or foreign probe, reads: from its verdict and its stages alone."""
+    an older or foreign probe, reads: from its verdict and its stages alone.
+
+    ``reads`` declares every evidence key ``key_numbers`` and ``detail`` read, and
+    ``sections`` the keys of the views of the weight it writes under names of its own: a test
+    holds both to what the probe writes (``tests/probes/test_probe_contract.py``), so a renamed key
+    fails there instead of rendering a blank cell."""
 
     key_numbers: Callable[[dict], str] = default_key_numbers
     detail: Callable[[dict], DetailTable | None] = no_detail
-    # Where the probe keeps the standard views of the weight under keys of its own: the
-    # evidence key of each of "swap_target", "local_tensor", ...; empty where it uses those.
+    # Where the probe keeps a view of the weight (a key of WEIGHT_VIEWS) under a key of its
+    # own; empty where it uses the standard keys.
     sections: Mapping[str, str] = field(default_factory=dict)
+    reads: frozenset[str] = frozenset({"stages"})
+
+    def view(self, evidence: dict, name: str):
+        """The evidence section of the weight view ``name`` (a key of ``WEIGHT_VIEWS``)."""
+        return evidence.get(self.sections.get(name, WEIGHT_VIEWS[name]))

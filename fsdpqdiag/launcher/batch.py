@@ -1,5 +1,6 @@
-"""Several rank tasks in one launch, resilient to a casualty: how ``reproduce`` runs its
-probes and ``matrix`` its cells.
+"""Several rank tasks in one launch, resilient to a casualty.
+
+This is how ``reproduce`` runs its probes and ``matrix`` its cells.
 
 Starting ranks costs more than most tasks do: on the 2-core CPU each launch spends about
 6 s importing torch and bitsandbytes and forming the process group, while a probe's own

@@ -1,6 +1,8 @@
-"""A zygote: ``python -m fsdpqdiag.launcher.zygote``, as ``fsdpqdiag.launcher.rank_start`` starts it for ranks
-on CPU. Each line on its stdin is a launch's spec (the task, and per rank its environment and
-its files); it serves them one after another until stdin closes.
+"""A zygote: the warm process CPU ranks fork from (``python -m fsdpqdiag.launcher.zygote``).
+
+``fsdpqdiag.launcher.rank_start`` starts it for ranks on CPU. Each line on its stdin is a
+launch's spec (the task, and per rank its environment and its files); it serves them one
+after another until stdin closes.
 
 It imports once what every rank imports (torch, torch.distributed, the rank machinery and
 its tasks, and the packages the launch's tasks declare they need: bitsandbytes, transformers,

@@ -20,7 +20,7 @@ from typing import Any
 
 from fsdpqdiag.core.config import LinearConfig
 from fsdpqdiag.core.outcome import RankOutcome
-from fsdpqdiag.core.presentation import Presentation, default_key_numbers
+from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict, ranks_agree
 from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED
 
@@ -186,7 +186,7 @@ def verdict(outcomes: list[RankOutcome]) -> Verdict:
 def key_numbers(evidence: dict) -> str:
     """How a result reads: which path bitsandbytes took, and each forward."""
     if "forwards" not in evidence:  # the run ended before its forwards
-        return default_key_numbers(evidence)
+        return ""  # the verdict line says why
     path = "repack" if evidence.get("repack_path") else "dequantize"
     return f"{path} path; " + "; ".join(
         f"forward {i + 1}: bytes equal {f['received']['bytes_equal']}, max |Δy| {f['max_abs_delta']}"
@@ -204,5 +204,5 @@ PROBE = Probe(
     attribute=attribute,
     # On the path where nothing breaks (``envvars.BNB_CPU_REPACK=off``), it must flip the probe.
     controls=("nan-canonicalize",),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({"forwards", "repack_path"})),
 )

@@ -13,7 +13,7 @@ from fsdpqdiag.core.config import LinearConfig
 from fsdpqdiag.core.outcome import RankOutcome
 from fsdpqdiag.core.presentation import Presentation
 from fsdpqdiag.probes.base import Needs, Probe, Verdict, failure_verdict
-from fsdpqdiag.probes.nan_canonicalization import key_numbers
+from fsdpqdiag.probes.nan_canonicalization import views_key_numbers
 from fsdpqdiag.report.model import NOT_REPRODUCED, REPRODUCED
 
 CALLS = ("full_tensor()", "redistribute([Replicate()])")
@@ -89,6 +89,11 @@ def attribute(evidence: dict) -> tuple[str, list[str]]:
     ]
 
 
+# Each gather's evidence is the bytes of the weight it returned, under the call's name; no
+# forward is compared.
+key_numbers = views_key_numbers(CALLS, runs_forward=False)
+
+
 PROBE = Probe(
     name="full-tensor-crash",
     description="Mechanism B: do full_tensor()/redistribute() on the sharded packed weight crash?",
@@ -101,6 +106,10 @@ PROBE = Probe(
     attribute=attribute,
     # Each kills the ranks inside full_tensor()/redistribute(): CRASHED, not NOT REPRODUCED.
     controls=("segfault", "abort", "oom-kill"),
-    # It reads as Mechanism A's result: the bytes of the same views of the weight.
-    presentation=Presentation(key_numbers),
+    # It reads as Mechanism A's result: the bytes of the views of the weight it gathers.
+    presentation=Presentation(
+        key_numbers,
+        sections={"full_tensor": "full_tensor()"},
+        reads=frozenset(CALLS),
+    ),
 )

@@ -157,16 +157,26 @@ def _output_recast(evidence: dict) -> bool:
     return evidence.get("reference_dtype") != evidence.get("observed_dtype")
 
 
-# The evidence sections of the weight's views, in the order a reader follows the weight.
-SECTIONS = ("swap_target", "local_tensor", "full_tensor", "full_tensor()", "redistribute([Replicate()])")
+# The evidence sections of the weight's views this probe writes, in the order a reader
+# follows the weight.
+SECTIONS = ("swap_target", "local_tensor", "full_tensor")
 
 
-def key_numbers(evidence: dict) -> str:
-    """How a result reads: the bytes of each view of the packed weight."""
-    parts = [f"{name}: {bytes_summary(evidence.get(name))}" for name in SECTIONS if name in evidence]
-    if "max_abs_delta" in evidence:
-        parts.append(f"max |Δy| {evidence['max_abs_delta']}")
-    return "; ".join(parts)
+def views_key_numbers(sections: tuple[str, ...], runs_forward: bool = True):
+    """``key_numbers`` of a probe whose evidence is the bytes of the weight's views under
+    the keys ``sections``, and, where it runs a forward, the output's max |Δy|."""
+
+    def key_numbers(evidence: dict) -> str:
+        """How a result reads: the bytes of each view of the packed weight."""
+        parts = [f"{name}: {bytes_summary(evidence.get(name))}" for name in sections if name in evidence]
+        if runs_forward and "max_abs_delta" in evidence:
+            parts.append(f"max |Δy| {evidence['max_abs_delta']}")
+        return "; ".join(parts)
+
+    return key_numbers
+
+
+key_numbers = views_key_numbers(SECTIONS)
 
 
 PROBE = Probe(
@@ -178,5 +188,5 @@ PROBE = Probe(
     standalone="reproducers/nan_canonicalization.py",
     attribute=attribute,
     controls=("nan-canonicalize",),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({*SECTIONS, "max_abs_delta"})),
 )

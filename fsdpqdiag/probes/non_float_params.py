@@ -1,5 +1,6 @@
-"""issue 6, probe 4: uint8 / int8 ``nn.Parameter(requires_grad=False)`` beside float
-parameters under ``fully_shard`` with a bf16 ``MixedPrecisionPolicy``.
+"""non-float-params: uint8 / int8 ``nn.Parameter(requires_grad=False)`` under ``fully_shard``.
+
+They sit beside float parameters, sharded with a bf16 ``MixedPrecisionPolicy``.
 
 FSDP2 casts every parameter to ``param_dtype`` on all-gather unless guarded (axolotl's
 ``init_dtype_attrs`` patch skips non-float ones). The probe shards, unshards, and compares
@@ -91,5 +92,5 @@ PROBE = Probe(
     standalone="reproducers/non_float_params.py",
     attribute=attribute,
     controls=("cast-integer-params", "refuse-integer-params"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({"fully_shard", *INTEGER_PARAMS})),
 )

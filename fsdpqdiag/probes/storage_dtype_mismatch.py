@@ -1,4 +1,4 @@
-"""issue 6, probe 2: ``quant_storage`` that differs from FSDP2's ``param_dtype``.
+"""storage-dtype-mismatch: ``quant_storage`` that differs from FSDP2's ``param_dtype``.
 
 bitsandbytes says packed 4-bit weights shard under FSDP only when ``quant_storage``
 equals the model dtype. This probe measures what happens otherwise: for each
@@ -339,5 +339,5 @@ PROBE = Probe(
     standalone="reproducers/storage_dtype_mismatch.py",
     attribute=attribute,
     controls=("cast-mismatched-storage",),
-    presentation=Presentation(key_numbers, detail),
+    presentation=Presentation(key_numbers, detail, reads=frozenset({"failing_combinations", "rows"})),
 )

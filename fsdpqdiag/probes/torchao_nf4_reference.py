@@ -286,5 +286,5 @@ PROBE = Probe(
     standalone="reproducers/torchao_nf4_reference.py",
     attribute=attribute,
     controls=("nan-canonicalize", "swap-packed-nibbles"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(key_numbers, reads=frozenset({*LIBRARIES, "follows"})),
 )

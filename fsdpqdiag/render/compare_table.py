@@ -1,5 +1,7 @@
-"""The `compare` command's view: a one-line conclusion, the verdicts that changed, the key
-numbers that moved, then the rest (listed leaf by leaf under ``--all``).
+"""The `compare` command's view.
+
+A one-line conclusion, the verdicts that changed, the key numbers that moved, then the rest
+(listed leaf by leaf under ``--all``).
 
 Draws a ``fsdpqdiag.report.compare.Comparison``; decides nothing.
 """

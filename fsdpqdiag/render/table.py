@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.core.presentation import Alarm
+from fsdpqdiag.core.presentation import WEIGHT_VIEWS, Alarm
 from fsdpqdiag.core.verdict import STYLE
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
@@ -65,6 +65,7 @@ def detail_tables(report: Report, wide: bool = False) -> list[FittedTable]:
 # One row per probe and world size. At 80 columns a row keeps the probe, its verdict and the
 # bytes of the weight forward receives (Mechanism A); the summary lines under the table
 # carry the rest in words.
+# The four views are WEIGHT_VIEWS, in its order.
 REPRODUCE_COLUMNS = (
     Column("probe"),
     Column("ws"),
@@ -86,7 +87,7 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
         ev = result.evidence
         # Where a probe keeps a view of the weight under its own key, its presentation says
         # which (fused expert storage: what dequantize receives in forward is its swap target).
-        views = presentation_of(result.probe).sections
+        presentation = presentation_of(result.probe)
         rows.append(
             [
                 Text(_probe_label(result)),
@@ -94,10 +95,7 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
                 f"{result.device}/{result.backend}",
                 Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
                 _cell(ev.get("nan_elements")),
-                _bytes_cell(ev.get("swap_target") or ev.get(views.get("swap_target"))),
-                _bytes_cell(ev.get("local_tensor") or ev.get(views.get("local_tensor"))),
-                _bytes_cell(ev.get("full_tensor") or ev.get("full_tensor()")),
-                _bytes_cell(ev.get("redistribute([Replicate()])")),
+                *(_bytes_cell(presentation.view(ev, name)) for name in WEIGHT_VIEWS),
                 _cell(ev.get("max_abs_delta")),
                 _agree(ev),
             ]

@@ -2,14 +2,15 @@
 
 A report names the command that wrote it (``Report.command``); this is where that name is
 looked up, so that no reader branches on it. ``fix`` reads its verdicts as workarounds (its
-unfixed reference row is expected to break where the bug reproduces); every other command
-reads them as findings.
+unfixed reference row is expected to break where the bug reproduces), ``doctor`` its
+preflight's capabilities; every other command reads its verdicts as findings.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from fsdpqdiag.core.verdict import VerdictKind
 
@@ -23,17 +24,21 @@ UNFIXED = "none"
 
 @dataclass(frozen=True)
 class CommandKind:
-    """How a command's results end it: ``exit_code(results)``, what its codes 0 and 1 mean, and
-    whether its next steps suggest trying a workaround (not after ``fix`` itself)."""
+    """What a command's report means: ``exit_code(report)``, what its codes 0 and 1 mean,
+    whether its next steps suggest trying a workaround (not after ``fix`` itself), and
+    whether its view ends with the conclusion (``doctor`` shows the preflight alone).
+    Renderers key their views by it (``fsdpqdiag.render.views``)."""
 
-    exit_code: Callable[[Iterable], int]
+    name: str
+    exit_code: Callable[[Any], int]
     clean_meaning: str
     found_meaning: str
     suggests_fix: bool
+    concludes: bool = True
 
 
-def _findings_exit_code(results: Iterable) -> int:
-    verdicts = {r.verdict for r in results}
+def _findings_exit_code(report: Any) -> int:
+    verdicts = {r.verdict for r in report.results}
     if verdicts & {VerdictKind.REPRODUCED, VerdictKind.CRASHED, VerdictKind.INCONCLUSIVE}:
         return EXIT_FOUND
     if verdicts & {VerdictKind.ERROR, VerdictKind.TIMEOUT, VerdictKind.UNSUPPORTED}:
@@ -41,8 +46,8 @@ def _findings_exit_code(results: Iterable) -> int:
     return EXIT_CLEAN
 
 
-def _workarounds_exit_code(results: Iterable) -> int:
-    fixed = {r.verdict for r in results if r.config.get("workaround") != UNFIXED}
+def _workarounds_exit_code(report: Any) -> int:
+    fixed = {r.verdict for r in report.results if r.config.get("workaround") != UNFIXED}
     # A workaround whose checkpoint loses state cannot be used as it is.
     if fixed & {VerdictKind.NOT_VERIFIED, VerdictKind.STATE_LOST}:
         return EXIT_FOUND
@@ -50,16 +55,43 @@ def _workarounds_exit_code(results: Iterable) -> int:
     return EXIT_PROBE_FAILED if fixed & failed else EXIT_CLEAN
 
 
-FINDINGS = CommandKind(_findings_exit_code, "nothing reproduced", "something was found", suggests_fix=True)
-WORKAROUNDS = CommandKind(
+def _capabilities_exit_code(report: Any) -> int:
+    """Every capability of every preflight held, or a probe relying on one would be UNSUPPORTED."""
+    checks = report.preflight
+    ok = all(c["ok"] for checked in checks for c in checked.get("capabilities", []))
+    return EXIT_CLEAN if ok else EXIT_PROBE_FAILED
+
+
+def _findings(name: str) -> CommandKind:
+    return CommandKind(
+        name, _findings_exit_code, "nothing reproduced", "something was found", suggests_fix=True
+    )
+
+
+REPRODUCE = _findings("reproduce")
+LOCALIZE = _findings("localize")
+FORENSICS = _findings("forensics")
+MATRIX = _findings("matrix")
+WATCH = _findings("watch")
+FIX = CommandKind(
+    "fix",
     _workarounds_exit_code,
     "every workaround verified, or none needed",
     "a workaround falls short",
     suggests_fix=False,
 )
-# By the command name a report carries; any other command's results are findings.
-KINDS = {"fix": WORKAROUNDS}
+DOCTOR = CommandKind(
+    "doctor",
+    _capabilities_exit_code,
+    "every capability ok",
+    "a capability failed",
+    suggests_fix=False,
+    concludes=False,
+)
+COMMANDS = {kind.name: kind for kind in (REPRODUCE, LOCALIZE, FIX, FORENSICS, MATRIX, WATCH, DOCTOR)}
 
 
 def kind_of(command: str) -> CommandKind:
-    return KINDS.get(command, FINDINGS)
+    """The descriptor of the command a report names. A command this version does not know
+    reads as ``reproduce``: findings, in the table of probe results."""
+    return COMMANDS.get(command, REPRODUCE)

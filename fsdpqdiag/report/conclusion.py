@@ -1,6 +1,7 @@
-"""What a run concluded and what to do next, as data: each finding's component, where to
-file it, the known upstream issue and the control that decided it; the counts; what the
-exit code means; the next step.
+"""What a run concluded and what to do next, as data.
+
+Each finding's component, where to file it, the known upstream issue and the control that
+decided it; the counts; what the exit code means; the next step.
 
 Every command ends with this (``fsdpqdiag.render.conclusion`` draws it), so a user reads
 from the console alone what is broken, whom to tell and what to run next, the way ruff and

@@ -150,7 +150,7 @@ class Report:
 
     def exit_code(self) -> int:
         """The exit status its command gives for these results (``report.commands``)."""
-        return kind_of(self.command).exit_code(self.results)
+        return kind_of(self.command).exit_code(self)
 
 
 def _json_safe(value: Any) -> Any:

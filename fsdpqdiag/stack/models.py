@@ -143,7 +143,7 @@ def preset_dir(name: str, cache: Path | None = None) -> Path:
 
 def _staging_dir(target: Path) -> Path:
     """A fresh directory beside ``target`` to build a preset in, or ModelSourceError naming
-    the cache (an ``envvars.CACHE`` that is a file, or not writable, used to be a traceback)."""
+    the cache: an ``envvars.CACHE`` that is a file, or not writable, is the user's to fix."""
     where = envvars.CACHE if os.environ.get(envvars.CACHE) else "the model cache"
     try:
         target.parent.mkdir(parents=True, exist_ok=True)

@@ -1,5 +1,7 @@
-"""The weight guard's parameters: which FSDP2 parameters it guards, where each rank's shard lies
-in the unsharded tensor, and the digests of every rank's slice that forward's bytes must match.
+"""The weight guard's parameters: which it guards, and what forward's bytes must match.
+
+For each FSDP2 parameter it guards: where each rank's shard lies in the unsharded tensor, and
+the digests of every rank's slice that forward's bytes must match.
 
 A tensor-subclass parameter that implements FSDP2's all-gather extension (``fsdp_pre_all_gather``
 / ``fsdp_post_all_gather``; torchao's ``NF4Tensor``, the weight of torchtune's QLoRA) has no

@@ -48,4 +48,8 @@ def _cells(module: dict) -> list[str]:
     ]
 
 
-PRESENTATION = Presentation(key_numbers, detail)
+PRESENTATION = Presentation(
+    key_numbers,
+    detail,
+    reads=frozenset({"modules", "first_step", "altered_modules", "guarded", "checks", "steps"}),
+)

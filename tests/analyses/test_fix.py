@@ -106,7 +106,7 @@ def test_apply_then_undo_restores_bitsandbytes_and_fsdp2():
     "args, message",
     [
         (["--workaround", "duct-tape"], "unknown workaround"),
-        # found by test_fuzz: "all" beside a typo ran every workaround
+        # "all" beside a typo must refuse the typo, not run every workaround
         (["--workaround", "all", "--workaround", "duct-tape"], "unknown workaround"),
         (["--steps", "0"], "--steps must be >= 1"),
         (["--target", "gpt5"], "unknown fix target"),
@@ -165,8 +165,9 @@ def test_runs_after_an_unrestored_undo_run_again_each_in_a_launch_of_its_own(mon
 
 
 def test_a_refused_int8_state_dict_check_is_recorded_not_fatal_to_the_row():
-    # torch 2.11 refuses the frozen int8 weight in fully_shard: every fix row used to end as
-    # ERROR there, its training comparison lost with it. A refusing fully_shard stands in.
+    # torch 2.11 refuses the frozen int8 weight in fully_shard: the refusal is evidence, and
+    # must not end the row as ERROR and lose its training comparison. A refusing fully_shard
+    # stands in.
     import torch
 
     from fsdpqdiag.analyses import fix_verify

@@ -1,7 +1,8 @@
-"""A sweep's record (cells.jsonl): a header with the sweep's plan, one line per finished
-cell; a kill at any moment loses at most the cell in flight, a torn line is cut (never
-appended to), bad records are set aside and redone, and --resume runs exactly the
-recorded plan."""
+"""A sweep's record (cells.jsonl) survives a kill, and --resume runs exactly its plan.
+
+A header with the sweep's plan, one line per finished cell; a kill at any moment loses at
+most the cell in flight, a torn line is cut (never appended to), bad records are set aside
+and redone, and --resume runs exactly the recorded plan."""
 
 import json
 import os
@@ -358,7 +359,7 @@ def test_sigterm_during_a_sweep_keeps_finished_cells_and_writes_nothing_else(tmp
         [sys.executable, "-m", "fsdpqdiag", "matrix", "--model", str(small_llama), "--ws", "1", "--device"]
         + ["cpu", "--cells", "A", "--cells", "C", "--cells", "E", "--out", str(out), "-q"]
         # One launch per cell puts seconds between cells; in one launch C and E follow A
-        # within 50 ms, and CI's signal once landed after all three.
+        # within 50 ms, before a signal can land between them.
         + ["--isolate-cells", "--json", str(tmp_path / "m.json")],
         env=dict(os.environ, PYTHONPATH=str(ROOT), TMPDIR=str(launcher_tmp)),
         stdout=subprocess.DEVNULL,

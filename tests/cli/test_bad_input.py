@@ -185,3 +185,86 @@ def test_full_disk_is_refused_before_work(monkeypatch, tmp_path):
     with pytest.raises(ValueError, match="is full"):
         check_writable(tmp_path / "r.json")
     assert list(tmp_path.iterdir()) == []
+
+
+def _library_templates() -> list[str]:
+    """The template of every ``BadInput.about(...)`` in fsdpqdiag/api, read from the source."""
+    import ast
+
+    templates = []
+    for path in (ROOT / "fsdpqdiag/api").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "about"
+                and node.args
+            ):
+                first = node.args[0]
+                if isinstance(first, ast.Call):  # "... {option=1} ...".replace("option", parameter)
+                    first = first.func.value
+                assert isinstance(first, ast.Constant), ast.dump(first)
+                templates.append(first.value)
+    return templates
+
+
+def test_every_parameter_a_library_error_names_has_a_flag():
+    import string
+
+    from fsdpqdiag.cli.app import FLAGS
+    from fsdpqdiag.errors import BadInput
+
+    templates = _library_templates()
+    assert len(templates) >= 15
+    named = {
+        field.partition("=")[0]
+        for template in templates
+        for _, field, _, _ in string.Formatter().parse(template)
+        if field and not field.isdigit()
+    }
+    # "option" stands for each parameter a resumed sweep may repeat, listed below.
+    assert named - {"option"} <= set(FLAGS), named - set(FLAGS)
+    # The parameters _refuse_conflicts names, one per option a resumed sweep may repeat.
+    resumable = ["cells/grid", "world_sizes", "device", "backend", "model", "preset", "lora", "inject"]
+    assert set(resumable) <= set(FLAGS)
+    assert BadInput.about("{out_dir=0}: {lora=1}", "d", False).parameters == ["out_dir", "lora"]
+
+
+@pytest.mark.parametrize(
+    "call, library, cli",
+    [
+        (
+            lambda api: api.run_configs([0], "cpu", "auto", 10.0, None),
+            "world_sizes must be >= 1, got 0",
+            "--ws must be >= 1, got 0",
+        ),
+        (
+            lambda api: api.run_configs([1], "cpu", "auto", 0.0, None),
+            "timeout_s must be > 0 and finite",
+            "--timeout must be > 0 and finite",
+        ),
+        (
+            lambda api: api.run_configs([1], "cpu", "nccl", 10.0, None),
+            "backend='nccl' needs device='cuda'",
+            "--backend nccl needs --device cuda",
+        ),
+        (
+            lambda api: api.check_inject("bitflip"),
+            "unknown fault 'bitflip' for inject",
+            "unknown fault 'bitflip' for --inject",
+        ),
+        (
+            lambda api: api.matrix(resume="/a", out_dir="/b"),
+            "resume='/a' continues the sweep in its own directory; drop out_dir='/b'",
+            "--resume /a continues the sweep in its own directory; drop --out /b",
+        ),
+    ],
+)
+def test_library_errors_name_parameters_and_the_cli_names_flags(call, library, cli):
+    from fsdpqdiag import api
+    from fsdpqdiag.cli.app import FlagNames
+
+    with pytest.raises(api.BadInput) as raised:
+        call(api)
+    assert str(raised.value).startswith(library), str(raised.value)
+    assert raised.value.worded(FlagNames()).startswith(cli)

@@ -26,7 +26,7 @@ def test_help_does_not_import_torch():
 
 def test_a_typo_is_refused_before_torch_loads():
     # Every command checks its options before the stack: a typo costs a second, not the
-    # seconds of importing torch (fix's workarounds used to import it when listed).
+    # seconds of importing torch (listing fix's workarounds must import none of them).
     code = (
         "import sys\n"
         "from typer.testing import CliRunner\n"

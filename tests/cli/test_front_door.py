@@ -1,5 +1,7 @@
-"""One CLI convention on every command: help, outputs, progress, compare's conclusion, report's
-default and byte map, tables that never split a token.
+"""One CLI convention on every command.
+
+Help, outputs, progress, compare's conclusion, report's default and byte map, tables that
+never split a token.
 
 In-process, on the committed reports under reports/: no rank is launched here (the runs that
 launch ranks are asked these questions by test_doctor, test_reports and test_cli).
@@ -163,15 +165,17 @@ def test_doctor_runs_every_world_size_and_writes_its_outputs(monkeypatch, tmp_pa
     the committed one of a real run (test_doctor runs real ones); what is checked here is
     that each world size asked for is run and written."""
     from fsdpqdiag.api import commands
+    from fsdpqdiag.stack import models
 
     measured = json.loads(MATRIX.read_text())["preflight"][0]
     asked: list[int] = []
 
-    def preflight_of(world_size, *args, **kwargs):
-        asked.append(world_size)
-        return {**measured, "world_size": world_size}
+    def preflight_of(run, *args, **kwargs):
+        asked.append(run.world_size)
+        return {**measured, "world_size": run.world_size}
 
-    monkeypatch.setattr(commands, "doctor", preflight_of)
+    monkeypatch.setattr(commands, "preflight", preflight_of)
+    monkeypatch.setattr(models, "resolve_model", lambda model, preset: tmp_path)
     json_path, markdown_path = tmp_path / "d.json", tmp_path / "d.md"
     result = invoke(
         "doctor", "--device", "cpu", "--ws", "1", "--ws", "2", "--json", str(json_path),
@@ -192,7 +196,7 @@ def test_doctor_refuses_a_bad_second_world_size_before_running_the_first(monkeyp
     def never(*args, **kwargs):
         raise AssertionError("a world size ran before every --ws was checked")
 
-    monkeypatch.setattr(commands, "doctor", never)
+    monkeypatch.setattr(commands, "preflight", never)
     result = invoke("doctor", "--device", "cpu", "--ws", "1", "--ws", "0")
     assert result.exit_code == 2 and "--ws must be >= 1" in result.stderr
 

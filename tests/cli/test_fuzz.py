@@ -1,5 +1,6 @@
-"""Generated inputs against the CLI's contract (hypothesis): every command, its options,
-output paths, report files and torchrun variables.
+"""Generated inputs against the CLI's contract (hypothesis).
+
+Every command, its options, output paths, report files and torchrun variables.
 
 The contract: the exit code is one the README documents; no traceback; a refusal (exit 2)
 is at most one line on stderr and creates or modifies no file. It runs in-process

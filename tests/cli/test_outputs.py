@@ -1,5 +1,7 @@
-"""Outputs write only regular files, never an input or another output, and keep what they
-replace intact; every report read back is checked against the package's own schema.
+"""Outputs write only regular files, never an input or another output.
+
+They keep what they replace intact; every report read back is checked against the package's
+own schema.
 
 All of these are refused (or done) before any rank starts: `report`, `compare`, and the
 output checks that every launching command runs first.
@@ -43,7 +45,7 @@ def _snapshot(directory: Path) -> dict[str, tuple]:
 
 
 def test_device_node_is_refused_and_left_alone(run_cli, tmp_path):
-    # /dev/full, as in the issue: the rename used to replace the device node (as root).
+    # /dev/full: an atomic rename over it would replace the device node (as root).
     before = os.stat("/dev/full")
     result = run_cli("reproduce", "--json", "/dev/full")
     _refused(result, "device node, not a regular file")

@@ -36,7 +36,7 @@ def test_repeats_of_repeatable_options_are_merged_in_order():
         "full-tensor-crash",
         "nan-canonicalization",
     ]
-    runs = api._runs([1, 2, 1], "cpu", "auto", 10.0, None)
+    runs = api.run_configs([1, 2, 1], "cpu", "auto", 10.0, None)
     assert [run.world_size for run in runs] == [1, 2]
     assert [cell.name for cell in mx.select_cells(["B", "A", "B"])] == ["B", "A"]
     # bf16 and bfloat16 name one storage dtype: one cell, not two runs of it
@@ -51,7 +51,7 @@ def test_one_grid_dimension_given_twice_is_refused():
 @pytest.mark.parametrize("timeout", [float("nan"), float("inf"), -1.0, 0.0])
 def test_timeout_must_be_finite_and_positive(timeout):
     with pytest.raises(api.BadInput, match="finite"):
-        api._runs([1], "cpu", "auto", timeout, None)
+        api.run_configs([1], "cpu", "auto", timeout, None)
 
 
 GOOD_JOB = {"RANK": "1", "WORLD_SIZE": "2", "LOCAL_RANK": "1", "MASTER_ADDR": "h", "MASTER_PORT": "29500"}

@@ -214,9 +214,9 @@ def test_exception_on_one_rank_only_is_an_error(single_use_zygotes):
 
 
 def test_the_rank_that_raised_first_is_the_cause_even_when_both_ended_in_one_poll():
-    # Seen once in a full run: the faulty rank 1 and rank 0, whose all-gather it broke, ended
-    # within one 50 ms poll of the launcher, so their end times tied and rank 0's
-    # "Connection closed by peer" was named the cause. When each raised decides.
+    # The faulty rank 1 and rank 0, whose all-gather it broke, can end within one 50 ms poll
+    # of the launcher: their end times tie, and rank 0's "Connection closed by peer" must not
+    # be named the cause. When each raised decides.
     outcomes = [
         RankOutcome(
             0, "error", error="RuntimeError: Connection closed by peer", duration_s=2.0, failed_at=101.5

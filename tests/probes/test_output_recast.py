@@ -1,15 +1,18 @@
-"""An output in FSDP2's param_dtype with equal values has not changed: `--quant-storage uint8
---param-dtype fp16` said INCONCLUSIVE "every byte survives, yet the output changed (max |Δy| =
-0.0)" while its evidence showed equal outputs (fp16 bits against a bf16 baseline)."""
+"""An output in FSDP2's param_dtype with equal values has not changed.
+
+With ``--quant-storage uint8 --param-dtype fp16`` the output is fp16 against a bf16
+baseline: equal values in other bits are a recast, not a change, and the verdict must follow
+the values (NOT REPRODUCED), never call them changed with max |Δy| = 0."""
 
 import json
 
+import pytest
 import torch
 
 from fsdpqdiag.core.outcome import RankOutcome
 from fsdpqdiag.evidence.bytes import output_delta
 from fsdpqdiag.probes import nan_canonicalization
-from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED
+from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, UNSUPPORTED
 from tests.support import SMALL_LINEAR
 
 
@@ -80,11 +83,15 @@ def test_a_recast_output_is_not_called_changed_on_the_real_stack(run_cli):
         "-q",
         json=True,
     )
-    assert result.returncode in (0, 1, 3), result.stderr
     probe = result.report["results"][0]
+    if probe["verdict"] == UNSUPPORTED:
+        pytest.skip(f"the preflight refused the probe on this stack: {probe['summary']}")
+    assert result.returncode in (0, 1), (result.returncode, probe["summary"], result.stderr[-2000:])
     evidence = probe["evidence"]
-    if "output_value_equal" not in evidence:
-        return  # the probe ended before forward; nothing to check
+    # The question is asked of forward's output: the run must have reached it, else the
+    # checks below would pass on nothing.
+    reached = evidence.get("stage") or "every stage"
+    assert "output_value_equal" in evidence, f"ended at {reached} before forward: {probe['summary']}"
     assert evidence["observed_dtype"] == "float16"
     if "output changed" in probe["summary"]:
         assert evidence["max_abs_delta"] or evidence["nonfinite_delta_elements"], json.dumps(evidence)[:500]

@@ -170,3 +170,110 @@ def test_drawing_a_report_from_the_command_line_imports_no_torch(argv):
     last = done.stderr.strip().splitlines()[-1]
     assert last.endswith("heavy []"), done.stderr
     assert last.startswith(("exit 0", "exit 1")), done.stderr  # compare: 1 lists the differences
+
+
+class _ReadRecorder(dict):
+    """Evidence that records which of its keys a presentation reads ("*": all of them)."""
+
+    def __init__(self, evidence: dict) -> None:
+        super().__init__(evidence)
+        self.read: set[str] = set()
+
+    def __getitem__(self, key):
+        self.read.add(key)
+        return super().__getitem__(key)
+
+    def get(self, key, default=None):
+        self.read.add(key)
+        return super().get(key, default)
+
+    def __contains__(self, key) -> bool:
+        self.read.add(key)
+        return super().__contains__(key)
+
+    def __iter__(self):
+        self.read.add("*")
+        return super().__iter__()
+
+    def keys(self):
+        self.read.add("*")
+        return super().keys()
+
+    def items(self):
+        self.read.add("*")
+        return super().items()
+
+    def values(self):
+        self.read.add("*")
+        return super().values()
+
+
+def _committed_evidence(name: str) -> list[dict]:
+    return [
+        result["evidence"]
+        for path in REPORTS
+        for result in json.loads(path.read_text())["results"]
+        if result["probe"] == name
+    ]
+
+
+def _presented() -> list[str]:
+    """Every name with a presentation of its own: the rank tasks and the guard's results."""
+    from fsdpqdiag.weightguard import watch
+
+    return sorted((set(all_tasks()) - INTERNAL_TASKS) | {watch.RESULT_KIND})
+
+
+def _check_reads(name: str, evidences: list[dict]) -> set[str]:
+    """The keys the presentation of ``name`` read across ``evidences``, each checked to be
+    declared in its ``reads``; returns the keys the evidences hold."""
+    declared = presentation_of(name)
+    written: set[str] = set()
+    for evidence in evidences:
+        recorded = _ReadRecorder(evidence)
+        declared.key_numbers(recorded)
+        declared.detail(recorded)
+        undeclared = recorded.read - declared.reads
+        assert not undeclared, f"{name}'s presentation reads {sorted(undeclared)} without declaring them"
+        written |= set(evidence)
+    return written
+
+
+@pytest.mark.parametrize("name", _presented())
+def test_a_presentation_reads_only_the_keys_it_declares_and_each_is_written(name):
+    """Over every committed result of the probe: its key numbers and detail table read only
+    the keys its presentation declares, and each declared key (and each view of the weight it
+    keeps under a key of its own) is one some result of the probe holds: a renamed key fails
+    here instead of rendering a blank cell."""
+    declared = presentation_of(name)
+    evidences = _committed_evidence(name)
+    assert evidences, f"no committed report holds a result of {name}"
+    written = _check_reads(name, evidences)
+    assert set(declared.sections) <= set(presentation.WEIGHT_VIEWS), name
+    never_written = (declared.reads | set(declared.sections.values())) - written
+    assert not never_written, f"{name} declares {sorted(never_written)}, which no result of it holds"
+
+
+@pytest.mark.parametrize("name", sorted(PROBES))
+def test_what_a_probe_writes_today_is_what_its_presentation_reads(name, shared_cli):
+    """The same contract over the shared world-size-1 run of this checkout's code: a key the
+    probe stopped writing shows here although the committed reports still hold it."""
+    from tests.support import reproduce_small
+
+    run = shared_cli(*reproduce_small(1), timeout=600)
+    assert run.json_path.exists(), run.stderr[-3000:]
+    (result,) = [r for r in run.report["results"] if r["probe"] == name]
+    written = _check_reads(name, [result["evidence"]])
+    if result["verdict"] in ("UNSUPPORTED", "SKIPPED"):
+        pytest.skip(f"{name} was not measured here ({result['verdict']}): {result['summary']}")
+    declared = presentation_of(name)
+    never_written = (declared.reads | set(declared.sections.values())) - written
+    assert not never_written, f"{name} declares {sorted(never_written)}, which it no longer writes"
+
+
+def test_the_reads_recorder_catches_an_undeclared_key():
+    # Positive control: a presentation that reads a key it does not declare is caught.
+    sneaky = presentation.Presentation(lambda evidence: str(evidence.get("undeclared")), reads=frozenset())
+    recorded = _ReadRecorder({"undeclared": 1})
+    sneaky.key_numbers(recorded)
+    assert recorded.read - sneaky.reads == {"undeclared"}

@@ -1,5 +1,7 @@
-"""int8-params: Linear8bitLt + peft LoRA through fully_shard, forward, backward, state_dict,
-save and load, at WS=1 and WS=2 on gloo with real FSDP2, real bitsandbytes, real peft.
+"""int8-params: Linear8bitLt + peft LoRA through fully_shard, end to end.
+
+Forward, backward, state_dict, save and load, at WS=1 and WS=2 on gloo with real FSDP2, real
+bitsandbytes, real peft.
 
 Verdicts of uninjected runs belong to the stack: these tests check that the evidence is
 self-consistent, that the standalone script measures the same, that the CLI report is

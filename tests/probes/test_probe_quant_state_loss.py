@@ -1,5 +1,6 @@
-"""quant-state-loss (issue 6, probe 1) on gloo with real fully_shard and real bitsandbytes:
-evidence consistency at WS=1 and WS=2, agreement with the standalone reproducer, both
+"""quant-state-loss on gloo with real fully_shard and real bitsandbytes.
+
+Evidence consistency at WS=1 and WS=2, agreement with the standalone reproducer, both
 positive controls, and the CLI end to end (JSON schema, table, Markdown)."""
 
 import json

@@ -1,4 +1,4 @@
-"""storage-dtype-mismatch (issue 6, probe 2): quant_storage != FSDP2 param_dtype.
+"""storage-dtype-mismatch: quant_storage != FSDP2 param_dtype.
 
 Real fully_shard, real Linear4bit, gloo at WS=1 and WS=2. Verdicts of uninjected runs
 belong to the stack: these tests check that every row's evidence is self-consistent, that

@@ -1,5 +1,6 @@
-"""issue 6 probes: every probe at WS=1 and WS=2 on gloo, evidence consistency, positive
-controls, and agreement with the standalone reproducers."""
+"""The probes of the relatives of the bug: every probe at WS=1 and WS=2 on gloo.
+
+Evidence consistency, positive controls, and agreement with the standalone reproducers."""
 
 import pytest
 

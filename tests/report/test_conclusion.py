@@ -1,7 +1,9 @@
-"""Every command ends with its conclusion: a help: line per attributed finding (component,
-where to file, known issue or "none known", the deciding control), one summary line with
-the exit code's meaning, and the next step. Drawn from the committed reports of every
-command, so no rank is launched; one `report -f table` in a pipe checks the wiring."""
+"""Every command ends with its conclusion.
+
+A help: line per attributed finding (component, where to file, known issue or "none known",
+the deciding control), one summary line with the exit code's meaning, and the next step.
+Drawn from the committed reports of every command, so no rank is launched; one `report -f
+table` in a pipe checks the wiring."""
 
 import os
 import subprocess
@@ -82,3 +84,34 @@ def test_report_table_in_a_pipe_ends_with_the_conclusion_whole():
     # the report as the user would name it from here: every token of the command whole
     shown = path.relative_to(ROOT)
     assert f"next: file for pytorch/pytorch: fsdpqdiag report {shown} --upstream pytorch" in text
+
+
+def test_every_command_has_a_view_and_no_view_branches_on_a_command_name():
+    import ast
+
+    from fsdpqdiag.render.views import VIEWS
+    from fsdpqdiag.report import commands
+
+    assert set(VIEWS) == set(commands.COMMANDS.values())
+    assert all(kind.name == name for name, kind in commands.COMMANDS.items())
+    # A report of a command this version does not know is drawn as reproduce's.
+    assert commands.kind_of("no-such-command") is commands.REPRODUCE
+    # No renderer or CLI module compares a report's command with a name.
+    for folder in ("fsdpqdiag/render", "fsdpqdiag/cli"):
+        for path in (ROOT / folder).glob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Compare) and isinstance(node.left, ast.Attribute):
+                    assert node.left.attr != "command", f"{path.name}:{node.lineno}"
+
+
+def test_a_doctor_report_exits_by_its_capabilities_and_shows_the_preflight_alone():
+    from fsdpqdiag.render.views import report_view
+
+    every_check = [checked for path in REPORTS for checked in Report.load(path).preflight]
+    checked = next(c for c in every_check if all(capability["ok"] for capability in c["capabilities"]))
+    failed = {**checked, "capabilities": [{**checked["capabilities"][0], "ok": False}]}
+    held = Report("doctor", [], {}, [], world_sizes=[1], preflight=[checked])
+    broken = Report("doctor", [], {}, [], world_sizes=[1, 2], preflight=[checked, failed])
+    assert held.exit_code() == 0 and broken.exit_code() == 3
+    text = "\n".join(_render(report_view(broken)))
+    assert text.count("stack preflight, ") == 2 and "summary:" not in text

@@ -1,8 +1,9 @@
-"""The guard's word digest: against a pure-Python reference, split over shards at any byte, and
-through the guard's own hot path on real packed bitsandbytes Params4bit weights, the three
-alterations it must see: a NaN payload rewritten into another NaN, two containers swapped, one
-bit flipped anywhere. On a CPU the hot path is numpy's; on a GPU the fused Triton kernel, held
-to the same digest and the same three alterations (``gpu``)."""
+"""The guard's word digest sees the three alterations it must see.
+
+Against a pure-Python reference, split over shards at any byte, and through the guard's own
+hot path on real packed bitsandbytes Params4bit weights: a NaN payload rewritten into another
+NaN, two containers swapped, one bit flipped anywhere. On a CPU the hot path is numpy's; on a
+GPU the fused Triton kernel, held to the same digest and the same three alterations (``gpu``)."""
 
 from __future__ import annotations
 

@@ -1,5 +1,7 @@
-"""Two nodes on one machine: two torchrun agents (``--nnodes 2``, c10d rendezvous on 127.0.0.1),
-each its own process tree, as ``srun`` starts one per node; LOCAL_RANK differs from RANK on one.
+"""Two nodes on one machine: two torchrun agents, as ``srun`` starts one per node.
+
+``--nnodes 2``, c10d rendezvous on 127.0.0.1, each agent its own process tree; LOCAL_RANK
+differs from RANK on one.
 
 ``watch`` runs once per agent, as it would once per node: with the injected fault both exit 1 and
 one report (written by rank 0's node alone, gathered over the job, not a shared folder) holds both

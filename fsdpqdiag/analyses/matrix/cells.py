@@ -114,7 +114,7 @@ def _parse_value(dimension: str, value: str):
 def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Cell]:
     """The default cells (or those named), or cell A expanded over ``--grid dim=v1,v2``."""
     if grid and names:
-        # --grid expands cell A: named cells beside it were once dropped without a word.
+        # --grid expands cell A: named cells beside it would be dropped without a word.
         raise ValueError(
             f"--cells {' '.join(names)} with --grid: the grid expands cell A over its values; "
             "give --cells or --grid, not both"

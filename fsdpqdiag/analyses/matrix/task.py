@@ -327,5 +327,7 @@ PROBE = Probe(
     verdict,
     Needs(("bitsandbytes",)),
     attribute=cell_attribution,
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(
+        key_numbers, reads=frozenset({"loss_fsdp2", "loss_baseline", "differing_elements"})
+    ),
 )

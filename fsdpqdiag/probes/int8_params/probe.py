@@ -1,4 +1,4 @@
-"""issue 6, probe 3: ``Linear8bitLt(has_fp16_weights=False)`` + LoRA through FSDP2, end to end.
+"""int8-params: ``Linear8bitLt(has_fp16_weights=False)`` + LoRA through FSDP2, end to end.
 
 An 8-bit layer keeps its weight as ``Int8Params``: int8 row-quantized values plus a
 Python attribute ``SCB`` (one fp32 scale per output row) that ``forward`` and

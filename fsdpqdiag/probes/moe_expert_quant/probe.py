@@ -1,6 +1,8 @@
-"""issue 6, probe 5: MoE experts stored as fused 3-D parameters, quantized through
-``torch.nn.utils.parametrize`` (bitsandbytes' parametrize API, as axolotl #3439 does on
-load), LoRA on the attention, ``fully_shard`` per decoder layer and at the root.
+"""moe-expert-quant: MoE experts stored as fused 3-D parameters, quantized, under FSDP2.
+
+The experts are quantized through ``torch.nn.utils.parametrize`` (bitsandbytes' parametrize
+API, as axolotl #3439 does on load), with LoRA on the attention and ``fully_shard`` per
+decoder layer and at the root.
 
 Quantized this way an expert tensor becomes a plain uint8 ``nn.Parameter`` at
 ``experts.parametrizations.<name>.original``, which a ``Bnb4bitParametrization``
@@ -204,5 +206,17 @@ PROBE = Probe(
     # Its backward reduce-scatters the LoRA gradients.
     preconditions=("all_gather_into_tensor", "reduce_scatter_tensor"),
     controls=("swap-packed-nibbles",),
-    presentation=Presentation(key_numbers, sections=SECTION_KEYS),
+    presentation=Presentation(
+        key_numbers,
+        sections=SECTION_KEYS,
+        reads=frozenset(
+            {
+                "loss",
+                "baseline_loss",
+                "lora_grads",
+                "failures",
+                *(f"expert_storage_{view}" for view in VIEW_LABELS),
+            }
+        ),
+    ),
 )

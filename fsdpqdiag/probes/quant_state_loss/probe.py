@@ -1,5 +1,6 @@
-"""issue 6, probe 1: does ``Linear4bit`` keep its ``QuantState`` under ``fully_shard``, and
-does bitsandbytes' recovery leave FSDP2 in charge of the weight?
+"""quant-state-loss: does ``Linear4bit`` keep its ``QuantState`` under ``fully_shard``?
+
+And does bitsandbytes' recovery leave FSDP2 in charge of the weight?
 
 FSDP2 swaps a plain ``nn.Parameter`` (no ``quant_state`` attribute) into ``module.weight``
 for forward. ``Linear4bit.forward`` first calls ``fix_4bit_weight_quant_state_from_module``,
@@ -385,5 +386,8 @@ PROBE = Probe(
     # The first two break bitsandbytes' recovery only; the third FSDP2's reshard for every
     # parameter, which the same-launch control must then share (-> torch).
     controls=("drop-module-quant-state", "stale-recovered-weight", "keep-unsharded-after-reshard"),
-    presentation=Presentation(key_numbers),
+    presentation=Presentation(
+        key_numbers,
+        reads=frozenset({"forward_weight", "recovery", "after_reshard", "after_update", "forward"}),
+    ),
 )
