@@ -7,7 +7,6 @@ of fsdpqdiag is installed.
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -26,6 +25,10 @@ from tests.support import (  # noqa: E402 - the checkout first on sys.path
     _WORKER,
     SMALL_FEATURES,
     CliResult,
+    common_dir,
+    made_once,
+    recorded,
+    replayed,
     reproduce_small,
 )
 
@@ -57,9 +60,7 @@ def _script_runs_shared(tmp_path_factory):
     """A standalone script's line is run once per session, by whichever worker asks first."""
     from tests.support import scripts
 
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp()
-    scripts.RUNS_DIR = (root.parent if worker else root) / "script-runs"
+    scripts.RUNS_DIR = common_dir(tmp_path_factory, "script-runs")
     yield
     scripts.RUNS_DIR = None
 
@@ -106,9 +107,7 @@ def shared_cli(tmp_path_factory):
     Under pytest-xdist the runs are shared by all workers (a lock per command line in the
     session's common directory), so a run is never made twice in parallel either.
     """
-    worker = os.environ.get("PYTEST_XDIST_WORKER")
-    root = tmp_path_factory.getbasetemp()
-    root = (root.parent if worker else root) / "shared-runs"
+    root = common_dir(tmp_path_factory, "shared-runs")
     root.mkdir(parents=True, exist_ok=True)
 
     def run(*args: str, env: dict | None = None, timeout: float = 900) -> CliResult:
@@ -117,23 +116,18 @@ def shared_cli(tmp_path_factory):
         out = root / hashlib.sha256(key.encode()).hexdigest()[:16]
         out.mkdir(exist_ok=True)
         args = tuple(arg.replace("{out}", str(out)) for arg in args)
-        json_path, markdown_path, done = out / "report.json", out / "report.md", out / "completed.json"
-        with open(out / "lock", "w") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's run
-            if not done.exists():
-                argv = [sys.executable, "-m", "fsdpqdiag", *args]
-                argv += ["--json", str(json_path), "--markdown", str(markdown_path)]
-                # The preset cache of the worker that runs it; a preset is built once per cache.
-                full_env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
-                completed = subprocess.run(
-                    argv, capture_output=True, text=True, timeout=timeout, env=full_env
-                )
-                fields = {"returncode": completed.returncode, "stdout": completed.stdout}
-                done.write_text(json.dumps({**fields, "stderr": completed.stderr, "args": argv}))
-        recorded = json.loads(done.read_text())
-        completed = subprocess.CompletedProcess(
-            recorded["args"], recorded["returncode"], recorded["stdout"], recorded["stderr"]
-        )
+        json_path, markdown_path = out / "report.json", out / "report.md"
+        argv = [sys.executable, "-m", "fsdpqdiag", *args]
+        argv += ["--json", str(json_path), "--markdown", str(markdown_path)]
+        # The preset cache of the worker that runs it; a preset is built once per cache.
+        full_env = dict(os.environ, PYTHONPATH=str(ROOT), COLUMNS="200", **(env or {}))
+
+        def make() -> dict:
+            return recorded(
+                subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=full_env)
+            )
+
+        completed = replayed(made_once(out / "lock", out / "completed.json", make))
         result = CliResult(completed, json_path, markdown_path)
         result.out = out
         if args[0] == "reproduce" and json_path.exists():  # its scripts' lines run as one batch

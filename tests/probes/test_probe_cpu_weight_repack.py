@@ -2,7 +2,6 @@
 script, and a positive control that flips the probe on the path where nothing breaks."""
 
 import json
-import shlex
 from pathlib import Path
 
 import pytest
@@ -10,7 +9,7 @@ import pytest
 from fsdpqdiag.render import markdown, reproducer
 from fsdpqdiag.report.model import Report
 from tests.support import cpu_probe as _probe
-from tests.support.scripts import run_script
+from tests.support.scripts import line_arguments, run_script
 
 COMPONENTS = {"torch.distributed.fsdp", "bitsandbytes", "injected fault", "undetermined"}
 
@@ -45,10 +44,9 @@ def test_repack_path_is_consistent_and_matches_standalone(monkeypatch, ws):
     line = reproducer.command(result)
     if result.verdict == "REPRODUCED":
         assert f"    {line}" in markdown.render(Report("reproduce", [], {}, [result])).splitlines()
-    words = shlex.split(line)
-    script_at = next(i for i, word in enumerate(words) if word.endswith(".py"))
-    assert Path(words[script_at]).name == "cpu_weight_repack.py"
-    script_ranks = run_script([*words[script_at:], "--json"], ws, verdict=result.verdict)
+    args, line_ws = line_arguments(result)
+    assert Path(args[0]).name == "cpu_weight_repack.py" and line_ws == ws
+    script_ranks = run_script([*args, "--json"], ws, verdict=result.verdict)
     assert len(script_ranks) == ws
     for line, rank in zip(script_ranks, result.ranks):
         ev = rank["evidence"]

@@ -4,8 +4,11 @@ launcher, and a finished command's result."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -93,3 +96,31 @@ def cpu_probe(name: str, ws: int, inject: str | None = None, **config):
     config = dict(LinearConfig(in_features=SMALL_FEATURES, out_features=SMALL_FEATURES).__dict__, **config)
     run = RunConfig(world_size=ws, device="cpu", timeout_s=300, inject=inject)
     return api.run_probe(name, config, run, session=worker_session())
+
+
+def common_dir(tmp_path_factory, name: str) -> Path:
+    """A directory of the test session that every pytest-xdist worker shares."""
+    root = tmp_path_factory.getbasetemp()
+    return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
+
+
+def made_once(lock_path: Path, record_path: Path, make: Callable[[], dict]) -> dict:
+    """``make()``'s record (JSON), made by whichever worker asks first: the others wait on the
+    lock and read it, so a run is neither made twice nor made twice in parallel."""
+    with open(lock_path, "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record_path.exists():
+            record_path.write_text(json.dumps(make()))
+    return json.loads(record_path.read_text())
+
+
+def recorded(ran: subprocess.CompletedProcess) -> dict:
+    """A finished process as ``made_once`` keeps it."""
+    return {"args": ran.args, "returncode": ran.returncode, "stdout": ran.stdout, "stderr": ran.stderr}
+
+
+def replayed(record: dict) -> subprocess.CompletedProcess:
+    """The finished process ``recorded`` kept."""
+    return subprocess.CompletedProcess(
+        record["args"], record["returncode"], record["stdout"], record["stderr"]
+    )

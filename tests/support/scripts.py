@@ -16,7 +16,6 @@ as a maintainer would (``run_script``).
 
 from __future__ import annotations
 
-import fcntl
 import hashlib
 import json
 import os
@@ -25,7 +24,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+from tests.support import ROOT, made_once, recorded, replayed
+
 # Set by conftest to a directory every worker of the session shares; None runs every line anew.
 RUNS_DIR: Path | None = None
 # A line (script and options, with --json) -> every line of the shared run it came from, at its
@@ -107,32 +107,32 @@ def check_script(done: subprocess.CompletedProcess, ws: int, verdict: str) -> li
     return sorted(json_objects(done.stdout), key=lambda line: line["rank"])
 
 
+def _launcher(ws: int) -> list[str]:
+    """How a maintainer starts a script at world size ``ws``: python alone, or torchrun."""
+    if ws == 1:
+        return [sys.executable]
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
+
+
+def _environment() -> dict[str, str]:
+    """This environment less the rank variables a test run under torchrun would pass on."""
+    return {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
+
+
 def launch_script(args: list[str], ws: int) -> subprocess.CompletedProcess:
     """``python SCRIPT ...`` (``torchrun`` for several ranks), once per line and environment."""
-    launcher = (
-        [sys.executable]
-        if ws == 1
-        else [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(ws)]
-    )
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-    argv = [*launcher, *args]
+    env, argv = _environment(), [*_launcher(ws), *args]
+
+    def make() -> dict:
+        return recorded(subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env))
+
     if RUNS_DIR is None:
-        return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
+        return replayed(make())
     # What a script reads besides its options: the tool's own switches (the bitsandbytes CPU path).
     settings = sorted((k, v) for k, v in env.items() if k.startswith("FSDPQDIAG_") and k != "FSDPQDIAG_CACHE")
     key = hashlib.sha256(json.dumps([args, ws, settings]).encode()).hexdigest()[:16]
     RUNS_DIR.mkdir(parents=True, exist_ok=True)
-    done_path = RUNS_DIR / f"{key}.json"
-    with open(RUNS_DIR / f"{key}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)  # a second worker waits for the first one's run
-        if not done_path.exists():
-            ran = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=300, env=env)
-            fields = {"returncode": ran.returncode, "stdout": ran.stdout, "stderr": ran.stderr}
-            done_path.write_text(json.dumps({**fields, "args": argv}))
-    recorded = json.loads(done_path.read_text())
-    return subprocess.CompletedProcess(
-        recorded["args"], recorded["returncode"], recorded["stdout"], recorded["stderr"]
-    )
+    return replayed(made_once(RUNS_DIR / f"{key}.lock", RUNS_DIR / f"{key}.json", make))
 
 
 def run_batched(
@@ -145,19 +145,15 @@ def run_batched(
     key = hashlib.sha256(json.dumps([batch, ws]).encode()).hexdigest()[:16]
     where = RUNS_DIR / f"batch-{key}"
     where.mkdir(parents=True, exist_ok=True)
-    with open(where / "lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (where / "launched.json").exists():
-            (where / "plan.json").write_text(json.dumps([list(args) for args in batch]))
-            launcher = [sys.executable] if ws == 1 else [sys.executable, "-m", "torch.distributed.run"]
-            launcher += [] if ws == 1 else ["--nproc-per-node", str(ws)]
-            env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK")}
-            port = str(_free_ports(len(batch)))
-            argv = [*launcher, "tests/support/script_batch.py", str(where / "plan.json"), str(where), port]
-            ran = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=env)
-            (where / "launched.json").write_text(
-                json.dumps({"returncode": ran.returncode, "stderr": ran.stderr})
-            )
+
+    def make() -> dict:
+        (where / "plan.json").write_text(json.dumps([list(args) for args in batch]))
+        port = str(_free_ports(len(batch)))
+        argv = [*_launcher(ws), "tests/support/script_batch.py", str(where / "plan.json"), str(where), port]
+        ran = subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=600, env=_environment())
+        return recorded(ran)
+
+    made_once(where / "lock", where / "launched.json", make)
     ranks = [where / f"rank{rank}.json" for rank in range(ws)]
     if not all(path.exists() for path in ranks):
         return launch_script(list(line), ws)
