@@ -8,6 +8,12 @@ from fsdpqdiag.render.fitted import Column, FittedTable
 ENV_COLUMNS = (Column("item"), Column("value", breakable=True))
 
 
+def optional_packages(captured: dict) -> str:
+    """``, torchao X`` where the stack has torchao (the reference the torchao probe compares
+    bitsandbytes with), else nothing: a stack without it reads as it always did."""
+    return f", torchao {captured['torchao']}" if captured.get("torchao") else ""
+
+
 def flatten(data, prefix: str = "") -> list[tuple[str, object]]:
     """Nested environment data as dotted items: ``torch.version``, ``gpus.0.name``."""
     items: list[tuple[str, object]] = []

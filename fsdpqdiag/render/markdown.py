@@ -15,6 +15,7 @@ import json
 
 from fsdpqdiag import envvars
 from fsdpqdiag.render import reproducer
+from fsdpqdiag.render.env_table import optional_packages
 from fsdpqdiag.render.preflight_table import markdown_lines as preflight_lines
 from fsdpqdiag.report.model import REPRODUCED, Report
 from fsdpqdiag.report.redact import command_line, redact_data, redact_text
@@ -76,14 +77,9 @@ def _software_stack(env: dict) -> str:
     return (
         f"torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}), "
         f"bitsandbytes {bnb.get('version')} ({bnb.get('backend')}), transformers {env.get('transformers')}, "
-        f"peft {env.get('peft')}, {_torchao(env)}{gpus}, driver {env.get('driver')}, "
+        f"peft {env.get('peft')}{optional_packages(env)}, {gpus}, driver {env.get('driver')}, "
         f"Python {env.get('python')}"
     )
-
-
-def _torchao(env: dict) -> str:
-    """torchao's version where the stack has it (reports of stacks without it read as before)."""
-    return f"torchao {env['torchao']}, " if env.get("torchao") else ""
 
 
 def _summary_lines(report: Report) -> list[str]:

@@ -7,6 +7,7 @@ from rich.text import Text
 
 from fsdpqdiag.core.presentation import WEIGHT_VIEWS, Alarm
 from fsdpqdiag.core.verdict import STYLE
+from fsdpqdiag.render.env_table import optional_packages
 from fsdpqdiag.render.fitted import Column, FittedTable
 from fsdpqdiag.render.preflight_table import summary_lines
 from fsdpqdiag.report.model import Report
@@ -149,7 +150,8 @@ def _under_the_table(report: Report, wide: bool) -> list:
     lines.append(
         Text(
             f"stack: torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, "
-            f"NCCL {torch_info.get('nccl')}), bitsandbytes {bnb.get('version')}, {gpus}",
+            f"NCCL {torch_info.get('nccl')}), bitsandbytes {bnb.get('version')}"
+            f"{optional_packages(report.env)}, {gpus}",
             style="dim",
         )
     )

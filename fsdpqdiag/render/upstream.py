@@ -15,6 +15,7 @@ import json
 from pathlib import Path
 
 from fsdpqdiag.render import reproducer
+from fsdpqdiag.render.env_table import optional_packages
 from fsdpqdiag.render.markdown import GITHUB_COMMENT_LIMIT, _fold_to_fit, _label, fsdpqdiag_command
 from fsdpqdiag.report.model import INCONCLUSIVE, NOT_REPRODUCED, REPRODUCED, Report
 from fsdpqdiag.report.redact import redact_data, redact_text
@@ -78,7 +79,7 @@ def _stack_lines(env: dict) -> list[str]:
         f"- torch {torch_info.get('version')} (CUDA {torch_info.get('cuda')}, NCCL {torch_info.get('nccl')}, "
         f"cuDNN {torch_info.get('cudnn')})",
         f"- transformers {env.get('transformers')}, peft {env.get('peft')}, "
-        f"accelerate {env.get('accelerate')}" + (f", torchao {env['torchao']}" if env.get("torchao") else ""),
+        f"accelerate {env.get('accelerate')}{optional_packages(env)}",
         f"- Python {env.get('python')}, {env.get('platform')} ({env.get('machine')})",
         f"- GPU: {gpus}; driver {env.get('driver')}",
         *_cpu_path_lines(env),
