@@ -15,7 +15,7 @@ from fsdpqdiag.cli.app import app
 
 def main() -> None:
     from fsdpqdiag.cli import streams
-    from fsdpqdiag.launcher.launch import exit_skipping_teardown, in_launched_job
+    from fsdpqdiag.launcher.launch import in_launched_job, leave_job
     from fsdpqdiag.launcher.stop_signals import install_stop_handlers, stop_received
     from fsdpqdiag.rank import stacklog
     from fsdpqdiag.report.model import EXIT_INTERRUPTED
@@ -41,11 +41,11 @@ def main() -> None:
                 raise SystemExit(128 + signum) from None
             raise
         return
-    # Under torchrun this process is a rank: once its outputs are written, leave as ranks do.
+    # Under torchrun this process is a rank: leave once rank 0's outputs are written.
     try:
         app()
     except SystemExit as done:
         code = done.code if isinstance(done.code, int) else (0 if done.code is None else 1)
     else:
         code = 0
-    exit_skipping_teardown(code)
+    leave_job(code)

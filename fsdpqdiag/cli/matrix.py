@@ -103,11 +103,8 @@ def matrix(
         _note_what_resume_set_aside(report, resume)
         _write_cell_outputs(report, csv, parquet, plot)
 
-    ending = end_command(report, json_path, markdown_path, quiet, wide, after_outputs=after_the_report)
-    _wait_for_reporting_rank()
-    # Past the barrier rank 0 has written everything, so every rank may give the report's exit
-    # code: each node's torchrun then exits as the job's verdict says, not 0 on all but one.
-    raise ending
+    # Under torchrun, every rank leaves only once rank 0 has written (``launch.leave_job``).
+    raise end_command(report, json_path, markdown_path, quiet, wide, after_outputs=after_the_report)
 
 
 def _check_matrix_outputs(json_path, markdown_path, csv, parquet, plot, sweep_dir, model) -> bool:
@@ -186,17 +183,3 @@ def _note_what_resume_set_aside(report, resume: Path | None) -> None:
         "those cells were run again",
         highlight=False,
     )
-
-
-def _wait_for_reporting_rank() -> None:
-    """Under torchrun, the first rank to exit non-zero (exit 3 when a cell is an ERROR row,
-    as #1945's cell B) makes torchrun SIGTERM its peers: without this barrier rank 0 could
-    be killed before it has written the report (seen on CPU/gloo with cells A-G)."""
-    from fsdpqdiag.launcher.launch import in_launched_job
-
-    if not in_launched_job():
-        return
-    import torch.distributed as dist
-
-    if dist.is_initialized():
-        dist.barrier()

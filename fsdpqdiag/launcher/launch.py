@@ -55,6 +55,58 @@ def exit_skipping_teardown(code: int) -> NoReturn:
     os._exit(code)
 
 
+# How long a node's local rank 0 waits for its local peers to leave before it gives the node's
+# exit code anyway.
+PEERS_LEAVE_S = 10.0
+
+
+def leave_job(code: int) -> NoReturn:
+    """Exit a rank of a torchrun job once its command is done, so that nothing the command
+    wrote is lost and each node's torchrun ends as the report says.
+
+    torchrun SIGTERMs a node's other ranks as soon as one exits non-zero, and exits 1 itself
+    whichever rank it was. So every rank first meets the others (rank 0 reaches this only
+    after writing its outputs) and learns every rank's code; the node's local ranks other
+    than 0 then exit 0, and local rank 0, once they are gone, exits with the job's verdict:
+    its own code, else the first non-zero one."""
+    dist = sys.modules.get("torch.distributed")  # a command that never imported it has no group
+    if dist is None or not dist.is_initialized() or dist.get_world_size() == 1:
+        exit_skipping_teardown(code)
+    me = {"code": code, "pid": os.getpid(), "node": os.environ.get("GROUP_RANK", "0")}
+    everyone: list = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, me)
+    if int(os.environ.get("LOCAL_RANK", "0")) != 0:
+        exit_skipping_teardown(0)
+    verdict = code or next((rank["code"] for rank in everyone if rank["code"]), 0)
+    if verdict:
+        peers = [r["pid"] for r in everyone if r["node"] == me["node"] and r["pid"] != me["pid"]]
+        _wait_until_gone(peers, PEERS_LEAVE_S)
+    exit_skipping_teardown(verdict)
+
+
+def _wait_until_gone(pids: list[int], timeout_s: float) -> None:
+    """Until every pid has exited (a zombie its parent has not reaped yet counts as gone)."""
+    deadline = time.monotonic() + timeout_s
+    while pids and time.monotonic() < deadline:
+        pids = [pid for pid in pids if _alive(pid)]
+        if pids:
+            time.sleep(0.02)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state not in ("Z", "X")
+
+
 def in_launched_job() -> bool:
     """True when this process is a rank started by torchrun (or a compatible launcher)."""
     return all(key in os.environ for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK"))

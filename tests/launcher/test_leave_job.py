@@ -1,0 +1,53 @@
+"""A rank of a torchrun job leaves only once rank 0 has written, and its node exits as the job's
+verdict says, whichever rank finishes first."""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+from tests.support import ROOT
+
+# Rank 0 is slow to write its output and every rank ends with a finding (exit 1): without the
+# meeting in ``leave_job``, rank 1 would exit first and torchrun would SIGTERM rank 0 mid-write.
+_SLOW_WRITER = textwrap.dedent(
+    """
+    import os, sys, time
+    import torch.distributed as dist
+    from fsdpqdiag.launcher.launch import leave_job
+
+    dist.init_process_group("gloo")
+    if dist.get_rank() == 0:
+        time.sleep(3)
+        open(sys.argv[1], "w").write("written")
+    leave_job(int(sys.argv[2]))
+    """
+)
+
+
+def _run(tmp_path, code: int) -> subprocess.CompletedProcess:
+    script = tmp_path / "slow_writer.py"
+    script.write_text(_SLOW_WRITER)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc-per-node",
+            "2",
+            str(script),
+            str(tmp_path / "out.txt"),
+            str(code),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=dict(os.environ, PYTHONPATH=str(ROOT)),
+    )
+
+
+def test_a_finding_kills_no_rank_and_the_slow_writer_finishes(tmp_path):
+    done = _run(tmp_path, 1)
+    assert "SIGTERM" not in done.stderr, done.stderr[-3000:]
+    assert done.returncode == 1, done.stderr[-3000:]
+    assert (tmp_path / "out.txt").read_text() == "written"
