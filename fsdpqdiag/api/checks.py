@@ -163,6 +163,8 @@ def checked_linear(linear: LinearConfig | None) -> LinearConfig:
     linear = linear or LinearConfig()
     try:
         linear.validate()
+    except BadInput:
+        raise
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
     return linear

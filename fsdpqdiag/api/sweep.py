@@ -126,6 +126,8 @@ def _selected_cells(cells: Sequence[str], grid: Sequence[str]) -> list:
 
     try:
         return mx.select_cells(cells, grid)
+    except BadInput:
+        raise
     except ValueError as exc:
         raise BadInput(str(exc)) from exc
 
@@ -265,7 +267,12 @@ def _recover_sweep(directory) -> Any:
     try:
         return mx.recover(directory)
     except mx.SweepRecordError as exc:
-        raise BadInput.about("{resume=0}: {1} cannot be resumed: {2}", str(directory), record, exc) from exc
+        raise BadInput.about(
+            "{resume=0}: {1} cannot be resumed: {2}; start the sweep again with {out_dir}",
+            str(directory),
+            record,
+            exc,
+        ) from exc
     except OSError as exc:
         raise BadInput.about(
             "{resume=0}: cannot read {1}: {2}", str(directory), record, exc.strerror
@@ -285,6 +292,8 @@ def _refuse_conflicts(
     if cells or grid:
         try:
             requested = [dataclasses.asdict(c) for c in mx.select_cells(cells, grid)]
+        except BadInput:
+            raise
         except ValueError as exc:
             raise BadInput(str(exc)) from exc
         if requested != plan.cells:

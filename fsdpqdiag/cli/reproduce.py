@@ -18,12 +18,14 @@ from fsdpqdiag.cli.app import (
     Wide,
     WorldSizes,
     app,
+    bad_input,
     check_outputs,
     choices_help,
     end_command,
     fail,
     run_library,
 )
+from fsdpqdiag.errors import BadInput
 from fsdpqdiag.report.model import EXIT_CODES_HELP
 from fsdpqdiag.tasks import PROBES  # imports no torch: --help stays fast
 
@@ -80,6 +82,8 @@ def reproduce(
             reduce_dtype=canonical_dtype(reduce_dtype, allow_none=True),
         )
         linear.validate()
+    except BadInput as exc:
+        raise bad_input(exc) from None
     except ValueError as exc:
         raise fail(str(exc)) from None
 

@@ -11,6 +11,8 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from fsdpqdiag.errors import BadInput
+
 # Canonical dtype names and the spellings users type for them.
 DTYPE_ALIASES: dict[str, str] = {
     "bf16": "bfloat16",
@@ -80,29 +82,29 @@ class LinearConfig:
     reduce_dtype: str | None = "float32"
 
     def validate(self) -> None:
+        """BadInput (a ValueError) naming the field at fault, as ``BadInput.about`` words it."""
         if self.quant_type not in QUANT_TYPES:
-            raise ValueError(f"unknown quant type {self.quant_type!r} (known: nf4, fp4)")
-        for label, value in (("in_features", self.in_features), ("out_features", self.out_features)):
-            if value < 1:
-                raise ValueError(f"{label} must be >= 1, got {value}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
+            raise BadInput(f"unknown quant type {self.quant_type!r} (known: nf4, fp4)")
+        for name in ("in_features", "out_features", "batch"):
+            if getattr(self, name) < 1:
+                raise BadInput.about(f"{{{name}}} must be >= 1, got {{0}}", getattr(self, name))
         # torch.manual_seed takes what fits in 64 bits, signed or not; beyond, every rank would raise.
-        for label, seed in (("--weight-seed", self.weight_seed), ("--input-seed", self.input_seed)):
-            if not -(1 << 63) <= seed < (1 << 64):
-                raise ValueError(f"{label} must fit in 64 bits (-2**63 .. 2**64-1), got {seed}")
+        for name in ("weight_seed", "input_seed"):
+            if not -(1 << 63) <= getattr(self, name) < (1 << 64):
+                raise BadInput.about(
+                    f"{{{name}}} must fit in 64 bits (-2**63 .. 2**64-1), got {{0}}", getattr(self, name)
+                )
         canonical_dtype(self.quant_storage)
-        for label, value, allow_none in (
-            ("--compute-dtype", self.compute_dtype, False),
-            ("--param-dtype", self.param_dtype, True),
-            ("--reduce-dtype", self.reduce_dtype, True),
-        ):
-            name = canonical_dtype(value or "none", allow_none=allow_none)
-            if name is not None and name not in FLOAT_DTYPES:
-                raise ValueError(f"{label} must be a float dtype (bf16, fp16, fp32), not {value!r}")
+        for name, allow_none in (("compute_dtype", False), ("param_dtype", True), ("reduce_dtype", True)):
+            value = getattr(self, name)
+            dtype = canonical_dtype(value or "none", allow_none=allow_none)
+            if dtype is not None and dtype not in FLOAT_DTYPES:
+                raise BadInput.about(
+                    f"{{{name}}} must be a float dtype (bf16, fp16, fp32), not {{0!r}}", value
+                )
         problem = packing_problem(self.in_features, self.out_features, self.quant_storage)
         if problem:
-            raise ValueError(problem)
+            raise BadInput(problem)
 
 
 def packing_problem(in_features: int, out_features: int, quant_storage: str) -> str | None:

@@ -64,7 +64,7 @@ BAD_INPUTS = [
     (["--quant-storage", "bf17"], "unknown dtype"),
     (["--quant-type", "nf5"], "unknown quant type"),
     (["--timeout", "0"], "--timeout must be > 0"),
-    (["--in-features", "0"], "in_features must be >= 1"),
+    (["--in-features", "0"], "--in-features must be >= 1"),
     (["--backend", "mpi"], "unknown backend"),
     (["--backend", "nccl", "--device", "cpu"], "--backend nccl needs --device cuda"),
 ]

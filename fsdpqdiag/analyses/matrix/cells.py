@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 
 from fsdpqdiag.core.config import QUANT_TYPES, canonical_dtype
+from fsdpqdiag.errors import BadInput
 
 # The mixed-precision choice of a cell: the (param_dtype, reduce_dtype) of a
 # MixedPrecisionPolicy; "none" passes mp_policy=None literally, as #1945's cell B did (FSDP2
@@ -112,12 +113,13 @@ def _parse_value(dimension: str, value: str):
 
 
 def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Cell]:
-    """The default cells (or those named), or cell A expanded over ``--grid dim=v1,v2``."""
+    """The default cells (or those named), or cell A expanded over ``grid`` (``dim=v1,v2``)."""
     if grid and names:
-        # --grid expands cell A: named cells beside it would be dropped without a word.
-        raise ValueError(
-            f"--cells {' '.join(names)} with --grid: the grid expands cell A over its values; "
-            "give --cells or --grid, not both"
+        # A grid expands cell A: named cells beside it would be dropped without a word.
+        raise BadInput.about(
+            "{cells=0} with {grid}: the grid expands cell A over its values; "
+            "give {cells} or {grid}, not both",
+            list(names),
         )
     if grid:
         axes = []
@@ -125,15 +127,17 @@ def select_cells(names: Sequence[str] = (), grid: Sequence[str] = ()) -> list[Ce
         for spec in grid:
             dimension, _, values = spec.partition("=")
             if dimension not in GRID_DIMENSIONS or not values:
-                raise ValueError(
-                    f"bad --grid {spec!r}: use DIM=v1,v2 with DIM one of {', '.join(GRID_DIMENSIONS)}"
+                raise BadInput.about(
+                    "bad {grid} {0!r}: use DIM=v1,v2 with DIM one of {1}", spec, ", ".join(GRID_DIMENSIONS)
                 )
             # Two specs of one dimension would be merged into one cell by keyword, silently:
             # which values were meant is the user's to say.
             if dimension in seen:
-                raise ValueError(
-                    f"bad --grid {spec!r}: {dimension} is already given by {seen[dimension]!r}; "
-                    f"list all its values once ({dimension}=v1,v2)"
+                raise BadInput.about(
+                    "bad {grid} {0!r}: {1} is already given by {2!r}; list all its values once ({1}=v1,v2)",
+                    spec,
+                    dimension,
+                    seen[dimension],
                 )
             seen[dimension] = spec
             # A value given twice (bf16,bfloat16) is one cell: repeats are merged.

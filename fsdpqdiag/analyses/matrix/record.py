@@ -96,7 +96,7 @@ def _plan_from_header(line: bytes) -> SweepPlan:
     if not isinstance(data, dict) or data.get(SWEEP_HEADER) != SWEEP_VERSION:
         raise SweepRecordError(
             f"its first line is not a version-{SWEEP_VERSION} sweep header (written by another "
-            "fsdpqdiag, or not a sweep record): start the sweep again with --out"
+            "fsdpqdiag, or not a sweep record)"
         )
     fields = {k: v for k, v in data.items() if k != SWEEP_HEADER}
     try:
