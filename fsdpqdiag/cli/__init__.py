@@ -19,6 +19,7 @@ def main() -> None:
     from fsdpqdiag.launcher.stop_signals import install_stop_handlers, stop_received
     from fsdpqdiag.rank import stacklog
     from fsdpqdiag.report.model import EXIT_INTERRUPTED
+    from fsdpqdiag.stack import bnb_import
 
     if in_launched_job():
         import faulthandler
@@ -27,6 +28,7 @@ def main() -> None:
         # crash is then seen only in torchrun's log, which this makes carry the Python stack.
         faulthandler.enable()
     stacklog.install()
+    bnb_import.defer_compile_at_import()  # the tool's own process: never a user's script
 
     if not in_launched_job():
         streams.install()

@@ -58,6 +58,9 @@ def _preload(task_path: str) -> None:
             importlib.import_module(package)
         except Exception:  # noqa: BLE001 - each rank imports it again and meets the same error
             pass
+    # Each rank's first bitsandbytes op imports TorchDynamo (torch.library's dispatch disables
+    # it around the kernel): imported here once, every fork shares it.
+    import torch._dynamo  # noqa: F401
 
 
 def fork_safe() -> bool:
@@ -140,8 +143,10 @@ def main() -> None:
     faulthandler.enable()  # first, as in a spawned rank: a crash while importing has a stack
 
     from fsdpqdiag.rank import stacklog
+    from fsdpqdiag.stack import bnb_import
 
     stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
+    bnb_import.defer_compile_at_import()
     spec = _next_spec()
     if spec is not None:
         _preload(spec["task"])  # what the first launch's tasks need; later ones import the rest

@@ -20,8 +20,10 @@ def main() -> None:
 
     from fsdpqdiag.launcher.launch import exit_skipping_teardown
     from fsdpqdiag.rank import stacklog
+    from fsdpqdiag.stack import bnb_import
 
     stacklog.install()
+    bnb_import.defer_compile_at_import()
 
     from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
     from fsdpqdiag.rank import runtime as rank
