@@ -89,9 +89,9 @@ def _driver() -> str | None:
     return out.splitlines()[0] if out else None
 
 
-def _bitsandbytes_info() -> dict[str, Any]:
+def _bitsandbytes_info(import_it: bool = True) -> dict[str, Any]:
     info: dict[str, Any] = {"version": _version("bitsandbytes")}
-    if info["version"] is None:
+    if info["version"] is None or not (import_it or "bitsandbytes" in sys.modules):
         return info
     try:
         import bitsandbytes  # noqa: F401
@@ -117,14 +117,16 @@ def _bitsandbytes_info() -> dict[str, Any]:
     return info
 
 
-def capture() -> dict[str, Any]:
-    """The stack as this process sees it (imports torch and bitsandbytes: seconds)."""
+def capture(import_bitsandbytes: bool = True) -> dict[str, Any]:
+    """The stack as this process sees it (imports torch and bitsandbytes: seconds).
+    ``import_bitsandbytes=False`` (inside a user's process): bitsandbytes is described only
+    if the process has imported it, else by its installed version alone."""
     return {
         "python": sys.version.split()[0],
         "platform": platform.platform(),
         "machine": platform.machine(),
         "torch": _torch_info(),
-        "bitsandbytes": _bitsandbytes_info(),
+        "bitsandbytes": _bitsandbytes_info(import_bitsandbytes),
         "transformers": _version("transformers"),
         "peft": _version("peft"),
         "accelerate": _version("accelerate"),

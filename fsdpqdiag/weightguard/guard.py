@@ -29,6 +29,7 @@ import warnings
 from pathlib import Path
 
 from fsdpqdiag import envvars
+from fsdpqdiag.rank import env
 from fsdpqdiag.weightguard import verify
 from fsdpqdiag.weightguard.localize import localize, unlocalized
 from fsdpqdiag.weightguard.params import GuardedParam, collect, digest_shards
@@ -82,6 +83,9 @@ class Guard:
         self.roots = list(model) if isinstance(model, (list, tuple)) else [model]
         self.rank = dist.get_rank() if dist.is_initialized() else 0
         self.world_size = dist.get_world_size() if dist.is_initialized() else 1
+        # The job's stack, as its own process sees it (the interpreter and packages the command
+        # runs on, which need not be watch's): rank 0's record carries it into the report.
+        self.stack = env.capture(import_bitsandbytes=False) if self.rank == 0 else None
         self.backend = str(dist.get_backend()) if dist.is_initialized() else "none"
         self.step = 0
         self._optimizers: dict[int, bool] = {}
@@ -273,6 +277,7 @@ class Guard:
             ],
             "skipped": self.skipped,
             "errors": self.errors,
+            **({"stack": self.stack} if self.stack is not None else {}),
             "findings": self.findings,
         }
 

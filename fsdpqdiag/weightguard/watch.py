@@ -262,7 +262,6 @@ def build_report(
 ) -> Report:
     """The merged ``fsdpqdiag.report/1`` report of every guarded process."""
     from fsdpqdiag.evidence import attribution
-    from fsdpqdiag.rank import env
 
     states = [s for s in states if s]
     first = states[0] if states else {}
@@ -320,7 +319,16 @@ def build_report(
             device=result.device,
             injected=injected,
         )
-    return Report(command="watch", argv=argv, env=env.capture(), results=[result], world_sizes=[world_size])
+    return Report(command="watch", argv=argv, env=_stack(states), results=[result], world_sizes=[world_size])
+
+
+def _stack(states: list[dict]) -> dict[str, Any]:
+    """The stack rank 0's guard saw in the job; captured here where no guard recorded one
+    (nothing was sharded, or rank 0's record was lost)."""
+    from fsdpqdiag.rank import env
+
+    recorded = [s["stack"] for s in sorted(states, key=lambda s: s.get("rank", 0)) if s.get("stack")]
+    return recorded[0] if recorded else env.capture()
 
 
 def _evidence(states: list[dict], modules: list[dict]) -> dict[str, Any]:
