@@ -22,10 +22,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from tests.support import (  # noqa: E402 - the checkout first on sys.path
-    _WORKER,
     SMALL_FEATURES,
     CliResult,
     common_dir,
+    end_worker_session,
+    end_worker_zygotes,
     made_once,
     recorded,
     replayed,
@@ -51,8 +52,7 @@ if signal.getsignal(signal.SIGHUP) is signal.SIG_IGN:
 def _zygotes_kept_between_tests():
     """The worker's session closes with the test session: no zygote outlives the tests."""
     yield
-    if "session" in _WORKER:
-        _WORKER.pop("session").close()
+    end_worker_session()
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -70,8 +70,7 @@ def single_use_zygotes():
     """For tests of what a launch leaves behind: the zygotes the worker's session kept end
     first, so that the test's own launches (a plain api call: a short session of its own)
     are the only processes it can find."""
-    if "session" in _WORKER:
-        _WORKER["session"].zygotes.close()
+    end_worker_zygotes()
     yield
 
 

@@ -262,6 +262,7 @@ def build_report(
 ) -> Report:
     """The merged ``fsdpqdiag.report/1`` report of every guarded process."""
     from fsdpqdiag.evidence import attribution
+    from fsdpqdiag.report.commands import WATCH
 
     states = [s for s in states if s]
     first = states[0] if states else {}
@@ -319,7 +320,7 @@ def build_report(
             device=result.device,
             injected=injected,
         )
-    return Report(command="watch", argv=argv, env=_stack(states), results=[result], world_sizes=[world_size])
+    return Report(WATCH.name, argv, _stack(states), [result], world_sizes=[world_size])
 
 
 def _stack(states: list[dict]) -> dict[str, Any]:

@@ -68,6 +68,18 @@ def worker_session():
     return _WORKER["session"]
 
 
+def end_worker_session() -> None:
+    """Close the worker's session, if one was made: its zygotes end."""
+    if "session" in _WORKER:
+        _WORKER.pop("session").close()
+
+
+def end_worker_zygotes() -> None:
+    """End the zygotes the worker's session keeps (the session itself stays open)."""
+    if "session" in _WORKER:
+        _WORKER["session"].zygotes.close()
+
+
 class CliResult:
     def __init__(
         self,
