@@ -23,6 +23,7 @@ import os
 import socket
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 from fsdpqdiag import envvars
 
@@ -164,3 +165,12 @@ def combine(local: list[dict], job: dict | None) -> tuple[list[dict], dict]:
         "ranks_answered": sorted(node["rank"] for node in job.get("nodes") or []),
         "hosts": sorted({node["host"] for node in job.get("nodes") or []}),
     }
+
+
+def stack_of(states: list[dict]) -> dict[str, Any]:
+    """The stack rank 0's guard saw in the job; captured by the caller (watch) where no guard recorded one
+    (nothing was sharded, or rank 0's record was lost)."""
+    from fsdpqdiag.rank import env
+
+    recorded = [s["stack"] for s in sorted(states, key=lambda s: s.get("rank", 0)) if s.get("stack")]
+    return recorded[0] if recorded else env.capture()

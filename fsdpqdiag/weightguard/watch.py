@@ -320,16 +320,7 @@ def build_report(
             device=result.device,
             injected=injected,
         )
-    return Report(WATCH.name, argv, _stack(states), [result], world_sizes=[world_size])
-
-
-def _stack(states: list[dict]) -> dict[str, Any]:
-    """The stack rank 0's guard saw in the job; captured here where no guard recorded one
-    (nothing was sharded, or rank 0's record was lost)."""
-    from fsdpqdiag.rank import env
-
-    recorded = [s["stack"] for s in sorted(states, key=lambda s: s.get("rank", 0)) if s.get("stack")]
-    return recorded[0] if recorded else env.capture()
+    return Report(WATCH.name, argv, job.stack_of(states), [result], world_sizes=[world_size])
 
 
 def _evidence(states: list[dict], modules: list[dict]) -> dict[str, Any]:

@@ -274,8 +274,8 @@ def test_a_guard_that_cannot_attach_leaves_the_run_alone(tmp_path, monkeypatch):
 
 def test_the_report_describes_the_stack_rank_0_of_the_job_ran_on():
     """The command may run on another interpreter than watch: rank 0's record carries its stack."""
-    from fsdpqdiag.weightguard.watch import _stack
+    from fsdpqdiag.weightguard.job import stack_of
 
     states = [{"rank": 1, "stack": {"python": "b"}}, {"rank": 0, "stack": {"python": "a"}}, {"rank": 2}]
-    assert _stack(states) == {"python": "a"}
-    assert _stack([{"rank": 0}])["python"] == sys.version.split()[0], "none recorded: watch's own"
+    assert stack_of(states) == {"python": "a"}
+    assert stack_of([{"rank": 0}])["python"] == sys.version.split()[0], "none recorded: watch's own"
