@@ -85,7 +85,8 @@ def leave_job(code: int) -> NoReturn:
 
 
 def _wait_until_gone(pids: list[int], timeout_s: float) -> None:
-    """Until every pid has exited (a zombie its parent has not reaped yet counts as gone)."""
+    """Until every pid has exited: a zombie its parent has not reaped yet counts as gone once
+    its last thread has ended (its parent's wait cannot reap it before that)."""
     deadline = time.monotonic() + timeout_s
     while pids and time.monotonic() < deadline:
         pids = [pid for pid in pids if _alive(pid)]
@@ -102,9 +103,12 @@ def _alive(pid: int) -> bool:
         return True
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        # The leader of a thread group shows Z as soon as it exits, while its other threads
+        # (gloo's) may still be ending: until they have, the process is not reapable.
+        threads = len(os.listdir(f"/proc/{pid}/task"))
     except (OSError, IndexError):
         return True
-    return state not in ("Z", "X")
+    return state not in ("Z", "X") or threads > 1
 
 
 def in_launched_job() -> bool:

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 from tests.support import ROOT
 
@@ -51,3 +52,27 @@ def test_a_finding_kills_no_rank_and_the_slow_writer_finishes(tmp_path):
     assert "SIGTERM" not in done.stderr, done.stderr[-3000:]
     assert done.returncode == 1, done.stderr[-3000:]
     assert (tmp_path / "out.txt").read_text() == "written"
+
+
+def test_a_leader_that_exited_before_its_threads_is_not_yet_gone():
+    """The leader of a thread group shows Z as soon as it exits, while its parent cannot reap
+    it until its last thread has ended: torchrun would still see it running and SIGTERM it."""
+    import time
+
+    from fsdpqdiag.launcher.launch import _alive
+
+    leader_exits_first = (
+        "import ctypes, threading, time\n"
+        "threading.Thread(target=lambda: time.sleep(3)).start()\n"
+        "ctypes.CDLL(None).pthread_exit(None)\n"
+    )
+    process = subprocess.Popen([sys.executable, "-c", leader_exits_first])
+    try:
+        deadline = time.monotonic() + 30
+        while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+            assert time.monotonic() < deadline
+            time.sleep(0.02)
+        assert process.poll() is None and _alive(process.pid)
+    finally:
+        process.wait(timeout=30)
+    assert not _alive(process.pid)
