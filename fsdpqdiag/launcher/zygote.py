@@ -5,8 +5,8 @@ launch's spec (the task, and per rank its environment and its files); it serves 
 after another until stdin closes.
 
 It imports once what every rank imports (torch, torch.distributed, the rank machinery and
-its tasks, and the packages the launch's tasks declare they need: bitsandbytes, transformers,
-peft), then forks the ranks, as PyTorch's own c10d tests fork theirs
+its tasks, and the packages each launch's tasks declare they need: bitsandbytes, transformers,
+peft, imported before that launch's ranks fork), then forks the ranks, as PyTorch's own c10d tests fork theirs
 after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank.main`` would have
 been: a session of its own, the environment a spawned rank gets (the zygote's own is the
 part every rank shares, less the variables a launch sets for each rank, which are read when
@@ -35,7 +35,8 @@ from pathlib import Path
 
 def _preload(task_path: str) -> None:
     """torch, bitsandbytes (the first rank imports it to capture the stack in any case), and
-    the packages the launch's tasks declare they need (``Probe.needs``)."""
+    the packages the launch's tasks declare they need (``Probe.needs``); what an earlier
+    launch imported stays."""
     import importlib
 
     import torch  # noqa: F401
@@ -148,11 +149,11 @@ def main() -> None:
     stacklog.install()  # before bitsandbytes logs at import; the ranks inherit what it kept
     bnb_import.defer_compile_at_import()
     spec = _next_spec()
-    if spec is not None:
-        _preload(spec["task"])  # what the first launch's tasks need; later ones import the rest
-        fresh = not fork_safe()
     while spec is not None:
-        _serve(spec, fresh)
+        # What this launch's tasks need, before its ranks fork: a later launch that needs more
+        # (transformers after a plain layer's probes) imports it here once, not in every rank.
+        _preload(spec["task"])
+        _serve(spec, not fork_safe())
         spec = _next_spec()
     sys.stdout.flush()
     sys.stderr.flush()
