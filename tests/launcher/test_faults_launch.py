@@ -14,7 +14,7 @@ from fsdpqdiag.launcher import rank_start
 from fsdpqdiag.launcher.launch import in_launched_job
 from fsdpqdiag.launcher.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 from fsdpqdiag.probes.base import failure_verdict
-from tests.support import SMALL_LINEAR, cuda_available
+from tests.support import SMALL_LINEAR, cuda_available, worker_session
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
 
@@ -24,6 +24,19 @@ def _descendants_of(pid: int) -> list[int]:
     for child in _children_of(pid):
         found += [child, *_descendants_of(child)]
     return found
+
+
+def _no_rank_left() -> bool:
+    """Nothing of a launch outlives it: under this process, only the zygotes the worker's
+    session keeps between launches, idle (no rank of theirs left)."""
+    for child in _children_of(os.getpid()):
+        try:
+            command = Path(f"/proc/{child}/cmdline").read_bytes()
+        except OSError:
+            continue  # ended meanwhile
+        if b"fsdpqdiag.launcher.zygote" not in command or _children_of(child):
+            return False
+    return True
 
 
 def _children_of(pid: int) -> list[int]:
@@ -43,9 +56,9 @@ def _children_of(pid: int) -> list[int]:
     "fault, signal_name",
     [("abort", "SIGABRT"), ("oom-kill", "SIGKILL")],
 )
-def test_rank_killed_by_signal_is_crashed(fault, signal_name, single_use_zygotes):
+def test_rank_killed_by_signal_is_crashed(fault, signal_name):
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject=fault)
-    result = api.run_probe("full-tensor-crash", SMALL, run)
+    result = api.run_probe("full-tensor-crash", SMALL, run, session=worker_session())
     assert result.verdict == "CRASHED" and result.evidence["signal"] == signal_name
     if signal_name == "SIGABRT":
         # faulthandler's stack: the rank ran in its zygote's fork, or where bitsandbytes'
@@ -53,7 +66,7 @@ def test_rank_killed_by_signal_is_crashed(fault, signal_name, single_use_zygotes
         forked = rank_start.start_method("cpu") == rank_start.FORK and not cuda_available()
         entry = "fsdpqdiag/launcher/zygote.py" if forked else "fsdpqdiag/rank/main.py"
         assert entry in result.evidence["python_stack"]
-    assert _children_of(os.getpid()) == []
+    assert _no_rank_left()
 
 
 def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypatch, single_use_zygotes):
@@ -192,25 +205,25 @@ def test_python_stack_of_a_signal_in_a_native_thread_is_the_main_threads():
     assert "foreach_reduce" in stack[3] and not any("wait" in line for line in stack)
 
 
-def test_hung_rank_times_out_and_every_rank_is_reaped(single_use_zygotes):
+def test_hung_rank_times_out_and_every_rank_is_reaped():
     run = RunConfig(world_size=2, device="cpu", timeout_s=20, inject="hang")
     started = time.monotonic()
-    result = api.run_probe("full-tensor-crash", SMALL, run)
+    result = api.run_probe("full-tensor-crash", SMALL, run, session=worker_session())
     assert result.verdict == "TIMEOUT"
     assert time.monotonic() - started < 60
     assert {r["status"] for r in result.ranks} == {"timeout"}
     assert result.evidence["stage"] == "full_tensor()"
-    assert _children_of(os.getpid()) == []
+    assert _no_rank_left()
 
 
-def test_exception_on_one_rank_only_is_an_error(single_use_zygotes):
+def test_exception_on_one_rank_only_is_an_error():
     run = RunConfig(world_size=2, device="cpu", timeout_s=120, inject="raise")
-    result = api.run_probe("full-tensor-crash", SMALL, run)
+    result = api.run_probe("full-tensor-crash", SMALL, run, session=worker_session())
     assert result.verdict == "ERROR"
     statuses = {r["rank"]: r["status"] for r in result.ranks}
     assert statuses[1] == "error" and statuses[0] in ("aborted", "error")
     assert "injected fault" in result.summary
-    assert _children_of(os.getpid()) == []
+    assert _no_rank_left()
 
 
 def test_the_rank_that_raised_first_is_the_cause_even_when_both_ended_in_one_poll():
