@@ -27,6 +27,7 @@ from fsdpqdiag.api.running import (
     run_unless_unsupported,
 )
 from fsdpqdiag.core.config import LinearConfig, RunConfig
+from fsdpqdiag.evidence import attribution
 from fsdpqdiag.launcher import batch
 from fsdpqdiag.launcher.session import LaunchSession, in_session
 from fsdpqdiag.probes import storage_dtype_mismatch
@@ -92,6 +93,7 @@ def reproduce(
             names, probe_config, run, {"linear": probe_config}, _announcer(on_progress, run), session=session
         ),
     )
+    attribution.cite_reference(results)
     return Report(REPRODUCE.name, list(argv), session.stack(), results, preflight=checks)
 
 

@@ -187,3 +187,36 @@ def record(
     if injected:
         entry["controls_point_to"] = component
     return entry
+
+
+# What torchao-nf4-reference's verdict says of an altered bitsandbytes weight at the same world
+# size: the same draw through torchao's NF4Tensor, which FSDP2 all-gathers as bytes.
+_REFERENCE_SAYS = {
+    "library": (
+        "control: the same draw through torchao's NF4Tensor (all-gathered as bytes) under the same "
+        "fully_shard kept every code (torchao-nf4-reference): the alteration follows bitsandbytes' "
+        "packed storage in a float dtype, which FSDP2 unshards as floats"
+    ),
+    "stack": (
+        "control: the same draw through torchao's NF4Tensor under the same fully_shard was altered "
+        "too (torchao-nf4-reference): the alteration follows the stack, not the library"
+    ),
+}
+
+
+def cite_reference(results: list) -> None:
+    """Add to each altered ``nan-canonicalization`` result's attribution what the torchao
+    reference at the same world size found, where it reached a verdict on whom the alteration
+    follows (an UNSUPPORTED or absent reference adds nothing)."""
+    follows = {
+        r.world_size: r.evidence.get("follows")
+        for r in results
+        if r.probe == "torchao-nf4-reference" and r.verdict == VerdictKind.REPRODUCED
+    }
+    for result in results:
+        attribution = result.evidence.get("attribution") if result.probe == "nan-canonicalization" else None
+        said = _REFERENCE_SAYS.get(follows.get(result.world_size))
+        if attribution and said and said not in attribution["decided_by"]:
+            decided_by = attribution["decided_by"]
+            injected = bool(decided_by) and decided_by[-1].startswith("--inject ")
+            decided_by.insert(len(decided_by) - injected, said)  # the injected fault stays last

@@ -130,3 +130,43 @@ def test_a_matrix_cell_blames_fsdp2_only_on_a_pure_nan_signature():
     mixed = {**pure, "differing_nan_class": 300}
     assert cell_attribution(mixed)[0] == "undetermined"
     assert cell_attribution({"status": "error"})[0] == "undetermined"
+
+
+def _result(probe, verdict, ws, evidence):
+    from fsdpqdiag.report.model import ProbeResult
+
+    return ProbeResult(probe, verdict, ws, "cuda", "gloo", {}, None, "", evidence)
+
+
+@pytest.mark.parametrize(
+    "follows, cited",
+    [("library", "kept every code"), ("stack", "altered too"), (None, None)],
+)
+def test_an_altered_nan_canonicalization_cites_the_torchao_reference_of_its_world_size(follows, cited):
+    verdict = "REPRODUCED" if follows else "NOT REPRODUCED"
+    results = [
+        _result("nan-canonicalization", "REPRODUCED", 2, {"attribution": _record("torch.distributed.fsdp")}),
+        _result("nan-canonicalization", "REPRODUCED", 1, {"attribution": _record("torch.distributed.fsdp")}),
+        _result("torchao-nf4-reference", verdict, 2, {"follows": follows}),
+        _result("torchao-nf4-reference", "UNSUPPORTED", 1, {}),
+    ]
+    attribution.cite_reference(results)
+    attribution.cite_reference(results)  # once only, however often it is applied
+    ws2, ws1 = (r.evidence["attribution"]["decided_by"] for r in results[:2])
+    assert ws1 == ["a control"], "an UNSUPPORTED reference says nothing"
+    if cited is None:
+        assert ws2 == ["a control"]
+    else:
+        assert ws2[0] == "a control" and len(ws2) == 2
+        assert cited in ws2[1] and "torchao-nf4-reference" in ws2[1]
+
+
+def test_the_cited_reference_comes_before_the_injected_fault():
+    injected = _record("torch.distributed.fsdp", injected="nan-canonicalize")
+    results = [
+        _result("nan-canonicalization", "REPRODUCED", 2, {"attribution": injected}),
+        _result("torchao-nf4-reference", "REPRODUCED", 2, {"follows": "library"}),
+    ]
+    attribution.cite_reference(results)
+    first, cited, last = injected["decided_by"]
+    assert first == "a control" and "torchao-nf4-reference" in cited and last == "--inject nan-canonicalize"
