@@ -72,7 +72,9 @@ def leave_job(code: int) -> NoReturn:
     dist = sys.modules.get("torch.distributed")  # a command that never imported it has no group
     if dist is None or not dist.is_initialized() or dist.get_world_size() == 1:
         exit_skipping_teardown(code)
-    me = {"code": code, "pid": os.getpid(), "node": os.environ.get("GROUP_RANK", "0")}
+    # A node: torchrun's agent (GROUP_RANK) on a host; another launcher may set no GROUP_RANK.
+    node = f"{socket.gethostname()}/{os.environ.get('GROUP_RANK', '')}"
+    me = {"code": code, "pid": os.getpid(), "node": node}
     everyone: list = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, me)
     if int(os.environ.get("LOCAL_RANK", "0")) != 0:
