@@ -15,41 +15,22 @@ from fsdpqdiag.launcher.launch import in_launched_job
 from fsdpqdiag.launcher.rank_log import PYTHON_STACK_MAX_FRAMES, python_stack
 from fsdpqdiag.probes.base import failure_verdict
 from tests.support import SMALL_LINEAR, cuda_available, worker_session
+from tests.support.procs import children_of, descendants_of
 
 SMALL = {**LinearConfig(in_features=128, out_features=128).__dict__}
-
-
-def _descendants_of(pid: int) -> list[int]:
-    found = []
-    for child in _children_of(pid):
-        found += [child, *_descendants_of(child)]
-    return found
 
 
 def _no_rank_left() -> bool:
     """Nothing of a launch outlives it: under this process, only the zygotes the worker's
     session keeps between launches, idle (no rank of theirs left)."""
-    for child in _children_of(os.getpid()):
+    for child in children_of(os.getpid()):
         try:
             command = Path(f"/proc/{child}/cmdline").read_bytes()
         except OSError:
             continue  # ended meanwhile
-        if b"fsdpqdiag.launcher.zygote" not in command or _children_of(child):
+        if b"fsdpqdiag.launcher.zygote" not in command or children_of(child):
             return False
     return True
-
-
-def _children_of(pid: int) -> list[int]:
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            if int(fields[1]) == pid:
-                found.append(int(entry.name))
-    return found
 
 
 @pytest.mark.parametrize(
@@ -76,7 +57,7 @@ def test_a_spawned_rank_killed_by_signal_is_crashed_as_a_forked_one_is(monkeypat
     result = api.run_probe("full-tensor-crash", SMALL, run)
     assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
     assert {r["status"] for r in result.ranks} <= {"crashed", "aborted"}
-    assert _children_of(os.getpid()) == []
+    assert children_of(os.getpid()) == []
 
 
 def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(
@@ -92,7 +73,7 @@ def test_a_zygote_that_cannot_fork_safely_starts_fresh_ranks_that_end_the_same(
     assert result.verdict == "CRASHED" and result.evidence["signal"] == "SIGABRT"
     stack = result.evidence["python_stack"]
     assert "in full_tensor" in stack and "fsdpqdiag/rank/main.py" in stack and "zygote" not in stack
-    assert _children_of(os.getpid()) == []
+    assert children_of(os.getpid()) == []
 
 
 @pytest.mark.parametrize(
@@ -335,9 +316,9 @@ def test_ctrl_c_stops_every_rank_and_writes_nothing(tmp_path, method):
     # Forked ranks are the children of the zygote that forked them, itself the CLI's child.
     started = 3 if method == rank_start.FORK else 2
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and len(_descendants_of(cli.pid)) < started:
+    while time.monotonic() < deadline and len(descendants_of(cli.pid)) < started:
         time.sleep(0.2)
-    ranks = _descendants_of(cli.pid)
+    ranks = descendants_of(cli.pid)
     assert len(ranks) == started
     time.sleep(1.0)
     cli.send_signal(signal.SIGINT)

@@ -5,9 +5,9 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 from tests.support import ROOT
+from tests.support.procs import stat_fields
 
 # Rank 0 is slow to write its output and every rank ends with a finding (exit 1): without the
 # meeting in ``leave_job``, rank 1 would exit first and torchrun would SIGTERM rank 0 mid-write.
@@ -69,7 +69,7 @@ def test_a_leader_that_exited_before_its_threads_is_not_yet_gone():
     process = subprocess.Popen([sys.executable, "-c", leader_exits_first])
     try:
         deadline = time.monotonic() + 30
-        while Path(f"/proc/{process.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z":
+        while stat_fields(process.pid)[0] != "Z":
             assert time.monotonic() < deadline
             time.sleep(0.02)
         assert process.poll() is None and _alive(process.pid)

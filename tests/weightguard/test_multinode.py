@@ -27,6 +27,7 @@ import pytest
 
 from fsdpqdiag.report.model import Report
 from tests.support import ROOT
+from tests.support.procs import descendants_of
 
 SCRIPT = ROOT / "tests" / "support" / "multinode_train.py"
 pytestmark = pytest.mark.slow
@@ -76,26 +77,9 @@ def _finish(nodes: list[subprocess.Popen], timeout: float = 400) -> list[int]:
                 _kill_tree(node.pid)
 
 
-def _descendants(pid: int) -> list[int]:
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        current = todo.pop()
-        found.append(current)
-        todo += children.get(current, [])
-    return found
-
-
 def _kill_tree(pid: int) -> None:
     """A node dies: its watch, its agent and the agent's workers (in sessions of their own)."""
-    for victim in _descendants(pid):
+    for victim in [pid, *descendants_of(pid)]:
         try:
             os.kill(victim, signal.SIGKILL)
         except ProcessLookupError:
