@@ -54,35 +54,28 @@ def cache(tmp_path_factory) -> Path:
     return tmp_path_factory.getbasetemp() / "cache"
 
 
+def _watch_example(tmp_path_factory, cache, name: str, watch_options: list[str], steps: int):
+    """``watch`` of the QLoRA example under torchrun at WS=2: (its result, its folder)."""
+    tmp = tmp_path_factory.mktemp(name)
+    command = ["--json", "w.json", *watch_options, "--", *_torchrun(2, "--steps", str(steps))]
+    return _watch(command, tmp, cache), tmp
+
+
 @pytest.fixture(scope="module")
 def injected(tmp_path_factory, cache):
-    tmp = tmp_path_factory.mktemp("watch-injected")
-    completed = _watch(
-        ["--json", "w.json", "--markdown", "w.md", "--inject", "nan-canonicalize", "--",
-         *_torchrun(2, "--steps", "2")],
-        tmp, cache,
-    )  # fmt: skip
-    return completed, tmp
+    options = ["--markdown", "w.md", "--inject", "nan-canonicalize"]
+    return _watch_example(tmp_path_factory, cache, "watch-injected", options, steps=2)
 
 
 @pytest.fixture(scope="module")
 def injected_fixed(tmp_path_factory, cache):
-    tmp = tmp_path_factory.mktemp("watch-injected-fixed")
-    completed = _watch(
-        ["--json", "w.json", "--inject", "nan-canonicalize", "--fix", "fsdp2-bytes", "--",
-         *_torchrun(2, "--steps", "2")],
-        tmp, cache,
-    )  # fmt: skip
-    return completed, tmp
+    options = ["--inject", "nan-canonicalize", "--fix", "fsdp2-bytes"]
+    return _watch_example(tmp_path_factory, cache, "watch-injected-fixed", options, steps=2)
 
 
 @pytest.fixture(scope="module")
 def clean_all(tmp_path_factory, cache):
-    tmp = tmp_path_factory.mktemp("watch-clean")
-    completed = _watch(
-        ["--json", "w.json", "--params", "all", "--", *_torchrun(2, "--steps", "3")], tmp, cache
-    )
-    return completed, tmp
+    return _watch_example(tmp_path_factory, cache, "watch-clean", ["--params", "all"], steps=3)
 
 
 def _nan_class_weights(cache: Path) -> set[str]:
