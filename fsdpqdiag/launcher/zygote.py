@@ -6,8 +6,8 @@ after another until stdin closes.
 
 It imports once what every rank imports (torch, torch.distributed, the rank machinery and
 its tasks, and the packages each launch's tasks declare they need: bitsandbytes, transformers,
-peft, imported before that launch's ranks fork), then forks the ranks, as PyTorch's own c10d tests fork theirs
-after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank.main`` would have
+peft, imported before that launch's ranks fork), then forks the ranks, as PyTorch's own c10d
+tests fork theirs after importing torch. Each fork becomes what ``python -m fsdpqdiag.rank.main`` would have
 been: a session of its own, the environment a spawned rank gets (the zygote's own is the
 part every rank shares, less the variables a launch sets for each rank, which are read when
 a rank runs, not at import: what torch and bitsandbytes read at import is the same), its
