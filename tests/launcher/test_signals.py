@@ -13,8 +13,8 @@ import pytest
 
 from fsdpqdiag.launcher import stop_signals
 from fsdpqdiag.report.model import EXIT_HUNG_UP, EXIT_INTERRUPTED, EXIT_TERMINATED
-from tests.launcher.test_faults_launch import _children_of
 from tests.support import ROOT
+from tests.support.procs import children_of
 
 
 def test_exit_codes_are_128_plus_the_signal():
@@ -90,9 +90,9 @@ def test_stop_signal_ends_like_ctrl_c(tmp_path, signum):
         text=True,
     )
     deadline = time.monotonic() + 120
-    while time.monotonic() < deadline and not _children_of(cli.pid):
+    while time.monotonic() < deadline and not children_of(cli.pid):
         time.sleep(0.2)
-    ranks = _children_of(cli.pid)
+    ranks = children_of(cli.pid)
     assert ranks, "no rank started"
     # (torch's own torchinductor_* cache may appear there too; only the launch's is ours)
     assert list(launcher_tmp.glob("fsdpqdiag-*")), "the launch directory exists while the rank runs"
