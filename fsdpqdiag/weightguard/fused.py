@@ -132,30 +132,37 @@ class Launcher:
         self.direct = True
         self.device_index = None
         self.direct_launches = 0
+        # Resolved once, as the JIT resolves them at every call: Triton's launch hooks (None: an
+        # older Triton, which has no direct path here), and after the first launch the compiled
+        # kernel's launcher, function, metadata and the current-stream getter.
+        self.runtime = getattr(getattr(triton, "knobs", None), "runtime", None)
+        self.run = self.function = self.metadata = self.stream_of = None
 
     def __call__(self, addresses: list[int], programs: int, layout, counters, expected, mismatches) -> None:
         """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous)."""
         padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
-        runtime = getattr(getattr(triton, "knobs", None), "runtime", None)  # None: an older Triton
-        compiled = self.compiled
-        if (
-            compiled is not None
-            and runtime is not None
-            and not _hooked(runtime.launch_enter_hook)
-            and not _hooked(runtime.launch_exit_hook)
-        ):
+        run, runtime = self.run, self.runtime
+        hooked = run is None or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
+        if not hooked:
             try:
-                stream = triton.runtime.driver.active.get_current_stream(self.device_index)
-                compiled.run(
-                    programs, 1, 1, stream, compiled.function, compiled.packed_metadata, None, None, None,
-                    *padded, layout, counters, expected, mismatches, BLOCK,
+                run(
+                    programs, 1, 1, self.stream_of(self.device_index), self.function, self.metadata,
+                    None, None, None, *padded, layout, counters, expected, mismatches, BLOCK,
                 )  # fmt: skip
                 self.direct_launches += 1
                 return
             except (TypeError, AttributeError, ValueError):  # another Triton's interface
-                self.compiled, self.direct = None, False
+                self.compiled = self.run = None
+                self.direct = False
         kernel = _unit_digest_kernel[(programs,)](
             *padded, layout, counters, expected, mismatches, BLOCK=BLOCK
         )
-        if self.direct and self.compiled is None:
+        if self.direct and self.compiled is None and runtime is not None:
+            try:
+                self.run, self.function = kernel.run, kernel.function
+                self.metadata = kernel.packed_metadata
+                self.stream_of = triton.runtime.driver.active.get_current_stream
+            except AttributeError:  # another Triton's compiled kernel: the JIT, always
+                self.run, self.direct = None, False
+                return
             self.compiled, self.device_index = kernel, layout.device.index

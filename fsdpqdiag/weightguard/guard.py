@@ -190,24 +190,29 @@ class Guard:
         """The hot path, every forward of every guarded unit: no import, string or (on a GPU)
         host sync; per weight a dict lookup and a few checks, per unit one kernel on a GPU."""
         self.forward_calls += 1
-        received, altered = [], []
+        # What forward receives, in the unit's order; None where nothing is to be digested now.
+        tensors, altered = [], []
+        dtensor = self._dtensor
         # Params4bit & co. route every attribute read through their ``__torch_function__``
         # (microseconds each): the storage's dtype, size and address are all this reads.
         with self._no_subclass_ops():
-            for index, entry in enumerate(unit.entries):
+            for entry in unit.entries:
                 tensor = entry.module._parameters.get(entry.param_name)
                 if tensor is None:  # not registered as a parameter: what attribute lookup finds
                     tensor = getattr(entry.module, entry.param_name, None)
-                if tensor is None or isinstance(tensor, self._dtensor):
-                    continue  # not unsharded (a forward outside FSDP2's unshard): nothing received
-                tensor = entry.received(tensor)  # of a tensor subclass (NF4Tensor), an inner tensor
+                if tensor is None or isinstance(tensor, dtensor):
+                    tensors.append(None)  # not unsharded (a forward outside FSDP2's unshard)
+                    continue
+                if entry.inner is not None:  # of a tensor subclass (NF4Tensor), an inner tensor
+                    tensor = getattr(tensor, entry.inner)
                 entry.checks += 1
-                same = tensor.dtype == entry.torch_dtype and tensor.numel() == entry.numel
+                same = tensor.dtype is entry.torch_dtype and tensor.numel() == entry.numel
                 if entry.localize_pending or not same:
                     altered.append(entry)
+                    tensors.append(None)
                 else:
-                    received.append((index, entry, tensor))
-            altered += self.checks.run(unit, received)
+                    tensors.append(tensor)
+            altered += self.checks.run(unit, tensors)
         for entry in altered:
             self._trip(entry, entry.unsharded(), self.step)
 

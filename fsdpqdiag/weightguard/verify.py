@@ -46,6 +46,9 @@ from fsdpqdiag.weightguard.digest import (
 )
 from fsdpqdiag.weightguard.params import GuardedParam
 
+# Copies of the GPU's mismatch counts that may be in flight at once, one per optimizer step.
+RING = 4
+
 
 @dataclass
 class UnitCheck:
@@ -57,6 +60,8 @@ class UnitCheck:
     entries: list[GuardedParam]
     positions: list[int] = field(default_factory=list)
     launches: list[tuple[list[int], int, Any, Any]] = field(default_factory=list)
+    # The entries no launch takes (not whole 4-byte words): torch's path at every check.
+    unlaunched: list[int] = field(default_factory=list)
 
 
 def units(entries: list[GuardedParam], legacy: bool) -> list[UnitCheck]:
@@ -108,14 +113,24 @@ class Checks:
             "per-weight" if legacy else "triton" if self.kernel else "torch" if self.on_gpu else "numpy"
         )
         self.expected = self.mismatches = None
-        self.in_flight: list[tuple[int, Any, Any]] = []
+        # GPU: the copies of the mismatch counts still in flight (step, ring slot), the ring of
+        # pinned buffers and events they land in, and the counts last landed. The device's
+        # counts only grow: a weight whose count grew between two copies differed in between.
+        self.in_flight: list[tuple[int, int]] = []
         self.dirty = False
         state_bytes = 0
         if self.on_gpu:
             values = [expected(entry, legacy) for entry in entries]
             self.expected = torch.tensor(values, dtype=torch.int64, device=device)
             self.mismatches = torch.zeros(len(entries), dtype=torch.int32, device=device)
-            state_bytes = 12 * len(entries)
+            # Pinned: a copy to pageable host memory would wait for the GPU.
+            self.landing = [
+                torch.zeros(len(entries), dtype=torch.int32, pin_memory=True) for _ in range(RING)
+            ]
+            self.landed_events = [torch.cuda.Event() for _ in range(RING)]
+            self.landed = [0] * len(entries)
+            self.free = list(range(RING))
+            state_bytes = 12 * len(entries) + 4 * RING * len(entries)
         if self.kernel is not None:
             state_bytes += self._lay_out_launches(device)
         self.resident_bytes = state_bytes + _prepare_digests(entries, legacy, self.on_gpu)
@@ -128,6 +143,7 @@ class Checks:
         launches = []
         for unit in self.units:
             fits = [i for i, e in enumerate(unit.entries) if (e.numel * e.torch_dtype.itemsize) % 4 == 0]
+            unit.unlaunched = [i for i in range(len(unit.entries)) if i not in fits]
             for begin in range(0, len(fits), fused.SLOTS):
                 chosen = fits[begin : begin + fused.SLOTS]
                 members = [unit.entries[i] for i in chosen]
@@ -153,51 +169,57 @@ class Checks:
             values = [expected(entry, self.legacy) for entry in self.entries]
             self.expected.copy_(torch.tensor(values, dtype=torch.int64))
 
-    def run(self, unit: UnitCheck, received: list[tuple[int, GuardedParam, Any]]) -> list[GuardedParam]:
-        """Check what ``unit``'s forward receives (``(index in unit, entry, tensor)``); returns
-        the entries whose digest differs now (a CPU's), none on a GPU (counted there)."""
-        if not received:
-            return []
+    def run(self, unit: UnitCheck, tensors: list) -> list[GuardedParam]:
+        """Check what ``unit``'s forward receives (``tensors``: one per entry of the unit, in
+        order, None where nothing is to be checked); returns the entries whose digest differs
+        now (a CPU's), none on a GPU (counted there)."""
+        entries = unit.entries
         if not self.on_gpu:
             if self.legacy:
-                return [e for _, e, tensor in received if int(observe(e, tensor, True)) != expected(e, True)]
-            return [entry for _, entry, tensor in received if observe_host(entry, tensor) != entry.expected]
+                return [
+                    e for e, t in zip(entries, tensors)
+                    if t is not None and int(observe(e, t, True)) != expected(e, True)
+                ]  # fmt: skip
+            return [e for e, t in zip(entries, tensors) if t is not None and observe_host(e, t) != e.expected]
         self.dirty = True
-        done = self._launch(unit, received) if unit.launches else set()
-        rest = [(i, tensor) for i, _, tensor in received if i not in done]
+        if unit.launches:
+            rest = self._launch(unit, tensors)
+        else:
+            rest = [(i, t) for i, t in enumerate(tensors) if t is not None]
         if rest:
             self._count_on_device(unit, rest)
         return []
 
-    def _launch(self, unit: UnitCheck, received) -> set[int]:
-        """The fused kernel over each launch whose weights all came, contiguous and aligned."""
-        if len(received) == len(unit.entries):  # all of them, in order: the common case
-            by_index = [tensor for _, _, tensor in received]
-        else:
-            by_index = [None] * len(unit.entries)
-            for i, _, tensor in received:
-                by_index[i] = tensor
-        done = set()
+    def _launch(self, unit: UnitCheck, tensors: list) -> list:
+        """The fused kernel over each launch whose weights all came, contiguous and aligned;
+        returns ``(index, tensor)`` of those left to torch's path (none, commonly)."""
+        skipped = []
         for chosen, programs, layout, counters in unit.launches:
-            tensors = [by_index[i] for i in chosen]
-            if any(t is None or not t.is_contiguous() for t in tensors):
+            addresses = []
+            for i in chosen:
+                tensor = tensors[i]
+                if tensor is None or not tensor.is_contiguous():
+                    break
+                address = tensor.data_ptr()
+                if address & 3:
+                    break
+                addresses.append(address)
+            else:
+                try:
+                    self.launch(addresses, programs, layout, counters, self.expected, self.mismatches)
+                except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile here: torch's path
+                    self._without_kernel(exc)
+                    return [(i, t) for i, t in enumerate(tensors) if t is not None]
                 continue
-            addresses = [t.data_ptr() for t in tensors]
-            if any(address % 4 for address in addresses):
-                continue
-            try:
-                self.launch(addresses, programs, layout, counters, self.expected, self.mismatches)
-            except Exception as exc:  # noqa: BLE001 - a Triton that cannot compile here: torch's path
-                self._without_kernel(exc)
-                return set()
-            done.update(chosen)
-        return done
+            skipped += chosen
+        left = unit.unlaunched + skipped if skipped else unit.unlaunched
+        return [(i, tensors[i]) for i in left if tensors[i] is not None] if left else []
 
     def _without_kernel(self, exc: Exception) -> None:
         self.kernel = self.launch = None
         self.path = f"torch (the fused kernel failed: {type(exc).__name__}: {exc})"[:300]
         for unit in self.units:
-            unit.launches = []
+            unit.launches, unit.unlaunched = [], []
 
     def _count_on_device(self, unit: UnitCheck, rest) -> None:
         """The torch path: each weight's digest compared with its expected one on the device."""
@@ -217,38 +239,44 @@ class Checks:
         position = {id(entry): index for index, entry in enumerate(self.entries)}
         found = []
         for unit in self.units:
-            received = [(i, e, tensors[position[id(e)]]) for i, e in enumerate(unit.entries)]
-            found += self.run(unit, received)
+            found += self.run(unit, [tensors[position[id(e)]] for e in unit.entries])
         return found + [entry for entry, _ in self.collect(0, block=True)]
 
     def collect(self, step: int, block: bool) -> list[tuple[GuardedParam, int]]:
         """GPU: copy the mismatch counts of ``step``'s checks to the host without waiting, and
-        return the entries (and steps) whose counts have landed nonzero (all of them: ``block``)."""
-        import torch
-
+        return the entries (and steps) whose counts grew in the copies that have landed (all of
+        them: ``block``). Per step: one copy and one event record, no allocation, no sync while
+        a ring slot is free (the GPU is then ``RING`` optimizer steps behind the host)."""
         if self.mismatches is None:
             return []
+        found = []
         if self.dirty:
-            # Into pinned memory: a copy to pageable host memory would wait for the GPU. The
-            # counts restart from zero after the copy, in stream order.
-            counts = torch.empty(self.mismatches.shape, dtype=torch.int32, pin_memory=True)
-            counts.copy_(self.mismatches, non_blocking=True)
-            self.mismatches.zero_()
-            event = torch.cuda.Event()
-            event.record()
-            self.in_flight.append((step, counts, event))
+            if not self.free:  # every slot in flight: wait for the oldest
+                found += self._land(*self.in_flight.pop(0), block=True)
+            slot = self.free.pop()
+            self.landing[slot].copy_(self.mismatches, non_blocking=True)
+            self.landed_events[slot].record()
+            self.in_flight.append((step, slot))
             self.dirty = False
-        found, still = [], []
-        for checked_step, counts, event in self.in_flight:
-            if block:
-                event.synchronize()
-            elif not event.query():
-                still.append((checked_step, counts, event))
-                continue
-            if counts.any():
-                found += [(e, checked_step) for e, count in zip(self.entries, counts.tolist()) if count]
-        self.in_flight = still
+        while self.in_flight:
+            checked_step, slot = self.in_flight[0]
+            if not (block or self.landed_events[slot].query()):
+                break
+            self.in_flight.pop(0)
+            found += self._land(checked_step, slot, block)
         return found
+
+    def _land(self, step: int, slot: int, block: bool) -> list[tuple[GuardedParam, int]]:
+        """Read a landed copy: the entries whose count grew since the last one read."""
+        if block:
+            self.landed_events[slot].synchronize()
+        self.free.append(slot)
+        counts = self.landing[slot].tolist()
+        if counts == self.landed:
+            return []
+        grew = [(e, step) for e, now, before in zip(self.entries, counts, self.landed) if now != before]
+        self.landed = counts
+        return grew
 
 
 def single(reference, name: str = "weight") -> Checks:
