@@ -12,8 +12,12 @@ digest: one Triton kernel per unit on a GPU, numpy on a CPU); ``guard-per-weight
 path: a hook per module, the per-element digest and its multiplier table); ``debugmode`` (the
 same step under ``torch.utils._debug_mode.DebugMode`` with ``log_tensor_hashes``, PyTorch's
 per-op hashing, where the installed torch has it; in the first ``--debugmode-rounds`` only, it
-is an order of magnitude slower). Steps are interleaved round-robin so drift hits every variant
-alike; medians over rounds, and the median of each round's own ratio.
+is an order of magnitude slower). Two phases of interleaved rounds, each variant stepping once
+per round, the order reversed every other round: first vanilla against the guard alone (the
+headline ratio, ``--rounds``), then vanilla against the old per-weight guard and DebugMode
+(``--comparison-rounds``), so that no slower variant's steps fall between the guard's. Each
+row's ratio is to its own phase's vanilla: the ratio of the medians and the median of each
+round's own ratio, each with its 95 % bootstrap interval over the rounds.
 
 Reported per variant: the median step and its ratio to vanilla's, the guard's host time in its
 hooks per step, the bytes it keeps resident, the peak memory of a step above what was allocated
@@ -30,8 +34,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
+import random
 import statistics
 import sys
 import time
@@ -160,20 +166,27 @@ def detection(model) -> dict:
     return found
 
 
-def run_rounds(variants, contexts, ids, args, cuda: bool, guards: dict):
-    """Interleaved rounds: every variant steps once per round, in the same order. Each guard's
-    hook time and step count when the warm-up ends (its kernel's first compile is not a step's
-    cost) go into ``warm``."""
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    peaks: dict[str, list[int]] = {name: [] for name in variants}
+def run_phase(names, rounds: int, args, variants, contexts, ids, cuda: bool, guards: dict, limits=None):
+    """Interleaved rounds of ``names``: every variant steps once per round, the order reversed
+    every other round so that no variant always follows another. Before each step the
+    collector runs, outside the timed region, so that where a full collection falls does not
+    decide a step's time; inside it, garbage is collected as in any run. Each guard's hook
+    time and step count when the warm-up ends (its kernel's first compile is not a step's
+    cost) go into ``warm``. ``limits``: rounds after the warm-up a variant steps in, at most."""
+    limits = limits or {}
+    times: dict[str, list[float]] = {name: [] for name in names}
+    peaks: dict[str, list[int]] = {name: [] for name in names}
     failed: dict[str, str] = {}
-    for round_index in range(args.warmup + args.rounds):
+    for round_index in range(args.warmup + rounds):
         if round_index == args.warmup:
-            for guard in guards.values():
-                guard.warm = (guard.hook_s, guard.step)
-        for name, (model, optimizer) in list(variants.items()):
-            if name in failed or (name == "debugmode" and round_index >= args.warmup + args.debugmode_rounds):
+            for name in names:
+                if name in guards:
+                    guards[name].warm = (guards[name].hook_s, guards[name].step)
+        for name in names if round_index % 2 == 0 else names[::-1]:
+            if name in failed or round_index >= args.warmup + limits.get(name, rounds):
                 continue
+            model, optimizer = variants[name]
+            gc.collect()
             if cuda:
                 torch.cuda.synchronize()
                 torch.cuda.reset_peak_memory_stats()
@@ -199,6 +212,22 @@ def run_rounds(variants, contexts, ids, args, cuda: bool, guards: dict):
                 if cuda:
                     peaks[name].append(torch.cuda.max_memory_allocated() - resident)
     return times, peaks, failed
+
+
+def bootstrap_ci(pairs: list[tuple[float, float]], statistic, draws: int = 2000) -> list[float]:
+    """The 95 % interval of ``statistic`` over (vanilla, variant) rounds resampled with
+    replacement: how far the figure could move on another run of as many rounds."""
+    generator = random.Random(0)
+    values = sorted(statistic(generator.choices(pairs, k=len(pairs))) for _ in range(draws))
+    return [round(values[int(0.025 * draws)], 4), round(values[int(0.975 * draws) - 1], 4)]
+
+
+def ratio_of_medians(pairs) -> float:
+    return statistics.median(t for _, t in pairs) / statistics.median(v for v, _ in pairs)
+
+
+def median_round_ratio(pairs) -> float:
+    return statistics.median(t / v for v, t in pairs)
 
 
 def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
@@ -228,27 +257,31 @@ def guard_row(guard, state: dict, base_time: float, bandwidth: float) -> dict:
     }
 
 
-def summarize(names, times, peaks) -> list[dict]:
-    """Per variant: its median step against vanilla's, and the median of each round's own ratio
-    (the same round's vanilla step: drift between rounds cancels)."""
-    base_time = statistics.median(times["vanilla"])
+def summarize(phase: str, names, times, peaks) -> list[dict]:
+    """Per variant of one phase: its median step against that phase's vanilla, the median of
+    each round's own ratio (the same round's vanilla step: drift between rounds cancels), and
+    the 95 % bootstrap interval of both."""
     base_peak = statistics.median(peaks["vanilla"]) if peaks["vanilla"] else None
     rows = []
     for name in names:
         median = statistics.median(times[name])
         peak = statistics.median(peaks[name]) if peaks[name] else None
         delta = None if peak is None or base_peak is None else peak - base_peak
+        pairs = list(zip(times["vanilla"], times[name]))
         rows.append(
             {
+                "phase": phase,
                 "variant": name,
+                "steps": len(times[name]),
                 "median_step_s": round(median, 5),
                 "min_step_s": round(min(times[name]), 5),
                 "max_step_s": round(max(times[name]), 5),
-                "ratio_to_vanilla": round(median / base_time, 4),
-                "median_round_ratio": round(
-                    statistics.median(t / v for t, v in zip(times[name], times["vanilla"])), 4
-                ),
-                "step_overhead_pct": round(100 * (median / base_time - 1), 2),
+                # Against the vanilla steps of the same rounds (DebugMode steps in fewer).
+                "ratio_to_vanilla": round(ratio_of_medians(pairs), 4),
+                "ratio_ci95": bootstrap_ci(pairs, ratio_of_medians),
+                "median_round_ratio": round(median_round_ratio(pairs), 4),
+                "median_round_ratio_ci95": bootstrap_ci(pairs, median_round_ratio),
+                "step_overhead_pct": round(100 * (ratio_of_medians(pairs) - 1), 2),
                 "peak_step_mem_mib": None if peak is None else round(peak / 2**20, 1),
                 "peak_mem_delta_mib": None if delta is None else round(delta / 2**20, 2),
                 "peak_mem_overhead_pct": None
@@ -263,7 +296,13 @@ def parse_args():
     parser = argparse.ArgumentParser()
     parser.add_argument("--preset", default="tiny-llama")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
-    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=8, help="rounds of vanilla against the guard")
+    parser.add_argument(
+        "--comparison-rounds",
+        type=int,
+        default=8,
+        help="rounds of vanilla against the old per-weight guard and DebugMode, after the guard's",
+    )
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--seq-len", type=int, default=64)
@@ -311,12 +350,24 @@ def main() -> None:
         contexts["debugmode"] = per_op
     ids = models.fixed_input(variants["vanilla"][0].config.vocab_size, args.batch, args.seq_len).to(device)
 
-    times, peaks, failed = run_rounds(variants, contexts, ids, args, cuda, guards)
-    names = [name for name in names if name not in failed]
-    base_time = statistics.median(times["vanilla"])
-    spent = {name: guard_row(guard, guard.close(), base_time, bandwidth) for name, guard in guards.items()}
+    # The guard against vanilla alone first: the headline ratio, with no slower variant's steps
+    # (DebugMode's are ten times longer) between theirs. Then the comparison rows.
+    headline = ["vanilla", "guard"]
+    times, peaks, failed = run_phase(headline, args.rounds, args, variants, contexts, ids, cuda, guards)
+    rows = summarize("guard", headline, times, peaks)
+    bases = {"guard": statistics.median(times["vanilla"])}
+    others = [name for name in names if name not in headline]
+    if others:
+        phase = ["vanilla", *others]
+        limits = {"debugmode": args.debugmode_rounds}
+        times, peaks, more = run_phase(
+            phase, args.comparison_rounds, args, variants, contexts, ids, cuda, guards, limits
+        )
+        failed.update(more)
+        rows += summarize("comparison", [name for name in phase if name not in failed], times, peaks)
+        bases["guard-per-weight"] = statistics.median(times["vanilla"])
+    spent = {name: guard_row(guard, guard.close(), bases[name], bandwidth) for name, guard in guards.items()}
     caught = detection(variants["vanilla"][0])
-    rows = summarize(names, times, peaks)
     if rank == 0:
         report(args, world_size, rows, failed, spent, caught, bandwidth)
     dist.destroy_process_group()
@@ -330,6 +381,7 @@ def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
         "world_size": world_size,
         "device": args.device,
         "rounds": args.rounds,
+        "comparison_rounds": args.comparison_rounds,
         "debugmode_rounds": args.debugmode_rounds,
         # The machine's load (1, 5, 15 minutes) at the end: on a shared CPU it moves every figure.
         "load_average": [round(v, 2) for v in os.getloadavg()],
@@ -349,12 +401,13 @@ def report(args, world_size, rows, failed, spent, caught, bandwidth) -> None:
         },
     }  # fmt: skip
     print(json.dumps(result))
-    header = f"{'variant':<18}{'median step s':>15}{'ratio':>9}{'round ratio':>13}"
-    print(f"{header}{'peak MiB':>10}{'peak delta MiB':>16}")
+    header = f"{'phase':<12}{'variant':<18}{'steps':>6}{'median step s':>15}{'ratio':>9}{'ratio 95 % CI':>18}"
+    print(f"{header}{'round ratio':>13}{'peak MiB':>10}{'peak delta MiB':>16}")
     for row in rows:
+        low, high = row["ratio_ci95"]
         print(
-            f"{row['variant']:<18}{row['median_step_s']:>15}{row['ratio_to_vanilla']:>9}"
-            f"{row['median_round_ratio']:>13}"
+            f"{row['phase']:<12}{row['variant']:<18}{row['steps']:>6}{row['median_step_s']:>15}"
+            f"{row['ratio_to_vanilla']:>9}{f'{low}-{high}':>18}{row['median_round_ratio']:>13}"
             f"{str(row['peak_step_mem_mib']):>10}{str(row['peak_mem_delta_mib']):>16}"
         )
     for name, guard in spent.items():
