@@ -5,7 +5,7 @@ from __future__ import annotations
 from rich.console import Group
 from rich.text import Text
 
-from fsdpqdiag.core.presentation import WEIGHT_VIEWS, Alarm
+from fsdpqdiag.core.presentation import WEIGHT_VIEWS, Alarm, bytes_summary, cell
 from fsdpqdiag.core.verdict import STYLE
 from fsdpqdiag.render.env_table import optional_packages
 from fsdpqdiag.render.fitted import Column, FittedTable
@@ -14,25 +14,6 @@ from fsdpqdiag.report.model import Report
 from fsdpqdiag.tasks import presentation_of
 
 VERDICT_STYLE = STYLE
-
-
-def _cell(value) -> str:
-    if value is None:
-        return "–"
-    if isinstance(value, float):
-        return f"{value:.6g}"
-    return str(value)
-
-
-def _bytes_cell(section: dict | None) -> str:
-    if not section:
-        return "–"
-    if section.get("status") not in (None, "completed"):
-        signal = section.get("signal")
-        return f"{section['status']}{' ' + signal if signal else ''}"
-    if not section.get("comparable", True):
-        return "changed form"
-    return f"{section.get('differing_elements', 0)} el / {section.get('differing_bytes', 0)} B"
 
 
 def _agree(evidence: dict) -> str:
@@ -95,9 +76,9 @@ def reproduce_table(report: Report, wide: bool = False) -> Group:
                 str(result.world_size),
                 f"{result.device}/{result.backend}",
                 Text(result.verdict, style=VERDICT_STYLE.get(result.verdict, "")),
-                _cell(ev.get("nan_elements")),
-                *(_bytes_cell(presentation.view(ev, name)) for name in WEIGHT_VIEWS),
-                _cell(ev.get("max_abs_delta")),
+                cell(ev.get("nan_elements")),
+                *(bytes_summary(presentation.view(ev, name) or None) for name in WEIGHT_VIEWS),
+                cell(ev.get("max_abs_delta")),
                 _agree(ev),
             ]
         )
