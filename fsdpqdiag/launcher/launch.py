@@ -285,18 +285,18 @@ def _launch_once(
                 watched_mtime = _watch_rank0(results[0], watched_mtime, watch)
             if len(ended_at) == world_size:
                 break
+            # Past the task's time, or a peer's grace after the first rank failed: whatever
+            # still runs is stopped, and says which of the two stopped it.
+            stop = None
             if now - started > task.run.timeout_s:
+                stop = RankStatus.TIMEOUT
+            elif first_failure_at is not None and now - first_failure_at > PEER_GRACE_S:
+                stop = RankStatus.ABORTED
+            if stop is not None:
                 for rank, process in enumerate(processes):
                     if rank not in ended_at:
                         process.kill_session()
-                        forced[rank] = RankStatus.TIMEOUT
-                        ended_at[rank] = now - started
-                break
-            if first_failure_at is not None and now - first_failure_at > PEER_GRACE_S:
-                for rank, process in enumerate(processes):
-                    if rank not in ended_at:
-                        process.kill_session()
-                        forced[rank] = RankStatus.ABORTED
+                        forced[rank] = stop
                         ended_at[rank] = now - started
                 break
             time.sleep(0.05)
