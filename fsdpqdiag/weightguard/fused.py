@@ -128,7 +128,6 @@ class Launcher:
     interface is not the one expected, and whenever a launch hook (a profiler) is set."""
 
     def __init__(self):
-        self.compiled = None
         self.direct = True
         self.device_index = None
         self.direct_launches = 0
@@ -142,8 +141,7 @@ class Launcher:
         """Digest the weights at ``addresses`` (raw, 4-byte aligned, contiguous)."""
         padded = addresses + [addresses[0]] * (SLOTS - len(addresses))
         run, runtime = self.run, self.runtime
-        hooked = run is None or _hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)
-        if not hooked:
+        if run is not None and not (_hooked(runtime.launch_enter_hook) or _hooked(runtime.launch_exit_hook)):
             try:
                 run(
                     programs, 1, 1, self.stream_of(self.device_index), self.function, self.metadata,
@@ -152,12 +150,11 @@ class Launcher:
                 self.direct_launches += 1
                 return
             except (TypeError, AttributeError, ValueError):  # another Triton's interface
-                self.compiled = self.run = None
-                self.direct = False
+                self.run, self.direct = None, False
         kernel = _unit_digest_kernel[(programs,)](
             *padded, layout, counters, expected, mismatches, BLOCK=BLOCK
         )
-        if self.direct and self.compiled is None and runtime is not None:
+        if self.direct and run is None and runtime is not None:
             try:
                 self.run, self.function = kernel.run, kernel.function
                 self.metadata = kernel.packed_metadata
@@ -165,4 +162,4 @@ class Launcher:
             except AttributeError:  # another Triton's compiled kernel: the JIT, always
                 self.run, self.direct = None, False
                 return
-            self.compiled, self.device_index = kernel, layout.device.index
+            self.device_index = layout.device.index
