@@ -240,14 +240,28 @@ def test_fused_kernel_is_the_word_digest_over_more_weights_than_one_launch_takes
 
 @pytest.mark.gpu
 @gpu
-def test_fused_kernel_sees_the_three_alterations_on_a_real_packed_weight():
-    pytest.importorskip("triton", reason="the fused kernel needs Triton")
+@pytest.mark.parametrize("path", ["triton", "torch"])
+def test_gpu_hot_path_sees_the_three_alterations_on_a_real_packed_weight(path, monkeypatch):
+    """The fused kernel, and the torch ops of a GPU without Triton, which count on the device
+    the same way: a NaN canonicalization, a swap and single flipped bits are all seen."""
+    if path == "triton":
+        pytest.importorskip("triton", reason="the fused kernel needs Triton")
+    else:
+        import sys
+
+        import fsdpqdiag.weightguard
+
+        # As if Triton were absent: the kernel's module cannot be imported (an earlier test may
+        # have imported it, and ``from package import name`` reads the package's attribute first).
+        monkeypatch.setitem(sys.modules, "fsdpqdiag.weightguard.fused", None)
+        monkeypatch.delattr(fsdpqdiag.weightguard, "fused", raising=False)
     weight = bnb.nn.Linear4bit(
         1024, 1024, bias=False, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16
     ).to("cuda").weight  # fmt: skip
     assert type(weight).__name__ == "Params4bit" and weight.is_cuda
     storage = plain(weight).reshape(-1)
     checks = verify.single(storage)
+    assert checks.path == path
     assert _differs(checks, [weight]) == []
     canonical = storage.clone()
     canonicalize_nans_(canonical)
@@ -265,6 +279,10 @@ def test_fused_kernel_sees_the_three_alterations_on_a_real_packed_weight():
         flipped = raw.clone()
         flipped[byte] ^= 1 << bit
         assert _differs(checks, [flipped.view(torch.bfloat16)]) == ["weight"], (byte, bit)
+    middle = storage.clone()
+    middle.view(torch.int16)[storage.numel() // 2] ^= 1
+    assert _differs(checks, [middle]) == ["weight"]
+    assert _differs(checks, [weight]) == []  # counted alterations leave no count behind
 
 
 @pytest.mark.gpu
@@ -286,37 +304,3 @@ def test_counts_of_more_steps_than_copies_in_flight_all_land_with_their_step():
         found += checks.collect(step, block=False)
     found += checks.collect(3 * verify.RING, block=True)
     assert sorted(step for _, step in found) == [s for s in range(3 * verify.RING) if s % 3 == 1]
-
-
-@pytest.mark.gpu
-@gpu
-def test_torch_path_on_a_gpu_without_triton_sees_the_three_alterations(monkeypatch):
-    """A GPU without Triton digests in torch ops and counts on the device the same way."""
-    import sys
-
-    import fsdpqdiag.weightguard
-
-    # As if Triton were absent: the kernel's module cannot be imported (an earlier test may
-    # have imported it, and ``from package import name`` reads the package's attribute first).
-    monkeypatch.setitem(sys.modules, "fsdpqdiag.weightguard.fused", None)
-    monkeypatch.delattr(fsdpqdiag.weightguard, "fused", raising=False)
-    weight = bnb.nn.Linear4bit(
-        512, 512, bias=False, compute_dtype=torch.bfloat16, quant_storage=torch.bfloat16
-    ).to("cuda").weight  # fmt: skip
-    storage = plain(weight).reshape(-1)
-    checks = verify.single(storage)
-    assert checks.path == "torch"
-    assert _differs(checks, [weight]) == []
-    canonical = storage.clone()
-    canonicalize_nans_(canonical)
-    assert not torch.equal(canonical.view(torch.int16), storage.view(torch.int16))
-    assert _differs(checks, [canonical]) == ["weight"]
-    bits = storage.view(torch.int16)
-    other = int(torch.nonzero(bits != bits[0])[0])
-    swapped = storage.clone()
-    swapped[[0, other]] = swapped[[other, 0]]
-    assert _differs(checks, [swapped]) == ["weight"]
-    flipped = storage.clone()
-    flipped.view(torch.int16)[storage.numel() // 2] ^= 1
-    assert _differs(checks, [flipped]) == ["weight"]
-    assert _differs(checks, [weight]) == []
