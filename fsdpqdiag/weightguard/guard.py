@@ -203,8 +203,7 @@ class Guard:
                 if tensor is None or isinstance(tensor, dtensor):
                     tensors.append(None)  # not unsharded (a forward outside FSDP2's unshard)
                     continue
-                if entry.inner is not None:  # of a tensor subclass (NF4Tensor), an inner tensor
-                    tensor = getattr(tensor, entry.inner)
+                tensor = entry.received(tensor)  # of a tensor subclass (NF4Tensor), an inner tensor
                 entry.checks += 1
                 same = tensor.dtype is entry.torch_dtype and tensor.numel() == entry.numel
                 if entry.localize_pending or not same:
