@@ -59,19 +59,28 @@ def lazy_torch_compile() -> Iterator[None]:
 
 class _LazyCompileWhileImporting(importlib.abc.MetaPathFinder):
     """Finds bitsandbytes as the other finders do, and runs its package's import (every
-    submodule its ``__init__`` imports) under ``lazy_torch_compile``."""
+    submodule its ``__init__`` imports) under ``lazy_torch_compile``. It stays until the
+    package is imported: a check that bitsandbytes is installed (``find_spec``) first asks
+    it too, and gets a spec that is never executed."""
+
+    def __init__(self) -> None:
+        self._searching = False
 
     def find_spec(self, name, path=None, target=None):
-        if name != PACKAGE:
+        if name != PACKAGE or self._searching:
             return None
-        with contextlib.suppress(ValueError):
-            sys.meta_path.remove(self)  # once: the other finders answer from here on
-        spec = importlib.util.find_spec(name)
+        self._searching = True  # the other finders answer the search below
+        try:
+            spec = importlib.util.find_spec(name)
+        finally:
+            self._searching = False
         if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
             return spec
         exec_module = spec.loader.exec_module
 
         def exec_lazily(module):
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)  # imported once: the other finders answer from here on
             with lazy_torch_compile():
                 exec_module(module)
 

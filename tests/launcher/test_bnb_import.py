@@ -9,9 +9,12 @@ from fsdpqdiag.stack.bnb_import import CompileOnFirstCall
 from tests.support import ROOT
 
 _IMPORT = """
+import importlib.util
 import sys
 from fsdpqdiag.stack import bnb_import
 bnb_import.defer_compile_at_import()
+# as the CLI checks that it is installed before anything imports it
+assert importlib.util.find_spec("bitsandbytes") is not None
 import torch
 eager = torch.compile
 import bitsandbytes
