@@ -46,11 +46,12 @@ def is_batch(task: RankTask) -> bool:
     return "batch" in task.extra
 
 
-def task_names(task: RankTask) -> list[str]:
-    """The registered tasks a launch of ``task`` runs: a batch's items, or the task itself."""
+def task_configs(task: RankTask) -> list[tuple[str, dict[str, Any]]]:
+    """(registered task, its configuration) for each task a launch of ``task`` runs: a
+    batch's items, or the task itself."""
     if is_batch(task):
-        return [item["task"] for item in task.extra["batch"]]
-    return [task.probe]
+        return [(item["task"], item["config"]) for item in task.extra["batch"]]
+    return [(task.probe, task.probe_config)]
 
 
 # --- on the ranks -------------------------------------------------------------------

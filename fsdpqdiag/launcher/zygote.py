@@ -32,31 +32,49 @@ import os
 import sys
 from pathlib import Path
 
+# What a rank's first use of a package imports beyond the package itself. ``import
+# transformers`` is a lazy shell: loading any model imports its modeling base, the auto
+# classes and the quantizers (bitsandbytes', and torchao's where torchao is installed),
+# seconds in each rank that the zygote spends once.
+WARM_MODULES = {
+    "transformers": (
+        "transformers.modeling_utils",
+        "transformers.models.auto.modeling_auto",
+        "transformers.quantizers.auto",
+    ),
+}
+
+
+def preload_modules(task) -> list[str]:
+    """What the zygote imports before a launch of ``task`` (a ``RankTask``) forks: bitsandbytes
+    (the first rank imports it to capture the stack in any case), the packages the launch's
+    tasks need for their configurations (``Probe.needs``) and what a rank's first use of each
+    imports (``WARM_MODULES``)."""
+    from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
+    from fsdpqdiag.core import registry
+    from fsdpqdiag.launcher import batch
+
+    packages: dict[str, None] = {"bitsandbytes": None}
+    for name, config in batch.task_configs(task):
+        try:
+            packages.update(dict.fromkeys(registry.get_task(name).needs.packages_for(config)))
+        except ValueError:  # an unknown task: its rank says so
+            pass
+    return [module for package in packages for module in (package, *WARM_MODULES.get(package, ()))]
+
 
 def _preload(task_path: str) -> None:
-    """torch, bitsandbytes (the first rank imports it to capture the stack in any case), and
-    the packages the launch's tasks declare they need (``Probe.needs``); what an earlier
-    launch imported stays."""
+    """torch, torch.distributed and ``preload_modules``; what an earlier launch imported stays."""
     import importlib
 
     import torch  # noqa: F401
     import torch.distributed  # noqa: F401
 
-    from fsdpqdiag import tasks  # noqa: F401 - importing tasks registers every task
-    from fsdpqdiag.core import registry
     from fsdpqdiag.core.config import RankTask
-    from fsdpqdiag.launcher import batch
 
-    task = RankTask.from_dict(json.loads(Path(task_path).read_text()))
-    packages: dict[str, None] = {"bitsandbytes": None}
-    for name in batch.task_names(task):
+    for module in preload_modules(RankTask.from_dict(json.loads(Path(task_path).read_text()))):
         try:
-            packages.update(dict.fromkeys(registry.get_task(name).needs.packages))
-        except ValueError:  # an unknown task: its rank says so
-            pass
-    for package in packages:
-        try:
-            importlib.import_module(package)
+            importlib.import_module(module)
         except Exception:  # noqa: BLE001 - each rank imports it again and meets the same error
             pass
     # Each rank's first bitsandbytes op imports TorchDynamo (torch.library's dispatch disables

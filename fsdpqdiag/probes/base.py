@@ -24,6 +24,13 @@ class Needs:
     packages: tuple[str, ...] = ("bitsandbytes",)
     devices: tuple[str, ...] = ("cpu", "cuda")
     min_world_size: int = 1
+    # What it needs besides when its configuration names a model (``"model"``), which it then
+    # loads through transformers: the preflight counts a model's FSDP units, a layer's without.
+    with_model: tuple[str, ...] = ()
+
+    def packages_for(self, config: dict[str, Any]) -> tuple[str, ...]:
+        """The packages a run with ``config`` imports."""
+        return self.packages + (self.with_model if config.get("model") else ())
 
     def unmet(self, run: RunConfig) -> str | None:
         """Why this probe cannot run here, or None."""

@@ -325,7 +325,8 @@ PROBE = Probe(
     "the configuration-invariance sweep of #1945: one cell",
     run,
     verdict,
-    Needs(("bitsandbytes",)),
+    # every cell loads its model (the preset's or --model's) through transformers
+    Needs(("bitsandbytes", "transformers")),
     attribute=cell_attribution,
     presentation=Presentation(
         key_numbers, reads=frozenset({"loss_fsdp2", "loss_baseline", "differing_elements"})

@@ -55,6 +55,6 @@ PROBE = Probe(
     description="stack preflight: collectives on ordinary tensors, bitsandbytes' path, FSDP units (internal)",
     run=run,
     verdict=_unused_verdict,
-    needs=Needs(packages=()),
+    needs=Needs(packages=(), with_model=("transformers",)),
     stack_faults_only=True,
 )
