@@ -9,16 +9,23 @@ from __future__ import annotations
 import json
 import sys
 
-import bitsandbytes as bnb
-import torch
-import torch.distributed as dist
-from torch import nn
-from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-from torch.optim.optimizer import _global_optimizer_post_hooks
+from fsdpqdiag.stack import bnb_import
 
-from fsdpqdiag.evidence.bytes import nan_census, plain
-from fsdpqdiag.stack import faults
-from fsdpqdiag.weightguard.guard import Guard, GuardTripped, guard
+# As the tool's own ranks import it: bitsandbytes' torch.compile wrappers compile at their first
+# call rather than importing TorchInductor at import, seconds of CPU in each of the suite's
+# processes that run this model. What runs is unchanged (fsdpqdiag.stack.bnb_import).
+bnb_import.defer_compile_at_import()
+
+import bitsandbytes as bnb  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch import nn  # noqa: E402
+from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard  # noqa: E402
+from torch.optim.optimizer import _global_optimizer_post_hooks  # noqa: E402
+
+from fsdpqdiag.evidence.bytes import nan_census, plain  # noqa: E402
+from fsdpqdiag.stack import faults  # noqa: E402
+from fsdpqdiag.weightguard.guard import Guard, GuardTripped, guard  # noqa: E402
 
 BLOCKS = 3
 WIDTH = 256
