@@ -1,12 +1,17 @@
 """`fsdpqdiag fix`: workarounds verified bit for bit; the injected canonicalizing copy
-breaks the unfixed run and leaves the byte-true fixes exact; undo restores everything."""
+breaks the unfixed run and leaves the byte-true fixes exact; undo restores everything.
+
+The uninjected runs are the command line's (shared); the injected ones ask the library in the
+worker's session (``tests.support.worker_session``) and read the exit code the command gives."""
+
+import json
 
 import jsonschema
 import pytest
 
 from fsdpqdiag import fixes
 from fsdpqdiag.report.model import json_schema
-from tests.support import fix_all
+from tests.support import fix_all, worker_session
 
 
 def _rows(report):
@@ -14,21 +19,14 @@ def _rows(report):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(run_cli, ws):
-    result = run_cli(
-        "fix",
-        "--ws",
-        str(ws),
-        "--device",
-        "cpu",
-        "--inject",
-        "nan-canonicalize",
-        "--steps",
-        "2",
-        "-q",
-        json=True,
+def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(ws):
+    from fsdpqdiag import api
+
+    # fsdpqdiag fix --ws WS --device cpu --inject nan-canonicalize --steps 2
+    fixed = api.fix(
+        world_sizes=[ws], device="cpu", inject="nan-canonicalize", steps=2, session=worker_session()
     )
-    report = result.report
+    report = json.loads(fixed.to_json())  # what --json writes
     jsonschema.validate(report, json_schema())
     rows = _rows(report)
     assert set(rows) == {"none", *fixes.FIXES}
@@ -40,7 +38,7 @@ def test_injected_fault_breaks_unfixed_and_fixes_stay_exact(run_cli, ws):
         assert rows[name]["evidence"]["restored_after_undo"] is True
         assert all(rows[name]["evidence"]["loss_bits_equal"])
     lost = any(rows[name]["verdict"] == "STATE LOST" for name in fixes.FIXES)
-    assert result.returncode == (1 if lost else 0), result.stderr
+    assert fixed.exit_code() == (1 if lost else 0)
 
 
 def _exact_verdict(row):

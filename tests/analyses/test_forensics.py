@@ -1,17 +1,26 @@
-"""`fsdpqdiag forensics` on tiny-llama, CPU/gloo: per-module evidence and attribution."""
+"""`fsdpqdiag forensics` on tiny-llama, CPU/gloo: per-module evidence and attribution.
+
+The uninjected runs are the command line's (shared with other modules); the others ask the
+library in the worker's session (``tests.support.worker_session``), whose zygotes have imported
+torch, bitsandbytes and transformers already, and read the exit code the command would give."""
+
+import json
 
 import jsonschema
 import pytest
 
 from fsdpqdiag.report.model import json_schema
-from tests.support import forensics_default
+from tests.support import forensics_default, worker_session
 
 
-def _forensics(run_cli, *args):
-    result = run_cli("forensics", "--device", "cpu", *args, "-q", json=True)
-    report = result.report
-    jsonschema.validate(report, json_schema())
-    return result, report["results"][0]
+def _forensics(**options) -> tuple[int, dict, dict]:
+    """(the exit code ``fsdpqdiag forensics`` gives for it, the report as JSON, its result)."""
+    from fsdpqdiag import api
+
+    report = api.forensics(device="cpu", session=worker_session(), **options)
+    data = json.loads(report.to_json())  # what --json writes
+    jsonschema.validate(data, json_schema())
+    return report.exit_code(), data, data["results"][0]
 
 
 def _shared(shared_cli, ws):
@@ -38,10 +47,10 @@ def test_uninjected_forensics_is_self_consistent(shared_cli, ws):
 
 
 @pytest.mark.parametrize("ws", [1, 2])
-def test_injected_change_is_attributed_to_the_modules_it_went_through(run_cli, ws):
-    result, r = _forensics(run_cli, "--ws", str(ws), "--inject", "nan-canonicalize")
+def test_injected_change_is_attributed_to_the_modules_it_went_through(ws):
+    code, _, r = _forensics(world_sizes=[ws], inject="nan-canonicalize")
     ev = r["evidence"]
-    assert r["verdict"] == "REPRODUCED" and result.returncode == 1
+    assert r["verdict"] == "REPRODUCED" and code == 1
     for row in ev["modules"]:
         swap = row["swap_target"]
         # every weight goes through FSDP2's unshard: exactly its NaN-class containers change
@@ -81,7 +90,7 @@ def test_attribution_follows_the_control():
 
 
 @pytest.mark.parametrize("repack", ["on", "off"])
-def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, shared_cli, monkeypatch, repack):
+def test_forensics_holds_on_both_bitsandbytes_cpu_paths(shared_cli, monkeypatch, repack):
     # On a CPU with AVX512-BF16, bitsandbytes rewrites Linear4bit weights in place at the
     # first inference forward; the switch takes either path on any CPU. This CPU's own path
     # is the uninjected run's: only the other one needs a run of its own.
@@ -90,10 +99,10 @@ def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, shared_cli, mon
     unforced = bnb_cpu_path.override() is None
     if unforced and bnb_cpu_path.describe()["inference_repacks_weight"] is (repack == "on"):
         result, r = _shared(shared_cli, 2)
+        report = result.report
     else:
         monkeypatch.setenv(bnb_cpu_path.ENV, repack)
-        result, r = _forensics(run_cli, "--ws", "2")
-    report = result.report
+        _, report, r = _forensics(world_sizes=[2])
     assert report["env"]["bitsandbytes"]["cpu_path"]["inference_repacks_weight"] is (repack == "on")
     assert r["verdict"] in ("NOT REPRODUCED", "REPRODUCED", "INCONCLUSIVE"), r["summary"]
     ev = r["evidence"]
@@ -105,10 +114,10 @@ def test_forensics_holds_on_both_bitsandbytes_cpu_paths(run_cli, shared_cli, mon
     assert ev["ranks_agree"]
 
 
-def test_a_death_in_full_tensor_keeps_the_forward_evidence(run_cli):
+def test_a_death_in_full_tensor_keeps_the_forward_evidence():
     # Mechanism B under gloo on CUDA kills every rank in full_tensor(); the per-module
     # evidence of the forward (Mechanism A) was complete by then and must be the verdict.
-    result, r = _forensics(run_cli, "--ws", "2", "--inject", "segfault")
+    _, _, r = _forensics(world_sizes=[2], inject="segfault")
     ev = r["evidence"]
     assert ev["full_tensor"]["status"] == "crashed" and ev["full_tensor"]["signal"] == "SIGSEGV"
     assert r["verdict"] == ("NOT REPRODUCED" if ev["totals"]["altered_modules"] == 0 else "REPRODUCED")

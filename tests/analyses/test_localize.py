@@ -1,11 +1,13 @@
 """`localize` and NaN fingerprints on CPU: conversions actually run, positive control named."""
 
+import json
+
 import torch
 
 from fsdpqdiag.analyses import fingerprint
 from fsdpqdiag.evidence import bytes as fb
 from fsdpqdiag.stack.faults import canonicalize_nans_
-from tests.support import LOCALIZE_WS1
+from tests.support import LOCALIZE_WS1, worker_session
 
 
 def test_fingerprint_matches_the_conversion_that_was_run():
@@ -39,12 +41,16 @@ def test_call_sites_are_read_from_the_installed_torch():
     assert any(s["function"] for s in sites)
 
 
-def _localize(run_cli, *args):
-    result = run_cli(
-        "localize", "--device", "cpu", "--in-features", "128", "--out-features", "128", *args, json=True
-    )
-    assert result.returncode in (0, 1), result.stderr
-    return result.report["results"][0]
+def _localize(**options) -> dict:
+    """``fsdpqdiag localize --device cpu --in-features 128 --out-features 128 ...``'s result, asked
+    of the library in the worker's session."""
+    from fsdpqdiag import api
+    from fsdpqdiag.core.config import LinearConfig
+
+    linear = LinearConfig(in_features=128, out_features=128)
+    report = api.localize(linear=linear, device="cpu", session=worker_session(), **options)
+    assert report.exit_code() in (0, 1)
+    return json.loads(report.to_json())["results"][0]
 
 
 def test_localize_without_fault_is_consistent(shared_cli):
@@ -61,8 +67,8 @@ def test_localize_without_fault_is_consistent(shared_cli):
         assert all(row["bytes_equal"] for row in ev["pipeline"] if row["status"] == "ran")
 
 
-def test_localize_names_the_injected_stage_at_ws2(run_cli):
-    result = _localize(run_cli, "--ws", "2", "--inject", "nan-canonicalize")
+def test_localize_names_the_injected_stage_at_ws2():
+    result = _localize(world_sizes=[2], inject="nan-canonicalize")
     ev = result["evidence"]
     assert result["verdict"] == "REPRODUCED" and result["injected"] == "nan-canonicalize"
     stage = ev["first_altering_stage"]

@@ -141,25 +141,22 @@ def test_cell_attribution_follows_its_control():
     assert component == "torch.distributed.fsdp" and "no control ran" in decided_by[-1]
 
 
-def test_crashing_cell_leaves_the_others_intact(run_cli, tmp_path):
+def test_crashing_cell_leaves_the_others_intact(tmp_path):
     # D (the per-Linear wrap) crashes under the fault; A ran before it in the same launch,
-    # E and F after it in a fresh one.
+    # E and F after it in a fresh one. Asked of the library in the worker's session:
+    # fsdpqdiag matrix --ws 1 --device cpu --cells A,D,E,F --inject segfault-linear-wrap --out OUT
+    from fsdpqdiag import api
+
     out = tmp_path / "out"
-    result = run_cli(
-        "matrix",
-        "--ws",
-        "1",
-        "--device",
-        "cpu",
-        *("--cells", "A", "--cells", "D", "--cells", "E", "--cells", "F"),
-        "--inject",
-        "segfault-linear-wrap",
-        "--out",
-        str(out),
-        "-q",
-        json=True,
+    report = api.matrix(
+        cells=list("ADEF"),
+        world_sizes=[1],
+        device="cpu",
+        inject="segfault-linear-wrap",
+        out_dir=str(out),
+        session=worker_session(),
     )
-    cells = _cells(result.report)
+    cells = _cells(json.loads(report.to_json()))
     assert cells["D"]["verdict"] == "CRASHED" and cells["D"]["evidence"]["signal"] == "SIGSEGV"
     assert all(cells[n]["evidence"]["status"] == "ok" for n in "AEF")
     lines = _record_lines(out / "cells.jsonl")
