@@ -225,9 +225,12 @@ LAUNCH_VARIABLES = (
 )
 
 
-# Rewritten by pytest for every test and read by no package of the stack: the launches of a
-# test session differ in it, and their zygotes need not.
-UNREAD_AT_IMPORT = ("PYTEST_CURRENT_TEST",)
+# Variables no package of the stack reads at import, which change within one process: the
+# launches of a session may differ in them, and their zygotes need not (each fork still runs
+# with its launch's own value). pytest rewrites PYTEST_CURRENT_TEST for every test; torch sets
+# TORCHINDUCTOR_CACHE_DIR (to where it would cache anyway) the first time anything in the
+# process compiles, and reads it only when compiling.
+UNREAD_AT_IMPORT = ("PYTEST_CURRENT_TEST", "TORCHINDUCTOR_CACHE_DIR")
 
 
 def _import_env(envs: list[dict[str, str]]) -> dict[str, str]:

@@ -1,9 +1,7 @@
 """How one batch launch's outcomes are split among its probes (pure: no ranks started)."""
 
-from fsdpqdiag.core.config import RunConfig
 from fsdpqdiag.core.outcome import RankOutcome
-from fsdpqdiag.launcher.batch import Item, batch_task, split
-from fsdpqdiag.launcher.zygote import WARM_MODULES, preload_modules
+from fsdpqdiag.launcher.batch import split
 
 
 def _done(*names):
@@ -175,19 +173,3 @@ def test_a_cells_casualty_row_is_the_rank_that_died_not_the_one_killed_after_it(
         RankOutcome(1, "error", {}, error="RuntimeError: first", failed_at=1.0),
     ]
     assert casualty_row(raised) == {"status": "error", "signal": None, "error": "RuntimeError: first"}
-
-
-def test_the_zygote_imports_what_a_launchs_tasks_need_for_their_configurations():
-    from fsdpqdiag.analyses import preflight
-    from fsdpqdiag.analyses.matrix.task import NAME as CELL
-
-    run = RunConfig(world_size=2, device="cpu")
-    head = preflight.NAME
-    layer = batch_task([Item(head, head, {"linear": {}}), Item("n", "nan-canonicalization", {})], run)
-    assert preload_modules(layer) == ["bitsandbytes"]
-    # the preflight of a model counts its FSDP units: it loads the model through transformers
-    model = batch_task([Item(head, head, {"model": "/m"})], run)
-    assert preload_modules(model) == ["bitsandbytes", "transformers", *WARM_MODULES["transformers"]]
-    # a matrix cell loads its model whether or not --model named one
-    assert preload_modules(batch_task([Item("A", CELL, {"model": None})], run))[1] == "transformers"
-    assert preload_modules(batch_task([Item("i", "int8-params", {})], run)) == ["bitsandbytes", "peft"]
