@@ -31,6 +31,7 @@ from tests.support import (  # noqa: E402 - the checkout first on sys.path
     recorded,
     replayed,
     reproduce_small,
+    session_cache,
 )
 
 # hypothesis keeps caches in ./.hypothesis unless told otherwise: not in the checkout.
@@ -74,10 +75,14 @@ def single_use_zygotes():
     yield
 
 
-@pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory, monkeypatch):
-    # Presets are built once per test session, never in the user's real cache.
-    monkeypatch.setenv("FSDPQDIAG_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+@pytest.fixture(scope="session", autouse=True)
+def _isolated_cache(tmp_path_factory):
+    """Presets are built once per test session, in a cache every worker shares (a preset is
+    built atomically, so two workers may race), never in the user's real cache. Session-wide,
+    so that it is set before a module's fixtures run their commands too."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("FSDPQDIAG_CACHE", str(session_cache(tmp_path_factory)))
+        yield
 
 
 @pytest.fixture

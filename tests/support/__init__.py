@@ -116,6 +116,11 @@ def common_dir(tmp_path_factory, name: str) -> Path:
     return (root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / name
 
 
+def session_cache(tmp_path_factory) -> Path:
+    """The model cache (``FSDPQDIAG_CACHE``) of the test session, shared by its workers."""
+    return common_dir(tmp_path_factory, "cache")
+
+
 def made_once(lock_path: Path, record_path: Path, make: Callable[[], dict]) -> dict:
     """``make()``'s record (JSON), made by whichever worker asks first: the others wait on the
     lock and read it, so a run is neither made twice nor made twice in parallel."""

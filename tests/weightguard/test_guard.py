@@ -17,7 +17,7 @@ import torch
 
 from fsdpqdiag.report.model import Report
 from fsdpqdiag.weightguard.digest import digest, host
-from tests.support import ROOT
+from tests.support import ROOT, session_cache
 
 pytestmark = pytest.mark.slow
 
@@ -29,7 +29,7 @@ def scenarios(request, tmp_path_factory):
     env = dict(
         os.environ,
         PYTHONPATH=str(ROOT),
-        FSDPQDIAG_CACHE=str(tmp_path_factory.getbasetemp() / "cache"),
+        FSDPQDIAG_CACHE=str(session_cache(tmp_path_factory)),
         OMP_NUM_THREADS="1",
     )
     completed = subprocess.run(

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 
 from fsdpqdiag.report.model import Report
-from tests.support import ROOT
+from tests.support import ROOT, session_cache
 
 EXAMPLE = ROOT / "examples" / "train_fsdp2_qlora.py"
 
@@ -51,7 +51,7 @@ def _own_warnings(stderr: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def cache(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp() / "cache"
+    return session_cache(tmp_path_factory)
 
 
 def _watch_example(tmp_path_factory, cache, name: str, watch_options: list[str], steps: int):
